@@ -1,0 +1,1 @@
+"""The ``jobforge`` command line: a cyclopts app that reaches the service only through `jobforge.client`."""

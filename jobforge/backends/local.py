@@ -1,0 +1,251 @@
+"""Local backend: runs the task scripts as subprocesses on this machine.
+
+Each phase is one process group (so a kill or timeout takes buildah and the container with it); stdout and
+stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
+phase's end event. Nothing is retried or stored here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+
+from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
+from jobforge.models import LogLine, LogStream
+from jobforge.pipeline import KILLED_BY_USER, DispatchPhase, PhaseFailed, PhaseStarted, PhaseSucceeded, StopPhase
+from jobforge.tasks import task_script
+
+_ERROR_PREFIX = "ERROR: "
+_READ_CHUNK = 64 * 1024
+_PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_seconds(seconds: float) -> str:
+    """`1h2m3s` style, as Go prints durations (the settings accept the same form)."""
+    total = int(round(seconds))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
+
+
+@dataclass
+class _Run:
+    process: asyncio.subprocess.Process | None = None
+    stopped: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Outcome:
+    returncode: int
+    timed_out: bool
+    last_error: str | None
+
+
+class LocalBackend:
+    resumable = False
+
+    def __init__(self, *, work_dir: Path, storage_root: Path, storage_runroot: Path, registry_url: str,
+                 tls_verify: bool, secret_env: dict[str, str] | None = None, kill_grace: float = 10.0,
+                 python: str = sys.executable, clock: Callable[[], datetime] = utcnow) -> None:
+        self._work_dir = work_dir
+        self._registry_url = registry_url
+        self._tls_verify = tls_verify
+        self._kill_grace = kill_grace
+        self._python = python
+        self._clock = clock
+        self._queue: asyncio.Queue[BackendMessage] = asyncio.Queue()
+        self._runs: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task] = set()
+        base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+        self._env = {
+            **base,
+            "PYTHONUNBUFFERED": "1",
+            "JOBFORGE_BUILDAH_ROOT": str(storage_root),
+            "JOBFORGE_BUILDAH_RUNROOT": str(storage_runroot),
+            "JOBFORGE_STORAGE_DRIVER": "vfs",
+            "JOBFORGE_ISOLATION": "chroot",
+            **(secret_env or {}),
+        }
+
+    # ------------------------------------------------------------ Backend API
+
+    async def dispatch(self, command: DispatchPhase, payload: dict) -> None:
+        key = command.dispatch_key
+        if key in self._runs:
+            return
+        run = self._runs[key] = _Run()
+        self._spawn(self._run_phase(command, payload, run))
+
+    async def stop(self, command: StopPhase) -> None:
+        run = self._runs.get(f"{command.job_id}-{command.phase.value}-{command.attempt}")
+        if run is None or run.done.is_set():
+            return
+        run.stopped = True
+        if run.process is not None:
+            await self._terminate(run.process)
+
+    async def cleanup(self, job_id: str, payload: dict) -> bool:
+        outcome = await self._execute(job_id, "cleanup", "cleanup", payload, _Run(), timeout=300)
+        return outcome.returncode == 0 and not outcome.timed_out
+
+    async def events(self) -> AsyncIterator[BackendMessage]:
+        while True:
+            message = await self._queue.get()
+            # Coalesce log lines that are already waiting, so the store writes them in one transaction.
+            while isinstance(message, LogChunk) and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if isinstance(nxt, LogChunk) and (nxt.job_id, nxt.phase) == (message.job_id, message.phase):
+                    message = LogChunk(message.job_id, message.phase, [*message.lines, *nxt.lines])
+                    continue
+                yield message
+                message = nxt
+            yield message
+
+    async def check(self) -> dict[str, str]:
+        problems = {}
+        for tool in ("buildah", "skopeo", "git"):
+            if shutil.which(tool, path=self._env.get("PATH")) is None:
+                problems[tool] = f"{tool} not found on PATH"
+        try:
+            task_script("build")
+        except FileNotFoundError as exc:
+            problems["templates"] = str(exc)
+        scheme = "https" if self._tls_verify else "http"
+        url = f"{scheme}://{self._registry_url}/v2/"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
+                async with session.get(url, ssl=None if self._tls_verify else False) as resp:
+                    if resp.status not in (200, 401):
+                        problems["registry"] = f"{url} answered HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problems["registry"] = f"{url} unreachable: {exc.__class__.__name__} {exc}".strip()
+        return problems
+
+    async def aclose(self) -> None:
+        for run in self._runs.values():
+            if run.process is not None and not run.done.is_set():
+                run.stopped = True
+                await self._terminate(run.process)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------ internals
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_phase(self, command: DispatchPhase, payload: dict, run: _Run) -> None:
+        job_id, phase, attempt = command.job_id, command.phase, command.attempt
+
+        def report(event_cls, **kw) -> None:
+            self._queue.put_nowait(JobEvent(job_id, event_cls(phase=phase, attempt=attempt, at=self._clock(), **kw)))
+
+        try:
+            outcome = await self._execute(job_id, phase.value, phase.value, payload, run,
+                                          timeout=command.timeout_seconds, on_start=lambda: report(PhaseStarted))
+        except OSError as exc:
+            report(PhaseFailed, error=f"{phase.value} phase could not start: {exc}")
+            return
+        if run.stopped:
+            report(PhaseFailed, error=KILLED_BY_USER)
+        elif outcome.timed_out:
+            report(PhaseFailed, error=f"{phase.value} phase timed out after {format_seconds(command.timeout_seconds)}")
+        elif outcome.returncode == 0:
+            report(PhaseSucceeded)
+        else:
+            detail = outcome.last_error or f"task exited with code {outcome.returncode}"
+            report(PhaseFailed, error=f"{phase.value} phase failed: {detail}")
+
+    async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
+                       timeout: float, on_start: Callable[[], None] | None = None) -> _Outcome:
+        workdir = self._work_dir / job_id / f"{log_phase}-{os.getpid()}-{id(run)}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        payload_file = workdir / "payload.json"
+        payload_file.write_text(json.dumps(payload))
+        env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
+        last_error: list[str] = []
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self._python, str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            run.process = proc
+            if on_start:
+                on_start()
+            pumps = [asyncio.create_task(self._pump(proc.stdout, LogStream.STDOUT, job_id, log_phase, last_error)),
+                     asyncio.create_task(self._pump(proc.stderr, LogStream.STDERR, job_id, log_phase, last_error))]
+            timed_out = False
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                timed_out = True
+                self._system_line(job_id, log_phase, f"timed out after {format_seconds(timeout)}; stopping the task")
+                await self._terminate(proc)
+            if run.stopped:
+                self._system_line(job_id, log_phase, "stopped: killed by user")
+            # Output still buffered in the pipes belongs to this phase: read it all before reporting the end.
+            done, pending = await asyncio.wait(pumps, timeout=self._kill_grace)
+            for task in pending:
+                task.cancel()
+            return _Outcome(proc.returncode if proc.returncode is not None else -1, timed_out,
+                            last_error[-1] if last_error else None)
+        finally:
+            run.done.set()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
+                    last_error: list[str]) -> None:
+        pending = b""
+        while chunk := await stream.read(_READ_CHUNK):
+            *complete, pending = (pending + chunk).split(b"\n")
+            if complete:
+                self._emit(job_id, phase, kind, complete, last_error)
+        if pending:
+            self._emit(job_id, phase, kind, [pending], last_error)
+
+    def _emit(self, job_id: str, phase: str, kind: LogStream, raw_lines: list[bytes], last_error: list[str]) -> None:
+        now = self._clock()
+        lines = []
+        for raw in raw_lines:
+            text = raw.decode("utf-8", errors="replace").rstrip("\r")
+            if text.startswith(_ERROR_PREFIX):
+                last_error.append(text[len(_ERROR_PREFIX):])
+            lines.append(LogLine(ts=now, stream=kind, line=text))
+        self._queue.put_nowait(LogChunk(job_id, phase, lines))
+
+    def _system_line(self, job_id: str, phase: str, text: str) -> None:
+        self._queue.put_nowait(LogChunk(job_id, phase, [LogLine(ts=self._clock(), stream=LogStream.SYSTEM, line=text)]))
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM the whole process group, SIGKILL it after the grace period."""
+        if proc.returncode is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), self._kill_grace)
+        except TimeoutError:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await proc.wait()

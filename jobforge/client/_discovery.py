@@ -1,0 +1,69 @@
+"""Where the service is: ``--url``, else ``JOB_SERVICE_URL``, else Consul's catalog, else localhost.
+
+The answer carries its source, so "cannot reach …" errors say which of the four was used and users know what to
+fix. The Consul lookup is one plain HTTP GET of the catalog (``/v1/catalog/service/jobforge-service``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+
+from jobforge.errors import ServiceUnavailable
+
+__all__ = ["DEFAULT_URL", "SERVICE_NAME", "discover_url", "consul_service_url"]
+
+DEFAULT_URL = "http://localhost:8080"
+SERVICE_NAME = "jobforge-service"
+
+
+def _normalise(url: str) -> str:
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address
+
+
+def consul_service_url(consul_addr: str, *, token: str | None = None, session: requests.Session | None = None,
+                       timeout: float = 5.0) -> str:
+    """The first catalog entry of `SERVICE_NAME`: ``ServiceAddress`` (may be empty → node ``Address``) and port."""
+    base = _normalise(consul_addr)
+    headers = {"X-Consul-Token": token} if token else {}
+    where = f"Consul at {base} (CONSUL_HTTP_ADDR)"
+    try:
+        resp = (session or requests).get(f"{base}/v1/catalog/service/{SERVICE_NAME}", headers=headers,
+                                         timeout=timeout)
+    except requests.RequestException as exc:
+        raise ServiceUnavailable(f"cannot reach {where} to look up {SERVICE_NAME}: {exc}") from exc
+    if resp.status_code != 200:
+        raise ServiceUnavailable(f"{where} answered HTTP {resp.status_code} for {SERVICE_NAME}: {resp.text[:200]}")
+    try:
+        entries: list[dict[str, Any]] = resp.json()
+        entry = entries[0]
+        address = entry.get("ServiceAddress") or entry["Address"]
+        port = int(entry["ServicePort"])
+    except IndexError:
+        raise ServiceUnavailable(f"service {SERVICE_NAME} is not registered in {where}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ServiceUnavailable(f"unexpected catalog answer from {where}: {exc!r}") from None
+    return f"http://{_host(address)}:{port}"
+
+
+def discover_url(explicit: str | None = None, *, env: Mapping[str, str] | None = None,
+                 session: requests.Session | None = None) -> tuple[str, str]:
+    """Return ``(url, source)``; `source` names where the URL came from, for error messages."""
+    env = os.environ if env is None else env
+    if explicit:
+        return _normalise(explicit), "--url"
+    if env.get("JOB_SERVICE_URL"):
+        return _normalise(env["JOB_SERVICE_URL"]), "JOB_SERVICE_URL"
+    if env.get("CONSUL_HTTP_ADDR"):
+        addr = env["CONSUL_HTTP_ADDR"]
+        url = consul_service_url(addr, token=env.get("CONSUL_HTTP_TOKEN"), session=session)
+        return url, f"Consul catalog at {_normalise(addr)}"
+    return DEFAULT_URL, "default"

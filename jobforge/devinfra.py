@@ -1,0 +1,197 @@
+"""Throw-away infrastructure for the demo, the tests and the benchmarks: a local `docker-registry` and a
+busybox base image built from the host's static /bin/busybox (no public registry is reachable).
+
+Stdlib only and imports nothing of ours, so it works before the package's dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+MANIFEST_TYPES = ", ".join([
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Registry:
+    """A `docker-registry serve` on 127.0.0.1 with deletes enabled and optional htpasswd (bcrypt) auth.
+
+    `Registry(storage_dir, auth=("user", "password"))`; use as a context manager or call `start()`/`stop()`.
+    """
+
+    def __init__(self, storage_dir: str | os.PathLike, *, auth: tuple[str, str] | None = None,
+                 binary: str = "docker-registry", startup_timeout: float = 15.0):
+        self.dir = Path(storage_dir)
+        self.auth = auth
+        self.binary = binary
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def __enter__(self) -> "Registry":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # the free port can be taken between probing and binding
+            self.port = _free_port()
+            config = self._write_config()
+            log = open(self.dir / "registry.log", "ab")
+            self._proc = subprocess.Popen([self.binary, "serve", str(config)], stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+            if self._wait_ready():
+                return
+            self.stop()
+        raise RuntimeError(f"docker-registry did not start; see {self.dir / 'registry.log'}")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def _write_config(self) -> Path:
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: warn",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {json.dumps(str(self.dir / 'data'))}",
+            "  delete:",
+            "    enabled: true",
+            "  maintenance:",
+            "    uploadpurging:",
+            "      enabled: false",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+        ]
+        if self.auth:
+            user, password = self.auth
+            # -i reads the password from stdin, keeping it out of argv.
+            entry = subprocess.run(["htpasswd", "-niB", user], input=password.encode(), capture_output=True,
+                                   check=True).stdout
+            (self.dir / "htpasswd").write_bytes(entry.strip() + b"\n")
+            lines += ["auth:", "  htpasswd:", "    realm: jobforge-dev",
+                      f"    path: {json.dumps(str(self.dir / 'htpasswd'))}"]
+        path = self.dir / "config.yml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                return False
+            try:
+                status = self._request("GET", "/v2/").status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                status = None
+            if status in (200, 401):
+                return True
+            time.sleep(0.05)  # polling a readiness endpoint against a deadline, not synchronising
+        return False
+
+    # --- HTTP API helpers ---------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, headers: dict | None = None):
+        request = urllib.request.Request(self.url + path, method=method, headers=dict(headers or {}))
+        if self.auth:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return urllib.request.urlopen(request, timeout=10)
+
+    def tags(self, name: str) -> list[str]:
+        """Tags of repository `name`; [] when it does not exist."""
+        try:
+            with self._request("GET", f"/v2/{name}/tags/list") as resp:
+                return sorted(json.load(resp).get("tags") or [])
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return []
+            raise
+
+    def manifest_digest(self, name: str, tag: str) -> str | None:
+        """The `Docker-Content-Digest` the registry serves for name:tag, None when unknown."""
+        try:
+            with self._request("HEAD", f"/v2/{name}/manifests/{tag}", {"Accept": MANIFEST_TYPES}) as resp:
+                return resp.headers.get("Docker-Content-Digest")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def has_manifest(self, name: str, tag: str) -> bool:
+        return self.manifest_digest(name, tag) is not None
+
+
+def seed_busybox_image(registry_host: str, storage_root: str | os.PathLike, runroot: str | os.PathLike,
+                       name: str = "busybox", tag: str = "latest", tls_verify: bool = False,
+                       creds: tuple[str, str] | None = None) -> str:
+    """Build a base image from the host's static /bin/busybox (applets linked into /bin) and push it.
+
+    Returns the pushed reference, e.g. `127.0.0.1:5000/busybox:latest`.
+    """
+    ref = f"{registry_host}/{name}:{tag}"
+    buildah = ["buildah", "--storage-driver", "vfs", "--root", str(storage_root), "--runroot", str(runroot)]
+    container = f"jobforge-seed-{uuid.uuid4().hex[:12]}"
+
+    def sh(*args: str) -> None:
+        subprocess.run(buildah + list(args), check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        push = ["push", f"--tls-verify={'true' if tls_verify else 'false'}"]
+        if creds:
+            authfile = Path(tmp) / "auth.json"
+            token = base64.b64encode(":".join(creds).encode()).decode()
+            authfile.write_text(json.dumps({"auths": {registry_host: {"auth": token}}}))
+            authfile.chmod(0o600)
+            push += ["--authfile", str(authfile)]
+        sh("from", "--name", container, "scratch")
+        try:
+            sh("copy", container, "/bin/busybox", "/bin/busybox")
+            sh("run", "--isolation", "chroot", container, "--", "/bin/busybox", "--install", "-s", "/bin")
+            sh("config", "--cmd", "/bin/sh", container)
+            sh("commit", container, ref)
+        finally:
+            subprocess.run(buildah + ["rm", container], check=False, capture_output=True)
+        sh(*push, ref, f"docker://{ref}")
+    return ref

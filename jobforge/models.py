@@ -1,0 +1,269 @@
+"""Wire and record models: one pydantic model per object that crosses a boundary.
+
+The job config itself lives in `jobforge.config`; this module holds the job record the store keeps, the log
+lines, and the params/result model of every API method. JSON-RPC, REST, MCP, OpenAPI and the client all derive
+from these classes, so a field exists in exactly one place.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobforge.config import JobConfig
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class Phase(str, Enum):
+    BUILD = "build"
+    TEST = "test"
+    PUBLISH = "publish"
+
+
+PHASES: tuple[Phase, ...] = (Phase.BUILD, Phase.TEST, Phase.PUBLISH)
+
+
+class JobStatus(str, Enum):
+    PENDING = "PENDING"
+    BUILDING = "BUILDING"
+    TESTING = "TESTING"
+    PUBLISHING = "PUBLISHING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+    @property
+    def running(self) -> bool:
+        return self in (JobStatus.BUILDING, JobStatus.TESTING, JobStatus.PUBLISHING)
+
+
+class PhaseStatus(str, Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    SKIPPED = "SKIPPED"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PhaseRun(_Frozen):
+    """One phase of one job: facts only; durations are derived."""
+
+    status: PhaseStatus = PhaseStatus.PENDING
+    attempt: int = 0
+    dispatched_at: datetime | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    error: str | None = None
+
+    @property
+    def duration_seconds(self) -> float | None:
+        start = self.started_at or self.dispatched_at
+        if start is None or self.ended_at is None:
+            return None
+        return max(0.0, (self.ended_at - start).total_seconds())
+
+
+class JobRecord(_Frozen):
+    """What the store keeps per job; the pipeline derives the next record from it."""
+
+    job_id: str
+    config: JobConfig
+    status: JobStatus = JobStatus.PENDING
+    current_phase: Phase | None = None
+    failed_phase: Phase | None = None
+    error: str | None = None
+    phases: dict[Phase, PhaseRun] = Field(default_factory=lambda: {p: PhaseRun() for p in PHASES})
+    image_tags: list[str]
+    submitted_at: datetime
+    finished_at: datetime | None = None
+
+
+class LogStream(str, Enum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    SYSTEM = "system"
+
+
+class LogLine(_Frozen):
+    ts: datetime
+    stream: LogStream
+    line: str
+
+
+# ---------------------------------------------------------------- API params
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SubmitJobParams(_Params):
+    job_config: JobConfig
+
+
+class JobIdParams(_Params):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+
+
+class GetLogsParams(JobIdParams):
+    phase: Phase | None = None
+    structured: bool = Field(False, description="also return entries with timestamp and stream")
+
+
+class HistoryParams(_Params):
+    limit: int = Field(10, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+    owner: str | None = None
+    status: JobStatus | None = None
+
+
+class WatchParams(JobIdParams):
+    logs: bool = Field(False, description="also stream log lines as they are written")
+
+
+# ---------------------------------------------------------------- API results
+
+class SubmitJobResult(BaseModel):
+    job_id: str
+    status: JobStatus
+
+
+class JobMetrics(BaseModel):
+    job_start: datetime | None = None
+    job_end: datetime | None = None
+    build_start: datetime | None = None
+    build_end: datetime | None = None
+    test_start: datetime | None = None
+    test_end: datetime | None = None
+    publish_start: datetime | None = None
+    publish_end: datetime | None = None
+    build_duration: float | None = None
+    test_duration: float | None = None
+    publish_duration: float | None = None
+    total_duration: float | None = None
+
+
+class PhaseSummary(BaseModel):
+    status: PhaseStatus
+    attempt: int
+    started_at: datetime | None
+    ended_at: datetime | None
+    duration: float | None
+    error: str | None
+
+
+class JobStatusResult(BaseModel):
+    job_id: str
+    status: JobStatus
+    current_phase: Phase | None
+    failed_phase: Phase | None
+    error: str | None
+    config: dict = Field(description="the job config with secrets redacted")
+    metrics: JobMetrics
+    image_tags: list[str]
+    phases: dict[Phase, PhaseSummary]
+    submitted_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> "JobStatusResult":
+        m: dict = {"job_start": record.submitted_at, "job_end": record.finished_at}
+        phases = {}
+        for phase, run in record.phases.items():
+            m[f"{phase.value}_start"] = run.started_at or run.dispatched_at
+            m[f"{phase.value}_end"] = run.ended_at
+            m[f"{phase.value}_duration"] = run.duration_seconds
+            phases[phase] = PhaseSummary(
+                status=run.status, attempt=run.attempt, started_at=run.started_at or run.dispatched_at,
+                ended_at=run.ended_at, duration=run.duration_seconds, error=run.error,
+            )
+        if record.finished_at is not None:
+            m["total_duration"] = (record.finished_at - record.submitted_at).total_seconds()
+        return cls(
+            job_id=record.job_id, status=record.status, current_phase=record.current_phase,
+            failed_phase=record.failed_phase, error=record.error, config=record.config.redacted(),
+            metrics=JobMetrics(**m), image_tags=record.image_tags, phases=phases,
+            submitted_at=record.submitted_at, finished_at=record.finished_at,
+        )
+
+
+class HistoryItem(JobStatusResult):
+    id: str = Field(description="same as job_id (the reference's history field name)")
+
+
+class HistoryResult(BaseModel):
+    jobs: list[HistoryItem]
+    total: int
+    limit: int
+    offset: int
+
+
+class LogsResult(BaseModel):
+    job_id: str
+    logs: dict[str, list[str]]
+    entries: dict[str, list[LogLine]] | None = None
+
+
+class KillJobResult(BaseModel):
+    job_id: str
+    status: JobStatus
+    message: str
+
+
+class CleanupResult(BaseModel):
+    job_id: str
+    cleaned: list[str]
+
+
+class HealthResult(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class WatchUpdate(BaseModel):
+    """One message of a watch stream: a status change, a log line, or the end of the stream."""
+
+    type: Literal["status", "log", "end"]
+    job: JobStatusResult | None = None
+    phase: Phase | None = None
+    log: LogLine | None = None
+
+
+# ---------------------------------------------------------------- the method table
+
+class MethodSpec(BaseModel):
+    """One API method: the single source for JSON-RPC, REST, MCP tools, OpenAPI and the client."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    params: type[BaseModel]
+    result: type[BaseModel]
+    summary: str
+    mutates: bool = False
+
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec(name="submitJob", params=SubmitJobParams, result=SubmitJobResult, mutates=True,
+               summary="Validate a job config and queue a build -> test -> publish job."),
+    MethodSpec(name="getStatus", params=JobIdParams, result=JobStatusResult,
+               summary="Status, phase timings and redacted config of one job."),
+    MethodSpec(name="getLogs", params=GetLogsParams, result=LogsResult,
+               summary="Complete logs of a job, per phase (optionally one phase)."),
+    MethodSpec(name="killJob", params=JobIdParams, result=KillJobResult, mutates=True,
+               summary="Stop a pending or running job; it ends FAILED with 'killed by user'."),
+    MethodSpec(name="cleanup", params=JobIdParams, result=CleanupResult, mutates=True,
+               summary="Delete a finished job's temporary image and scratch files (idempotent)."),
+    MethodSpec(name="getHistory", params=HistoryParams, result=HistoryResult,
+               summary="Jobs newest first, paged with limit/offset, optionally filtered by owner or status."),
+)}

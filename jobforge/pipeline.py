@@ -1,0 +1,220 @@
+"""The job pipeline as a pure state machine: ``step(record, event, policy) -> (record, commands)``.
+
+Two rules, as in h11: everything that decides a transition lives in this file, and nothing here does I/O —
+no clock, no randomness, no asyncio. Time arrives inside events; the shell (`jobforge.service`) executes the
+returned commands and stores the returned record.
+
+Transitions are data (`_TRANSITIONS[status][event type]`). An event the table does not allow raises
+`IllegalTransition`, except that phase events for another phase or attempt, and any event but a kill for a
+finished job, are dropped: event streams replay and processes report after being killed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from jobforge.config import JobConfig, Resources
+from jobforge.errors import IllegalTransition
+from jobforge.models import PHASES, JobRecord, JobStatus, Phase, PhaseRun, PhaseStatus
+
+KILLED_BY_USER = "killed by user"
+
+STATUS_OF_PHASE = {Phase.BUILD: JobStatus.BUILDING, Phase.TEST: JobStatus.TESTING, Phase.PUBLISH: JobStatus.PUBLISHING}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Policy(_Frozen):
+    """Service-wide defaults the pipeline needs; a job config may override the timeouts."""
+
+    build_timeout: float = 30 * 60
+    test_timeout: float = 15 * 60
+    publish_timeout: float = 15 * 60
+    max_attempts: int = 2
+
+
+# ---------------------------------------------------------------- events
+
+class Event(_Frozen):
+    at: datetime
+
+
+class Admitted(Event):
+    """A concurrency slot is free: start the job."""
+
+
+class KillRequested(Event):
+    pass
+
+
+class PhaseEvent(Event):
+    phase: Phase
+    attempt: int
+
+
+class PhaseStarted(PhaseEvent):
+    pass
+
+
+class PhaseSucceeded(PhaseEvent):
+    pass
+
+
+class PhaseFailed(PhaseEvent):
+    error: str
+    retryable: bool = False
+    """True when the failure was the infrastructure's (lost allocation), not the job's."""
+
+
+# ---------------------------------------------------------------- commands
+
+class Command(_Frozen):
+    job_id: str
+
+
+class DispatchPhase(Command):
+    phase: Phase
+    attempt: int
+    timeout_seconds: float
+    resources: Resources
+
+    @property
+    def dispatch_key(self) -> str:
+        """Stable per (job, phase, attempt): dispatching twice is a no-op for an idempotent backend."""
+        return f"{self.job_id}-{self.phase.value}-{self.attempt}"
+
+
+class StopPhase(Command):
+    phase: Phase
+    attempt: int
+
+
+class DeleteTempImage(Command):
+    pass
+
+
+class FireWebhook(Command):
+    event: str
+    status: JobStatus
+
+
+# ---------------------------------------------------------------- helpers
+
+def new_job(job_id: str, config: JobConfig, at: datetime) -> JobRecord:
+    return JobRecord(job_id=job_id, config=config, image_tags=config.image_tags_for(job_id), submitted_at=at)
+
+
+def phase_plan(config: JobConfig) -> tuple[Phase, ...]:
+    return PHASES if config.test_enabled else (Phase.BUILD, Phase.PUBLISH)
+
+
+def _timeout(config: JobConfig, phase: Phase, policy: Policy) -> float:
+    if phase is Phase.BUILD:
+        return config.build_timeout_seconds or policy.build_timeout
+    if phase is Phase.TEST:
+        return (config.test.timeout_seconds if config.test else None) or policy.test_timeout
+    return policy.publish_timeout
+
+
+def _with_phase(record: JobRecord, phase: Phase, **changes) -> dict[Phase, PhaseRun]:
+    phases = dict(record.phases)
+    phases[phase] = phases[phase].model_copy(update=changes)
+    return phases
+
+
+def _dispatch(record: JobRecord, phase: Phase, attempt: int, at: datetime, policy: Policy):
+    phases = _with_phase(record, phase, status=PhaseStatus.RUNNING, attempt=attempt, dispatched_at=at,
+                         started_at=None, ended_at=None, error=None)
+    new = record.model_copy(update={"status": STATUS_OF_PHASE[phase], "current_phase": phase, "phases": phases})
+    cmd = DispatchPhase(job_id=record.job_id, phase=phase, attempt=attempt,
+                        timeout_seconds=_timeout(record.config, phase, policy),
+                        resources=record.config.resources_for(phase.value))
+    return new, [cmd]
+
+
+def _finish(record: JobRecord, status: JobStatus, at: datetime, phases: dict[Phase, PhaseRun],
+            failed_phase: Phase | None = None, error: str | None = None):
+    phases = {p: (run.model_copy(update={"status": PhaseStatus.SKIPPED}) if run.status is PhaseStatus.PENDING else run)
+              for p, run in phases.items()}
+    new = record.model_copy(update={
+        "status": status, "current_phase": None, "failed_phase": failed_phase, "error": error,
+        "phases": phases, "finished_at": at,
+    })
+    commands: list[Command] = []
+    if record.phases[Phase.BUILD].attempt > 0:
+        commands.append(DeleteTempImage(job_id=record.job_id))
+    cfg = record.config
+    wanted = cfg.webhook_on_success if status is JobStatus.SUCCEEDED else cfg.webhook_on_failure
+    if cfg.webhook_url and wanted:
+        commands.append(FireWebhook(job_id=record.job_id, event=f"job.{status.value.lower()}", status=status))
+    return new, commands
+
+
+# ---------------------------------------------------------------- transitions
+
+def _admit(record: JobRecord, event: Admitted, policy: Policy):
+    return _dispatch(record, Phase.BUILD, 1, event.at, policy)
+
+
+def _started(record: JobRecord, event: PhaseStarted, policy: Policy):
+    return record.model_copy(update={"phases": _with_phase(record, event.phase, started_at=event.at)}), []
+
+
+def _succeeded(record: JobRecord, event: PhaseSucceeded, policy: Policy):
+    phases = _with_phase(record, event.phase, status=PhaseStatus.SUCCEEDED, ended_at=event.at)
+    plan = phase_plan(record.config)
+    done = record.model_copy(update={"phases": phases})
+    position = plan.index(event.phase)
+    if position + 1 < len(plan):
+        return _dispatch(done, plan[position + 1], 1, event.at, policy)
+    return _finish(done, JobStatus.SUCCEEDED, event.at, phases)
+
+
+def _failed(record: JobRecord, event: PhaseFailed, policy: Policy):
+    if event.retryable and event.attempt < policy.max_attempts:
+        return _dispatch(record, event.phase, event.attempt + 1, event.at, policy)
+    phases = _with_phase(record, event.phase, status=PhaseStatus.FAILED, ended_at=event.at, error=event.error)
+    return _finish(record, JobStatus.FAILED, event.at, phases, failed_phase=event.phase, error=event.error)
+
+
+def _kill(record: JobRecord, event: KillRequested, policy: Policy):
+    phase = record.current_phase
+    if phase is None:
+        return _finish(record, JobStatus.FAILED, event.at, dict(record.phases), error=KILLED_BY_USER)
+    run = record.phases[phase]
+    phases = _with_phase(record, phase, status=PhaseStatus.FAILED, ended_at=event.at, error=KILLED_BY_USER)
+    new, commands = _finish(record, JobStatus.FAILED, event.at, phases, failed_phase=phase, error=KILLED_BY_USER)
+    return new, [StopPhase(job_id=record.job_id, phase=phase, attempt=run.attempt), *commands]
+
+
+Transition = Callable[[JobRecord, Event, Policy], tuple[JobRecord, list[Command]]]
+_RUNNING = {PhaseStarted: _started, PhaseSucceeded: _succeeded, PhaseFailed: _failed, KillRequested: _kill}
+_TRANSITIONS: dict[JobStatus, dict[type[Event], Transition]] = {
+    JobStatus.PENDING: {Admitted: _admit, KillRequested: _kill},
+    JobStatus.BUILDING: _RUNNING,
+    JobStatus.TESTING: _RUNNING,
+    JobStatus.PUBLISHING: _RUNNING,
+    JobStatus.SUCCEEDED: {},
+    JobStatus.FAILED: {},
+}
+
+
+def _is_stale(record: JobRecord, event: Event) -> bool:
+    if isinstance(event, PhaseEvent):
+        return event.phase is not record.current_phase or event.attempt != record.phases[event.phase].attempt
+    return record.status.terminal and not isinstance(event, KillRequested)
+
+
+def step(record: JobRecord, event: Event, policy: Policy) -> tuple[JobRecord, list[Command]]:
+    """Apply one event; returns the new record and the commands the shell must execute, in order."""
+    if _is_stale(record, event):
+        return record, []
+    transition = _TRANSITIONS[record.status].get(type(event))
+    if transition is None:
+        raise IllegalTransition(record.status.value, type(event).__name__)
+    return transition(record, event, policy)

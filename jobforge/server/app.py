@@ -1,0 +1,178 @@
+"""The aiohttp application: JSON-RPC, REST, WebSocket watch, health/readiness, metrics, OpenAPI.
+
+Every route goes through `jobforge.api.call`, so REST, JSON-RPC and the WebSocket share one parser, one handler
+and one error table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from jobforge import api
+from jobforge.errors import JobForgeError, PayloadTooLarge, StoreError
+from jobforge.models import JOB_ID_PATTERN, WatchParams
+from jobforge.server import jsonrpc
+from jobforge.server.openapi import openapi_document
+from jobforge.service import JobService
+
+log = logging.getLogger("jobforge.server")
+
+MAX_BODY = 1024 * 1024
+SERVICE_KEY = web.AppKey("service", JobService)
+
+
+def _error_response(exc: JobForgeError) -> web.Response:
+    body: dict[str, Any] = {"code": exc.rpc_code, "message": exc.message}
+    if exc.data is not None:
+        body["data"] = exc.data
+    return web.json_response({"error": body}, status=exc.http_status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except JobForgeError as exc:
+        return _error_response(exc)
+    except web.HTTPRequestEntityTooLarge:
+        return _error_response(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
+
+
+def cors_middleware(origin: str):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.method == "OPTIONS":
+            response = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Mcp-Session-Id"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        return response
+    return middleware
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise PayloadTooLarge(f"request body over {MAX_BODY} bytes")
+    return await request.read()
+
+
+async def rpc(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    reply = await jsonrpc.handle(await _read_body(request), lambda m, p: api.call(service, m, p))
+    return web.Response(status=204) if reply is None else web.json_response(reply)
+
+
+async def rest_method(request: web.Request) -> web.Response:
+    body = await _read_body(request)
+    try:
+        params = json.loads(body) if body.strip() else {}
+    except ValueError as exc:
+        return web.json_response({"error": {"code": jsonrpc.PARSE_ERROR, "message": f"parse error: {exc}"}},
+                                 status=400)
+    return web.json_response(await api.call(request.app[SERVICE_KEY], request.match_info["method"], params))
+
+
+async def rest_status(request: web.Request) -> web.Response:
+    return web.json_response(await api.call(request.app[SERVICE_KEY], "getStatus",
+                                            {"job_id": request.match_info["job_id"]}))
+
+
+async def rest_logs(request: web.Request) -> web.Response:
+    params: dict[str, Any] = {"job_id": request.match_info["job_id"], **request.query}
+    if "structured" in params:
+        params["structured"] = params["structured"].lower() in ("1", "true", "yes")
+    return web.json_response(await api.call(request.app[SERVICE_KEY], "getLogs", params))
+
+
+async def _websocket(request: web.Request, params: WatchParams, render) -> web.WebSocketResponse:
+    service = request.app[SERVICE_KEY]
+    await service.store.get(params.job_id)  # 404 before the upgrade
+    ws = web.WebSocketResponse(heartbeat=20)
+    await ws.prepare(request)
+    async for update in service.watch(params.job_id, logs=params.logs):
+        message = render(update)
+        if message is not None:
+            await ws.send_json(message)
+        if ws.closed:
+            break
+    await ws.close()
+    return ws
+
+
+async def watch(request: web.Request) -> web.WebSocketResponse:
+    query = {"job_id": request.match_info["job_id"], "logs": request.query.get("logs", "false").lower() == "true"}
+    params = api.parse_params(WatchParams, query)
+    return await _websocket(request, params, lambda u: u.model_dump(mode="json", exclude_none=True))
+
+
+async def stream_logs(request: web.Request) -> web.WebSocketResponse:
+    """The reference's log stream: one `{phase, message, ts, stream}` object per line."""
+    params = api.parse_params(WatchParams, {"job_id": request.query.get("job_id", ""), "logs": True})
+
+    def render(update):
+        if update.type != "log" or update.log is None:
+            return None
+        return {"phase": update.phase.value if update.phase else None, "message": update.log.line,
+                "ts": update.log.ts.isoformat(), "stream": update.log.stream.value}
+    return await _websocket(request, params, render)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    checks: dict[str, str] = {}
+    try:
+        await service.store.ping()
+        checks["store"] = "ok"
+    except StoreError as exc:
+        checks["store"] = exc.message
+    problems = await service.backend.check()
+    checks.update(problems or {"backend": "ok"})
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[SERVICE_KEY].metrics.registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def create_app(service: JobService, cors_origin: str = "*") -> web.Application:
+    app = web.Application(middlewares=[cors_middleware(cors_origin), errors_middleware], client_max_size=MAX_BODY)
+    app[SERVICE_KEY] = service
+    job = "{job_id:" + JOB_ID_PATTERN.strip("^$") + "}"
+    app.add_routes([
+        web.post("/json", rpc),
+        web.get(f"/json/job/{job}/status", rest_status),
+        web.get(f"/json/job/{job}/logs", rest_logs),
+        web.get(f"/json/job/{job}/watch", watch),
+        web.get("/json/streamLogs", stream_logs),
+        web.post("/json/{method}", rest_method),
+        web.get("/health", health),
+        web.get("/ready", ready),
+        web.get("/metrics", metrics),
+        web.get("/openapi.json", openapi),
+    ])
+    return app
+
+
+def create_metrics_app(service: JobService) -> web.Application:
+    app = web.Application()
+    app[SERVICE_KEY] = service
+    app.add_routes([web.get("/metrics", metrics)])
+    return app

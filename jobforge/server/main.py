@@ -1,0 +1,60 @@
+"""`jobforge-service`: load settings once, wire the service, serve until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from jobforge.server.app import create_app, create_metrics_app
+from jobforge.server.wiring import build_service
+from jobforge.settings import Settings
+
+log = logging.getLogger("jobforge")
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    service = build_service(settings)
+    await service.start()
+    runners = [web.AppRunner(create_app(service, settings.cors_origin), access_log=None)]
+    if settings.metrics_port:
+        runners.append(web.AppRunner(create_metrics_app(service), access_log=None))
+    ports = [settings.server_port, settings.metrics_port]
+    try:
+        for runner, port in zip(runners, ports):
+            await runner.setup()
+            await web.TCPSite(runner, settings.server_host, port).start()
+        log.info("jobforge-service listening on http://%s:%d (backend=%s, metrics port %s)",
+                 settings.server_host, settings.server_port, settings.backend, settings.metrics_port or "off")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await service.backend.aclose()
+        await service.aclose()
+        await service.store.aclose()
+
+
+def main() -> None:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"jobforge-service: invalid configuration:\n{exc}", file=sys.stderr)
+        sys.exit(2)
+    level = {"warn": "WARNING"}.get(settings.log_level, settings.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Builds the service from settings: the one place that picks a store and a backend."""
+
+from __future__ import annotations
+
+from jobforge.backends.local import LocalBackend
+from jobforge.pipeline import Policy
+from jobforge.service import JobService
+from jobforge.settings import Settings
+from jobforge.stores.sqlite import SqliteStore
+from jobforge.tasks import RegistryTarget
+from jobforge.webhooks import WebhookSender
+
+
+def local_secret_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    if settings.registry_username and settings.registry_password:
+        env["REGISTRY_USERNAME"] = settings.registry_username
+        env["REGISTRY_PASSWORD"] = settings.registry_password.get_secret_value()
+    if settings.git_username and settings.git_password:
+        env["GIT_USERNAME"] = settings.git_username
+        env["GIT_PASSWORD"] = settings.git_password.get_secret_value()
+    return env
+
+
+def build_service(settings: Settings) -> JobService:
+    if settings.backend != "local":
+        raise NotImplementedError("the nomad backend is not available yet; set JOBFORGE_BACKEND=local")
+    data = settings.data_dir
+    store = SqliteStore(data / "jobforge.db")
+    backend = LocalBackend(
+        work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
+        registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,
+        secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
+    )
+    policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
+                    publish_timeout=settings.publish_timeout)
+    registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
+                              tls_verify=settings.registry_tls_verify)
+    return JobService(store, backend, policy=policy, registry=registry,
+                      max_concurrent_jobs=settings.max_concurrent_jobs, webhooks=WebhookSender())

@@ -1,0 +1,86 @@
+"""Service settings, read from the environment once at the entry point and passed down.
+
+Variable names follow the reference service (`SERVER_PORT`, `REGISTRY_URL`, `BUILD_TIMEOUT`, ...); settings the
+reference did not have use the `JOBFORGE_` prefix. Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobforge.config import parse_duration
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "jobforge"
+
+
+def _env(name: str):
+    return Field(validation_alias=AliasChoices(name))
+
+
+class NomadSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore")
+
+    addr: str = Field("http://127.0.0.1:4646", validation_alias="NOMAD_ADDR")
+    region: str = Field("global", validation_alias="NOMAD_REGION")
+    namespace: str = Field("default", validation_alias="NOMAD_NAMESPACE")
+    datacenters: str = Field("cluster", validation_alias="NOMAD_DATACENTERS")
+    token: SecretStr | None = Field(None, validation_alias="NOMAD_TOKEN")
+
+
+class ConsulSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore")
+
+    http_addr: str = Field("127.0.0.1:8500", validation_alias="CONSUL_HTTP_ADDR")
+    datacenter: str = Field("dc1", validation_alias="CONSUL_DATACENTER")
+    token: SecretStr | None = Field(None, validation_alias="CONSUL_HTTP_TOKEN")
+
+
+class VaultSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore")
+
+    addr: str = Field("http://127.0.0.1:8200", validation_alias="VAULT_ADDR")
+    token: SecretStr | None = Field(None, validation_alias="VAULT_TOKEN")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    server_host: str = Field("127.0.0.1", validation_alias="SERVER_HOST")
+    server_port: int = Field(8080, ge=0, le=65535, validation_alias="SERVER_PORT")
+    metrics_port: int = Field(9090, ge=0, le=65535, validation_alias="METRICS_PORT",
+                              description="0 disables the separate metrics listener (/metrics stays on the API port)")
+    cors_origin: str = Field("*", validation_alias="CORS_ORIGIN")
+    log_level: Literal["debug", "info", "warn", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
+
+    registry_url: str = Field("localhost:5000", validation_alias="REGISTRY_URL",
+                              description="registry for intermediate (temp) images")
+    registry_temp_prefix: str = Field("temp", pattern=r"^[a-z0-9]+([._-][a-z0-9]+)*$",
+                                      validation_alias="REGISTRY_TEMP_PREFIX")
+    registry_username: str | None = Field(None, validation_alias="REGISTRY_USERNAME")
+    registry_password: SecretStr | None = Field(None, validation_alias="REGISTRY_PASSWORD")
+    registry_tls_verify: bool = Field(True, validation_alias="REGISTRY_TLS_VERIFY")
+
+    build_timeout: Duration = Field(30 * 60, validation_alias="BUILD_TIMEOUT")
+    test_timeout: Duration = Field(15 * 60, validation_alias="TEST_TIMEOUT")
+    publish_timeout: Duration = Field(15 * 60, validation_alias="JOBFORGE_PUBLISH_TIMEOUT")
+
+    backend: Literal["local", "nomad"] = Field("local", validation_alias="JOBFORGE_BACKEND")
+    data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="JOBFORGE_DATA_DIR")
+    max_concurrent_jobs: int = Field(2, ge=1, validation_alias="MAX_CONCURRENT_JOBS")
+    git_username: str | None = Field(None, validation_alias="JOBFORGE_GIT_USERNAME")
+    git_password: SecretStr | None = Field(None, validation_alias="JOBFORGE_GIT_PASSWORD")
+    kill_grace_seconds: float = Field(10.0, gt=0, validation_alias="JOBFORGE_KILL_GRACE")
+
+    nomad: NomadSettings = Field(default_factory=NomadSettings)
+    consul: ConsulSettings = Field(default_factory=ConsulSettings)
+    vault: VaultSettings = Field(default_factory=VaultSettings)

@@ -1,0 +1,71 @@
+"""What a phase's task script receives: the JSON payload, built purely from the job record.
+
+Both backends hand this payload to the same scripts in `templates/tasks/` (the local backend as a file, Nomad as
+the dispatch payload). It never holds secrets: credentials reach the scripts through the environment only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from jobforge.models import JobRecord
+
+
+class RegistryTarget(BaseModel):
+    """Where temp images live; from the service settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    registry_url: str
+    temp_prefix: str = "temp"
+    tls_verify: bool = True
+
+
+def temp_image(record: JobRecord, target: RegistryTarget) -> str:
+    return f"{target.registry_url}/{target.temp_prefix}-{record.config.image_name}:{record.job_id}"
+
+
+def publish_targets(record: JobRecord) -> list[str]:
+    cfg = record.config
+    return [f"{cfg.registry_url}/{cfg.image_name}:{tag}" for tag in record.image_tags]
+
+
+def build_payload(record: JobRecord, phase: str, target: RegistryTarget) -> dict:
+    """`phase` is a `Phase` value or "cleanup"."""
+    cfg = record.config
+    test = cfg.test
+    return {
+        "job_id": record.job_id,
+        "phase": phase,
+        "repo_url": cfg.repo_url,
+        "git_ref": cfg.git_ref,
+        "dockerfile_path": cfg.dockerfile_path,
+        "dockerfile_context": cfg.dockerfile_context,
+        "build_args": dict(cfg.build_args),
+        "target": cfg.target,
+        "clear_cache": cfg.clear_cache,
+        "temp_image": temp_image(record, target),
+        "tls_verify": target.tls_verify,
+        "test": {
+            "entry_point": bool(test and test.entry_point),
+            "commands": list(test.commands) if test else [],
+            "env": dict(test.env) if test else {},
+            "secret_env": sorted({v for s in test.vault_secrets for v in s.fields.values()}) if test else [],
+        },
+        "publish_targets": publish_targets(record),
+    }
+
+
+def templates_dir() -> Path:
+    """The task scripts: packaged as `jobforge/_templates` in a wheel, `templates/` in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_templates", here.parent / "templates"):
+        if (candidate / "tasks").is_dir():
+            return candidate
+    raise FileNotFoundError("task scripts not found (expected jobforge/_templates or ./templates)")
+
+
+def task_script(name: str) -> Path:
+    return templates_dir() / "tasks" / f"{name}.py"

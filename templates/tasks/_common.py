@@ -1,0 +1,265 @@
+"""Shared plumbing for the phase scripts (stdlib only: they run in any image with python3 and buildah).
+
+Contract (docs/architecture.md, "Task scripts"): inputs come from the environment and the JSON payload,
+output is human-readable lines, and a failure ends with one `ERROR: <message>` line on stderr and a
+non-zero exit. Every external command is an argv list; known secret values are masked in what we print.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+EXIT_FAILED = 1
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a TERM-killed child
+MASK = "***"
+_UNAUTHORIZED = re.compile(r"unauthorized|\b401\b", re.IGNORECASE)
+
+
+class TaskError(Exception):
+    """A phase failure with a message meant for the job's `error` field."""
+
+
+class CommandFailed(TaskError):
+    """A command run for its output failed; keeps the (masked) output for callers that classify it."""
+
+    def __init__(self, tool: str, returncode: int, output: str):
+        super().__init__(f"{tool} exited with code {returncode}: {one_line(output)[-400:]}")
+        self.returncode = returncode
+        self.output = output
+
+
+class Terminated(BaseException):
+    """Raised from the SIGTERM handler so `finally` blocks (container removal) still run."""
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    output: str
+
+
+@dataclass
+class Context:
+    """Everything a phase needs, read once from the environment and the payload."""
+
+    payload: dict
+    workdir: str
+    storage_driver: str
+    root: str | None
+    runroot: str | None
+    isolation: str
+    registry_creds: tuple[str, str] | None
+    secrets: list[str] = field(default_factory=list)
+
+    def require(self, key: str):
+        if self.payload.get(key) in (None, ""):
+            raise TaskError(f"payload is missing {key!r}")
+        return self.payload[key]
+
+    @property
+    def tls_verify(self) -> bool:
+        return bool(self.payload.get("tls_verify", True))
+
+    def buildah(self, *args: str) -> list[str]:
+        """`buildah` with the global storage flags for the persistent layer cache."""
+        argv = ["buildah", "--storage-driver", self.storage_driver]
+        if self.root:
+            argv += ["--root", self.root]
+        if self.runroot:
+            argv += ["--runroot", self.runroot]
+        return argv + list(args)
+
+
+def load_context() -> Context:
+    path = os.environ.get("JOBFORGE_PAYLOAD")
+    if not path:
+        raise TaskError("JOBFORGE_PAYLOAD is not set")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise TaskError(f"cannot read payload {path}: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise TaskError("payload must be a JSON object")
+    workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
+    os.makedirs(workdir, exist_ok=True)
+    user, password = os.environ.get("REGISTRY_USERNAME"), os.environ.get("REGISTRY_PASSWORD")
+    secrets = [os.environ.get(n, "") for n in ("REGISTRY_PASSWORD", "GIT_PASSWORD")]
+    return Context(
+        payload=payload,
+        workdir=os.path.abspath(workdir),
+        storage_driver=os.environ.get("JOBFORGE_STORAGE_DRIVER") or "vfs",
+        root=os.environ.get("JOBFORGE_BUILDAH_ROOT") or None,
+        runroot=os.environ.get("JOBFORGE_BUILDAH_RUNROOT") or None,
+        isolation=os.environ.get("JOBFORGE_ISOLATION") or "chroot",
+        registry_creds=(user, password or "") if user else None,
+        secrets=[s for s in secrets if s],
+    )
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def step(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split("\n")).strip()
+
+
+def failure(what: str, output: str) -> TaskError:
+    """An error naming what failed plus the tool's last output line (usually its own diagnosis)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return TaskError(f"{what}: {lines[-1] if lines else 'no output'}")
+
+
+# --- running commands -----------------------------------------------------------------------------------
+
+
+def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
+        quiet: bool = False) -> Result:
+    """Run argv, forwarding its merged stdout/stderr line by line (masked) while keeping a copy.
+
+    `quiet` keeps the output for the caller (e.g. JSON from `inspect`) instead of printing it.
+    """
+    print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", errors="replace")
+            lines.append(line)
+            if not quiet:
+                sys.stdout.write(redact(line, ctx.secrets))
+                sys.stdout.flush()
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return Result(returncode, "".join(lines))
+
+
+def capture(ctx: Context, argv: Sequence[str]) -> bytes:
+    """Run argv for its exact stdout bytes (a manifest, JSON); stderr passes through to ours."""
+    print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
+    proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, check=False)
+    if proc.returncode != 0:
+        message = redact(proc.stderr.decode("utf-8", errors="replace"), ctx.secrets)
+        raise CommandFailed(argv[0], proc.returncode, message)
+    return proc.stdout
+
+
+
+# --- registries -----------------------------------------------------------------------------------------
+
+
+def registry_host(ref: str) -> str:
+    """`host:port/repo:tag` -> `host:port` (refs here are always fully qualified)."""
+    return ref.split("/", 1)[0]
+
+
+def repository(ref: str) -> str:
+    """`host/a/b:tag` or `host/a/b@sha256:...` -> `host/a/b`."""
+    name = ref.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def tls_flag(option: str, verify: bool) -> str:
+    return f"--{option}={'true' if verify else 'false'}"
+
+
+@contextlib.contextmanager
+def registry_authfile(ctx: Context, refs: Sequence[str]) -> Iterator[str | None]:
+    """A 0600 containers auth file scoped to the hosts of `refs`, so credentials never reach argv
+    and are never offered to other registries (e.g. a Dockerfile's FROM host)."""
+    if not ctx.registry_creds:
+        yield None
+        return
+    token = base64.b64encode(":".join(ctx.registry_creds).encode()).decode()
+    auths = {registry_host(ref): {"auth": token} for ref in refs}
+    path = os.path.join(ctx.workdir, f".auth-{os.getpid()}.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"auths": auths}, fh)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def is_unauthorized(output: str) -> bool:
+    return bool(_UNAUTHORIZED.search(output))
+
+
+def unauthorized_error(ctx: Context, output: str, refs: Sequence[str]) -> TaskError:
+    """Name the registry that refused us; the hint depends on whether we sent credentials at all."""
+    hosts = [registry_host(r) for r in refs]
+    failing = [line for line in output.splitlines() if is_unauthorized(line)]
+    host = next((h for h in hosts for line in failing if h in line), hosts[0])
+    if ctx.registry_creds:
+        return TaskError(f"registry {host} rejected the credentials (unauthorized): "
+                         "check REGISTRY_USERNAME/REGISTRY_PASSWORD")
+    return TaskError(f"registry {host} requires credentials (unauthorized): "
+                     "set REGISTRY_USERNAME/REGISTRY_PASSWORD")
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt our cleanup
+    raise Terminated()
+
+
+def main(phase: Callable[[Context], None]) -> None:
+    """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.stdout.reconfigure(line_buffering=True)
+    ctx: Context | None = None
+    try:
+        ctx = load_context()
+        phase(ctx)
+    except TaskError as exc:
+        _error(str(exc), ctx)
+        sys.exit(EXIT_FAILED)
+    except (Terminated, KeyboardInterrupt):
+        _error("terminated by signal", ctx)
+        sys.exit(EXIT_TERMINATED)
+    except Exception as exc:  # noqa: BLE001 - the mapping boundary: any crash becomes the job's error
+        _error(f"internal error: {type(exc).__name__}: {exc}", ctx)
+        sys.exit(EXIT_FAILED)
+
+
+def _error(message: str, ctx: Context | None) -> None:
+    sys.stdout.flush()
+    secrets = ctx.secrets if ctx else []
+    print(f"ERROR: {one_line(redact(message, secrets))}", file=sys.stderr, flush=True)

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Build phase: clone `repo_url` at `git_ref`, `buildah bud` the Dockerfile, push to `temp_image`.
+
+Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git only through a
+GIT_ASKPASS helper that reads GIT_USERNAME/GIT_PASSWORD from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, step, tls_flag, unauthorized_error,
+)
+
+GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
+# Safe-by-default git: no stored credential helpers, no hooks, no prompts.
+GIT = ["git", "-c", "credential.helper=", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false"]
+ASKPASS_SCRIPT = """#!/bin/sh
+# git calls this with a prompt; the answers come from the environment, never from argv or the URL.
+case "$1" in
+  Username*) printf '%s\\n' "$GIT_USERNAME" ;;
+  *) printf '%s\\n' "$GIT_PASSWORD" ;;
+esac
+"""
+BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def git_env(ctx: Context) -> dict[str, str]:
+    env = dict(os.environ, GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0")
+    if os.environ.get("GIT_USERNAME") or os.environ.get("GIT_PASSWORD"):
+        helper = os.path.join(ctx.workdir, ".git-askpass")
+        fd = os.open(helper, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(ASKPASS_SCRIPT)
+        os.chmod(helper, 0o700)  # O_CREAT's mode does not apply to an existing file
+        env["GIT_ASKPASS"] = helper
+    return env
+
+
+def validate_ref(ref: str) -> None:
+    """Refuse refs that are not ref names or shas before they reach git (e.g. `--upload-pack=…`)."""
+    bad = not ref or ref.startswith("-") or any(c.isspace() or ord(c) < 32 for c in ref)
+    if bad or subprocess.run(["git", "check-ref-format", "--allow-onelevel", ref],
+                             stdin=subprocess.DEVNULL, check=False).returncode != 0:
+        raise TaskError(f"invalid git_ref {ref!r}: not a branch, tag or commit name")
+
+
+def checkout(ctx: Context, url: str, ref: str, dest: str) -> str:
+    """Shallow-fetch `ref` when the server allows it, else fetch everything and resolve it locally."""
+    validate_ref(ref)
+    env = git_env(ctx)
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    step(f"fetching {url} at {ref}")
+    run(ctx, GIT + ["init", "-q", "--", dest], env=env)
+    run(ctx, GIT + ["-C", dest, "remote", "add", "--", "origin", url], env=env)
+    shallow = run(ctx, GIT + ["-C", dest, "fetch", "--depth", "1", "--no-tags", "--", "origin", ref], env=env)
+    if shallow.returncode == 0:
+        commit = "FETCH_HEAD"
+    else:
+        step("shallow fetch not possible for this ref; fetching all branches and tags")
+        full = run(ctx, GIT + ["-C", dest, "fetch", "--tags", "--", "origin",
+                               "+refs/heads/*:refs/remotes/origin/*"], env=env)
+        if full.returncode != 0:
+            raise failure(f"git fetch of {url} failed", full.output)
+        commit = resolve_ref(ctx, dest, ref, env)
+    step("checking out")
+    result = run(ctx, GIT + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)
+    if result.returncode != 0:
+        raise failure(f"git checkout of {ref!r} failed", result.output)
+    sha = run(ctx, GIT + ["-C", dest, "rev-parse", "HEAD"], env=env, quiet=True).output.strip()
+    print(f"commit: {sha}", flush=True)
+    return sha
+
+
+def resolve_ref(ctx: Context, repo: str, ref: str, env: dict[str, str]) -> str:
+    if ref.startswith("refs/heads/"):
+        candidates = ["refs/remotes/origin/" + ref[len("refs/heads/"):]]
+    else:
+        candidates = [f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref]
+    for candidate in candidates:
+        found = run(ctx, GIT + ["-C", repo, "rev-parse", "--verify", "--quiet", candidate + "^{commit}"],
+                    env=env, quiet=True)
+        if found.returncode == 0:
+            return found.output.strip()
+    raise TaskError(f"git_ref {ref!r} not found in the repository")
+
+
+def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
+    """Resolve `relative` under the clone, refusing absolute paths and symlinks that escape it."""
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, relative))
+    if os.path.isabs(relative) or os.path.commonpath([path, real_root]) != real_root:
+        raise TaskError(f"{field} {relative!r} points outside the repository")
+    if not (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+        raise TaskError(f"{field} {relative!r} does not exist in the repository")
+    return path
+
+
+def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
+    p = ctx.payload
+    argv = ctx.buildah("bud", "--layers", "--isolation", ctx.isolation, "-f", dockerfile)
+    for name, value in (p.get("build_args") or {}).items():
+        if not BUILD_ARG_NAME.match(name):
+            raise TaskError(f"invalid build arg name {name!r}")
+        argv += ["--build-arg", f"{name}={value}"]
+    if p.get("target"):
+        argv += ["--target", p["target"]]
+    if p.get("clear_cache"):
+        argv.append("--no-cache")
+    # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
+    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}", tls_flag("tls-verify", ctx.tls_verify)]
+    if authfile:
+        argv += ["--authfile", authfile]
+    return argv + ["-t", ctx.payload["temp_image"], context]
+
+
+def build(ctx: Context) -> None:
+    url, ref, temp = ctx.require("repo_url"), ctx.require("git_ref"), ctx.require("temp_image")
+    url_password = urllib.parse.urlsplit(url).password
+    if url_password:
+        ctx.secrets.append(url_password)
+    clone = os.path.join(ctx.workdir, "src")
+    checkout(ctx, url, ref, clone)
+    dockerfile = inside(clone, ctx.payload.get("dockerfile_path") or "Dockerfile", "dockerfile_path", False)
+    context = inside(clone, ctx.payload.get("dockerfile_context") or ".", "dockerfile_context", True)
+
+    with registry_authfile(ctx, [temp]) as authfile:
+        if ctx.payload.get("clear_cache"):
+            step("clearing the layer cache")
+            if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
+                raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
+        step(f"building {temp}")
+        result = run(ctx, bud_argv(ctx, dockerfile, context, authfile), cwd=clone)
+        if result.returncode != 0:
+            raise failure(f"image build failed (exit {result.returncode})", result.output)
+        step(f"pushing {temp}")
+        digest_file = os.path.join(ctx.workdir, "digest")
+        push = ctx.buildah("push", tls_flag("tls-verify", ctx.tls_verify), "--digestfile", digest_file)
+        push += ["--authfile", authfile] if authfile else []
+        result = run(ctx, push + [temp, f"docker://{temp}"])
+        if result.returncode != 0:
+            if is_unauthorized(result.output):
+                raise unauthorized_error(ctx, result.output, [temp])
+            raise failure(f"push of {temp} failed (exit {result.returncode})", result.output)
+    with open(digest_file, encoding="utf-8") as fh:
+        digest = fh.read().strip()
+    print(f"digest: {digest}", flush=True)
+
+
+if __name__ == "__main__":
+    main(build)

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Test phase: run the image's entry point and/or the configured commands inside a working container.
+
+The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Values of `test.secret_env`
+come from this process's environment by name and are masked in everything we print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import (  # noqa: E402
+    Context, TaskError, capture, failure, is_unauthorized, main, registry_authfile, run, step, tls_flag,
+    unauthorized_error,
+)
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def env_flags(ctx: Context, spec: dict) -> list[str]:
+    flags: list[str] = []
+    for name, value in (spec.get("env") or {}).items():
+        if not ENV_NAME.match(name):
+            raise TaskError(f"invalid test env name {name!r}")
+        flags += ["-e", f"{name}={value}"]
+    for name in spec.get("secret_env") or []:
+        if not ENV_NAME.match(name):
+            raise TaskError(f"invalid secret env name {name!r}")
+        if name not in os.environ:
+            raise TaskError(f"secret {name} is not set in the task environment")
+        ctx.secrets.append(os.environ[name])
+        # buildah 1.28 ignores the bare `-e NAME` form, so the value goes in argv; it is masked in output.
+        flags += ["-e", f"{name}={os.environ[name]}"]
+    return flags
+
+
+def entry_argv(ctx: Context, container: str) -> list[str]:
+    info = json.loads(capture(ctx, ctx.buildah("inspect", "--type", "container", container)))
+    config = (info.get("OCIv1") or {}).get("config") or {}
+    argv = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+    if not argv:
+        raise TaskError("test.entry_point is set but the image has neither ENTRYPOINT nor CMD")
+    return argv
+
+
+def run_in(ctx: Context, container: str, env: list[str], argv: list[str]) -> int:
+    return run(ctx, ctx.buildah("run", "--isolation", ctx.isolation, *env, container, "--", *argv)).returncode
+
+
+def test(ctx: Context) -> None:
+    temp = ctx.require("temp_image")
+    spec = ctx.payload.get("test") or {}
+    env = env_flags(ctx, spec)
+    container = f"jobforge-test-{ctx.require('job_id')}"
+    # A container left by a killed earlier attempt would block the name.
+    run(ctx, ctx.buildah("rm", container), quiet=True)
+    step(f"pulling {temp}")
+    with registry_authfile(ctx, [temp]) as authfile:
+        argv = ctx.buildah("from", "--pull-always", "--name", container, tls_flag("tls-verify", ctx.tls_verify))
+        argv += ["--authfile", authfile] if authfile else []
+        result = run(ctx, argv + [temp])
+    if result.returncode != 0:
+        if is_unauthorized(result.output):
+            raise unauthorized_error(ctx, result.output, [temp])
+        raise failure(f"could not pull {temp}", result.output)
+    try:
+        if spec.get("entry_point"):
+            argv = entry_argv(ctx, container)
+            step("running the image entry point")
+            code = run_in(ctx, container, env, argv)
+            if code != 0:
+                raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
+        for number, command in enumerate(spec.get("commands") or [], start=1):
+            step(f"test command {number}: {command}")
+            code = run_in(ctx, container, env, ["sh", "-c", command])
+            if code != 0:
+                raise TaskError(f"test command {number} exited with code {code}: {command}")
+        step("tests passed")
+    finally:
+        step(f"removing container {container}")
+        # The image stays: removing it would also drop its dangling parents, i.e. the layer cache.
+        run(ctx, ctx.buildah("rm", container))
+
+
+if __name__ == "__main__":
+    main(test)

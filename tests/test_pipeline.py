@@ -1,0 +1,243 @@
+"""The pure pipeline, driven with bare events (no I/O, no clock)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jobforge.config import JobConfig
+from jobforge.errors import IllegalTransition
+from jobforge.models import JobStatus, Phase, PhaseStatus
+from jobforge.pipeline import (
+    Admitted, DeleteTempImage, DispatchPhase, FireWebhook, KillRequested, PhaseFailed, PhaseStarted,
+    PhaseSucceeded, Policy, StopPhase, new_job, step,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+POLICY = Policy(build_timeout=1800, test_timeout=900, publish_timeout=600, max_attempts=2)
+BASE = {"owner": "team", "repo_url": "https://git.example.invalid/app.git", "image_name": "app",
+        "registry_url": "127.0.0.1:5000"}
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def job(**extra):
+    return new_job("job-1", JobConfig.model_validate({**BASE, **extra}), T0)
+
+
+WITH_TEST = {"test": {"commands": ["true"]}}
+
+
+def run(record, *events):
+    commands = []
+    for event in events:
+        record, cmds = step(record, event, POLICY)
+        commands.append(cmds)
+    return record, commands
+
+
+def ok(phase, t, attempt=1):
+    return PhaseSucceeded(phase=phase, attempt=attempt, at=at(t))
+
+
+def test_happy_path_with_test_phase():
+    record, cmds = run(job(**WITH_TEST), Admitted(at=at(1)), PhaseStarted(phase=Phase.BUILD, attempt=1, at=at(2)),
+                       ok(Phase.BUILD, 10), ok(Phase.TEST, 20), ok(Phase.PUBLISH, 25))
+    assert record.status is JobStatus.SUCCEEDED
+    assert record.current_phase is None and record.failed_phase is None and record.error is None
+    assert record.finished_at == at(25)
+    assert [c.phase for c in (cmds[0][0], cmds[2][0], cmds[3][0])] == [Phase.BUILD, Phase.TEST, Phase.PUBLISH]
+    assert cmds[0][0].timeout_seconds == 1800 and cmds[2][0].timeout_seconds == 900
+    assert cmds[3][0].timeout_seconds == 600
+    assert cmds[4] == [DeleteTempImage(job_id="job-1")]
+    assert record.phases[Phase.BUILD].started_at == at(2)
+    assert record.phases[Phase.BUILD].duration_seconds == 8
+    assert record.phases[Phase.TEST].duration_seconds == 10
+    assert all(r.status is PhaseStatus.SUCCEEDED for r in record.phases.values())
+
+
+def test_status_follows_the_dispatched_phase():
+    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)))
+    assert (record.status, record.current_phase) == (JobStatus.BUILDING, Phase.BUILD)
+    record, _ = run(record, ok(Phase.BUILD, 2))
+    assert (record.status, record.current_phase) == (JobStatus.TESTING, Phase.TEST)
+    record, _ = run(record, ok(Phase.TEST, 3))
+    assert (record.status, record.current_phase) == (JobStatus.PUBLISHING, Phase.PUBLISH)
+
+
+@pytest.mark.parametrize("test_block", [None, {}, {"entry_point": False}, {"commands": []}, {"env": {"A": "1"}}])
+def test_test_phase_skipped_without_entry_point_or_commands(test_block):
+    extra = {} if test_block is None else {"test": test_block}
+    record, cmds = run(job(**extra), Admitted(at=at(1)), ok(Phase.BUILD, 2))
+    assert cmds[1][0].phase is Phase.PUBLISH
+    record, _ = run(record, ok(Phase.PUBLISH, 3))
+    assert record.status is JobStatus.SUCCEEDED
+    assert record.phases[Phase.TEST].status is PhaseStatus.SKIPPED
+
+
+def test_entry_point_alone_enables_the_test_phase():
+    _, cmds = run(job(test={"entry_point": True}), Admitted(at=at(1)), ok(Phase.BUILD, 2))
+    assert cmds[1][0].phase is Phase.TEST
+
+
+@pytest.mark.parametrize("failing", [Phase.BUILD, Phase.TEST, Phase.PUBLISH])
+def test_failure_in_each_phase(failing):
+    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)))
+    for phase in (Phase.BUILD, Phase.TEST, Phase.PUBLISH):
+        if phase is failing:
+            break
+        record, _ = run(record, ok(phase, 2))
+    record, cmds = run(record, PhaseFailed(phase=failing, attempt=1, at=at(5), error="boom"))
+    assert record.status is JobStatus.FAILED
+    assert record.failed_phase is failing and record.error == "boom"
+    assert record.phases[failing].status is PhaseStatus.FAILED
+    order = [Phase.BUILD, Phase.TEST, Phase.PUBLISH]
+    for later in order[order.index(failing) + 1:]:
+        assert record.phases[later].status is PhaseStatus.SKIPPED
+    assert DeleteTempImage(job_id="job-1") in cmds[0]
+    assert not any(isinstance(c, DispatchPhase) for c in cmds[0])
+
+
+def test_kill_while_pending_needs_no_stop_and_no_cleanup():
+    record, cmds = run(job(), KillRequested(at=at(1)))
+    assert record.status is JobStatus.FAILED and record.error == "killed by user"
+    assert record.failed_phase is None
+    assert cmds == [[]]
+    assert all(r.status is PhaseStatus.SKIPPED for r in record.phases.values())
+
+
+@pytest.mark.parametrize("phase", [Phase.BUILD, Phase.TEST, Phase.PUBLISH])
+def test_kill_while_running_stops_the_phase(phase):
+    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)))
+    for earlier in (Phase.BUILD, Phase.TEST, Phase.PUBLISH):
+        if earlier is phase:
+            break
+        record, _ = run(record, ok(earlier, 2))
+    record, cmds = run(record, KillRequested(at=at(9)))
+    assert record.status is JobStatus.FAILED and record.error == "killed by user"
+    assert record.failed_phase is phase
+    assert cmds[0][0] == StopPhase(job_id="job-1", phase=phase, attempt=1)
+    assert DeleteTempImage(job_id="job-1") in cmds[0]
+
+
+def test_kill_after_finish_is_illegal():
+    record, _ = run(job(), Admitted(at=at(1)), ok(Phase.BUILD, 2), ok(Phase.PUBLISH, 3))
+    with pytest.raises(IllegalTransition) as err:
+        step(record, KillRequested(at=at(4)), POLICY)
+    assert "SUCCEEDED" in str(err.value) and "KillRequested" in str(err.value)
+
+
+def test_admitting_twice_is_illegal():
+    record, _ = run(job(), Admitted(at=at(1)))
+    with pytest.raises(IllegalTransition):
+        step(record, Admitted(at=at(2)), POLICY)
+
+
+def test_stale_events_are_ignored():
+    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)), ok(Phase.BUILD, 2))
+    for stale in (ok(Phase.BUILD, 3), PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(3), error="late"),
+                  ok(Phase.TEST, 3, attempt=7), PhaseStarted(phase=Phase.PUBLISH, attempt=1, at=at(3))):
+        assert step(record, stale, POLICY) == (record, [])
+    finished, _ = run(record, KillRequested(at=at(4)))
+    assert step(finished, PhaseFailed(phase=Phase.TEST, attempt=1, at=at(5), error="killed"), POLICY) == (finished, [])
+
+
+def test_retryable_failure_redispatches_with_a_new_attempt():
+    record, cmds = run(job(), Admitted(at=at(1)),
+                       PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(2), error="alloc lost", retryable=True))
+    retry = cmds[1][0]
+    assert isinstance(retry, DispatchPhase) and retry.attempt == 2
+    assert retry.dispatch_key == "job-1-build-2" != cmds[0][0].dispatch_key
+    assert record.status is JobStatus.BUILDING and record.phases[Phase.BUILD].attempt == 2
+    record, _ = run(record, PhaseFailed(phase=Phase.BUILD, attempt=2, at=at(3), error="alloc lost", retryable=True))
+    assert record.status is JobStatus.FAILED and record.error == "alloc lost"
+
+
+def test_job_failure_is_never_retried():
+    record, cmds = run(job(), Admitted(at=at(1)), PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(2), error="x"))
+    assert record.status is JobStatus.FAILED
+
+
+def test_job_timeouts_override_the_policy():
+    _, cmds = run(job(build_timeout="2m", test={"commands": ["true"], "timeout": 90}), Admitted(at=at(1)),
+                  ok(Phase.BUILD, 2))
+    assert cmds[0][0].timeout_seconds == 120
+    assert cmds[1][0].timeout_seconds == 90
+
+
+def test_dispatch_carries_resolved_resources():
+    _, cmds = run(job(resource_limits={"cpu": "2000", "build": {"memory": 4096}}), Admitted(at=at(1)),
+                  ok(Phase.BUILD, 2))
+    build, publish = cmds[0][0].resources, cmds[1][0].resources
+    assert (build.cpu, build.memory, build.disk) == (2000, 4096, 10240)
+    assert (publish.cpu, publish.memory, publish.disk) == (2000, 1024, 2048)
+
+
+@pytest.mark.parametrize("outcome,flags,expected", [
+    ("ok", {}, "job.succeeded"),
+    ("fail", {}, "job.failed"),
+    ("ok", {"webhook_on_success": False}, None),
+    ("fail", {"webhook_on_failure": False}, None),
+])
+def test_webhooks_follow_the_flags(outcome, flags, expected):
+    record, _ = run(job(webhook_url="http://127.0.0.1:9/hook", **flags), Admitted(at=at(1)))
+    last = ok(Phase.BUILD, 2) if outcome == "fail" else ok(Phase.BUILD, 2)
+    record, _ = run(record, last)
+    end = ok(Phase.PUBLISH, 3) if outcome == "ok" else PhaseFailed(phase=Phase.PUBLISH, attempt=1, at=at(3), error="e")
+    _, cmds = run(record, end)
+    hooks = [c.event for c in cmds[0] if isinstance(c, FireWebhook)]
+    assert hooks == ([expected] if expected else [])
+
+
+def test_no_webhook_without_url():
+    _, cmds = run(job(), Admitted(at=at(1)), ok(Phase.BUILD, 2), ok(Phase.PUBLISH, 3))
+    assert not any(isinstance(c, FireWebhook) for c in cmds[2])
+
+
+def test_image_tags_start_with_the_job_id():
+    assert job(image_tags=["latest", "job-1", "v1", "latest"]).image_tags == ["job-1", "latest", "v1"]
+
+
+# ---------------------------------------------------------------- exhaustive: random event sequences
+
+EVENTS = st.one_of(
+    st.builds(lambda t: Admitted(at=at(t)), st.integers(0, 100)),
+    st.builds(lambda t: KillRequested(at=at(t)), st.integers(0, 100)),
+    st.builds(lambda p, a, t: PhaseStarted(phase=p, attempt=a, at=at(t)), st.sampled_from(Phase), st.integers(1, 3),
+              st.integers(0, 100)),
+    st.builds(lambda p, a, t: PhaseSucceeded(phase=p, attempt=a, at=at(t)), st.sampled_from(Phase),
+              st.integers(1, 3), st.integers(0, 100)),
+    st.builds(lambda p, a, t, r: PhaseFailed(phase=p, attempt=a, at=at(t), error="e", retryable=r),
+              st.sampled_from(Phase), st.integers(1, 3), st.integers(0, 100), st.booleans()),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.booleans(), st.lists(EVENTS, max_size=12))
+def test_invariants_hold_for_any_event_sequence(with_test, events):
+    record = job(**WITH_TEST) if with_test else job()
+    for event in events:
+        try:
+            new, commands = step(record, event, POLICY)
+        except IllegalTransition:
+            continue
+        if new.status.terminal:
+            assert new.current_phase is None and new.finished_at is not None
+            assert not any(r.status in (PhaseStatus.RUNNING, PhaseStatus.PENDING) for r in new.phases.values())
+        if new.status is JobStatus.FAILED:
+            assert new.error
+        if new.status.running:
+            assert new.current_phase is not None
+            assert new.phases[new.current_phase].status is PhaseStatus.RUNNING
+        if record.status.terminal:
+            assert new == record
+        dispatches = [c for c in commands if isinstance(c, DispatchPhase)]
+        assert len(dispatches) <= 1
+        if not with_test:
+            assert all(c.phase is not Phase.TEST for c in dispatches)
+        record = new

@@ -1,0 +1,391 @@
+"""End-to-end tests of templates/tasks/*.py: the scripts run as subprocesses, exactly as a backend runs them,
+against a real docker-registry, real buildah/skopeo and real git repositories (file:// and smart HTTP).
+
+Expected values come from independent sources: the registry's HTTP API, the built image's content (read by
+the test phase), and the host filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support.githttp import GitHttpServer
+from tests.support.gitrepo import GitRepo
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "templates" / "tasks"
+HELLO = ROOT / "examples" / "hello"
+TIMEOUT = 300
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    @property
+    def error(self) -> str:
+        """The contract's last stderr line (`ERROR: …`), or '' when there is none."""
+        lines = self.stderr.strip().splitlines()
+        return lines[-1] if lines and lines[-1].startswith("ERROR: ") else ""
+
+
+@dataclass
+class Job:
+    """One job's payload plus a runner for its phase scripts (fresh workdir per phase)."""
+
+    tmp: Path
+    storage: object
+    payload: dict
+    env: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.payload["job_id"]
+
+    @property
+    def temp_image(self) -> str:
+        return self.payload["temp_image"]
+
+    def phase_env(self, phase: str, **extra: str) -> tuple[dict, Path]:
+        workdir = self.tmp / f"{phase}-{uuid.uuid4().hex[:6]}"
+        workdir.mkdir()
+        payload_path = workdir.with_suffix(".json")
+        payload_path.write_text(json.dumps({**self.payload, "phase": phase}))
+        env = {
+            "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8",
+            "JOBFORGE_PAYLOAD": str(payload_path), "JOBFORGE_WORKDIR": str(workdir),
+            "JOBFORGE_BUILDAH_ROOT": str(self.storage.root), "JOBFORGE_BUILDAH_RUNROOT": str(self.storage.runroot),
+            **self.env, **extra,
+        }
+        return env, workdir
+
+    def run(self, phase: str, **extra_env: str) -> Outcome:
+        env, _ = self.phase_env(phase, **extra_env)
+        proc = subprocess.run([sys.executable, str(TASKS / f"{phase}.py")], env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        return Outcome(proc.returncode, proc.stdout, proc.stderr)
+
+
+def ok(outcome: Outcome) -> Outcome:
+    assert outcome.returncode == 0, outcome.output
+    assert outcome.error == ""
+    return outcome
+
+
+def repo_name(ref: str) -> tuple[str, str]:
+    """`host/name:tag` -> (name, tag), for the registry API helpers."""
+    name, tag = ref.split("/", 1)[1].rsplit(":", 1)
+    return name, tag
+
+
+def containers(storage) -> list[str]:
+    out = subprocess.run(["buildah", "--storage-driver", "vfs", "--root", str(storage.root), "--runroot",
+                          str(storage.runroot), "containers", "--format", "{{.ContainerName}}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+@pytest.fixture
+def hello_repo(tmp_path) -> GitRepo:
+    return GitRepo.from_dir(tmp_path / "hello", HELLO)
+
+
+@pytest.fixture
+def make_job(tmp_path, registry, base_image, buildah_storage):
+    """make_job(repo_url, **payload_overrides) -> Job with the reference payload shape."""
+
+    def make(repo_url: str, **overrides) -> Job:
+        job_id = uuid.uuid4().hex
+        payload = {
+            "job_id": job_id, "phase": "build", "repo_url": repo_url, "git_ref": "main",
+            "dockerfile_path": "Dockerfile", "dockerfile_context": ".",
+            "build_args": {"BASE_IMAGE": base_image}, "target": None, "clear_cache": False,
+            "temp_image": f"{registry.host}/temp-hello:{job_id}", "tls_verify": False,
+            "test": {"entry_point": False, "commands": [], "env": {}, "secret_env": []},
+            "publish_targets": [f"{registry.host}/hello:{job_id}"],
+        }
+        payload.update(overrides)
+        jobdir = tmp_path / f"job-{job_id[:8]}"
+        jobdir.mkdir()
+        return Job(jobdir, buildah_storage, payload)
+
+    return make
+
+
+@pytest.fixture
+def built(make_job, hello_repo) -> Job:
+    """A job whose temp image is already built and pushed."""
+    job = make_job(f"file://{hello_repo.path}")
+    ok(job.run("build"))
+    return job
+
+
+# --- the happy path ---------------------------------------------------------------------------------
+
+
+def test_build_test_publish_cleanup_with_three_tags(make_job, hello_repo, registry, base_image):
+    job = make_job(f"file://{hello_repo.path}", build_args={"BASE_IMAGE": base_image, "GREETING": "Howdy"})
+    job.payload["test"] = {"entry_point": True, "commands": ["/app/run-tests.sh", 'test "$TEST_MODE" = ci'],
+                           "env": {"TEST_MODE": "ci"}, "secret_env": []}
+    targets = [f"{registry.host}/hello:{job.id}", f"{registry.host}/hello:latest", f"{registry.host}/hello:v1"]
+    job.payload["publish_targets"] = targets
+
+    build = ok(job.run("build"))
+    temp_digest = registry.manifest_digest(*repo_name(job.temp_image))
+    assert temp_digest and f"digest: {temp_digest}" in build.stdout
+    assert f"commit: {hello_repo.head()}" in build.stdout
+
+    test = ok(job.run("test"))
+    assert "Howdy, world!" in test.stdout  # the image's ENTRYPOINT + CMD
+    assert "ok: Howdy, tester! (mode: ci)" in test.stdout  # run-tests.sh with the test env
+    assert f"jobforge-test-{job.id}" not in containers(job.storage)
+
+    publish = ok(job.run("publish"))
+    digests = {ref: registry.manifest_digest(*repo_name(ref)) for ref in targets}
+    assert set(digests.values()) == {temp_digest}
+    assert set(registry.tags("hello")) >= {job.id, "latest", "v1"}
+    for ref in targets:
+        assert f"Published: {ref}@{temp_digest}" in publish.stdout
+
+    cleanup = ok(job.run("cleanup"))
+    assert f"deleted temp image {job.temp_image}" in cleanup.stdout
+    assert not registry.has_manifest(*repo_name(job.temp_image))
+    assert all(registry.manifest_digest(*repo_name(ref)) == temp_digest for ref in targets)
+    again = ok(job.run("cleanup"))  # idempotent
+    assert "already gone" in again.stdout
+
+
+# --- failures -------------------------------------------------------------------------------------------
+
+
+def test_build_failure_reports_the_failing_step(make_job, tmp_path):
+    repo = GitRepo.create(tmp_path / "broken", {"Dockerfile": (
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo 'about to fail: zebra-42' && exit 7\n")})
+    outcome = make_job(f"file://{repo.path}").run("build")
+    assert outcome.returncode != 0
+    assert "about to fail: zebra-42" in outcome.output
+    assert outcome.error.startswith("ERROR: image build failed")
+
+
+def test_test_command_failure_stops_and_removes_the_container(built):
+    built.payload["test"]["commands"] = ["echo first-ran", "echo boom-output; exit 3", "echo third-ran"]
+    outcome = built.run("test")
+    assert outcome.returncode != 0
+    assert "first-ran" in outcome.stdout and "boom-output" in outcome.stdout
+    assert "third-ran" not in outcome.stdout
+    assert outcome.error == "ERROR: test command 2 exited with code 3: echo boom-output; exit 3"
+    assert f"jobforge-test-{built.id}" not in containers(built.storage)
+
+
+def test_sigterm_during_test_removes_the_container(built):
+    built.payload["test"]["commands"] = ["echo started-sleeping; sleep 120"]
+    env, _ = built.phase_env("test")
+    proc = subprocess.Popen([sys.executable, str(TASKS / "test.py")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:  # synchronise on the script's own output, not on time
+        if "started-sleeping" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)  # what the runner does on timeout / kill
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert stderr.strip().splitlines()[-1] == "ERROR: terminated by signal"
+    assert f"jobforge-test-{built.id}" not in containers(built.storage)
+
+
+# --- Dockerfile location, context, build args, target ----------------------------------------------------
+
+
+def test_subdirectory_dockerfile_context_build_args_and_target(make_job, tmp_path, base_image):
+    repo = GitRepo.create(tmp_path / "multi", {
+        "docker/Dockerfile": (
+            "ARG BASE_IMAGE\n"
+            "FROM ${BASE_IMAGE} AS base\n"
+            "ARG FLAVOUR=plain\n"
+            "COPY payload.txt /payload.txt\n"
+            'RUN echo "stage=base flavour=$FLAVOUR" > /stage.txt\n'
+            "FROM base AS release\n"
+            'RUN echo "stage=release" > /stage.txt\n'),
+        "ctx/payload.txt": "from-the-context-dir\n",
+        "payload.txt": "from-the-repo-root\n",
+    })
+    job = make_job(f"file://{repo.path}", dockerfile_path="docker/Dockerfile", dockerfile_context="ctx",
+                   target="base", build_args={"BASE_IMAGE": base_image, "FLAVOUR": "spicy"})
+    job.payload["test"]["commands"] = ["cat /stage.txt /payload.txt"]
+    ok(job.run("build"))
+    test = ok(job.run("test"))
+    assert "stage=base flavour=spicy\nfrom-the-context-dir\n" in test.stdout
+
+
+@pytest.mark.parametrize("field, link", [("dockerfile_path", "Dockerfile.link"), ("dockerfile_context", "ctx")])
+def test_paths_escaping_the_clone_are_refused(make_job, tmp_path, field, link):
+    repo = GitRepo.create(tmp_path / "escape", {"Dockerfile": "FROM scratch\n"})
+    (repo.path / "Dockerfile.link").symlink_to("/etc/hostname")
+    (repo.path / "ctx").symlink_to("/")
+    repo.commit("symlinks out of the repo")
+    outcome = make_job(f"file://{repo.path}", **{field: link}).run("build")
+    assert outcome.returncode != 0
+    assert outcome.error == f"ERROR: {field} {link!r} points outside the repository"
+
+
+# --- git refs and transports ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def versioned_repo(tmp_path_factory) -> tuple[GitRepo, dict[str, str]]:
+    """main: one -> two; tag v1 (annotated) on one; branch feature: one -> feature."""
+    dockerfile = "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nCOPY version.txt /version.txt\n"
+    repo = GitRepo.create(tmp_path_factory.mktemp("versioned") / "repo",
+                          {"Dockerfile": dockerfile, "version.txt": "one\n"})
+    first = repo.head()
+    repo.tag("v1", message="release one")
+    repo.commit("two", {"version.txt": "two\n"})
+    repo.branch("feature", first)
+    repo.checkout("feature")
+    feature = repo.commit("feature", {"version.txt": "feature\n"})
+    repo.checkout("main")
+    return repo, {"first": first, "feature": feature}
+
+
+@pytest.mark.parametrize("ref_kind, expected", [
+    ("main", "two"), ("feature", "feature"), ("refs/heads/feature", "feature"), ("v1", "one"),
+    ("full-sha", "one"), ("short-sha", "feature"),
+])
+def test_git_ref_kinds(make_job, versioned_repo, ref_kind, expected):
+    repo, shas = versioned_repo
+    ref = {"full-sha": shas["first"], "short-sha": shas["feature"][:8]}.get(ref_kind, ref_kind)
+    job = make_job(f"file://{repo.path}", git_ref=ref)
+    job.payload["test"]["commands"] = [f'test "$(cat /version.txt)" = {expected}']
+    build = ok(job.run("build"))
+    assert f"commit: {repo.rev_parse(ref)}" in build.stdout
+    ok(job.run("test"))
+
+
+def test_clone_over_smart_http(make_job, hello_repo, git_http_server):
+    url = git_http_server.serve(hello_repo, "hello")
+    build = ok(make_job(url).run("build"))
+    assert f"commit: {hello_repo.head()}" in build.stdout
+
+
+def test_clone_over_http_with_credentials_from_the_environment(make_job, hello_repo, tmp_path):
+    password = f"git-pw-{uuid.uuid4().hex[:8]}"
+    with GitHttpServer(tmp_path / "private-git", auth=("builder", password)) as server:
+        url = server.serve(hello_repo, "hello")
+        job = make_job(url)
+        good = ok(job.run("build", GIT_USERNAME="builder", GIT_PASSWORD=password))
+        bad = job.run("build", GIT_USERNAME="builder", GIT_PASSWORD="wrong-" + password)
+    assert password not in good.output and password not in bad.output
+    assert bad.returncode != 0 and bad.error.startswith("ERROR: git fetch of")
+
+
+# --- registry credentials -------------------------------------------------------------------------------
+
+
+def test_publish_to_a_registry_with_auth(built, auth_registry, registry):
+    user, password = auth_registry.auth
+    target = f"{auth_registry.host}/hello:{built.id}"
+    built.payload["publish_targets"] = [target]
+
+    outcome = ok(built.run("publish", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=password))
+    digest = auth_registry.manifest_digest(*repo_name(target))
+    assert digest == registry.manifest_digest(*repo_name(built.temp_image))
+    assert f"Published: {target}@{digest}" in outcome.stdout
+    assert password not in outcome.output
+
+
+def test_publish_with_wrong_credentials_fails_clearly(built, auth_registry):
+    user, password = auth_registry.auth
+    wrong = f"not-{password}-{uuid.uuid4().hex[:6]}"
+    target = f"{auth_registry.host}/hello:{built.id}"
+    built.payload["publish_targets"] = [target]
+    outcome = built.run("publish", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=wrong)
+    assert outcome.returncode != 0
+    assert outcome.error == (f"ERROR: registry {auth_registry.host} rejected the credentials (unauthorized): "
+                             "check REGISTRY_USERNAME/REGISTRY_PASSWORD")
+    assert wrong not in outcome.output
+    assert not auth_registry.has_manifest(*repo_name(target))
+
+
+def test_publish_without_credentials_says_they_are_needed(built, auth_registry):
+    built.payload["publish_targets"] = [f"{auth_registry.host}/hello:{built.id}"]
+    outcome = built.run("publish")
+    assert outcome.returncode != 0
+    assert f"registry {auth_registry.host} requires credentials" in outcome.error
+
+
+# --- cleanup --------------------------------------------------------------------------------------------
+
+
+def test_cleanup_keeps_a_temp_image_sharing_its_repository_with_a_target(built, registry):
+    built.payload["publish_targets"] = [f"{registry.host}/temp-hello:keep-{built.id}"]
+    outcome = ok(built.run("cleanup"))
+    assert "WARNING: keeping" in outcome.stdout
+    assert registry.has_manifest(*repo_name(built.temp_image))
+
+
+# --- hostile inputs -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def marker():
+    path = Path(f"/tmp/pwned-{uuid.uuid4().hex}")
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_hostile_git_ref_is_not_executed(make_job, hello_repo, marker):
+    outcome = make_job(f"file://{hello_repo.path}", git_ref=f"main; touch {marker}").run("build")
+    assert outcome.returncode != 0
+    assert outcome.error.startswith("ERROR: invalid git_ref")
+    assert not marker.exists()
+
+
+def test_hostile_build_arg_and_test_env_stay_literal(make_job, hello_repo, base_image, marker):
+    greeting = f"$(touch {marker})"
+    env_value = f"""a'b"c; touch {marker}; `touch {marker}`"""
+    job = make_job(f"file://{hello_repo.path}", build_args={"BASE_IMAGE": base_image, "GREETING": greeting})
+    job.payload["test"] = {"entry_point": True, "commands": ['printf "[%s]\\n" "$HOSTILE"'],
+                           "env": {"HOSTILE": env_value}, "secret_env": []}
+    ok(job.run("build"))
+    test = ok(job.run("test"))
+    assert f"{greeting}, world!" in test.stdout
+    assert f"[{env_value}]" in test.stdout
+    assert not marker.exists()
+
+
+def test_secret_env_is_forwarded_but_never_printed(built):
+    secret = f"tok-{uuid.uuid4().hex}"
+    built.payload["test"] = {"entry_point": False, "commands": ['test "${#API_TOKEN}" = 36', 'echo "$API_TOKEN"'],
+                             "env": {}, "secret_env": ["API_TOKEN"]}
+    outcome = ok(built.run("test", API_TOKEN=secret))
+    assert secret not in outcome.output
+
+
+# --- layer cache ----------------------------------------------------------------------------------------
+
+
+def test_clear_cache_really_disables_the_cache(make_job, tmp_path, base_image):
+    repo = GitRepo.create(tmp_path / "cached", {"Dockerfile": (
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} > /stamp\n")})
+    url = f"file://{repo.path}"
+    ok(make_job(url).run("build"))
+    warm = ok(make_job(url).run("build"))
+    assert "Using cache" in warm.stdout
+    cleared = ok(make_job(url, clear_cache=True).run("build"))
+    assert "Using cache" not in cleared.stdout
