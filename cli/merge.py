@@ -2,7 +2,7 @@
 
 The merge fixes the reference CLI's shallow merge: mappings merge recursively, so a per-build ``test:`` block
 refines the global one instead of wiping it; any value the per-build file states wins, including ``false``, ``0``
-and empty values; lists (``image_tags`` too) are replaced whole.
+and empty values (``{}`` clears a global mapping); lists (``image_tags`` too) are replaced whole.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from jobforge.errors import ConfigError
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """A new dict: `override` on top of `base`; only mapping-into-mapping recurses."""
+    """A new dict: `override` on top of `base`; a non-empty mapping into a mapping recurses, anything else
+    (including ``{}``, which clears a global mapping) replaces."""
     merged = copy.deepcopy(dict(base))
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if isinstance(value, Mapping) and value and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

@@ -175,7 +175,9 @@ def seed_busybox_image(registry_host: str, storage_root: str | os.PathLike, runr
     container = f"jobforge-seed-{uuid.uuid4().hex[:12]}"
 
     def sh(*args: str) -> None:
-        subprocess.run(buildah + list(args), check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        result = subprocess.run(buildah + list(args), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"buildah {args[0]} failed ({result.returncode}): {result.stderr.strip()}")
 
     with tempfile.TemporaryDirectory() as tmp:
         push = ["push", f"--tls-verify={'true' if tls_verify else 'false'}"]

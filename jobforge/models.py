@@ -87,6 +87,14 @@ class JobRecord(_Frozen):
     image_tags: list[str]
     submitted_at: datetime
     finished_at: datetime | None = None
+    cleanup_pending: bool = False
+    """The temp image is being deleted; the job is settled once this is False again."""
+    temp_image_deleted: bool | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Finished, and nothing of it is still being cleaned up: watchers get their last message."""
+        return self.status.terminal and not self.cleanup_pending
 
 
 class LogStream(str, Enum):
@@ -174,6 +182,7 @@ class JobStatusResult(BaseModel):
     phases: dict[Phase, PhaseSummary]
     submitted_at: datetime
     finished_at: datetime | None
+    temp_image_deleted: bool | None = None
 
     @classmethod
     def from_record(cls, record: JobRecord) -> "JobStatusResult":
@@ -194,6 +203,7 @@ class JobStatusResult(BaseModel):
             failed_phase=record.failed_phase, error=record.error, config=record.config.redacted(),
             metrics=JobMetrics(**m), image_tags=record.image_tags, phases=phases,
             submitted_at=record.submitted_at, finished_at=record.finished_at,
+            temp_image_deleted=record.temp_image_deleted,
         )
 
 

@@ -6,7 +6,8 @@ returned commands and stores the returned record.
 
 Transitions are data (`_TRANSITIONS[status][event type]`). An event the table does not allow raises
 `IllegalTransition`, except that phase events for another phase or attempt, and any event but a kill for a
-finished job, are dropped: event streams replay and processes report after being killed.
+finished job, are dropped: event streams replay and processes report after being killed. A finished job still
+takes `TempImageDeleted`: it is settled once its temp image is gone.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class Admitted(Event):
 
 class KillRequested(Event):
     pass
+
+
+class TempImageDeleted(Event):
+    """The finished job's temp image was deleted (ok) or could not be."""
+
+    ok: bool
 
 
 class PhaseEvent(Event):
@@ -141,13 +148,12 @@ def _finish(record: JobRecord, status: JobStatus, at: datetime, phases: dict[Pha
             failed_phase: Phase | None = None, error: str | None = None):
     phases = {p: (run.model_copy(update={"status": PhaseStatus.SKIPPED}) if run.status is PhaseStatus.PENDING else run)
               for p, run in phases.items()}
+    built = record.phases[Phase.BUILD].attempt > 0
     new = record.model_copy(update={
         "status": status, "current_phase": None, "failed_phase": failed_phase, "error": error,
-        "phases": phases, "finished_at": at,
+        "phases": phases, "finished_at": at, "cleanup_pending": built,
     })
-    commands: list[Command] = []
-    if record.phases[Phase.BUILD].attempt > 0:
-        commands.append(DeleteTempImage(job_id=record.job_id))
+    commands: list[Command] = [DeleteTempImage(job_id=record.job_id)] if built else []
     cfg = record.config
     wanted = cfg.webhook_on_success if status is JobStatus.SUCCEEDED else cfg.webhook_on_failure
     if cfg.webhook_url and wanted:
@@ -192,6 +198,10 @@ def _kill(record: JobRecord, event: KillRequested, policy: Policy):
     return new, [StopPhase(job_id=record.job_id, phase=phase, attempt=run.attempt), *commands]
 
 
+def _temp_deleted(record: JobRecord, event: TempImageDeleted, policy: Policy):
+    return record.model_copy(update={"cleanup_pending": False, "temp_image_deleted": event.ok}), []
+
+
 Transition = Callable[[JobRecord, Event, Policy], tuple[JobRecord, list[Command]]]
 _RUNNING = {PhaseStarted: _started, PhaseSucceeded: _succeeded, PhaseFailed: _failed, KillRequested: _kill}
 _TRANSITIONS: dict[JobStatus, dict[type[Event], Transition]] = {
@@ -199,15 +209,15 @@ _TRANSITIONS: dict[JobStatus, dict[type[Event], Transition]] = {
     JobStatus.BUILDING: _RUNNING,
     JobStatus.TESTING: _RUNNING,
     JobStatus.PUBLISHING: _RUNNING,
-    JobStatus.SUCCEEDED: {},
-    JobStatus.FAILED: {},
+    JobStatus.SUCCEEDED: {TempImageDeleted: _temp_deleted},
+    JobStatus.FAILED: {TempImageDeleted: _temp_deleted},
 }
 
 
 def _is_stale(record: JobRecord, event: Event) -> bool:
     if isinstance(event, PhaseEvent):
         return event.phase is not record.current_phase or event.attempt != record.phases[event.phase].attempt
-    return record.status.terminal and not isinstance(event, KillRequested)
+    return record.status.terminal and not isinstance(event, (KillRequested, TempImageDeleted))
 
 
 def step(record: JobRecord, event: Event, policy: Policy) -> tuple[JobRecord, list[Command]]:

@@ -136,7 +136,7 @@ class JobService:
         try:
             record = (await self.store.get(job_id)).record
             current = JobStatusResult.from_record(record)
-            if record.status.terminal:
+            if record.settled:
                 yield WatchUpdate(type="end", job=current)
                 return
             yield WatchUpdate(type="status", job=current)
@@ -174,7 +174,7 @@ class JobService:
         self.metrics.transition(old, new)
         if old.status is not new.status:
             log.info("job %s: %s -> %s", new.job_id, old.status.value, new.status.value)
-        update = WatchUpdate(type="end" if new.status.terminal else "status", job=JobStatusResult.from_record(new))
+        update = WatchUpdate(type="end" if new.settled else "status", job=JobStatusResult.from_record(new))
         for queue in self._watchers.get(new.job_id, ()):
             queue.put_nowait(update)
 
@@ -197,6 +197,7 @@ class JobService:
         ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry))
         if not ok:
             log.warning("job %s: temp image could not be deleted (see its cleanup logs)", record.job_id)
+        await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok))
         return ok
 
     async def _admit(self) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from jobforge import config
+from tests.support.invalid_configs import INVALID, MINIMAL, with_, with_test, without  # noqa: F401
 from jobforge.config import (
     JobConfig,
     Resources,
@@ -24,12 +25,6 @@ from jobforge.config import (
     parse_duration,
 )
 
-MINIMAL = {
-    "owner": "myteam",
-    "repo_url": "https://github.com/myorg/myservice.git",
-    "image_name": "myservice",
-    "registry_url": "registry.cluster:5000/myapp",
-}
 
 
 def cfg(**changes) -> JobConfig:
@@ -397,123 +392,6 @@ def test_config_is_immutable():
 
 
 # ================================================================================================ invalid configs
-
-def without(key: str) -> dict:
-    return {k: v for k, v in MINIMAL.items() if k != key}
-
-
-def with_(**changes) -> dict:
-    return {**MINIMAL, **changes}
-
-
-def with_test(**test) -> dict:
-    return with_(test=test)
-
-
-LONG_TAG = "a" * 129
-
-INVALID = [
-    # (id, config, field, rule fragment)
-    ("unknown-top-level", with_(imagename="x"), "imagename", "unknown field"),
-    ("unknown-nested", with_test(entrypoint=True), "test.entrypoint", "unknown field"),
-    ("unknown-in-resources", with_(resource_limits={"build": {"gpu": 1}}), "resource_limits.build.gpu",
-     "unknown field"),
-    ("missing-owner", without("owner"), "owner", "required"),
-    ("missing-repo-url", without("repo_url"), "repo_url", "required"),
-    ("missing-image-name", without("image_name"), "image_name", "required"),
-    ("missing-registry-url", without("registry_url"), "registry_url", "required"),
-    ("empty-owner", with_(owner=""), "owner", "must not be empty"),
-    ("owner-newline", with_(owner="me\nX-Injected: 1"), "owner", "control characters"),
-    ("git-ref-shell", with_(git_ref="main; touch /tmp/pwned"), "git_ref", "whitespace"),
-    ("git-ref-dash", with_(git_ref="-oProxyCommand=x"), "git_ref", "must not start with '-'"),
-    ("git-ref-dotdot", with_(git_ref="main..dev"), "git_ref", "'..'"),
-    ("git-ref-lock", with_(git_ref="heads/main.lock"), "git_ref", ".lock"),
-    ("git-ref-reflog", with_(git_ref="main@{1}"), "git_ref", "'@{'"),
-    ("git-ref-colon", with_(git_ref="a:b"), "git_ref", "~ ^ :"),
-    ("git-ref-nbsp", with_(git_ref="main\u00a0x"), "git_ref", "whitespace"),
-    ("image-name-traversal", with_(image_name="../x"), "image_name", "OCI repository name"),
-    ("image-name-uppercase", with_(image_name="My App"), "image_name", "lowercase"),
-    ("image-name-trailing-slash", with_(image_name="x/"), "image_name", "OCI repository name"),
-    ("image-name-too-long", with_(image_name="a" * 256), "image_name", "at most 255"),
-    ("tag-with-space", with_(image_tags=["ok", "v 1"]), "image_tags[1]", "1-128 characters"),
-    ("tag-129-chars", with_(image_tags=["ok", "ok", LONG_TAG]), "image_tags[2]", "1-128 characters"),
-    ("tag-leading-dot", with_(image_tags=[".hidden"]), "image_tags[0]", "not starting with '.'"),
-    ("dockerfile-absolute", with_(dockerfile_path="/etc/passwd"), "dockerfile_path", "not an absolute path"),
-    ("dockerfile-parent", with_(dockerfile_path="../Dockerfile"), "dockerfile_path", "'..' segments"),
-    ("context-escape", with_(dockerfile_context="a/../../b"), "dockerfile_context", "'..' segments"),
-    ("context-empty", with_(dockerfile_context=""), "dockerfile_context", "must not be empty"),
-    ("dockerfile-nul", with_(dockerfile_path="Docker\x00file"), "dockerfile_path", "control characters"),
-    ("env-name-equals", with_test(env={"A=B": "x"}), "test.env.A=B", "variable name"),
-    ("env-name-digit", with_test(env={"1X": "x"}), "test.env.1X", "not starting with a digit"),
-    ("env-value-nul", with_test(env={"A": "x\x00y"}), "test.env.A", "NUL"),
-    ("build-arg-name", with_(build_args={"MY-ARG": "1"}), "build_args.MY-ARG", "variable name"),
-    ("vault-secrets-without-policies",
-     with_test(vault_secrets=[{"path": "secret/data/x", "fields": {"k": "K"}}]),
-     "test.vault_policies", "required when vault_secrets are given"),
-    ("vault-secret-empty-path", with_test(vault_policies=["p"], vault_secrets=[{"path": "", "fields": {"k": "K"}}]),
-     "test.vault_secrets[0].path", "must not be empty"),
-    ("vault-secret-quote-in-path",
-     with_test(vault_policies=["p"], vault_secrets=[{"path": 'secret/"x', "fields": {"k": "K"}}]),
-     "test.vault_secrets[0].path", "Vault path"),
-    ("vault-secret-empty-fields",
-     with_test(vault_policies=["p"], vault_secrets=[{"path": "secret/data/x", "fields": {}}]),
-     "test.vault_secrets[0].fields", "at least one Vault field"),
-    ("vault-secret-empty-env-name",
-     with_test(vault_policies=["p"], vault_secrets=[{"path": "secret/data/x", "fields": {"k": ""}}]),
-     "test.vault_secrets[0].fields.k", "must not be empty"),
-    ("vault-secret-missing-fields", with_test(vault_policies=["p"], vault_secrets=[{"path": "secret/data/x"}]),
-     "test.vault_secrets[0].fields", "required"),
-    ("constraint-bad-operand", with_test(constraints=[{"attribute": "${node.class}", "value": "x", "operand": "~="}]),
-     "test.constraints[0].operand", "'is_not_set'"),
-    ("constraint-empty-value", with_test(constraints=[{"attribute": "${node.class}", "operand": "!="}]),
-     "test.constraints[0].value", "must not be empty for operand '!='"),
-    ("constraint-empty-attribute", with_test(constraints=[{"attribute": " ", "operand": "is_set"}]),
-     "test.constraints[0].attribute", "must not be empty"),
-    ("resource-zero", with_(resource_limits={"cpu": 0}), "resource_limits.cpu", "greater than 0"),
-    ("resource-negative", with_(resource_limits={"build": {"memory": -1}}), "resource_limits.build.memory",
-     "greater than 0"),
-    ("resource-abc", with_(resource_limits={"disk": "abc"}), "resource_limits.disk", "positive integer"),
-    ("resource-fraction", with_(resource_limits={"cpu": 1.5}), "resource_limits.cpu", "positive integer"),
-    ("resource-bool", with_(resource_limits={"cpu": True}), "resource_limits.cpu", "not a boolean"),
-    ("resource-negative-string", with_(resource_limits={"cpu": "-5"}), "resource_limits.cpu", "positive integer"),
-    ("resource-too-big", with_(resource_limits={"cpu": 2**31}), "resource_limits.cpu", "at most 2147483647"),
-    ("test-resource-zero", with_test(resource_limits={"memory": "0"}), "test.resource_limits.memory",
-     "greater than 0"),
-    ("repo-url-ext", with_(repo_url="ext::sh -c touch% /tmp/x"), "repo_url", "whitespace"),
-    ("repo-url-ext-no-space", with_(repo_url="ext::sh"), "repo_url", "remote-helper"),
-    ("repo-url-upload-pack", with_(repo_url="--upload-pack=touch /tmp/x"), "repo_url", "whitespace"),
-    ("repo-url-dash", with_(repo_url="--upload-pack=touch"), "repo_url", "must not start with '-'"),
-    ("repo-url-ssh-proxycommand", with_(repo_url="ssh://-oProxyCommand=x/repo"), "repo_url", "host"),
-    ("repo-url-ssh-dash-user", with_(repo_url="ssh://-oProxyCommand=x@host/repo"), "repo_url",
-     "user name must not start with '-'"),
-    ("repo-url-ftp", with_(repo_url="ftp://host/repo.git"), "repo_url", "scheme must be one of"),
-    ("repo-url-relative", with_(repo_url="repo.git"), "repo_url", "must be a git URL"),
-    ("repo-url-bad-port", with_(repo_url="https://host:99999/repo.git"), "repo_url", "port"),
-    ("webhook-ftp", with_(webhook_url="ftp://x"), "webhook_url", "http:// or https://"),
-    ("webhook-no-host", with_(webhook_url="https:///path"), "webhook_url", "must include a host"),
-    ("header-newline", with_(webhook_headers={"X-A": "v\r\nX-Evil: 1"}), "webhook_headers.X-A", "CR, LF"),
-    ("header-bad-name", with_(webhook_headers={"Bad Header": "v"}), 'webhook_headers["Bad Header"]',
-     "RFC 7230 token"),
-    ("timeout-bad-unit", with_(build_timeout="10x"), "build_timeout", "invalid duration"),
-    ("timeout-zero", with_(build_timeout=0), "build_timeout", "between 1s and 24h"),
-    ("timeout-sub-second", with_(build_timeout="500ms"), "build_timeout", "between 1s and 24h"),
-    ("timeout-over-24h", with_test(timeout="24h1s"), "test.timeout", "between 1s and 24h"),
-    ("timeout-negative", with_(build_timeout=-5), "build_timeout", "negative"),
-    ("timeout-bool", with_(build_timeout=True), "build_timeout", "not a boolean"),
-    ("target-space", with_(target="my stage"), "target", "build stage name"),
-    ("gpu-count-negative", with_test(gpu_count=-1), "test.gpu_count", "greater than or equal to 0"),
-    ("registry-scheme", with_(registry_url="https://registry.cluster:5000"), "registry_url", "must not include a scheme"),
-    ("registry-uppercase-path", with_(registry_url="registry.cluster/MyApp"), "registry_url", "lowercase"),
-    ("registry-bad-port", with_(registry_url="registry.cluster:70000"), "registry_url", "between 1 and 65535"),
-    ("registry-space", with_(registry_url="registry cluster"), "registry_url", "whitespace"),
-    ("registry-double-slash", with_(registry_url="registry.cluster//x"), "registry_url", "lowercase repository"),
-    ("commands-empty-string", with_test(commands=["make test", ""]), "test.commands[1]", "must not be empty"),
-    ("image-tags-not-list", with_(image_tags="latest"), "image_tags", "valid list"),
-    ("git-ref-number", with_(git_ref=1234), "git_ref", "valid string"),
-    ("credentials-path-template", with_(git_credentials_path="secret/{{x}}"), "git_credentials_path", "Vault path"),
-    ("deploy-dir-empty", with_(deploy_dir=""), "deploy_dir", "must not be empty"),
-]
-
 
 @pytest.mark.parametrize("data, field, fragment", [case[1:] for case in INVALID], ids=[case[0] for case in INVALID])
 def test_invalid_config_reports_field_and_rule(data, field, fragment):

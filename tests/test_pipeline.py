@@ -13,7 +13,7 @@ from jobforge.errors import IllegalTransition
 from jobforge.models import JobStatus, Phase, PhaseStatus
 from jobforge.pipeline import (
     Admitted, DeleteTempImage, DispatchPhase, FireWebhook, KillRequested, PhaseFailed, PhaseStarted,
-    PhaseSucceeded, Policy, StopPhase, new_job, step,
+    PhaseSucceeded, Policy, StopPhase, TempImageDeleted, new_job, step,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -203,11 +203,31 @@ def test_image_tags_start_with_the_job_id():
     assert job(image_tags=["latest", "job-1", "v1", "latest"]).image_tags == ["job-1", "latest", "v1"]
 
 
+@pytest.mark.parametrize("ok", [True, False])
+def test_a_finished_job_is_settled_once_its_temp_image_is_handled(ok):
+    record, _ = run(job(), Admitted(at=at(1)), PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(2), error="x"))
+    assert record.status is JobStatus.FAILED and record.cleanup_pending and not record.settled
+    record, cmds = run(record, TempImageDeleted(at=at(3), ok=ok))
+    assert record.settled and record.temp_image_deleted is ok and cmds == [[]]
+
+
+def test_a_job_killed_before_building_is_settled_at_once():
+    record, _ = run(job(), KillRequested(at=at(1)))
+    assert record.settled and record.temp_image_deleted is None
+
+
+def test_temp_image_events_are_illegal_before_the_job_ends():
+    record, _ = run(job(), Admitted(at=at(1)))
+    with pytest.raises(IllegalTransition):
+        step(record, TempImageDeleted(at=at(2), ok=True), POLICY)
+
+
 # ---------------------------------------------------------------- exhaustive: random event sequences
 
 EVENTS = st.one_of(
     st.builds(lambda t: Admitted(at=at(t)), st.integers(0, 100)),
     st.builds(lambda t: KillRequested(at=at(t)), st.integers(0, 100)),
+    st.builds(lambda t, ok: TempImageDeleted(at=at(t), ok=ok), st.integers(0, 100), st.booleans()),
     st.builds(lambda p, a, t: PhaseStarted(phase=p, attempt=a, at=at(t)), st.sampled_from(Phase), st.integers(1, 3),
               st.integers(0, 100)),
     st.builds(lambda p, a, t: PhaseSucceeded(phase=p, attempt=a, at=at(t)), st.sampled_from(Phase),
@@ -234,7 +254,7 @@ def test_invariants_hold_for_any_event_sequence(with_test, events):
         if new.status.running:
             assert new.current_phase is not None
             assert new.phases[new.current_phase].status is PhaseStatus.RUNNING
-        if record.status.terminal:
+        if record.status.terminal and not isinstance(event, TempImageDeleted):
             assert new == record
         dispatches = [c for c in commands if isinstance(c, DispatchPhase)]
         assert len(dispatches) <= 1

@@ -178,10 +178,37 @@ def test_build_test_publish_cleanup_with_three_tags(make_job, hello_repo, regist
 def test_build_failure_reports_the_failing_step(make_job, tmp_path):
     repo = GitRepo.create(tmp_path / "broken", {"Dockerfile": (
         "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo 'about to fail: zebra-42' && exit 7\n")})
-    outcome = make_job(f"file://{repo.path}").run("build")
+    job = make_job(f"file://{repo.path}")
+    before = containers(job.storage)
+    outcome = job.run("build")
     assert outcome.returncode != 0
     assert "about to fail: zebra-42" in outcome.output
     assert outcome.error.startswith("ERROR: image build failed")
+    assert containers(job.storage) == before  # no working container left behind
+
+
+def run_until_then_sigterm(job: Job, phase: str, marker: str) -> tuple[int, str]:
+    """Start a phase, wait for `marker` in its output, then SIGTERM its process group like the runner."""
+    env, _ = job.phase_env(phase)
+    proc = subprocess.Popen([sys.executable, str(TASKS / f"{phase}.py")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:  # synchronise on the script's own output, not on time
+        if marker in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
+def test_sigterm_during_build_leaves_no_container(make_job, tmp_path):
+    repo = GitRepo.create(tmp_path / "slow", {"Dockerfile": (
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo started-sleeping && sleep 120\n")})
+    job = make_job(f"file://{repo.path}")
+    before = containers(job.storage)
+    returncode, stderr = run_until_then_sigterm(job, "build", "started-sleeping")
+    assert returncode != 0
+    assert stderr.strip().splitlines()[-1] == "ERROR: terminated by signal"
+    assert containers(job.storage) == before
 
 
 def test_test_command_failure_stops_and_removes_the_container(built):
@@ -196,15 +223,8 @@ def test_test_command_failure_stops_and_removes_the_container(built):
 
 def test_sigterm_during_test_removes_the_container(built):
     built.payload["test"]["commands"] = ["echo started-sleeping; sleep 120"]
-    env, _ = built.phase_env("test")
-    proc = subprocess.Popen([sys.executable, str(TASKS / "test.py")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    for line in proc.stdout:  # synchronise on the script's own output, not on time
-        if "started-sleeping" in line:
-            break
-    os.killpg(proc.pid, signal.SIGTERM)  # what the runner does on timeout / kill
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    returncode, stderr = run_until_then_sigterm(built, "test", "started-sleeping")
+    assert returncode != 0
     assert stderr.strip().splitlines()[-1] == "ERROR: terminated by signal"
     assert f"jobforge-test-{built.id}" not in containers(built.storage)
 

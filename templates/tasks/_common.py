@@ -153,15 +153,25 @@ def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str 
                 sys.stdout.write(redact(line, ctx.secrets))
                 sys.stdout.flush()
         returncode = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    except BaseException:
+        _stop(proc)
+        raise
     return Result(returncode, "".join(lines))
+
+
+def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Let a child that got the runner's group-wide SIGTERM finish its own cleanup, then insist.
+
+    Signalling it again right away would interrupt that cleanup (buildah then leaks its container).
+    """
+    for action in (None, proc.terminate, proc.kill):
+        if action:
+            action()
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def capture(ctx: Context, argv: Sequence[str]) -> bytes:

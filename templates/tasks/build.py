@@ -107,7 +107,8 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
 
 def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
     p = ctx.payload
-    argv = ctx.buildah("bud", "--layers", "--isolation", ctx.isolation, "-f", dockerfile)
+    # --force-rm: a failed or killed build must not leave its working container in the shared storage.
+    argv = ctx.buildah("bud", "--layers", "--force-rm", "--isolation", ctx.isolation, "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
