@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from cyclopts import App, Parameter, validators
 
-from cli import output, submit, versioning
+from cli import merge, output, submit, versioning
 from cli.watch import follow_logs, watch_job
 from jobforge.client import Client, discover_url
 from jobforge.errors import ConfigError, Conflict, JobForgeError, NotFound, PayloadTooLarge, ServiceUnavailable
@@ -205,14 +205,16 @@ def _launcher(
     return command(*bound.args, **bound.kwargs, **extra)
 
 
-# The reference (Go flag package) spelled long options with one dash; accept those spellings too.
-_GO_FLAGS = {"-global": "--global", "-url": "--url", "-watch": "--watch", "-history": "--history"}
+# The reference (Go flag package) spelled long options with one dash; accept those spellings too. A lone "-"
+# (stdin) would parse as an option, so it travels as a token no shell can produce (argv cannot hold NUL).
+_ARGV_ALIASES = {"-global": "--global", "-url": "--url", "-watch": "--watch", "-history": "--history",
+                 "-": merge.STDIN}
 
 
 def run(argv: list[str]) -> int:
     """Run the CLI and map the exception tree to exit codes."""
     try:
-        return app.meta([_GO_FLAGS.get(a, a) for a in argv], result_action="return_value") or 0
+        return app.meta([_ARGV_ALIASES.get(a, a) for a in argv], result_action="return_value") or 0
     except ServiceUnavailable as exc:
         output.error(exc.message)
         return EXIT_UNREACHABLE

@@ -29,6 +29,9 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+STDIN = "\0stdin"  # what the CLI passes for a "-" argument
+
+
 def _parse(text: str, origin: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
@@ -52,7 +55,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
 
 def load_source(source: str | None, stdin: TextIO) -> dict[str, Any]:
     """`source` is a file path, inline YAML/JSON, or ``-``/None for stdin."""
-    if source is None or source == "-":
+    if source is None or source in ("-", STDIN):
         if stdin.isatty():
             raise ConfigError("no job config given: pass a file, inline YAML/JSON, or pipe it on stdin")
         return _parse(stdin.read(), "<stdin>")

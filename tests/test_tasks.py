@@ -202,10 +202,12 @@ def run_until_then_sigterm(job: Job, phase: str, marker: str) -> tuple[int, str]
 
 def test_sigterm_during_build_leaves_no_container(make_job, tmp_path):
     repo = GitRepo.create(tmp_path / "slow", {"Dockerfile": (
-        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo started-sleeping && sleep 120\n")})
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\nRUN echo sleeping-$((6 * 7)) && sleep 120\n")})
     job = make_job(f"file://{repo.path}")
     before = containers(job.storage)
-    returncode, stderr = run_until_then_sigterm(job, "build", "started-sleeping")
+    # "sleeping-42" is the RUN's own output (the STEP line shows the unexpanded text), so the kill lands
+    # while the step runs; buildah leaks its container if killed while it is still setting the step up.
+    returncode, stderr = run_until_then_sigterm(job, "build", "sleeping-42")
     assert returncode != 0
     assert stderr.strip().splitlines()[-1] == "ERROR: terminated by signal"
     assert containers(job.storage) == before

@@ -110,7 +110,9 @@ async def _websocket(request: web.Request, params: WatchParams, render) -> web.W
 async def watch(request: web.Request) -> web.WebSocketResponse:
     query = {"job_id": request.match_info["job_id"], "logs": request.query.get("logs", "false").lower() == "true"}
     params = api.parse_params(WatchParams, query)
-    return await _websocket(request, params, lambda u: u.model_dump(mode="json", exclude_none=True))
+    # Drop absent members of the envelope only: `job` keeps the exact getStatus shape, nulls included.
+    return await _websocket(request, params,
+                            lambda u: {k: v for k, v in u.model_dump(mode="json").items() if v is not None})
 
 
 async def stream_logs(request: web.Request) -> web.WebSocketResponse:

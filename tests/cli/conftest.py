@@ -58,7 +58,8 @@ class FakeConsul:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.addr = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+                                       daemon=True)
 
     def register(self, service_address: str, port: int, node_address: str = "127.0.0.1") -> None:
         """Register `jobforge-service` with an entry copied from the reference sample."""

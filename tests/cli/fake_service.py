@@ -53,6 +53,7 @@ class FakeService:
         self.watch_scripts: dict[str, list[dict]] = {}
         self.reject_submit: dict | None = None  # an error_doc to answer submitJob with (HTTP 400)
         self.ready_ok = True
+        self.hold_open: set[str] = set()  # job ids whose watch stays open after the script (for Ctrl-C tests)
         self._next = 0
         self._lock = threading.Lock()
         self.url = ""
@@ -141,8 +142,13 @@ class FakeService:
             return web.json_response(error_doc(-32004, f"job {job_id} not found"), status=404)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        logs = request.query.get("logs") == "true"
         for message in self.watch_scripts.get(job_id, []):
-            await ws.send_json(message)
+            if message["type"] != "log" or logs:  # log lines only when asked for, as documented
+                await ws.send_json(message)
+        if job_id in self.hold_open:
+            async for _ in ws:  # until the client goes away
+                pass
         await ws.close()
         return ws
 

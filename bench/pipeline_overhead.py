@@ -1,0 +1,373 @@
+"""Pipeline overhead: a Job Forge build of examples/hello against the same work done by hand, in one run.
+
+    .venv/bin/python bench/pipeline_overhead.py [--rounds 5] [--tags 3] [--keep]
+
+Both variants do the same work on the same machine, against the same throw-away registry and the same
+containers-storage (so both see the same, warm, layer cache):
+
+* **jobforge**: `POST /json/submitJob` to a real `jobforge-service` subprocess (local backend), then wait on its
+  WebSocket watch stream for the end of the job, i.e. SUCCEEDED *and* its temp image deleted;
+* **direct**: the commands the task scripts in templates/tasks/ run, with the same flags, from this process:
+  git init/fetch --depth 1/checkout, `buildah bud --layers`, `buildah push` to the temp image; `buildah from
+  --pull-always`, `inspect`, `run` of the entry point and of each test command, `rm`; `skopeo copy
+  --preserve-digests` per tag and `skopeo inspect --raw` of source and targets; `skopeo delete` of the temp image
+  and `skopeo inspect` proving it is gone.
+
+One warm-up run of each, then `--rounds` rounds alternating the order (J D, D J, ...). Prints one JSON object on
+stdout (progress goes to stderr): per-variant median/mean/min, the ratio of medians, and the phase transition
+latency of the Job Forge runs (previous phase's end -> next phase's process start, from the job's status metrics).
+No assertion is made on the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jobforge.devinfra import Registry, seed_busybox_image  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "hello"
+BIN = Path(sys.executable).parent
+IMAGE = "hello"
+TARGET_RATIO = 1.15
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Job Forge Bench", "GIT_AUTHOR_EMAIL": "bench@jobforge.invalid",
+    "GIT_COMMITTER_NAME": "Job Forge Bench", "GIT_COMMITTER_EMAIL": "bench@jobforge.invalid",
+    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+}
+# As templates/tasks/build.py runs git.
+GIT = ["git", "-c", "credential.helper=", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false"]
+TRANSITIONS = [("job_start", "build_start"), ("build_end", "test_start"), ("test_end", "publish_start")]
+
+
+def progress(message: str) -> None:
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_repo(dest: Path) -> str:
+    shutil.copytree(EXAMPLE, dest)
+    env = {**os.environ, **GIT_ENV}
+    for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "import examples/hello"]):
+        subprocess.run(["git", *argv], cwd=dest, env=env, check=True, stdin=subprocess.DEVNULL)
+    return dest.as_uri()
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists() and shutil.which("buildah"):
+        subprocess.run(["buildah", "unshare", "rm", "-rf", str(path)], check=False, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stats(values: list[float], digits: int = 3) -> dict:
+    return {"median": round(statistics.median(values), digits), "mean": round(statistics.fmean(values), digits),
+            "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+# --------------------------------------------------------------------------------------------- Job Forge
+
+class Service:
+    """`jobforge-service` on 127.0.0.1 with its own data dir (SQLite store, buildah storage, scratch)."""
+
+    def __init__(self, data_dir: Path, registry_host: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "JOBFORGE_"))}
+        self.env.update({
+            "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
+            "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(data_dir),
+            "LOG_LEVEL": "warning",
+        })
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.data_dir / "service.log", "ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "jobforge-service")], env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jobforge-service exited; see {self.data_dir / 'service.log'}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)  # polling a liveness endpoint against a deadline
+        raise RuntimeError("jobforge-service did not answer /health within 30 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def jobforge_run(service: Service, config: dict) -> dict:
+    """Submit over HTTP and follow the push stream to the end; returns wall times and the final status."""
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        async with session.post(f"{service.url}/json/submitJob", json={"job_config": config}) as resp:
+            body = await resp.json()
+            if resp.status != 200:
+                raise RuntimeError(f"submitJob answered {resp.status}: {body}")
+        job_id = body["job_id"]
+        succeeded_at = None
+        async with session.ws_connect(f"{service.url}/json/job/{job_id}/watch") as ws:
+            async for message in ws:
+                update = json.loads(message.data)
+                job = update.get("job") or {}
+                if succeeded_at is None and job.get("status") in ("SUCCEEDED", "FAILED"):
+                    succeeded_at = time.perf_counter()
+                if update["type"] == "end":
+                    break
+        ended = time.perf_counter()
+        async with session.get(f"{service.url}/json/job/{job_id}/status") as resp:
+            status = await resp.json()
+    if status["status"] != "SUCCEEDED" or status.get("temp_image_deleted") is not True:
+        raise RuntimeError(f"job {job_id} ended {status['status']} (temp image deleted: "
+                           f"{status.get('temp_image_deleted')}): {status.get('error')}")
+    return {"total": ended - started, "to_succeeded": (succeeded_at or ended) - started, "status": status}
+
+
+def transition_ms(status: dict) -> dict[str, float]:
+    metrics = status["metrics"]
+    out = {}
+    for before, after in TRANSITIONS:
+        if metrics.get(before) and metrics.get(after):
+            delta = datetime.fromisoformat(metrics[after]) - datetime.fromisoformat(metrics[before])
+            out[f"{before}->{after}"] = delta.total_seconds() * 1000
+    return out
+
+
+# --------------------------------------------------------------------------------------------- direct
+
+class Direct:
+    """The task scripts' commands, with their flags, run straight from here (no service, no payloads)."""
+
+    def __init__(self, work: Path, storage: Path, registry_host: str, repo_url: str, config: dict) -> None:
+        self.work = work
+        self.buildah = ["buildah", "--storage-driver", "vfs", "--root", str(storage / "root"),
+                        "--runroot", str(storage / "runroot")]
+        self.registry = registry_host
+        self.repo_url = repo_url
+        self.config = config
+        self.env = {**os.environ, "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh", "GIT_TERMINAL_PROMPT": "0"}
+
+    def sh(self, argv: list[str], *, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, capture_output=True)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: {result.stdout.decode()[-800:]}"
+                               f"{result.stderr.decode()[-800:]}")
+        return result
+
+    def run(self, tags: int) -> dict:
+        run_id = str(uuid.uuid4())
+        temp = f"{self.registry}/temp-{IMAGE}:{run_id}"
+        extra = [t for t in self.config["image_tags"]][: tags - 1]
+        targets = [f"{self.registry}/{IMAGE}:{tag}" for tag in [run_id, *extra]]
+        scratch = self.work / run_id
+        times = {}
+        started = time.perf_counter()
+        try:
+            self.build(scratch / "build", temp, run_id)
+            times["build"] = time.perf_counter() - started
+            mark = time.perf_counter()
+            self.test(temp, run_id)
+            times["test"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            self.publish(temp, targets)
+            times["publish"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            self.cleanup(temp)
+            times["cleanup"] = time.perf_counter() - mark
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        times["total"] = time.perf_counter() - started
+        times["to_succeeded"] = times["total"] - times["cleanup"]
+        return times
+
+    def build(self, workdir: Path, temp: str, run_id: str) -> None:
+        src = workdir / "src"
+        workdir.mkdir(parents=True)
+        self.sh(["git", "check-ref-format", "--allow-onelevel", self.config["git_ref"]])
+        self.sh(GIT + ["init", "-q", "--", str(src)])
+        self.sh(GIT + ["-C", str(src), "remote", "add", "--", "origin", self.repo_url])
+        self.sh(GIT + ["-C", str(src), "fetch", "--depth", "1", "--no-tags", "--", "origin", self.config["git_ref"]])
+        self.sh(GIT + ["-C", str(src), "checkout", "-q", "--detach", "FETCH_HEAD"])
+        self.sh(GIT + ["-C", str(src), "rev-parse", "HEAD"])
+        bud = self.buildah + ["bud", "--layers", "--isolation", "chroot", "-f", str(src / "Dockerfile")]
+        for name, value in self.config["build_args"].items():
+            bud += ["--build-arg", f"{name}={value}"]
+        bud += ["--label", f"jobforge.job-id={run_id}", "--tls-verify=false", "-t", temp, str(src)]
+        self.sh(bud, cwd=src)
+        self.sh(self.buildah + ["push", "--tls-verify=false", "--digestfile", str(workdir / "digest"),
+                                temp, f"docker://{temp}"])
+
+    def test(self, temp: str, run_id: str) -> None:
+        spec = self.config["test"]
+        container = f"jobforge-test-{run_id}"
+        env = [flag for name, value in spec["env"].items() for flag in ("-e", f"{name}={value}")]
+        self.sh(self.buildah + ["rm", container], check=False)
+        self.sh(self.buildah + ["from", "--pull-always", "--name", container, "--tls-verify=false", temp])
+        try:
+            info = json.loads(self.sh(self.buildah + ["inspect", "--type", "container", container]).stdout)
+            config = info["OCIv1"]["config"]
+            entry = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+            if spec.get("entry_point"):
+                self.sh(self.buildah + ["run", "--isolation", "chroot", *env, container, "--", *entry])
+            for command in spec.get("commands") or []:
+                self.sh(self.buildah + ["run", "--isolation", "chroot", *env, container, "--", "sh", "-c", command])
+        finally:
+            self.sh(self.buildah + ["rm", container])
+
+    def publish(self, temp: str, targets: list[str]) -> None:
+        for target in targets:
+            self.sh(["skopeo", "copy", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
+                     f"docker://{temp}", f"docker://{target}"])
+        for ref in [temp, *targets]:
+            self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"])
+
+    def cleanup(self, temp: str) -> None:
+        self.sh(["skopeo", "delete", "--tls-verify=false", f"docker://{temp}"])
+        if self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{temp}"], check=False).returncode == 0:
+            raise RuntimeError(f"{temp} still present after delete")
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return "missing"
+
+
+def bench(work: Path, rounds: int, tags: int) -> dict:
+    registry = Registry(work / "registry")
+    service = None
+    try:
+        progress("starting a throw-away registry and seeding busybox")
+        registry.start()
+        data = work / "data"
+        storage = data / "buildah"  # the service's containers-storage, shared with the direct variant
+        seed_busybox_image(registry.host, storage / "root", storage / "runroot")
+        repo_url = make_repo(work / "hello")
+        text = (EXAMPLE / "build.yaml").read_text().replace("__REPO_URL__", repo_url)
+        config = yaml.safe_load(text.replace("__REGISTRY__", registry.host))
+        config["owner"] = "bench"
+        config["image_tags"] = [f"t{i}" for i in range(1, tags)]  # + the job id = `tags` tags
+        service = Service(data, registry.host)
+        service.start()
+        direct = Direct(work / "direct", storage, registry.host, repo_url, config)
+
+        def run_jobforge() -> dict:
+            return asyncio.run(jobforge_run(service, config))
+
+        progress("warm-up: one run of each")
+        run_jobforge()
+        direct.run(tags)
+        results = {"jobforge": [], "direct": []}
+        for number in range(rounds):
+            order = ["jobforge", "direct"] if number % 2 == 0 else ["direct", "jobforge"]
+            for variant in order:
+                result = run_jobforge() if variant == "jobforge" else direct.run(tags)
+                results[variant].append(result)
+                progress(f"round {number + 1}/{rounds} {variant}: {result['total']:.2f} s")
+    finally:
+        if service is not None:
+            service.stop()
+        registry.stop()
+
+    jf, dr = results["jobforge"], results["direct"]
+    jf_total, dr_total = [r["total"] for r in jf], [r["total"] for r in dr]
+    transitions: dict[str, list[float]] = {}
+    for run in jf:
+        for name, ms in transition_ms(run["status"]).items():
+            transitions.setdefault(name, []).append(ms)
+    between_phases = [ms for name, values in transitions.items() if not name.startswith("job_start")
+                      for ms in values]
+    phases = {p: [r["status"]["metrics"][f"{p}_duration"] for r in jf] for p in ("build", "test", "publish")}
+    ratio = statistics.median(jf_total) / statistics.median(dr_total)
+    return {
+        "benchmark": "pipeline_overhead",
+        "workload": f"examples/hello: clone + bud + push temp + test (entry point + 1 command) + publish {tags} "
+                    "tags + delete temp",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+                    "buildah": tool_version(["buildah", "--version"]), "skopeo": tool_version(["skopeo", "--version"])},
+        "rounds": rounds, "warmup_runs_per_variant": 1, "order": "alternating (J D, D J, ...)", "cache": "warm, shared",
+        "jobforge_s": {**stats(jf_total), "runs": [round(v, 3) for v in jf_total],
+                       "to_succeeded_median": round(statistics.median(r["to_succeeded"] for r in jf), 3),
+                       "phase_duration_median": {p: round(statistics.median(v), 3) for p, v in phases.items()}},
+        "direct_s": {**stats(dr_total), "runs": [round(v, 3) for v in dr_total],
+                     "to_succeeded_median": round(statistics.median(r["to_succeeded"] for r in dr), 3),
+                     "step_median": {s: round(statistics.median(r[s] for r in dr), 3)
+                                     for s in ("build", "test", "publish", "cleanup")}},
+        "ratio_of_medians": round(ratio, 3),
+        "target_ratio": TARGET_RATIO,
+        "within_target": ratio <= TARGET_RATIO,
+        "phase_transition_latency_ms": {
+            "median_between_phases": round(statistics.median(between_phases), 1) if between_phases else None,
+            **{name: round(statistics.median(values), 1) for name, values in transitions.items()},
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per variant (default 5)")
+    parser.add_argument("--tags", type=int, default=3, help="published tags per build, job id included (default 3)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.tags < 1:
+        parser.error("--rounds and --tags must be at least 1")
+    for tool in ("jobforge-service",):
+        if not (BIN / tool).exists():
+            parser.error(f"{BIN / tool} not found: install the package first (make test / make demo do)")
+    work = Path(tempfile.mkdtemp(prefix="jobforge-bench-"))
+    try:
+        result = bench(work, args.rounds, args.tags)
+    finally:
+        if args.keep:
+            progress(f"kept {work}")
+        else:
+            remove_tree(work)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
