@@ -7,22 +7,25 @@ containers-storage (so both see the same, warm, layer cache):
 
 * **jobforge**: `POST /json/submitJob` to a real `jobforge-service` subprocess (local backend), then wait on its
   WebSocket watch stream for the end of the job, i.e. SUCCEEDED *and* its temp image deleted;
-* **direct**: the commands the task scripts in templates/tasks/ run, with the same flags, from this process:
-  git init/fetch --depth 1/checkout, `buildah bud --layers`, `buildah push` to the temp image; `buildah from
-  --pull-always`, `inspect`, `run` of the entry point and of each test command, `rm`; `skopeo copy
-  --preserve-digests` per tag and `skopeo inspect --raw` of source and targets; `skopeo delete` of the temp image
-  and `skopeo inspect` proving it is gone.
+* **direct**: the commands the task scripts in templates/tasks/ run, with the same flags, started one after the
+  other from this process: git init/fetch --depth 1/checkout, `buildah bud` (argv from build.py's `bud_argv`),
+  `buildah push` to the temp image; `buildah from --pull-always`, `inspect`, `run` of the entry point and of each
+  test command, `rm`; `skopeo copy --preserve-digests` per tag and `skopeo inspect --raw` of source and targets;
+  `skopeo delete` of the temp image and `skopeo inspect` proving it is gone. Each command gets its own session,
+  as each phase does in the local backend (with autogroup scheduling a session is a CPU-share unit).
 
 One warm-up run of each, then `--rounds` rounds alternating the order (J D, D J, ...). Prints one JSON object on
-stdout (progress goes to stderr): per-variant median/mean/min, the ratio of medians, and the phase transition
+stdout (progress goes to stderr): per-variant median/mean/min/max, the ratio of medians (and the median of the
+per-round ratios, which drifting load on the machine disturbs less), and the phase transition
 latency of the Job Forge runs (previous phase's end -> next phase's process start, from the job's status metrics).
-No assertion is made on the numbers.
+No assertion is made on the numbers; on a machine busy with other work, use more rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -37,6 +40,7 @@ import urllib.request
 import uuid
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 
 import aiohttp
 import yaml
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from jobforge.devinfra import Registry, seed_busybox_image  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "hello"
+TASKS = ROOT / "templates" / "tasks"
 BIN = Path(sys.executable).parent
 IMAGE = "hello"
 TARGET_RATIO = 1.15
@@ -55,8 +60,6 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "Job Forge Bench", "GIT_COMMITTER_EMAIL": "bench@jobforge.invalid",
     "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
 }
-# As templates/tasks/build.py runs git.
-GIT = ["git", "-c", "credential.helper=", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false"]
 TRANSITIONS = [("job_start", "build_start"), ("build_end", "test_start"), ("test_end", "publish_start")]
 
 
@@ -175,20 +178,41 @@ def transition_ms(status: dict) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------- direct
 
+def load_task_module(name: str) -> ModuleType:
+    """A task script from templates/tasks/ as a module, so the direct variant builds the very same argv."""
+    spec = importlib.util.spec_from_file_location(f"jobforge_task_{name}", TASKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class Direct:
-    """The task scripts' commands, with their flags, run straight from here (no service, no payloads)."""
+    """The task scripts' commands, with their flags, run straight from here (no service, no payload files).
+
+    `buildah bud` argv, git flags and storage flags come from the scripts themselves (`bud_argv`, `GIT`,
+    `Context.buildah`); the few inline commands of test/publish/cleanup are spelled out as those scripts do.
+    """
 
     def __init__(self, work: Path, storage: Path, registry_host: str, repo_url: str, config: dict) -> None:
+        self.build_task = load_task_module("build")
+        self.common = sys.modules["_common"]  # imported by build.py from templates/tasks
         self.work = work
-        self.buildah = ["buildah", "--storage-driver", "vfs", "--root", str(storage / "root"),
-                        "--runroot", str(storage / "runroot")]
+        self.storage = storage
         self.registry = registry_host
         self.repo_url = repo_url
         self.config = config
-        self.env = {**os.environ, "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh", "GIT_TERMINAL_PROMPT": "0"}
+        self.env = {**os.environ, "GIT_ALLOW_PROTOCOL": self.build_task.GIT_ALLOW_PROTOCOL, "GIT_TERMINAL_PROMPT": "0"}
+
+    def context(self, workdir: Path, payload: dict):
+        return self.common.Context(payload=payload, workdir=str(workdir), storage_driver="vfs",
+                                   root=str(self.storage / "root"), runroot=str(self.storage / "runroot"),
+                                   isolation="chroot", registry_creds=None)
 
     def sh(self, argv: list[str], *, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, capture_output=True)
+        # Own session, as the local backend starts each phase: with the kernel's autogroup scheduling a session
+        # is a CPU-share unit, so on a busy machine this keeps the two variants on equal terms.
+        result = subprocess.run(argv, cwd=cwd, env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
+                                start_new_session=True)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}: {result.stdout.decode()[-800:]}"
                                f"{result.stderr.decode()[-800:]}")
@@ -196,74 +220,74 @@ class Direct:
 
     def run(self, tags: int) -> dict:
         run_id = str(uuid.uuid4())
-        temp = f"{self.registry}/temp-{IMAGE}:{run_id}"
-        extra = [t for t in self.config["image_tags"]][: tags - 1]
-        targets = [f"{self.registry}/{IMAGE}:{tag}" for tag in [run_id, *extra]]
+        cfg = self.config
+        payload = {
+            "job_id": run_id, "repo_url": self.repo_url, "git_ref": cfg["git_ref"],
+            "build_args": cfg.get("build_args") or {}, "target": cfg.get("target"), "clear_cache": False,
+            "temp_image": f"{self.registry}/temp-{IMAGE}:{run_id}", "tls_verify": False,
+            "test": cfg["test"],
+            "publish_targets": [f"{self.registry}/{IMAGE}:{tag}" for tag in [run_id, *cfg["image_tags"]][:tags]],
+        }
         scratch = self.work / run_id
         times = {}
-        started = time.perf_counter()
+        started = mark = time.perf_counter()
         try:
-            self.build(scratch / "build", temp, run_id)
-            times["build"] = time.perf_counter() - started
-            mark = time.perf_counter()
-            self.test(temp, run_id)
-            times["test"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            self.publish(temp, targets)
-            times["publish"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            self.cleanup(temp)
-            times["cleanup"] = time.perf_counter() - mark
+            for step in ("build", "test", "publish", "cleanup"):
+                workdir = scratch / step
+                workdir.mkdir(parents=True)
+                getattr(self, step)(self.context(workdir, payload))
+                now = time.perf_counter()
+                times[step], mark = now - mark, now
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         times["total"] = time.perf_counter() - started
         times["to_succeeded"] = times["total"] - times["cleanup"]
         return times
 
-    def build(self, workdir: Path, temp: str, run_id: str) -> None:
-        src = workdir / "src"
-        workdir.mkdir(parents=True)
-        self.sh(["git", "check-ref-format", "--allow-onelevel", self.config["git_ref"]])
-        self.sh(GIT + ["init", "-q", "--", str(src)])
-        self.sh(GIT + ["-C", str(src), "remote", "add", "--", "origin", self.repo_url])
-        self.sh(GIT + ["-C", str(src), "fetch", "--depth", "1", "--no-tags", "--", "origin", self.config["git_ref"]])
-        self.sh(GIT + ["-C", str(src), "checkout", "-q", "--detach", "FETCH_HEAD"])
-        self.sh(GIT + ["-C", str(src), "rev-parse", "HEAD"])
-        bud = self.buildah + ["bud", "--layers", "--isolation", "chroot", "-f", str(src / "Dockerfile")]
-        for name, value in self.config["build_args"].items():
-            bud += ["--build-arg", f"{name}={value}"]
-        bud += ["--label", f"jobforge.job-id={run_id}", "--tls-verify=false", "-t", temp, str(src)]
-        self.sh(bud, cwd=src)
-        self.sh(self.buildah + ["push", "--tls-verify=false", "--digestfile", str(workdir / "digest"),
-                                temp, f"docker://{temp}"])
+    def build(self, ctx) -> None:
+        git, p = self.build_task.GIT, ctx.payload
+        src = str(Path(ctx.workdir) / "src")
+        self.sh(["git", "check-ref-format", "--allow-onelevel", p["git_ref"]])
+        self.sh(git + ["init", "-q", "--", src])
+        self.sh(git + ["-C", src, "remote", "add", "--", "origin", p["repo_url"]])
+        self.sh(git + ["-C", src, "fetch", "--depth", "1", "--no-tags", "--", "origin", p["git_ref"]])
+        self.sh(git + ["-C", src, "checkout", "-q", "--detach", "FETCH_HEAD"])
+        self.sh(git + ["-C", src, "rev-parse", "HEAD"])
+        self.sh(self.build_task.bud_argv(ctx, os.path.join(src, "Dockerfile"), src, None), cwd=Path(src))
+        temp = p["temp_image"]
+        self.sh(ctx.buildah("push", "--tls-verify=false", "--digestfile", os.path.join(ctx.workdir, "digest"),
+                            temp, f"docker://{temp}"))
 
-    def test(self, temp: str, run_id: str) -> None:
-        spec = self.config["test"]
-        container = f"jobforge-test-{run_id}"
-        env = [flag for name, value in spec["env"].items() for flag in ("-e", f"{name}={value}")]
-        self.sh(self.buildah + ["rm", container], check=False)
-        self.sh(self.buildah + ["from", "--pull-always", "--name", container, "--tls-verify=false", temp])
+    def test(self, ctx) -> None:
+        spec, temp = ctx.payload["test"], ctx.payload["temp_image"]
+        container = f"jobforge-test-{ctx.payload['job_id']}"
+        env = [flag for name, value in (spec.get("env") or {}).items() for flag in ("-e", f"{name}={value}")]
+        self.sh(ctx.buildah("rm", container), check=False)
+        self.sh(ctx.buildah("from", "--pull-always", "--name", container, "--tls-verify=false", temp))
         try:
-            info = json.loads(self.sh(self.buildah + ["inspect", "--type", "container", container]).stdout)
+            info = json.loads(self.sh(ctx.buildah("inspect", "--type", "container", container)).stdout)
             config = info["OCIv1"]["config"]
-            entry = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
             if spec.get("entry_point"):
-                self.sh(self.buildah + ["run", "--isolation", "chroot", *env, container, "--", *entry])
+                entry = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+                self.sh(ctx.buildah("run", "--isolation", ctx.isolation, *env, container, "--", *entry))
             for command in spec.get("commands") or []:
-                self.sh(self.buildah + ["run", "--isolation", "chroot", *env, container, "--", "sh", "-c", command])
+                self.sh(ctx.buildah("run", "--isolation", ctx.isolation, *env, container, "--", "sh", "-c", command))
         finally:
-            self.sh(self.buildah + ["rm", container])
+            self.sh(ctx.buildah("rm", container))
 
-    def publish(self, temp: str, targets: list[str]) -> None:
+    def publish(self, ctx) -> None:
+        temp, targets = ctx.payload["temp_image"], ctx.payload["publish_targets"]
         for target in targets:
             self.sh(["skopeo", "copy", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false",
                      f"docker://{temp}", f"docker://{target}"])
-        for ref in [temp, *targets]:
+        for ref in [temp, *targets]:  # the digest check: every target's manifest equals the temp image's
             self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"])
 
-    def cleanup(self, temp: str) -> None:
+    def cleanup(self, ctx) -> None:
+        temp = ctx.payload["temp_image"]
         self.sh(["skopeo", "delete", "--tls-verify=false", f"docker://{temp}"])
-        if self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{temp}"], check=False).returncode == 0:
+        gone = self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{temp}"], check=False)
+        if gone.returncode == 0:
             raise RuntimeError(f"{temp} still present after delete")
 
 
@@ -277,6 +301,7 @@ def tool_version(argv: list[str]) -> str:
 
 
 def bench(work: Path, rounds: int, tags: int) -> dict:
+    load_before = os.getloadavg()[0]
     registry = Registry(work / "registry")
     service = None
     try:
@@ -327,7 +352,8 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
         "workload": f"examples/hello: clone + bud + push temp + test (entry point + 1 command) + publish {tags} "
                     "tags + delete temp",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-                    "buildah": tool_version(["buildah", "--version"]), "skopeo": tool_version(["skopeo", "--version"])},
+                    "buildah": tool_version(["buildah", "--version"]), "skopeo": tool_version(["skopeo", "--version"]),
+                    "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}},
         "rounds": rounds, "warmup_runs_per_variant": 1, "order": "alternating (J D, D J, ...)", "cache": "warm, shared",
         "jobforge_s": {**stats(jf_total), "runs": [round(v, 3) for v in jf_total],
                        "to_succeeded_median": round(statistics.median(r["to_succeeded"] for r in jf), 3),
@@ -337,9 +363,15 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
                      "step_median": {s: round(statistics.median(r[s] for r in dr), 3)
                                      for s in ("build", "test", "publish", "cleanup")}},
         "ratio_of_medians": round(ratio, 3),
+        # Less sensitive to other load on the machine: each round's two runs are neighbours in time.
+        "paired_ratio_median": round(statistics.median(j / d for j, d in zip(jf_total, dr_total)), 3),
+        "ratio_of_medians_to_succeeded": round(statistics.median(r["to_succeeded"] for r in jf)
+                                               / statistics.median(r["to_succeeded"] for r in dr), 3),
         "target_ratio": TARGET_RATIO,
         "within_target": ratio <= TARGET_RATIO,
         "phase_transition_latency_ms": {
+            "definition": "previous phase's end (its process exited, output drained) -> next phase's process "
+                          "started, from getStatus metrics; job_start->build_start is submit -> build start",
             "median_between_phases": round(statistics.median(between_phases), 1) if between_phases else None,
             **{name: round(statistics.median(values), 1) for name, values in transitions.items()},
         },

@@ -185,8 +185,9 @@ class History:
     def record_final(self, job: JobStatusResult, branch: str | None, logs: LogsResult | None) -> None:
         folder = self.builds / job.job_id
         statuses = phase_statuses(job)
-        for phase, lines in (logs.logs if logs else {}).items():
-            if lines or statuses.get(phase) in ("SUCCEEDED", "FAILED"):
+        for phase, status in statuses.items():  # the reference's three log files; server extras stay there
+            lines = logs.logs.get(phase, []) if logs else []
+            if lines or status in ("SUCCEEDED", "FAILED"):
                 atomic_write(folder / f"{phase}.log", "".join(line.rstrip("\n") + "\n" for line in lines))
         atomic_write(folder / "metadata.yaml", dump_yaml(final_metadata(job, branch)))
         atomic_write(folder / "status.md", status_md(job, branch))

@@ -56,8 +56,10 @@ def version_tag(branch: str | None, version: Version) -> str:
 
 def current_branch(path: str | Path = ".") -> str | None:
     """The checked-out branch of the working copy at `path`; the short sha on a detached HEAD; None outside git."""
-    import git  # imported here: gitpython looks for the git binary at import time
-
+    try:
+        import git  # imported here: gitpython looks for the git binary at import time (ImportError if missing)
+    except ImportError:
+        return None
     try:
         repo = git.Repo(path, search_parent_directories=True)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):

@@ -23,30 +23,34 @@ from jobforge.models import PHASES, JobStatus, JobStatusResult
 EXIT_INTERRUPTED = 130
 
 
-def _elapsed(job: JobStatusResult, now: datetime) -> str:
-    return f"[{human_duration(max(0.0, (utc(now) - utc(job.submitted_at)).total_seconds()))}]"
+def _elapsed(job: JobStatusResult, at: datetime | None, now: datetime) -> str:
+    """``[1m5s]`` since submission, at the event's own server time when known (so a resumed watch is exact)."""
+    seconds = (utc(at or now) - utc(job.submitted_at)).total_seconds()
+    return f"[{human_duration(max(0.0, seconds))}]"
 
 
-def change_lines(previous: dict[str, str] | None, job: JobStatusResult, now: datetime) -> tuple[list[str], dict[str, str]]:
+def change_lines(previous: dict[str, str] | None, job: JobStatusResult,
+                 now: datetime) -> tuple[list[str], dict[str, str]]:
     """Lines for what changed since `previous` (None = first sight of the job) and the new state to keep."""
     state = {"job": job.status.value, **phase_statuses(job)}
     before = previous or {"job": "", **{p.value: "PENDING" for p in PHASES}}
-    at = _elapsed(job, now)
-    lines = [] if previous else [f"{at} job {job.job_id} {job.status.value}"]
+    lines = [] if previous else [f"{_elapsed(job, None if job.status.terminal else now, now)} "
+                                 f"job {job.job_id} {job.status.value}"]
     for phase in PHASES:
         name, status = phase.value, state[phase.value]
         if status == before[name] or status == "PENDING":
             continue
         summary = job.phases.get(phase)
+        started, ended = (summary.started_at, summary.ended_at) if summary else (None, None)
         took = human_duration(summary.duration) if summary and summary.duration is not None else "-"
+        error = (summary.error if summary else None) or job.error or ""
         lines.append({
-            "RUNNING": f"{at} {name} started",
-            "SUCCEEDED": f"{at} {name} succeeded in {took}",
-            "FAILED": f"{at} {name} FAILED after {took}: {(summary.error if summary else None) or job.error or ''}",
-            "SKIPPED": f"{at} {name} skipped",
-        }.get(status, f"{at} {name} {status}"))
+            "RUNNING": f"{_elapsed(job, started, now)} {name} started",
+            "SUCCEEDED": f"{_elapsed(job, ended, now)} {name} succeeded in {took}",
+            "FAILED": f"{_elapsed(job, ended, now)} {name} FAILED after {took}: {error}",
+        }.get(status, f"{_elapsed(job, ended or job.finished_at, now)} {name} {status.lower()}"))
     if job.status.terminal and before["job"] != job.status.value:
-        total = human_duration(job.metrics.total_duration)
+        at, total = _elapsed(job, job.finished_at, now), human_duration(job.metrics.total_duration)
         if job.status == JobStatus.SUCCEEDED:
             lines.append(f"{at} job SUCCEEDED in {total}")
         else:

@@ -125,10 +125,6 @@ class Service:
                 self.proc.wait()
         self.proc = None
 
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
-            return json.load(resp)
-
     def latest_job(self) -> dict | None:
         """The newest job (this fresh service has seen only the demo's), as getStatus returns it."""
         jobs = self.post("/json/getHistory", {"limit": 1})
@@ -167,11 +163,11 @@ def report(service: Service, registry: Registry) -> bool:
             + (f" in {job['failed_phase']}" if job.get("failed_phase") else "")
             + (f": {job['error']}" if job.get("error") else ""))
         return False
-    say("Published images")
+    say("Published (digests as the registry serves them)")
     for tag in job["image_tags"]:
         digest = registry.manifest_digest(IMAGE, tag) or "(not found in the registry!)"
         detail(f"{registry.host}/{IMAGE}:{tag}@{digest}")
-    say(f"Registry tags for {IMAGE}: {', '.join(registry.tags(IMAGE))}")
+    say(f"Tags of {IMAGE} in the registry: {', '.join(registry.tags(IMAGE))}")
     missing = [tag for tag in job["image_tags"] if not registry.has_manifest(IMAGE, tag)]
     if missing:
         print(f"missing from the registry: {', '.join(missing)}", file=sys.stderr)
@@ -185,16 +181,15 @@ def run_demo(work: Path) -> int:
             raise DemoError(f"{BIN / tool} not found: install the package first (`make demo` does)")
     started = time.monotonic()
     registry = Registry(work / "registry")
-    service = Service(work / "data", "")
+    service: Service | None = None
     try:
         say("Starting a throw-away registry")
         registry.start()
         detail(f"{registry.url} (storage in {registry.dir})")
-        service = Service(work / "data", registry.host)
 
         base = f"{registry.host}/busybox:latest"
         say(f"Seeding the base image {base} from the host's busybox")
-        buildah = service.data_dir / "buildah"  # the same containers-storage the service's backend uses
+        buildah = work / "data" / "buildah"  # the containers-storage the service's local backend uses
         seed_busybox_image(registry.host, buildah / "root", buildah / "runroot")
 
         say("Making a git repository of examples/hello (branch main)")
@@ -205,29 +200,31 @@ def run_demo(work: Path) -> int:
         say(f"Rendered the job config: {config}")
 
         say("Starting jobforge-service")
+        service = Service(work / "data", registry.host)
         service.start()
         detail(f"{service.url} (data dir {service.data_dir}, log {service.log_path})")
 
-        cli = [str(BIN / "jobforge"), "--url", service.url, "submit-job", str(config), "--watch"]
-        say("Submitting the job: jobforge --url {} submit-job {} --watch".format(service.url, config.name))
+        say(f"Submitting the job: jobforge --url {service.url} submit-job {config.name} --watch")
         print(flush=True)
         # Run from the app's repository, as a user would: the CLI adds the branch version tag (main-v0.1.1).
-        code = subprocess.run(cli, cwd=work / "hello", env={k: v for k, v in os.environ.items() if k not in UNSET},
-                              stdin=subprocess.DEVNULL).returncode
+        cli = [str(BIN / "jobforge"), "--url", service.url, "submit-job", str(config), "--watch"]
+        env = {k: v for k, v in os.environ.items() if k not in UNSET}
+        code = subprocess.run(cli, cwd=work / "hello", env=env, stdin=subprocess.DEVNULL).returncode
         print(flush=True)
         ok = report(service, registry) and code == 0
         if code != 0:
             say(f"jobforge exited with code {code}")
-        say(f"{'Done' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
-        return 0 if ok else 1
-    except BaseException:
-        if service.proc is not None:
+    except Exception:
+        if service is not None:
             print(f"service log ({service.log_path}):\n{service.log_tail()}", file=sys.stderr)
         raise
     finally:
         say("Stopping the service and the registry")
-        service.stop()
+        if service is not None:
+            service.stop()
         registry.stop()
+    say(f"{'Done' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
+    return 0 if ok else 1
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -245,8 +242,8 @@ def main() -> int:
         code = run_demo(work)
     except DemoError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
-    except subprocess.CalledProcessError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # registry, seeding, git, HTTP
+        print(f"demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         code = 130

@@ -164,6 +164,8 @@ class JobService:
                 self._on_change(record, new)
         for command in commands:
             await self._execute(command, new)
+        if new.status.terminal and job_id in self._pending:
+            self._pending.remove(job_id)
         if new.status.terminal and job_id in self._active:
             self._active.discard(job_id)
             await self._admit()
@@ -204,10 +206,7 @@ class JobService:
         while self._pending and len(self._active) < self._max:
             job_id = self._pending.popleft()
             self._active.add(job_id)
-            try:
-                await self.apply(job_id, pipeline.Admitted(at=self._clock()))
-            except Conflict:  # killed while pending
-                self._active.discard(job_id)
+            await self.apply(job_id, pipeline.Admitted(at=self._clock()))
 
     async def _consume(self) -> None:
         async for message in self.backend.events():

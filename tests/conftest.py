@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,17 @@ class BuildahStorage:
 
 
 @pytest.fixture(scope="session")
-def buildah_storage(tmp_path_factory) -> BuildahStorage:
-    """containers-storage root/runroot shared by the session (so layer caching is exercised)."""
+def buildah_storage(tmp_path_factory):
+    """containers-storage root/runroot shared by the session (so layer caching is exercised).
+
+    Removed at the end: the vfs driver keeps a full copy of the root filesystem per layer.
+    """
     base = tmp_path_factory.mktemp("buildah")
     storage = BuildahStorage(root=base / "root", runroot=base / "runroot")
     storage.root.mkdir()
     storage.runroot.mkdir()
-    return storage
+    yield storage
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

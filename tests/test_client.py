@@ -13,8 +13,8 @@ from jobforge import errors
 from jobforge.client import AsyncClient, Client, _base
 from jobforge.config import JobConfig
 from jobforge.models import (
-    CleanupResult, HistoryResult, JobStatus, JobStatusResult, KillJobResult, LogsResult, Phase, PhaseStatus,
-    SubmitJobResult,
+    METHODS, CleanupResult, HistoryResult, JobStatus, JobStatusResult, KillJobResult, LogsResult, Phase,
+    PhaseStatus, SubmitJobResult,
 )
 from tests.cli.fake_service import FakeService, error_doc, phase_doc, status_doc
 
@@ -35,6 +35,17 @@ def fake():
 def client(fake):
     with Client(fake.url, source="test") as c:
         yield c
+
+
+def test_public_surface_is_pinned():
+    import jobforge.client
+
+    assert jobforge.client.__all__ == ["AsyncClient", "Client", "DEFAULT_URL", "SERVICE_NAME", "discover_url"]
+    api_methods = {"submitJob": "submit_job", "getStatus": "get_status", "getLogs": "get_logs",
+                   "killJob": "kill_job", "cleanup": "cleanup", "getHistory": "get_history"}
+    assert set(api_methods) == set(METHODS)  # a new API method needs a client method (and a CLI command)
+    for cls in (Client, AsyncClient):
+        assert all(callable(getattr(cls, name)) for name in [*api_methods.values(), "health", "ready", "watch"])
 
 
 def test_every_method_uses_rest_form_and_returns_typed_results(fake, client):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import uuid
 from pathlib import Path
@@ -113,16 +114,17 @@ def test_test_failure_publishes_nothing_and_deletes_the_temp_image(service, conf
 
 
 def test_kill_during_build_stops_the_build(service, config, tmp_path):
+    naptime = random.randint(1000, 9999)  # unique on this machine, so pgrep finds only this build's sleep
     repo = GitRepo.from_dir(tmp_path / "slow", EXAMPLE)
     repo.commit("slow build", {"Dockerfile": "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n"
-                                             "RUN echo slow-step-begins && sleep 120\n"})
+                                             f"RUN echo slow-step-begins && sleep {naptime}\n"})
     job_id = submit(service, config(repo_url=str(repo.path)))
     assert watch(service.url, job_id, until_line="slow-step-begins")["status"] == "BUILDING"
     status, body = service.post("/json/killJob", {"job_id": job_id})
     assert (status, body["status"]) == (200, "FAILED")
     final = watch(service.url, job_id)
     assert (final["status"], final["error"], final["failed_phase"]) == ("FAILED", "killed by user", "build")
-    leftover = subprocess.run(["pgrep", "-f", "sleep 120"], capture_output=True, text=True)
+    leftover = subprocess.run(["pgrep", "-f", f"sleep {naptime}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "the build's processes must be gone after a kill"
 
 
@@ -242,3 +244,18 @@ def test_wrong_registry_password_fails_publish_clearly(auth_service, config, aut
     assert any("REGISTRY_USERNAME/REGISTRY_PASSWORD" in line for line in logs["publish"])
     everything = json.dumps([final, logs, svc.post("/json/getHistory", {})[1]]) + svc.log_path.read_text()
     assert wrong not in everything
+
+
+def test_logs_are_complete_long_lines_and_many_lines(service, config):
+    cfg = config(test={"commands": [
+        "i=0; while [ $i -lt 20000 ]; do echo \"line $i\"; i=$((i+1)); done",
+        "head -c 300000 /dev/zero | tr '\\0' 'x'; echo",
+        "printf 'no trailing newline'",
+    ]})
+    _, final, logs = run_job(service, cfg)
+    assert final["status"] == "SUCCEEDED"
+    test_lines = logs["test"]
+    numbered = [line for line in test_lines if line.startswith("line ")]
+    assert numbered == [f"line {i}" for i in range(20000)]
+    assert "x" * 300000 in test_lines
+    assert "no trailing newline" in test_lines

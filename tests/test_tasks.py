@@ -142,7 +142,8 @@ def built(make_job, hello_repo) -> Job:
 
 def test_build_test_publish_cleanup_with_three_tags(make_job, hello_repo, registry, base_image):
     job = make_job(f"file://{hello_repo.path}", build_args={"BASE_IMAGE": base_image, "GREETING": "Howdy"})
-    job.payload["test"] = {"entry_point": True, "commands": ["/app/run-tests.sh", 'test "$TEST_MODE" = ci'],
+    job.payload["test"] = {"entry_point": True,
+                           "commands": ["/app/run-tests.sh", 'test "$TEST_MODE" = ci', "printf no-newline"],
                            "env": {"TEST_MODE": "ci"}, "secret_env": []}
     targets = [f"{registry.host}/hello:{job.id}", f"{registry.host}/hello:latest", f"{registry.host}/hello:v1"]
     job.payload["publish_targets"] = targets
@@ -155,6 +156,7 @@ def test_build_test_publish_cleanup_with_three_tags(make_job, hello_repo, regist
     test = ok(job.run("test"))
     assert "Howdy, world!" in test.stdout  # the image's ENTRYPOINT + CMD
     assert "ok: Howdy, tester! (mode: ci)" in test.stdout  # run-tests.sh with the test env
+    assert "no-newline" in test.stdout.splitlines()  # not glued to the next line
     assert f"jobforge-test-{job.id}" not in containers(job.storage)
 
     publish = ok(job.run("publish"))

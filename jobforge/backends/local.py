@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -164,6 +165,8 @@ class LocalBackend:
         except OSError as exc:
             report(PhaseFailed, error=f"{phase.value} phase could not start: {exc}")
             return
+        finally:
+            self._runs.pop(command.dispatch_key, None)
         if run.stopped:
             report(PhaseFailed, error=KILLED_BY_USER)
         elif outcome.timed_out:
@@ -176,7 +179,7 @@ class LocalBackend:
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
                        timeout: float, on_start: Callable[[], None] | None = None) -> _Outcome:
-        workdir = self._work_dir / job_id / f"{log_phase}-{os.getpid()}-{id(run)}"
+        workdir = self._work_dir / job_id / f"{log_phase}-{uuid.uuid4().hex[:8]}"
         workdir.mkdir(parents=True, exist_ok=True)
         payload_file = workdir / "payload.json"
         payload_file.write_text(json.dumps(payload))

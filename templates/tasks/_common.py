@@ -16,12 +16,14 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 EXIT_FAILED = 1
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a TERM-killed child
 MASK = "***"
+KEPT_LINES = 200  # tail of a command's output kept to classify its failure
 _UNAUTHORIZED = re.compile(r"unauthorized|\b401\b", re.IGNORECASE)
 
 
@@ -136,30 +138,30 @@ def failure(what: str, output: str) -> TaskError:
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
         quiet: bool = False) -> Result:
-    """Run argv, forwarding its merged stdout/stderr line by line (masked) while keeping a copy.
-
-    `quiet` keeps the output for the caller (e.g. JSON from `inspect`) instead of printing it.
+    """Run argv, forwarding its merged stdout/stderr line by line (masked) while keeping the tail
+    for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    lines: list[str] = []
+    lines: deque[str] = deque(maxlen=None if quiet else KEPT_LINES)
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace")
             lines.append(line)
             if not quiet:
-                sys.stdout.write(redact(line, ctx.secrets))
+                # A last line without a newline must not glue onto the next `==>` line.
+                sys.stdout.write(redact(line if line.endswith("\n") else line + "\n", ctx.secrets))
                 sys.stdout.flush()
         returncode = proc.wait()
     except BaseException:
-        _stop(proc)
+        stop_child(proc)
         raise
     return Result(returncode, "".join(lines))
 
 
-def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def stop_child(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Let a child that got the runner's group-wide SIGTERM finish its own cleanup, then insist.
 
     Signalling it again right away would interrupt that cleanup (buildah then leaks its container).
@@ -175,7 +177,7 @@ def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 def capture(ctx: Context, argv: Sequence[str]) -> bytes:
-    """Run argv for its exact stdout bytes (a manifest, JSON); stderr passes through to ours."""
+    """Run argv for its exact stdout bytes (a manifest, JSON); its stderr goes into CommandFailed."""
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, check=False)
@@ -183,7 +185,6 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
         message = redact(proc.stderr.decode("utf-8", errors="replace"), ctx.secrets)
         raise CommandFailed(argv[0], proc.returncode, message)
     return proc.stdout
-
 
 
 # --- registries -----------------------------------------------------------------------------------------
@@ -253,7 +254,8 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
     signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.stdout.reconfigure(line_buffering=True)
+    sys.stdout.reconfigure(line_buffering=True, errors="replace")
+    sys.stderr.reconfigure(errors="replace")
     ctx: Context | None = None
     try:
         ctx = load_context()

@@ -35,6 +35,7 @@ BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 def git_env(ctx: Context) -> dict[str, str]:
     env = dict(os.environ, GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0")
+    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")  # ssh prompts on /dev/tty otherwise
     if os.environ.get("GIT_USERNAME") or os.environ.get("GIT_PASSWORD"):
         helper = os.path.join(ctx.workdir, ".git-askpass")
         fd = os.open(helper, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
@@ -43,6 +44,12 @@ def git_env(ctx: Context) -> dict[str, str]:
         os.chmod(helper, 0o700)  # O_CREAT's mode does not apply to an existing file
         env["GIT_ASKPASS"] = helper
     return env
+
+
+def validate_url(url: str) -> None:
+    """A leading '-' would read as an option to git or ssh; other schemes are stopped by GIT_ALLOW_PROTOCOL."""
+    if url.startswith("-") or any(ord(c) < 32 for c in url):
+        raise TaskError(f"invalid repo_url {url!r}")
 
 
 def validate_ref(ref: str) -> None:
@@ -55,13 +62,17 @@ def validate_ref(ref: str) -> None:
 
 def checkout(ctx: Context, url: str, ref: str, dest: str) -> str:
     """Shallow-fetch `ref` when the server allows it, else fetch everything and resolve it locally."""
+    validate_url(url)
     validate_ref(ref)
     env = git_env(ctx)
     if os.path.exists(dest):
         shutil.rmtree(dest)
     step(f"fetching {url} at {ref}")
-    run(ctx, GIT + ["init", "-q", "--", dest], env=env)
-    run(ctx, GIT + ["-C", dest, "remote", "add", "--", "origin", url], env=env)
+    for what, argv in (("git init", ["init", "-q", "--", dest]),
+                       ("git remote add", ["-C", dest, "remote", "add", "--", "origin", url])):
+        result = run(ctx, GIT + argv, env=env)
+        if result.returncode != 0:
+            raise failure(f"{what} failed", result.output)
     shallow = run(ctx, GIT + ["-C", dest, "fetch", "--depth", "1", "--no-tags", "--", "origin", ref], env=env)
     if shallow.returncode == 0:
         commit = "FETCH_HEAD"

@@ -92,7 +92,7 @@ def test_invalid_config_exits_2_names_fields_and_sends_nothing(fake_service, wor
                    "colour": "red"}
     result = cli(fake_service, "submit-job", json.dumps(bad), cwd=workdir)
     assert result.returncode == 2
-    for field in ("image_name:", "git_ref:", 'test.env["A=B"]', "colour: unknown field"):
+    for field in ("image_name:", "git_ref:", "test.env.A=B:", "colour: unknown field"):
         assert field in result.stderr
     assert fake_service.requests == []
     assert not (workdir / "deploy" / "version.yaml").exists()
@@ -182,7 +182,8 @@ def test_history_with_watch_writes_the_deploy_dir(fake_service, workdir):
     assert result.returncode == 1
     folder = workdir / "out" / "hist" / "builds" / "job-1"
     assert sorted(p.name for p in folder.iterdir()) == ["build.log", "metadata.yaml", "status.md"]
-    assert "- Build: ❌ FAILED (4s)\n- Test: ⏭️ SKIPPED\n- Publish: ⏭️ SKIPPED" in (folder / "status.md").read_text()
+    status_md = (folder / "status.md").read_text()
+    assert "- Build: ❌ FAILED (4s)\n- Test: ⏭️ SKIPPED\n- Publish: ⏭️ SKIPPED" in status_md
     history = (workdir / "out" / "hist" / "history.md").read_text()
     assert history.count("## job-1 ") == 1 and "**Branch**: feature/login_page" in history
     assert "version.yaml" in {p.name for p in (workdir / "out" / "hist").iterdir()}
@@ -273,8 +274,9 @@ def test_ctrl_c_stops_watching_not_the_job(fake_service, tmp_path):
     fake_service.jobs["j3"] = status_doc("j3", "BUILDING")
     fake_service.watch_scripts["j3"] = [{"type": "status", "job": status_doc("j3", "BUILDING")}]
     fake_service.hold_open.add("j3")
-    proc = subprocess.Popen([*cli_command(), "watch", "j3"], cwd=tmp_path, env=cli_env(JOB_SERVICE_URL=fake_service.url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cli_command(), "watch", "j3"], cwd=tmp_path,
+                            env=cli_env(JOB_SERVICE_URL=fake_service.url), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()  # the watch is live once the first state is printed
     assert first.endswith("job j3 BUILDING\n")
     proc.send_signal(signal.SIGINT)

@@ -1,1 +1,1 @@
-"""Test helpers: local git repositories and a git smart-HTTP server (real git, no mocks)."""
+"""Helpers shared by the test suite (real git repos and servers, doubles, builders)."""

@@ -1,0 +1,45 @@
+"""Settings come from the reference's environment variable names; defaults point at loopback."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from jobforge.settings import Settings
+
+
+def test_reference_variable_names_and_durations(monkeypatch):
+    monkeypatch.setenv("SERVER_PORT", "8181")
+    monkeypatch.setenv("BUILD_TIMEOUT", "1h30m")
+    monkeypatch.setenv("TEST_TIMEOUT", "45s")
+    monkeypatch.setenv("REGISTRY_URL", "127.0.0.1:5001")
+    monkeypatch.setenv("REGISTRY_TLS_VERIFY", "false")
+    monkeypatch.setenv("REGISTRY_PASSWORD", "pw-not-shown")
+    monkeypatch.setenv("MAX_CONCURRENT_JOBS", "3")
+    monkeypatch.setenv("JOBFORGE_DATA_DIR", "/tmp/jf-data")
+    s = Settings()
+    assert (s.server_port, s.build_timeout, s.test_timeout) == (8181, 5400, 45)
+    assert (s.registry_url, s.registry_tls_verify, s.max_concurrent_jobs) == ("127.0.0.1:5001", False, 3)
+    assert str(s.data_dir) == "/tmp/jf-data"
+    assert "pw-not-shown" not in repr(s)
+
+
+def test_defaults_are_loopback_and_the_reference_values(monkeypatch):
+    for name in ("SERVER_HOST", "SERVER_PORT", "NOMAD_ADDR", "CONSUL_HTTP_ADDR", "VAULT_ADDR", "REGISTRY_URL",
+                 "BUILD_TIMEOUT", "TEST_TIMEOUT", "METRICS_PORT", "JOBFORGE_BACKEND", "MAX_CONCURRENT_JOBS"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert s.server_host == "127.0.0.1" and s.server_port == 8080 and s.metrics_port == 9090
+    assert (s.build_timeout, s.test_timeout, s.registry_temp_prefix) == (1800, 900, "temp")
+    assert s.backend == "local" and s.max_concurrent_jobs == 2
+    for addr in (s.nomad.addr, s.consul.http_addr, s.vault.addr, s.registry_url):
+        assert "127.0.0.1" in addr or "localhost" in addr
+
+
+@pytest.mark.parametrize("name, value", [("BUILD_TIMEOUT", "soon"), ("SERVER_PORT", "http"),
+                                         ("JOBFORGE_BACKEND", "kubernetes"), ("MAX_CONCURRENT_JOBS", "0")])
+def test_bad_settings_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert name in str(err.value)
