@@ -15,6 +15,7 @@ from jobforge.server.app import create_app
 from jobforge.service import JobService
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
+from jobforge.webhooks import WebhookSender
 from tests.support.fake_backend import FakeBackend
 from tests.support.invalid_configs import INVALID
 
@@ -54,7 +55,8 @@ async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None):
     backend = backend or FakeBackend()
     store = SqliteStore(db)
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,
-                         registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False))
+                         registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
+                         webhooks=WebhookSender(backoff=0.01))
     await service.start()
     client = TestClient(TestServer(create_app(service)))
     await client.start_server()

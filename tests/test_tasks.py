@@ -413,3 +413,22 @@ def test_clear_cache_really_disables_the_cache(make_job, tmp_path, base_image):
     assert "Using cache" in warm.stdout
     cleared = ok(make_job(url, clear_cache=True).run("build"))
     assert "Using cache" not in cleared.stdout
+
+
+def test_image_without_a_shell_still_runs_its_entry_point(make_job, tmp_path, registry, base_image):
+    # busybox copied out of the base image into an otherwise empty image: no /bin/sh to wrap the command with.
+    repo = GitRepo.create(tmp_path / "shell-less", {"Dockerfile": (
+        "ARG BASE_IMAGE\nFROM ${BASE_IMAGE} AS tools\n"
+        "FROM scratch\nCOPY --from=tools /bin/busybox /busybox\n"
+        'ENTRYPOINT ["/busybox", "echo"]\nCMD ["no shell here"]\n')})
+    job = make_job(f"file://{repo.path}", test={"entry_point": True, "commands": [], "env": {}, "secret_env": []})
+    ok(job.run("build"))
+    outcome = ok(job.run("test"))
+    assert "no shell here" in outcome.stdout.splitlines()
+    assert "the image has no /bin/sh" in outcome.stdout
+
+
+def test_test_output_is_complete_however_long(built):
+    built.payload["test"]["commands"] = ["i=0; while [ $i -lt 30000 ]; do echo \"n $i\"; i=$((i+1)); done"]
+    lines = ok(built.run("test")).stdout.splitlines()
+    assert [line for line in lines if line.startswith("n ")] == [f"n {i}" for i in range(30000)]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,11 +26,11 @@ from _common import (  # noqa: E402
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # buildah 1.28's chroot runtime can lose the last pipe-full of a container's output when the process exits
-# (seen here: 5,825 of 20,000 lines gone, intermittently). So when the image has a shell, the container
-# writes its output into a file on a bind mount, which we follow: nothing is lost, nothing is truncated.
+# (seen here: 5,825 of 20,000 lines gone, intermittently). So the container's shell writes the output into a
+# file on a bind mount, which we follow: nothing is lost, nothing is truncated.
 OUT_MOUNT = "/.jobforge-out"
 REDIRECT = f'exec >>{OUT_MOUNT}/output 2>&1; exec "$@"'
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.02
 
 
 class LineFollower:
@@ -54,21 +55,32 @@ class LineFollower:
         return [line.decode("utf-8", errors="replace") for line in complete]
 
 
-def env_flags(ctx: Context, spec: dict) -> list[str]:
+@dataclass
+class ContainerEnv:
+    """`test.env` goes in argv; secret values (Vault) do not: the container's shell sources them from a file."""
+
+    flags: list[str]
+    secrets: dict[str, str]
+
+    def secret_flags(self) -> list[str]:
+        return [arg for name, value in self.secrets.items() for arg in ("-e", f"{name}={value}")]
+
+
+def container_env(ctx: Context, spec: dict) -> ContainerEnv:
     flags: list[str] = []
     for name, value in (spec.get("env") or {}).items():
         if not ENV_NAME.match(name):
             raise TaskError(f"invalid test env name {name!r}")
         flags += ["-e", f"{name}={value}"]
+    secrets = {}
     for name in spec.get("secret_env") or []:
         if not ENV_NAME.match(name):
             raise TaskError(f"invalid secret env name {name!r}")
         if name not in os.environ:
             raise TaskError(f"secret {name} is not set in the task environment")
         ctx.secrets.append(os.environ[name])
-        # buildah 1.28 ignores the bare `-e NAME` form, so the value goes in argv; it is masked in output.
-        flags += ["-e", f"{name}={os.environ[name]}"]
-    return flags
+        secrets[name] = os.environ[name]
+    return ContainerEnv(flags, secrets)
 
 
 def entry_argv(ctx: Context, container: str) -> list[str]:
@@ -80,22 +92,36 @@ def entry_argv(ctx: Context, container: str) -> list[str]:
     return argv
 
 
-def has_shell(ctx: Context, container: str) -> bool:
-    probe = ctx.buildah("run", "--isolation", ctx.isolation, container, "--", "/bin/sh", "-c", ":")
-    return subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
+def run_in(ctx: Context, container: str, env: ContainerEnv, argv: list[str]) -> int:
+    """Run argv in the container, its output followed through the bind-mounted file.
 
-
-def run_in(ctx: Context, container: str, env: list[str], argv: list[str], via_file: bool) -> int:
-    if not via_file:  # no /bin/sh in the image: buildah's own relay is all there is
-        return run(ctx, ctx.buildah("run", "--isolation", ctx.isolation, *env, container, "--", *argv)).returncode
+    The file is created by the container's shell; if it never appears the image has no /bin/sh, and the
+    command is run again directly, with buildah's own relay as the only output channel.
+    """
     outdir = tempfile.mkdtemp(prefix="out-", dir=ctx.workdir)
-    cmd = ctx.buildah("run", "--isolation", ctx.isolation, "--volume", f"{outdir}:{OUT_MOUNT}", *env, container,
-                      "--", "/bin/sh", "-c", REDIRECT, "jobforge", *argv)
+    output = os.path.join(outdir, "output")
+    script = REDIRECT
+    if env.secrets:
+        with open(os.open(os.path.join(outdir, "secrets.env"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+            fh.writelines(f"export {name}={shlex.quote(value)}\n" for name, value in env.secrets.items())
+        script = f"exec >>{OUT_MOUNT}/output 2>&1; . {OUT_MOUNT}/secrets.env; rm -f {OUT_MOUNT}/secrets.env; " \
+                 'exec "$@"'
+    cmd = ctx.buildah("run", "--isolation", ctx.isolation, "--volume", f"{outdir}:{OUT_MOUNT}", *env.flags,
+                      container, "--", "/bin/sh", "-c", script, "jobforge", *argv)
+    code = follow(ctx, cmd, output, os.path.join(outdir, "buildah.log"))
+    if code != 0 and not os.path.exists(output):
+        step("the image has no /bin/sh: running the command without output capture")
+        direct = ctx.buildah("run", "--isolation", ctx.isolation, *env.flags, *env.secret_flags(), container, "--")
+        return run(ctx, direct + argv).returncode
+    return code
+
+
+def follow(ctx: Context, cmd: list[str], output: str, relay: str) -> int:
+    """Run cmd while printing what the container writes to `output` and buildah to `relay`, as it comes."""
     print("+ " + redact(shlex.join(cmd), ctx.secrets), flush=True)
-    relay = os.path.join(outdir, "buildah.log")
     with open(relay, "wb") as relay_out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=relay_out, stderr=subprocess.STDOUT)
-    followers = [LineFollower(os.path.join(outdir, "output")), LineFollower(relay)]
+    followers = [LineFollower(output), LineFollower(relay)]
     try:
         while True:
             finished = proc.poll() is not None
@@ -113,7 +139,7 @@ def run_in(ctx: Context, container: str, env: list[str], argv: list[str], via_fi
 def test(ctx: Context) -> None:
     temp = ctx.require("temp_image")
     spec = ctx.payload.get("test") or {}
-    env = env_flags(ctx, spec)
+    env = container_env(ctx, spec)
     container = f"jobforge-test-{ctx.require('job_id')}"
     # A container left by a killed earlier attempt would block the name.
     run(ctx, ctx.buildah("rm", container), quiet=True)
@@ -127,16 +153,15 @@ def test(ctx: Context) -> None:
             raise unauthorized_error(ctx, result.output, [temp])
         raise failure(f"could not pull {temp}", result.output)
     try:
-        via_file = has_shell(ctx, container)
         if spec.get("entry_point"):
             argv = entry_argv(ctx, container)
             step("running the image entry point")
-            code = run_in(ctx, container, env, argv, via_file)
+            code = run_in(ctx, container, env, argv)
             if code != 0:
                 raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
         for number, command in enumerate(spec.get("commands") or [], start=1):
             step(f"test command {number}: {command}")
-            code = run_in(ctx, container, env, ["sh", "-c", command], via_file)
+            code = run_in(ctx, container, env, ["sh", "-c", command])
             if code != 0:
                 raise TaskError(f"test command {number} exited with code {code}: {command}")
         step("tests passed")
