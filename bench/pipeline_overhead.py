@@ -30,13 +30,11 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -48,44 +46,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobforge.devinfra import Registry, seed_busybox_image  # noqa: E402
+from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "hello"
 TASKS = ROOT / "templates" / "tasks"
 BIN = Path(sys.executable).parent
 IMAGE = "hello"
 TARGET_RATIO = 1.15
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Job Forge Bench", "GIT_AUTHOR_EMAIL": "bench@jobforge.invalid",
-    "GIT_COMMITTER_NAME": "Job Forge Bench", "GIT_COMMITTER_EMAIL": "bench@jobforge.invalid",
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-}
 TRANSITIONS = [("job_start", "build_start"), ("build_end", "test_start"), ("test_end", "publish_start")]
 
 
 def progress(message: str) -> None:
     print(f"==> {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_repo(dest: Path) -> str:
-    shutil.copytree(EXAMPLE, dest)
-    env = {**os.environ, **GIT_ENV}
-    for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "import examples/hello"]):
-        subprocess.run(["git", *argv], cwd=dest, env=env, check=True, stdin=subprocess.DEVNULL)
-    return dest.as_uri()
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if path.exists() and shutil.which("buildah"):
-        subprocess.run(["buildah", "unshare", "rm", "-rf", str(path)], check=False, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stats(values: list[float], digits: int = 3) -> dict:
@@ -95,51 +67,7 @@ def stats(values: list[float], digits: int = 3) -> dict:
 
 # --------------------------------------------------------------------------------------------- Job Forge
 
-class Service:
-    """`jobforge-service` on 127.0.0.1 with its own data dir (SQLite store, buildah storage, scratch)."""
-
-    def __init__(self, data_dir: Path, registry_host: str) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "JOBFORGE_"))}
-        self.env.update({
-            "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
-            "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(data_dir),
-            "LOG_LEVEL": "warning",
-        })
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / "service.log", "ab") as log:
-            self.proc = subprocess.Popen([str(BIN / "jobforge-service")], env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jobforge-service exited; see {self.data_dir / 'service.log'}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)  # polling a liveness endpoint against a deadline
-        raise RuntimeError("jobforge-service did not answer /health within 30 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-async def jobforge_run(service: Service, config: dict) -> dict:
+async def jobforge_run(service: ServiceProcess, config: dict) -> dict:
     """Submit over HTTP and follow the push stream to the end; returns wall times and the final status."""
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
@@ -310,13 +238,12 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
         data = work / "data"
         storage = data / "buildah"  # the service's containers-storage, shared with the direct variant
         seed_busybox_image(registry.host, storage / "root", storage / "runroot")
-        repo_url = make_repo(work / "hello")
+        repo_url = git_repo_of(EXAMPLE, work / "hello")
         text = (EXAMPLE / "build.yaml").read_text().replace("__REPO_URL__", repo_url)
         config = yaml.safe_load(text.replace("__REGISTRY__", registry.host))
         config["owner"] = "bench"
         config["image_tags"] = [f"t{i}" for i in range(1, tags)]  # + the job id = `tags` tags
-        service = Service(data, registry.host)
-        service.start()
+        service = ServiceProcess(data, registry.host, LOG_LEVEL="warning").start()
         direct = Direct(work / "direct", storage, registry.host, repo_url, config)
 
         def run_jobforge() -> dict:

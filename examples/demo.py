@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,17 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobforge.devinfra import Registry, seed_busybox_image  # noqa: E402
+from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "hello"
 BIN = Path(sys.executable).parent  # the venv's bin: jobforge and jobforge-service live next to python
 IMAGE = "hello"
-# A fixed identity and no user/system git config, so commits work on any machine (no gpg signing etc.).
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Job Forge Demo", "GIT_AUTHOR_EMAIL": "demo@jobforge.invalid",
-    "GIT_COMMITTER_NAME": "Job Forge Demo", "GIT_COMMITTER_EMAIL": "demo@jobforge.invalid",
-    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
-}
 # Settings from the caller's environment that would point the demo at something other than its own setup.
 UNSET = ("REGISTRY_USERNAME", "REGISTRY_PASSWORD", "JOBFORGE_GIT_USERNAME", "JOBFORGE_GIT_PASSWORD",
          "JOB_SERVICE_URL", "JOBFORGE_BACKEND", "REGISTRY_TEMP_PREFIX")
@@ -56,21 +48,6 @@ def detail(message: str) -> None:
     print(f"    {message}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_repo(dest: Path) -> str:
-    """A git repo (branch main, one commit) holding a copy of examples/hello; returns its file:// URL."""
-    shutil.copytree(EXAMPLE, dest)
-    env = {**os.environ, **GIT_ENV}
-    for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "import examples/hello"]):
-        subprocess.run(["git", *argv], cwd=dest, env=env, check=True, stdin=subprocess.DEVNULL)
-    return dest.as_uri()
-
-
 def render_config(dest: Path, repo_url: str, registry_host: str) -> Path:
     text = (EXAMPLE / "build.yaml").read_text()
     text = text.replace("__REPO_URL__", repo_url).replace("__REGISTRY__", registry_host)
@@ -78,82 +55,18 @@ def render_config(dest: Path, repo_url: str, registry_host: str) -> Path:
     return dest
 
 
-class Service:
-    """`jobforge-service` as a subprocess on 127.0.0.1, logging to a file in its data dir."""
-
-    def __init__(self, data_dir: Path, registry_host: str) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.log_path = data_dir / "service.log"
-        self.env = {k: v for k, v in os.environ.items() if k not in UNSET}
-        self.env.update({
-            "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
-            "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false",
-            "JOBFORGE_DATA_DIR": str(data_dir), "LOG_LEVEL": "info",
-        })
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            # Own session: a Ctrl-C in the terminal reaches the demo, which then stops the service in order.
-            self.proc = subprocess.Popen([str(BIN / "jobforge-service")], env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(f"jobforge-service exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)  # polling a liveness endpoint against a deadline
-        raise DemoError(f"jobforge-service did not answer /health within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the service stops running phases and closes its store
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-    def latest_job(self) -> dict | None:
-        """The newest job (this fresh service has seen only the demo's), as getStatus returns it."""
-        jobs = self.post("/json/getHistory", {"limit": 1})
-        return jobs["jobs"][0] if jobs.get("jobs") else None
-
-    def post(self, path: str, body: dict):
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return json.load(resp)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no service log)"
-        return "\n".join("    | " + line for line in text[-lines:])
+def latest_job(service: ServiceProcess) -> dict | None:
+    """The newest job (this fresh service has seen only the demo's), as getStatus returns it."""
+    request = urllib.request.Request(service.url + "/json/getHistory", data=json.dumps({"limit": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        jobs = json.load(resp)["jobs"]
+    return jobs[0] if jobs else None
 
 
-def remove_tree(path: Path) -> None:
-    """rm -rf; rootless buildah leaves files owned by sub-uids, which only `buildah unshare` may delete."""
-    shutil.rmtree(path, ignore_errors=True)
-    if path.exists() and shutil.which("buildah"):
-        subprocess.run(["buildah", "unshare", "rm", "-rf", str(path)], check=False, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def report(service: Service, registry: Registry) -> bool:
+def report(service: ServiceProcess, registry: Registry) -> bool:
     """Print the published references with their digests and the registry's tag list; True on success."""
-    job = service.latest_job()
+    job = latest_job(service)
     if job is None:
         print("no job was submitted", file=sys.stderr)
         return False
@@ -180,7 +93,7 @@ def run_demo(work: Path) -> int:
             raise DemoError(f"{BIN / tool} not found: install the package first (`make demo` does)")
     started = time.monotonic()
     registry = Registry(work / "registry")
-    service: Service | None = None
+    service: ServiceProcess | None = None
     try:
         say("Starting a throw-away registry")
         registry.start()
@@ -192,15 +105,14 @@ def run_demo(work: Path) -> int:
         seed_busybox_image(registry.host, buildah / "root", buildah / "runroot")
 
         say("Making a git repository of examples/hello (branch main)")
-        repo_url = make_repo(work / "hello")
+        repo_url = git_repo_of(EXAMPLE, work / "hello")
         detail(repo_url)
 
         config = render_config(work / "build.yaml", repo_url, registry.host)
         say(f"Rendered the job config: {config}")
 
         say("Starting jobforge-service")
-        service = Service(work / "data", registry.host)
-        service.start()
+        service = ServiceProcess(work / "data", registry.host).start()
         detail(f"{service.url} (data dir {service.data_dir}, log {service.log_path})")
 
         say(f"Submitting the job: jobforge --url {service.url} submit-job {config.name} --watch")

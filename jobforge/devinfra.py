@@ -1,5 +1,6 @@
-"""Throw-away infrastructure for the demo, the tests and the benchmarks: a local `docker-registry` and a
-busybox base image built from the host's static /bin/busybox (no public registry is reachable).
+"""Throw-away infrastructure for the demo, the tests and the benchmarks: a local `docker-registry`, a
+busybox base image built from the host's static /bin/busybox (no public registry is reachable), a git repo of
+an example app, and `jobforge-service` itself as a subprocess on loopback.
 
 Stdlib only and imports nothing of ours, so it works before the package's dependencies are installed.
 """
@@ -9,8 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -26,7 +30,7 @@ MANIFEST_TYPES = ", ".join([
 ])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -65,7 +69,7 @@ class Registry:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # the free port can be taken between probing and binding
-            self.port = _free_port()
+            self.port = free_port()
             config = self._write_config()
             log = open(self.dir / "registry.log", "ab")
             self._proc = subprocess.Popen([self.binary, "serve", str(config)], stdin=subprocess.DEVNULL,
@@ -197,3 +201,101 @@ def seed_busybox_image(registry_host: str, storage_root: str | os.PathLike, runr
             subprocess.run(buildah + ["rm", container], check=False, capture_output=True)
         sh(*push, ref, f"docker://{ref}")
     return ref
+
+
+# A fixed identity and no user/system git config, so commits work on any machine (no gpg signing etc.).
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Job Forge", "GIT_AUTHOR_EMAIL": "devinfra@jobforge.invalid",
+    "GIT_COMMITTER_NAME": "Job Forge", "GIT_COMMITTER_EMAIL": "devinfra@jobforge.invalid",
+    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+}
+
+
+def git_repo_of(source: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """A git repo (branch main, one commit) holding a copy of `source`; returns its file:// URL."""
+    dest = Path(dest)
+    shutil.copytree(source, dest)
+    env = {**os.environ, **GIT_ENV}
+    for argv in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", f"import {Path(source).name}"]):
+        subprocess.run(["git", *argv], cwd=dest, env=env, check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL)
+    return dest.as_uri()
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """rm -rf; rootless buildah leaves files owned by sub-uids, which only `buildah unshare` may delete."""
+    shutil.rmtree(path, ignore_errors=True)
+    if Path(path).exists() and shutil.which("buildah"):
+        subprocess.run(["buildah", "unshare", "rm", "-rf", str(path)], check=False, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class ServiceProcess:
+    """`jobforge-service` as a subprocess on 127.0.0.1 with its own data dir, logging to `service.log` there.
+
+    Settings inherited from the caller's environment that would point it elsewhere (`REGISTRY_*`,
+    `JOBFORGE_*`, ...) are dropped; `env` sets what the caller wants. It runs in its own session, so a Ctrl-C
+    in a terminal reaches the caller, which then stops the service in order.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, registry_host: str, **env: str) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = free_port()
+        self.log_path = self.data_dir / "service.log"
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("REGISTRY_", "JOBFORGE_", "SERVER_", "METRICS_", "MAX_CONCURRENT"))}
+        self.env = {
+            **inherited,
+            "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
+            "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(self.data_dir),
+            "LOG_LEVEL": "info", **env,
+        }
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServiceProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "jobforge.server.main"], env=self.env,
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jobforge-service exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)  # polling a liveness endpoint against a deadline, not synchronising
+        raise RuntimeError(f"jobforge-service did not answer /health within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM: the service stops running phases and closes its store; SIGKILL if it hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no service log)"
+        return "\n".join("    | " + line for line in text[-lines:])
+
+    def __enter__(self) -> "ServiceProcess":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
