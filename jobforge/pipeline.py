@@ -228,3 +228,12 @@ def step(record: JobRecord, event: Event, policy: Policy) -> tuple[JobRecord, li
     if transition is None:
         raise IllegalTransition(record.status.value, type(event).__name__)
     return transition(record, event, policy)
+
+
+def transition_table() -> str:
+    """The transition table as Markdown; docs/architecture.md embeds it (a test keeps the two equal)."""
+    rows = ["| status | event | handled by |", "|---|---|---|"]
+    for status, events in _TRANSITIONS.items():
+        for event, handler in events.items():
+            rows.append(f"| {status.value} | {event.__name__} | `{handler.__name__.lstrip('_')}` |")
+    return "\n".join(rows)

@@ -85,13 +85,20 @@ def test_entry_point_alone_enables_the_test_phase():
     assert cmds[1][0].phase is Phase.TEST
 
 
+def running_in(phase: Phase):
+    """A job with a test phase, admitted and advanced until `phase` runs."""
+    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)))
+    for earlier in (Phase.BUILD, Phase.TEST, Phase.PUBLISH):
+        if earlier is phase:
+            return record
+        record, _ = run(record, ok(earlier, 2))
+    raise AssertionError(phase)
+
+
 @pytest.mark.parametrize("failing", [Phase.BUILD, Phase.TEST, Phase.PUBLISH])
 def test_failure_in_each_phase(failing):
-    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)))
-    for phase in (Phase.BUILD, Phase.TEST, Phase.PUBLISH):
-        if phase is failing:
-            break
-        record, _ = run(record, ok(phase, 2))
+    record = running_in(failing)
+    assert record.current_phase is failing
     record, cmds = run(record, PhaseFailed(phase=failing, attempt=1, at=at(5), error="boom"))
     assert record.status is JobStatus.FAILED
     assert record.failed_phase is failing and record.error == "boom"
@@ -113,12 +120,7 @@ def test_kill_while_pending_needs_no_stop_and_no_cleanup():
 
 @pytest.mark.parametrize("phase", [Phase.BUILD, Phase.TEST, Phase.PUBLISH])
 def test_kill_while_running_stops_the_phase(phase):
-    record, _ = run(job(**WITH_TEST), Admitted(at=at(1)))
-    for earlier in (Phase.BUILD, Phase.TEST, Phase.PUBLISH):
-        if earlier is phase:
-            break
-        record, _ = run(record, ok(earlier, 2))
-    record, cmds = run(record, KillRequested(at=at(9)))
+    record, cmds = run(running_in(phase), KillRequested(at=at(9)))
     assert record.status is JobStatus.FAILED and record.error == "killed by user"
     assert record.failed_phase is phase
     assert cmds[0][0] == StopPhase(job_id="job-1", phase=phase, attempt=1)

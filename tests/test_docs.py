@@ -1,0 +1,21 @@
+"""Docs that are derived from code stay derived."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobforge.pipeline import transition_table
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_architecture_doc_embeds_the_current_transition_table():
+    text = (DOCS / "architecture.md").read_text()
+    embedded = text.split("<!-- transition-table -->\n", 1)[1].split("\n<!-- /transition-table -->", 1)[0]
+    assert embedded == transition_table()
+
+
+def test_api_doc_lists_every_method():
+    from jobforge.models import METHODS
+    text = (DOCS / "api.md").read_text()
+    assert all(f"`{name}`" in text for name in METHODS)
