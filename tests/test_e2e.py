@@ -194,7 +194,7 @@ def test_hostile_values_stay_data(service, config, tmp_path):
     status, body = service.post("/json/submitJob", {"job_config": config(git_ref=f"main; touch {marker}")})
     assert status == 400 and body["error"]["data"][0]["field"] == "job_config.git_ref"
     cfg = config(build_args={"BASE_IMAGE": config()["build_args"]["BASE_IMAGE"], "GREETING": f"$(touch {marker})"},
-                 test={"commands": [f"echo \"it's \\\"quoted\\\"; $QUOTED\"", "cat /app/greeting"],
+                 test={"commands": ["echo \"it's \\\"quoted\\\"; $QUOTED\"", "cat /app/greeting"],
                        "env": {"QUOTED": f"a'b\"c; touch {marker}"}})
     _, final, logs = run_job(service, cfg)
     assert final["status"] == "SUCCEEDED", logs

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from jobforge.models import Phase
-from tests.test_server import CONFIG, running
+from tests.test_server import running
 
 SECRET = "hush-hush-secret"
 

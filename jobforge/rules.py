@@ -1,0 +1,375 @@
+"""The job config's rules as data and small check functions (no models, no I/O, nothing of ours).
+
+`jobforge.config` turns these into pydantic field types. Each check raises `PydanticCustomError(<rule id>,
+<message>)`, so `ValidationError.errors()` carries a stable rule id in `type` and a human message in `msg`;
+messages never echo the rejected value (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import unicodedata
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, NoReturn, get_args
+from urllib.parse import SplitResult, urlsplit
+
+from pydantic import AfterValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+# ------------------------------------------------------------------------------------------------ rules as data
+# Patterns are ECMA-262 compatible: they also go into the JSON Schema. Python checks them with `re.fullmatch`.
+
+# OCI distribution-spec path component: lowercase alphanumerics joined by '.', '_', '__' or a run of '-'.
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+IMAGE_NAME_PATTERN = rf"^{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*$"
+IMAGE_NAME_MAX_LENGTH = 255
+# OCI tag: 1-128 characters, not starting with '.' or '-'.
+IMAGE_TAG_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+# Environment variable and build-arg names (POSIX shell identifiers).
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Dockerfile build stage (`FROM ... AS <name>`), for `target`.
+STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# RFC 7230 token: an HTTP header field name.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+# An abbreviated or full hex commit id (also a valid ref name, so git_ref accepts it either way).
+COMMIT_SHA_PATTERN = r"^[0-9a-fA-F]{4,40}$"
+# Vault paths, field names and policy names end up inside Nomad template text
+# (`{{ with secret "<path>" }}{{ index .Data.data "<field>" }}`), so they use a plain charset: no quotes,
+# braces or whitespace, no segment starting with '.' (which also rules out '..').
+_VAULT_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
+VAULT_PATH_PATTERN = rf"^{_VAULT_SEGMENT}(?:/{_VAULT_SEGMENT})*$"
+VAULT_NAME_PATTERN = rf"^{_VAULT_SEGMENT}$"
+# DNS-style host name (also matches dotted IPv4); a label never starts or ends with '-'.
+_HOST_LABEL = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+_HOSTNAME = rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*"
+HOSTNAME_PATTERN = rf"^{_HOSTNAME}$"
+
+# git check-ref-format, plus the `--branch` rule that a ref must not start with '-'.
+GIT_REF_FORBIDDEN_CHARS = "~^:?*[\\"
+GIT_REF_FORBIDDEN_SEQUENCES = ("..", "@{", "//")
+
+# repo_url: accepted URL schemes, and git's `<transport>::<address>` remote-helper syntax (ext:: runs a command).
+GIT_URL_SCHEMES = ("http", "https", "ssh", "git", "file")
+_REMOTE_HELPER_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*::.*", re.DOTALL)
+# scp-like `user@host:path` (user and path must not start with '-': they become ssh arguments).
+_SCP_LIKE_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.+-]*@(?:{_HOSTNAME}|\[[0-9A-Fa-f:.]+\]):[^-].*")
+WEBHOOK_URL_SCHEMES = ("http", "https")
+
+# Durations: Go's time.ParseDuration syntax ("1h30m", "90s", "1.5h"), or bare digits meaning seconds.
+_DURATION_UNITS: Mapping[str, Decimal] = MappingProxyType({
+    "ns": Decimal("1e-9"), "us": Decimal("1e-6"), "µs": Decimal("1e-6"), "μs": Decimal("1e-6"),
+    "ms": Decimal("1e-3"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600),
+})
+_DURATION_SEGMENT = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)"
+DURATION_PATTERN = rf"^(?:(?:{_DURATION_SEGMENT})+|[0-9]+)$"
+_DURATION_SEGMENT_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+TIMEOUT_MIN_SECONDS = 1
+TIMEOUT_MAX_SECONDS = 24 * 3600
+
+# Resources (Nomad units: CPU in MHz, memory and disk in MB). The cap keeps values int32-safe for Nomad.
+RESOURCE_MAX = 2**31 - 1
+_RESOURCE_DIGITS_RE = re.compile(r"[0-9]{1,18}")
+
+ConstraintOperand = Literal["=", "!=", "regexp", ">=", "<=", ">", "<", "version", "is_set", "is_not_set"]
+CONSTRAINT_OPERANDS: tuple[str, ...] = get_args(ConstraintOperand)
+# Operands that test an attribute's presence only, so they take no value.
+VALUELESS_OPERANDS = frozenset({"is_set", "is_not_set"})
+
+# What `redacted()` puts in place of a secret; pydantic's own mask for a SecretStr in a JSON dump.
+REDACTED = "***"
+SECRET_MASK = "**********"
+# Serialisation context that makes JSON dumps carry the real `webhook_secret` (for trusted persistence only).
+SECRETS_CONTEXT: Mapping[str, bool] = MappingProxyType({"reveal_secrets": True})
+
+
+# ------------------------------------------------------------------------------------------------ rule checks
+
+def fail(rule: str, message: str) -> NoReturn:
+    raise PydanticCustomError(rule, message)
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc"
+
+
+def _is_invisible(char: str) -> bool:
+    """Whitespace of any kind, control and format characters: nothing that may hide inside a ref or URL."""
+    return char.isspace() or not char.isprintable()
+
+
+def no_nul(value: str) -> str:
+    if "\x00" in value:
+        fail("no_nul", "must not contain NUL characters")
+    return value
+
+
+def single_line(value: str) -> str:
+    if any(_is_control(c) for c in value):
+        fail("single_line", "must not contain control characters (including newlines)")
+    return value
+
+
+def not_blank(value: str) -> str:
+    if not value.strip():
+        fail("not_empty", "must not be empty")
+    return value
+
+
+def pattern_type(rule: str, pattern: str, message: str, description: str) -> Any:
+    """A string type that must be non-empty and fully match `pattern`; the pattern goes into the JSON Schema."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not value:
+            fail(rule, "must not be empty")
+        if not compiled.fullmatch(value):
+            fail(rule, message)
+        return value
+
+    return Annotated[str, AfterValidator(check), string_schema(description, pattern)]
+
+
+def string_schema(description: str, pattern: str | None = None) -> WithJsonSchema:
+    schema: dict[str, Any] = {"type": "string", "description": description}
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return WithJsonSchema(schema)
+
+
+def check_image_name(value: str) -> str:
+    if not value:
+        fail("image_name", "must not be empty")
+    if len(value) > IMAGE_NAME_MAX_LENGTH:
+        fail("image_name", f"must be at most {IMAGE_NAME_MAX_LENGTH} characters")
+    if value != value.lower():
+        fail("image_name", "must be lowercase")
+    if not re.fullmatch(IMAGE_NAME_PATTERN, value):
+        fail("image_name", "must be an OCI repository name: lowercase letters and digits, separated by '.', "
+                            "'_', '__' or '-' within a component and by '/' between components")
+    return value
+
+
+def check_relative_path(value: str) -> str:
+    if not value:
+        fail("relative_path", "must not be empty")
+    if any(_is_control(c) for c in value):
+        fail("relative_path", "must not contain control characters (NUL, newlines)")
+    if value.startswith("/"):
+        fail("relative_path", "must be relative to the repository root, not an absolute path")
+    if ".." in value.split("/"):
+        fail("relative_path", "must not contain '..' segments")
+    return value
+
+
+def check_git_ref(value: str) -> str:
+    """git check-ref-format rules (one-level names allowed), or a hex commit id."""
+    if re.fullmatch(COMMIT_SHA_PATTERN, value):
+        return value
+    if not value:
+        fail("git_ref", "must not be empty")
+    if any(_is_invisible(c) for c in value):
+        fail("git_ref", "must not contain whitespace or control characters")
+    if value.startswith("-"):
+        fail("git_ref", "must not start with '-'")
+    if value.startswith("/") or value.endswith("/"):
+        fail("git_ref", "must not start or end with '/'")
+    if any(c in GIT_REF_FORBIDDEN_CHARS for c in value):
+        fail("git_ref", "must not contain any of ~ ^ : ? * [ \\")
+    if any(seq in value for seq in GIT_REF_FORBIDDEN_SEQUENCES):
+        fail("git_ref", "must not contain '..', '@{' or '//'")
+    if value == "@" or value.endswith("."):
+        fail("git_ref", "must not be '@' or end with '.'")
+    for component in value.split("/"):
+        if component.startswith(".") or component.endswith(".lock"):
+            fail("git_ref", "no '/'-separated component may start with '.' or end with '.lock'")
+    return value
+
+
+def _check_url_authority(parts: SplitResult) -> None:
+    host = parts.hostname
+    if not host:
+        fail("url", "must include a host")
+    if not re.fullmatch(HOSTNAME_PATTERN, host) and not _is_ip_address(host):
+        fail("url", "host must be a host name or an IP address")
+    try:
+        parts.port  # noqa: B018 -- urllib validates the port on access
+    except ValueError:
+        fail("url", "port must be a number between 0 and 65535")
+    if parts.username and parts.username.startswith("-"):
+        fail("url", "user name must not start with '-'")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_repo_url(value: str) -> str:
+    if not value:
+        fail("repo_url", "must not be empty")
+    if any(_is_invisible(c) for c in value):
+        fail("repo_url", "must not contain whitespace or control characters")
+    if value.startswith("-"):
+        fail("repo_url", "must not start with '-'")
+    if _REMOTE_HELPER_RE.fullmatch(value):
+        fail("repo_url", "git remote-helper URLs ('<transport>::<address>', e.g. 'ext::') are not allowed")
+    if "://" in value:
+        scheme = value.split("://", 1)[0]
+        if scheme not in GIT_URL_SCHEMES:
+            fail("repo_url", f"URL scheme must be one of: {', '.join(GIT_URL_SCHEMES)}")
+        parts = urlsplit(value)
+        if scheme == "file":
+            if not parts.path.startswith("/"):
+                fail("repo_url", "a file:// URL must name an absolute path")
+        else:
+            _check_url_authority(parts)
+        return value
+    if value.startswith("/") or _SCP_LIKE_RE.fullmatch(value):
+        return value
+    fail("repo_url", "must be a git URL (http, https, ssh, git or file scheme), an scp-like 'user@host:path', "
+                      "or an absolute local path")
+
+
+def check_registry_url(value: str) -> str:
+    """host[:port][/path]; one trailing '/' is dropped."""
+    if value.endswith("/"):
+        value = value[:-1]
+    if not value:
+        fail("registry_url", "must not be empty")
+    if any(_is_invisible(c) for c in value):
+        fail("registry_url", "must not contain whitespace or control characters")
+    if "://" in value:
+        fail("registry_url", "must not include a scheme: write 'host[:port][/path]', e.g. 'registry.example:5000'")
+    host_port, _, path = value.partition("/")
+    match = re.fullmatch(r"(\[[^\]]*\]|[^:]*)(?::([0-9]{1,5}))?", host_port)
+    if match is None:
+        fail("registry_url", "must be 'host[:port][/path]' with a numeric port")
+    host, port = match.group(1), match.group(2)
+    ip_literal = host[1:-1] if host.startswith("[") and host.endswith("]") else None
+    if ip_literal is not None and not _is_ip_address(ip_literal):
+        fail("registry_url", "bracketed host must be an IPv6 address")
+    if ip_literal is None and not re.fullmatch(HOSTNAME_PATTERN, host):
+        fail("registry_url", "host must be a host name or an IP address")
+    if port is not None and not 1 <= int(port) <= 65535:
+        fail("registry_url", "port must be between 1 and 65535")
+    if path and not re.fullmatch(IMAGE_NAME_PATTERN, path):
+        fail("registry_url", "path must be lowercase repository components separated by '/'")
+    return value
+
+
+def check_webhook_url(value: str) -> str:
+    if any(_is_invisible(c) for c in value):
+        fail("webhook_url", "must not contain whitespace or control characters")
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in WEBHOOK_URL_SCHEMES:
+        fail("webhook_url", "must be an http:// or https:// URL")
+    _check_url_authority(urlsplit(value))
+    return value
+
+
+def check_header_value(value: str) -> str:
+    if any(_is_control(c) and c != "\t" for c in value):
+        fail("header_value", "must not contain CR, LF or other control characters")
+    return value
+
+
+def check_vault_fields(fields: dict[str, str]) -> dict[str, str]:
+    if not fields:
+        fail("vault_fields", "must map at least one Vault field to an environment variable name")
+    return fields
+
+
+def reject_bool(value: object) -> object:
+    if isinstance(value, bool):
+        fail("int_type", "must be an integer, not a boolean")
+    return value
+
+
+def to_resource_value(value: object) -> int:
+    """A positive integer given as an int, a whole float or a string of digits ("2000", as the reference)."""
+    if isinstance(value, bool):
+        fail("resource_value", "must be a positive integer, not a boolean")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and _RESOURCE_DIGITS_RE.fullmatch(value):
+        number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    else:
+        fail("resource_value", 'must be a positive integer (e.g. 2000 or "2000")')
+    if number < 1:
+        fail("resource_value", "must be greater than 0")
+    if number > RESOURCE_MAX:
+        fail("resource_value", f"must be at most {RESOURCE_MAX}")
+    return number
+
+
+def to_timeout(value: object) -> timedelta:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        fail("duration", str(exc))
+    if not TIMEOUT_MIN_SECONDS <= seconds <= TIMEOUT_MAX_SECONDS:
+        fail("duration", "must be between 1s and 24h")
+    return timedelta(seconds=seconds)
+
+
+# ------------------------------------------------------------------------------------------------ durations
+
+def parse_duration(value: object) -> float:
+    """Seconds in a duration: Go syntax ("30m", "1h30m", "1.5s", "500ms"), bare digits ("90"), a non-negative
+    int/float of seconds, or a `timedelta`. Raises `ValueError` (with a message naming the rule) otherwise.
+
+    Only parses: bounds are the caller's (a job timeout must be 1s..24h).
+    """
+    if isinstance(value, timedelta):
+        seconds = Decimal(str(value.total_seconds()))
+    elif isinstance(value, bool):
+        raise ValueError("a duration must be a string like '30m' or a number of seconds, not a boolean")
+    elif isinstance(value, int | float):
+        try:
+            seconds = Decimal(value)
+        except (InvalidOperation, ValueError, OverflowError):
+            raise ValueError("a duration must be a finite number of seconds") from None
+    elif isinstance(value, str):
+        seconds = _parse_duration_text(value)
+    else:
+        raise ValueError("a duration must be a string like '30m' or a number of seconds")
+    if not seconds.is_finite():
+        raise ValueError("a duration must be a finite number of seconds")
+    if seconds < 0:
+        raise ValueError("a duration must not be negative")
+    result = float(seconds)
+    if math.isinf(result):
+        raise ValueError("a duration is too large")
+    return result
+
+
+def _parse_duration_text(text: str) -> Decimal:
+    if re.fullmatch(r"[0-9]+", text):
+        return Decimal(text)
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError("invalid duration: use a number with a unit (h, m, s, ms, us, ns), "
+                         "e.g. '30m', '1h30m', '90s', or whole seconds")
+    return sum((Decimal(number) * _DURATION_UNITS[unit]
+                for number, unit in _DURATION_SEGMENT_RE.findall(text)), Decimal(0))
+
+
+def format_duration(value: timedelta | float) -> str:
+    """Go-style text for a duration ("1h30m", "45s", "1.5s"); `parse_duration` reads it back exactly."""
+    micros = value // timedelta(microseconds=1) if isinstance(value, timedelta) else round(value * 1_000_000)
+    hours, micros = divmod(micros, 3_600_000_000)
+    minutes, micros = divmod(micros, 60_000_000)
+    seconds = Decimal(micros) / 1_000_000
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "")
+    if seconds or not text:
+        text += f"{seconds.normalize():f}s"
+    return text
