@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.support.gitrepo import GitRepo
+from jobforge.devinfra import free_port
 from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.e2e
@@ -259,3 +261,14 @@ def test_logs_are_complete_long_lines_and_many_lines(service, config):
     assert numbered == [f"line {i}" for i in range(20000)]
     assert "x" * 300000 in test_lines
     assert "no trailing newline" in test_lines
+
+
+def test_ready_metrics_port_and_unreachable_registry(service, tmp_path):
+    assert service.get("/ready") == (200, {"status": "ok", "checks": {"store": "ok", "backend": "ok"}})
+    metrics_url = f"http://127.0.0.1:{service.env['METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    assert "# TYPE build_duration_seconds histogram" in text and "concurrent_jobs_total 0.0" in text
+    with ServiceProcess(tmp_path / "no-registry", f"127.0.0.1:{free_port()}") as lonely:
+        status, body = lonely.get("/ready")
+    assert status == 503 and "unreachable" in body["checks"]["registry"]
