@@ -87,6 +87,9 @@ SECRET_MASK = "**********"
 SECRETS_CONTEXT: Mapping[str, bool] = MappingProxyType({"reveal_secrets": True})
 
 
+# A Consul KV key prefix for the cluster store: empty, or '/'-terminated segments of Consul-safe characters.
+KEY_PREFIX_PATTERN = r"^([A-Za-z0-9_,-][A-Za-z0-9_.,-]*/)*$"
+
 # ------------------------------------------------------------------------------------------------ rule checks
 
 def fail(rule: str, message: str) -> NoReturn:

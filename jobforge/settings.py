@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobforge.config import parse_duration
+from jobforge.rules import KEY_PREFIX_PATTERN
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
@@ -41,8 +42,11 @@ class ConsulSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     http_addr: str = Field("127.0.0.1:8500", validation_alias="CONSUL_HTTP_ADDR")
-    datacenter: str = Field("dc1", validation_alias="CONSUL_DATACENTER")
+    datacenter: str | None = Field(None, validation_alias="CONSUL_DATACENTER",
+                                   description="sent as ?dc= only when set; else the agent's own (the reference's dc1)")
     token: SecretStr | None = Field(None, validation_alias="CONSUL_HTTP_TOKEN")
+    prefix: str = Field("jobforge/", pattern=KEY_PREFIX_PATTERN, validation_alias="JOBFORGE_CONSUL_PREFIX",
+                        description="KV prefix of the consul store; '/'-terminated segments of A-Za-z0-9,-_.")
 
 
 class VaultSettings(BaseSettings):
@@ -75,6 +79,8 @@ class Settings(BaseSettings):
     publish_timeout: Duration = Field(15 * 60, validation_alias="JOBFORGE_PUBLISH_TIMEOUT")
 
     backend: Literal["local", "nomad"] = Field("local", validation_alias="JOBFORGE_BACKEND")
+    store: Literal["sqlite", "consul"] = Field("sqlite", validation_alias="JOBFORGE_STORE",
+                                               description="sqlite: one file in the data dir; consul: cluster KV")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="JOBFORGE_DATA_DIR")
     max_concurrent_jobs: int = Field(2, ge=1, validation_alias="MAX_CONCURRENT_JOBS")
     git_username: str | None = Field(None, validation_alias="JOBFORGE_GIT_USERNAME")

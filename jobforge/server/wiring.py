@@ -6,6 +6,8 @@ from jobforge.backends.local import LocalBackend
 from jobforge.pipeline import Policy
 from jobforge.service import JobService
 from jobforge.settings import Settings
+from jobforge.stores.base import Store
+from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
 from jobforge.webhooks import WebhookSender
@@ -22,11 +24,19 @@ def local_secret_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def build_store(settings: Settings) -> Store:
+    if settings.store == "consul":
+        consul = settings.consul
+        return ConsulStore(consul.http_addr, prefix=consul.prefix, datacenter=consul.datacenter,
+                           token=consul.token.get_secret_value() if consul.token else None)
+    return SqliteStore(settings.data_dir / "jobforge.db")
+
+
 def build_service(settings: Settings) -> JobService:
     if settings.backend != "local":
         raise NotImplementedError("the nomad backend is not available yet; set JOBFORGE_BACKEND=local")
     data = settings.data_dir
-    store = SqliteStore(data / "jobforge.db")
+    store = build_store(settings)
     backend = LocalBackend(
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
         registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,

@@ -1,0 +1,284 @@
+"""Consul KV store for cluster mode: the same CAS contract as `SqliteStore`, with Consul's ModifyIndex as version.
+
+Key layout (the only place it is defined; `<...>` segments are escaped by `segment`):
+
+    <prefix>jobs/<job_id>                      the record: JSON from `dump_record` (keeps the webhook secret)
+    <prefix>logs/<job_id>/<phase>/<seq:012d>   one chunk of log lines: a JSON list of {"ts", "stream", "line"}
+
+Why it looks like this:
+- `put` is a one-op `PUT /v1/txn` with verb `cas` (Index = expected version; 0 = create only if absent). It is
+  atomic and its result carries the key's new ModifyIndex. `PUT /v1/kv/...?cas=` only answers true/false, and
+  reading the index back afterwards could return another writer's version and so hide a conflict.
+- `list` and `unfinished` read the jobs prefix once (`?recurse`) and filter, sort and page in memory: one
+  consistent read, no secondary index to keep in step. Logs live under their own prefix so it stays small.
+- Log chunks are created with `?cas=0`, so two writers never overwrite one chunk; a chunk value stays under
+  `CHUNK_BYTES` (Consul refuses values over 512 KiB), and a longer line is split into pieces marked
+  `"more": true` that `get_logs` joins again. An append larger than one chunk is not atomic (a txn is capped
+  at 512 KiB as well), unlike SQLite's.
+- `segment` escapes every byte outside `[A-Za-z0-9-]` as `_XX`: percent-escapes would be refused by Consul's
+  newer key check (only `A-Za-z0-9,-_./`, no `../`, no suffix like `.json`), and escaping `.` rules out both.
+
+All HTTP goes through `_Http`, which maps transport errors and unexpected statuses to `StoreError`; the few
+expected statuses (404 on reads, 409 on a txn) are handled by the caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from jobforge.errors import Conflict, NotFound, StoreError
+from jobforge.models import JobRecord, JobStatus, LogLine
+from jobforge.rules import KEY_PREFIX_PATTERN
+from jobforge.stores.base import Versioned, dump_record, load_record
+
+__all__ = ["ConsulStore", "job_key", "jobs_prefix", "log_key", "logs_prefix", "segment"]
+
+
+JOBS = "jobs/"
+LOGS = "logs/"
+SEQ_DIGITS = 12
+CHUNK_BYTES = 256 * 1024
+PIECE_CHARS = 32 * 1024  # <= 6 bytes per char once JSON-encoded (\u00XX), so a piece always fits a chunk
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_ESCAPED = re.compile(r"_([0-9A-F]{2})")
+_CAS_ATTEMPTS = 20
+_SEQ_CACHE_SIZE = 1024
+
+
+# ---------------------------------------------------------------- key layout
+
+def segment(value: str) -> str:
+    """One path segment, reversibly escaped: `_XX` for every UTF-8 byte outside [A-Za-z0-9-]."""
+    return "".join(chr(b) if b in _SAFE else f"_{b:02X}" for b in value.encode())
+
+
+def unsegment(value: str) -> str:
+    parts = _ESCAPED.split(value)  # literal, hex, literal, hex, ..., literal
+    return b"".join(bytes.fromhex(p) if i % 2 else p.encode() for i, p in enumerate(parts)).decode()
+
+
+def jobs_prefix(prefix: str) -> str:
+    return f"{prefix}{JOBS}"
+
+
+def job_key(prefix: str, job_id: str) -> str:
+    return f"{prefix}{JOBS}{segment(job_id)}"
+
+
+def logs_prefix(prefix: str, job_id: str, phase: str | None = None) -> str:
+    job = f"{prefix}{LOGS}{segment(job_id)}/"
+    return job if phase is None else f"{job}{segment(phase)}/"
+
+
+def log_key(prefix: str, job_id: str, phase: str, seq: int) -> str:
+    return f"{logs_prefix(prefix, job_id, phase)}{seq:0{SEQ_DIGITS}d}"
+
+
+# ---------------------------------------------------------------- HTTP seam
+
+class _Http:
+    """The one place that talks HTTP: address, token, datacenter, error mapping."""
+
+    def __init__(self, addr: str, token: str | None, datacenter: str | None, timeout: float) -> None:
+        addr = addr.strip().rstrip("/")
+        self.base = addr if "://" in addr else f"http://{addr}"
+        self._headers = {"X-Consul-Token": token} if token else {}
+        self._dc = datacenter
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def request(self, method: str, path: str, *flags: str, ok: tuple[int, ...] = (200,),
+                      params: dict[str, str | int] | None = None, **kwargs: Any) -> tuple[int, bytes]:
+        """`flags` are presence-only query flags (`recurse`, `keys`): Consul checks presence, not value."""
+        params = {**(params or {}), **({"dc": self._dc} if self._dc else {})}
+        query = [*flags, *(f"{k}={quote(str(v), safe='')}" for k, v in params.items())]
+        url = URL(f"{self.base}{path}" + (f"?{'&'.join(query)}" if query else ""), encoded=True)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        try:
+            async with self._session.request(method, url, **kwargs) as resp:
+                status, body = resp.status, await resp.read()
+        except (aiohttp.ClientError, OSError) as exc:  # OSError covers refused connections and timeouts
+            raise StoreError(f"consul at {self.base} unreachable: {exc!r}") from exc
+        if status not in ok:
+            raise StoreError(f"consul answered HTTP {status} to {method} {path}: "
+                             f"{body[:300].decode(errors='replace').strip()}")
+        return status, body
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+@contextmanager
+def _answer(what: str) -> Iterator[None]:
+    """Map a malformed Consul answer (or a stored value we cannot read) to `StoreError`."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # json, base64, pydantic and shape errors
+        raise StoreError(f"unexpected data from consul for {what}: {exc}") from exc
+
+
+def _value(entry: dict[str, Any]) -> bytes:
+    raw = entry["Value"]
+    return b"" if raw is None else base64.b64decode(raw, validate=True)
+
+
+# ---------------------------------------------------------------- log chunks
+
+def _entries(lines: Sequence[LogLine]) -> Iterator[bytes]:
+    for ln in lines:
+        head = {"ts": ln.ts.isoformat(), "stream": ln.stream.value}
+        starts = range(0, max(len(ln.line), 1), PIECE_CHARS)
+        for start in starts:
+            more = start + PIECE_CHARS < len(ln.line)
+            entry = {**head, "line": ln.line[start:start + PIECE_CHARS], **({"more": True} if more else {})}
+            yield json.dumps(entry, ensure_ascii=False).encode()
+
+
+def _chunks(lines: Sequence[LogLine]) -> Iterator[bytes]:
+    """JSON lists of entries, each value at most `CHUNK_BYTES`."""
+    batch: list[bytes] = []
+    size = 2
+    for entry in _entries(lines):
+        if batch and size + len(entry) + 1 > CHUNK_BYTES:
+            yield b"[" + b",".join(batch) + b"]"
+            batch, size = [], 2
+        batch.append(entry)
+        size += len(entry) + 1
+    if batch:
+        yield b"[" + b",".join(batch) + b"]"
+
+
+def _joined(pieces: list[dict[str, Any]]) -> LogLine:
+    first = pieces[0]
+    return LogLine(ts=datetime.fromisoformat(first["ts"]), stream=first["stream"],
+                   line="".join(p["line"] for p in pieces))
+
+
+# ---------------------------------------------------------------- the store
+
+class ConsulStore:
+    def __init__(self, addr: str = "127.0.0.1:8500", *, prefix: str = "jobforge/", token: str | None = None,
+                 datacenter: str | None = None, timeout: float = 30.0) -> None:
+        if not re.fullmatch(KEY_PREFIX_PATTERN, prefix):
+            raise ValueError(f"consul key prefix {prefix!r} must match {KEY_PREFIX_PATTERN}, e.g. 'jobforge/'")
+        self.prefix = prefix
+        self._http = _Http(addr, token, datacenter, timeout)
+        self._next_seq: OrderedDict[tuple[str, str], int] = OrderedDict()  # LRU, refreshed on a CAS miss
+
+    async def get(self, job_id: str) -> Versioned:
+        key = job_key(self.prefix, job_id)
+        status, body = await self._http.request("GET", f"/v1/kv/{key}", ok=(200, 404))
+        if status == 404:
+            raise NotFound(f"job {job_id} not found")
+        with _answer(key):
+            entry = json.loads(body)[0]
+            return Versioned(load_record(_value(entry)), int(entry["ModifyIndex"]))
+
+    async def put(self, record: JobRecord, expected_version: int) -> int:
+        key = job_key(self.prefix, record.job_id)
+        value = base64.b64encode(dump_record(record).encode()).decode()
+        op = {"KV": {"Verb": "cas", "Key": key, "Value": value, "Flags": 0, "Index": expected_version}}
+        status, body = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=[op])
+        with _answer(f"txn cas {key}"):
+            answer = json.loads(body)
+            if status == 200:
+                return int(answer["Results"][0]["KV"]["ModifyIndex"])
+            errors = [e["What"] for e in answer["Errors"]]
+        if errors and all(what.endswith("index is stale") for what in errors):
+            raise Conflict(f"job {record.job_id} changed concurrently (expected version {expected_version})")
+        raise StoreError(f"consul rolled back the write of job {record.job_id}: {'; '.join(errors)}")
+
+    async def list(self, limit: int, offset: int, owner: str | None = None,
+                   status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
+        records = [r for r in await self._all_records()
+                   if (owner is None or r.config.owner == owner) and (status is None or r.status == status)]
+        records.sort(key=lambda r: (r.submitted_at, r.job_id), reverse=True)
+        return records[offset:offset + limit], len(records)
+
+    async def unfinished(self) -> list[JobRecord]:
+        records = [r for r in await self._all_records() if not r.status.terminal]
+        return sorted(records, key=lambda r: (r.submitted_at, r.job_id))
+
+    async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
+        for value in _chunks(lines):
+            await self._add_chunk(job_id, phase, value)
+
+    async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
+        base = logs_prefix(self.prefix, job_id, phase)
+        out: dict[str, list[LogLine]] = {}
+        pieces: dict[str, list[dict[str, Any]]] = {}  # per phase: the pieces of a line split by `_entries`
+        with _answer(base):
+            for entry in await self._recurse(base):
+                name = phase if phase is not None else unsegment(entry["Key"][len(base):].split("/", 1)[0])
+                for item in json.loads(_value(entry)):
+                    pieces.setdefault(name, []).append(item)
+                    if not item.get("more"):
+                        out.setdefault(name, []).append(_joined(pieces.pop(name)))
+            for name, parts in pieces.items():  # a split line whose last piece was never written
+                out.setdefault(name, []).append(_joined(parts))
+        return out
+
+    async def ping(self) -> None:
+        _, body = await self._http.request("GET", "/v1/status/leader")
+        with _answer("/v1/status/leader"):
+            leader = json.loads(body)
+        if not leader:
+            raise StoreError(f"consul at {self._http.base} has no cluster leader")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------ helpers
+
+    async def _recurse(self, prefix: str) -> list[dict[str, Any]]:
+        """Every entry under `prefix` in key order, skipping folder keys (`.../`, as the Consul UI creates)."""
+        status, body = await self._http.request("GET", f"/v1/kv/{prefix}", "recurse", ok=(200, 404))
+        if status == 404:  # nothing under the prefix
+            return []
+        with _answer(prefix):
+            return sorted((e for e in json.loads(body) if not e["Key"].endswith("/")), key=lambda e: e["Key"])
+
+    async def _all_records(self) -> list[JobRecord]:
+        entries = await self._recurse(jobs_prefix(self.prefix))
+        with _answer(jobs_prefix(self.prefix)):
+            return [load_record(_value(e)) for e in entries]
+
+    async def _add_chunk(self, job_id: str, phase: str, value: bytes) -> None:
+        slot = (job_id, phase)
+        for _ in range(_CAS_ATTEMPTS):
+            seq = self._next_seq.pop(slot, None)
+            if seq is None:
+                seq = await self._first_free_seq(job_id, phase)
+            key = log_key(self.prefix, job_id, phase, seq)
+            _, body = await self._http.request("PUT", f"/v1/kv/{key}", params={"cas": 0}, data=value)
+            with _answer(key):
+                created = json.loads(body)
+            if created is True:
+                self._next_seq[slot] = seq + 1
+                while len(self._next_seq) > _SEQ_CACHE_SIZE:
+                    self._next_seq.popitem(last=False)
+                return
+        raise StoreError(f"could not append logs of job {job_id} ({phase}): another writer kept taking the slot")
+
+    async def _first_free_seq(self, job_id: str, phase: str) -> int:
+        prefix = logs_prefix(self.prefix, job_id, phase)
+        status, body = await self._http.request("GET", f"/v1/kv/{prefix}", "keys", ok=(200, 404))
+        if status == 404:
+            return 0
+        with _answer(prefix):
+            seqs = [int(k[len(prefix):]) for k in json.loads(body) if k[len(prefix):].isdigit()]
+        return max(seqs, default=-1) + 1

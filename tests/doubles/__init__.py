@@ -1,0 +1,1 @@
+"""In-process fakes of external HTTP APIs, shaped from shared/reference (faked at the HTTP boundary)."""

@@ -1,0 +1,216 @@
+"""The `Store` contract, run over every store: SQLite on a temp file, Consul against the fake agent.
+
+Versions are opaque (SQLite counts, Consul uses ModifyIndex): tests only compare them with each other.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from jobforge.config import JobConfig
+from jobforge.errors import Conflict, NotFound
+from jobforge.models import JobRecord, JobStatus, LogLine, LogStream
+from jobforge.pipeline import new_job
+from jobforge.stores.consul import ConsulStore
+from jobforge.stores.sqlite import SqliteStore
+from tests.doubles.consul import FakeConsul
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+BASE = {"owner": "team", "repo_url": "https://git.example.invalid/app.git", "image_name": "app",
+        "registry_url": "127.0.0.1:5000"}
+
+
+@pytest.fixture(params=["sqlite", "consul"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        sqlite = SqliteStore(tmp_path / "jobs.db")
+        yield sqlite
+        await sqlite.aclose()
+        return
+    fake = FakeConsul()
+    consul = ConsulStore(await fake.start(), prefix="contract/jobforge/")
+    yield consul
+    await consul.aclose()
+    await fake.stop()
+
+
+def job(job_id: str, seconds: float = 0, *, owner: str = "team", status: JobStatus = JobStatus.PENDING,
+        **config) -> JobRecord:
+    record = new_job(job_id, JobConfig.model_validate({**BASE, "owner": owner, **config}),
+                     T0 + timedelta(seconds=seconds))
+    return record.model_copy(update={"status": status})
+
+
+def lines(*texts: str, stream: LogStream = LogStream.STDOUT) -> list[LogLine]:
+    return [LogLine(ts=T0 + timedelta(milliseconds=i), stream=stream, line=t) for i, t in enumerate(texts)]
+
+
+# ---------------------------------------------------------------- records and compare-and-set
+
+async def test_create_then_get(store):
+    record = job("job-1")
+    version = await store.put(record, 0)
+    assert version > 0
+    assert await store.get("job-1") == (record, version)
+
+
+async def test_cas_update_returns_the_new_version(store):
+    v1 = await store.put(job("job-1"), 0)
+    building = job("job-1", status=JobStatus.BUILDING)
+    v2 = await store.put(building, v1)
+    assert v2 != v1
+    assert await store.get("job-1") == (building, v2)
+    failed = job("job-1", status=JobStatus.FAILED)
+    assert await store.put(failed, v2) not in (v1, v2)
+
+
+async def test_creating_an_existing_job_conflicts(store):
+    version = await store.put(job("job-1"), 0)
+    with pytest.raises(Conflict):
+        await store.put(job("job-1", owner="intruder"), 0)
+    assert await store.get("job-1") == (job("job-1"), version)
+
+
+async def test_a_stale_version_conflicts(store):
+    v1 = await store.put(job("job-1"), 0)
+    v2 = await store.put(job("job-1", status=JobStatus.BUILDING), v1)
+    with pytest.raises(Conflict):
+        await store.put(job("job-1", status=JobStatus.FAILED), v1)
+    assert await store.get("job-1") == (job("job-1", status=JobStatus.BUILDING), v2)
+
+
+async def test_updating_a_missing_job_conflicts(store):
+    with pytest.raises(Conflict):
+        await store.put(job("ghost"), 7)
+    with pytest.raises(NotFound):
+        await store.get("ghost")
+
+
+async def test_unknown_job_is_not_found(store):
+    with pytest.raises(NotFound):
+        await store.get("nope")
+
+
+async def test_secrets_survive_a_round_trip(store):
+    record = job("job-1", webhook_url="http://127.0.0.1:9/hook", webhook_secret="hush-hush-secret",
+                 webhook_headers={"Authorization": "Bearer tok-123"})
+    await store.put(record, 0)
+    got = (await store.get("job-1")).record
+    assert got.config.webhook_secret.get_secret_value() == "hush-hush-secret"
+    assert got.config.webhook_headers == {"Authorization": "Bearer tok-123"}
+    assert (await store.list(10, 0))[0][0].config.webhook_secret.get_secret_value() == "hush-hush-secret"
+
+
+async def test_job_ids_with_dots_and_underscores(store):
+    for job_id in ("a.b", "a_2Eb", "v1.0.json", "x-y_z"):
+        await store.put(job(job_id), 0)
+    assert [r.job_id for r in (await store.list(10, 0))[0]] == ["x-y_z", "v1.0.json", "a_2Eb", "a.b"]
+    assert (await store.get("v1.0.json")).record.job_id == "v1.0.json"
+
+
+# ---------------------------------------------------------------- history and recovery
+
+@pytest.fixture
+async def history(store):
+    jobs = [job("j1", 10, owner="ann", status=JobStatus.SUCCEEDED),
+            job("j2", 20, owner="bob", status=JobStatus.FAILED),
+            job("j3", 30, owner="ann", status=JobStatus.BUILDING),
+            job("j4", 40, owner="bob", status=JobStatus.PENDING),
+            job("j5", 50, owner="ann", status=JobStatus.SUCCEEDED)]
+    for record in jobs:
+        await store.put(record, 0)
+    return store
+
+
+async def test_list_is_newest_first_with_a_total(history):
+    records, total = await history.list(10, 0)
+    assert ([r.job_id for r in records], total) == (["j5", "j4", "j3", "j2", "j1"], 5)
+
+
+async def test_list_pages(history):
+    pages = [await history.list(2, offset) for offset in (0, 2, 4, 6)]
+    assert [[r.job_id for r in page] for page, _ in pages] == [["j5", "j4"], ["j3", "j2"], ["j1"], []]
+    assert {total for _, total in pages} == {5}
+
+
+async def test_list_filters_by_owner_and_status(history):
+    def ids(result):
+        return [r.job_id for r in result[0]], result[1]
+    assert ids(await history.list(10, 0, owner="ann")) == (["j5", "j3", "j1"], 3)
+    assert ids(await history.list(1, 1, owner="ann")) == (["j3"], 3)
+    assert ids(await history.list(10, 0, status=JobStatus.SUCCEEDED)) == (["j5", "j1"], 2)
+    assert ids(await history.list(10, 0, owner="bob", status=JobStatus.FAILED)) == (["j2"], 1)
+    assert ids(await history.list(10, 0, owner="carol")) == ([], 0)
+
+
+async def test_list_breaks_ties_by_job_id_descending(store):
+    for job_id in ("b", "c", "a"):
+        await store.put(job(job_id, 5), 0)
+    assert [r.job_id for r in (await store.list(10, 0))[0]] == ["c", "b", "a"]
+
+
+async def test_list_reflects_updates(history):
+    record, version = await history.get("j4")
+    await history.put(record.model_copy(update={"status": JobStatus.FAILED}), version)
+    assert [r.job_id for r in (await history.list(10, 0, status=JobStatus.FAILED))[0]] == ["j4", "j2"]
+
+
+async def test_unfinished_is_oldest_first(history):
+    assert [r.job_id for r in await history.unfinished()] == ["j3", "j4"]
+
+
+async def test_empty_store(store):
+    assert await store.list(10, 0) == ([], 0)
+    assert await store.unfinished() == []
+
+
+# ---------------------------------------------------------------- logs
+
+async def test_logs_keep_write_order_per_phase(store):
+    build_1, build_2 = lines("compiling", "linking"), lines("done", stream=LogStream.STDERR)
+    test_1 = lines("ok 1", "ok 2")
+    await store.append_logs("job-1", "build", build_1)
+    await store.append_logs("job-1", "test", test_1)
+    await store.append_logs("job-1", "build", build_2)
+    await store.append_logs("job-2", "build", lines("other job"))
+    assert await store.get_logs("job-1") == {"build": build_1 + build_2, "test": test_1}
+    assert await store.get_logs("job-1", "test") == {"test": test_1}
+    assert await store.get_logs("job-1", "publish") == {}
+    assert await store.get_logs("job-3") == {}
+
+
+async def test_many_small_appends_stay_in_order(store):
+    expected = []
+    for i in range(60):
+        batch = lines(f"line {i}", stream=LogStream.SYSTEM if i % 3 else LogStream.STDOUT)
+        expected += batch
+        await store.append_logs("job-1", "build", batch)
+    assert (await store.get_logs("job-1", "build"))["build"] == expected
+
+
+async def test_a_2_mib_batch_round_trips(store):
+    batch = lines(*(f"line {i:06d} " + "x" * 200 for i in range(10_500)))
+    assert sum(len(ln.line) for ln in batch) > 2 * 1024 * 1024
+    await store.append_logs("job-1", "test", batch)
+    await store.append_logs("job-1", "test", lines("after"))
+    assert await store.get_logs("job-1") == {"test": batch + lines("after")}
+
+
+async def test_unicode_control_characters_and_very_long_lines(store):
+    batch = lines("héllo wörld ✓ 😀 日本語", "\x00\x01\x1b[31mred\x1b[0m\ttab", "", "a\u2028b\r\n",
+                  "x" * 300_000, "é" * 100_001, "😀" * 70_000, "\x07" * 50_000, "tail")
+    await store.append_logs("job-1", "build", batch)
+    assert await store.get_logs("job-1") == {"build": batch}
+
+
+async def test_empty_append_is_a_no_op(store):
+    await store.append_logs("job-1", "build", [])
+    assert await store.get_logs("job-1") == {}
+
+
+# ---------------------------------------------------------------- readiness
+
+async def test_ping(store):
+    await store.ping()
