@@ -33,3 +33,8 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	rm -rf $(VENV) .jobforge build dist *.egg-info
+
+# Re-render the default Nomad jobs in nomad-jobs/ (tests/nomad checks they match a fresh render).
+.PHONY: nomad-jobs
+nomad-jobs: venv
+	$(PY) -m jobforge.nomad nomad-jobs
