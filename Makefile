@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap apache2-utils ca-certificates python3-venv
+APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap apache2-utils ca-certificates python3-venv procps
 
 .PHONY: demo test deps system-deps venv clean
 
