@@ -40,10 +40,10 @@ class Version:
 
 
 def sanitize_branch(branch: str) -> str:
-    """Branch name → tag-safe text: accents folded to ASCII, anything outside ``[A-Za-z0-9.-]`` (``/``, ``_``,
-    ``@``, spaces, other scripts) → ``-``, runs of ``-`` collapsed, ``-``/``.`` trimmed at both ends."""
-    ascii_text = unicodedata.normalize("NFKD", branch).encode("ascii", "ignore").decode()
-    text = re.sub(r"[^A-Za-z0-9.-]", "-", ascii_text)
+    """Branch name → tag-safe text: accents dropped (``café`` → ``cafe``), anything else outside ``[A-Za-z0-9.-]``
+    (``/``, ``_``, ``@``, spaces, other scripts) → ``-``, runs of ``-`` collapsed, ``-``/``.`` trimmed at both ends."""
+    unaccented = "".join(c for c in unicodedata.normalize("NFKD", branch) if not unicodedata.combining(c))
+    text = re.sub(r"[^A-Za-z0-9.-]", "-", unaccented)
     return re.sub(r"-{2,}", "-", text).strip("-.")
 
 

@@ -28,6 +28,8 @@ LONG = "feature/" + "x" * 192  # 200 characters
     ("feature//weird__name--x", "feature-weird-name-x-v1.2.3"),
     ("Überprüfung/café", "Uberprufung-cafe-v1.2.3"),
     ("日本語-branch", "branch-v1.2.3"),
+    ("feature/日本語/x", "feature-x-v1.2.3"),
+    ("a×b", "a-b-v1.2.3"),
     ("-/_leading and trailing_/-", "leading-and-trailing-v1.2.3"),
     ("release/1.x", "release-1.x-v1.2.3"),
     ("🚀", "v1.2.3"),
