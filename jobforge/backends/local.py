@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
+from jobforge.config import format_duration
 from jobforge.models import LogLine, LogStream
 from jobforge.pipeline import KILLED_BY_USER, DispatchPhase, PhaseFailed, PhaseStarted, PhaseSucceeded, StopPhase
 from jobforge.tasks import task_script
@@ -33,14 +34,6 @@ _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "X
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def format_seconds(seconds: float) -> str:
-    """`1h2m3s` style, as Go prints durations (the settings accept the same form)."""
-    total = int(round(seconds))
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
 
 
 @dataclass
@@ -170,7 +163,7 @@ class LocalBackend:
         if run.stopped:
             report(PhaseFailed, error=KILLED_BY_USER)
         elif outcome.timed_out:
-            report(PhaseFailed, error=f"{phase.value} phase timed out after {format_seconds(command.timeout_seconds)}")
+            report(PhaseFailed, error=f"{phase.value} phase timed out after {format_duration(round(command.timeout_seconds))}")
         elif outcome.returncode == 0:
             report(PhaseSucceeded)
         else:
@@ -199,7 +192,7 @@ class LocalBackend:
                 await asyncio.wait_for(proc.wait(), timeout)
             except TimeoutError:
                 timed_out = True
-                self._system_line(job_id, log_phase, f"timed out after {format_seconds(timeout)}; stopping the task")
+                self._system_line(job_id, log_phase, f"timed out after {format_duration(round(timeout))}; stopping the task")
                 await self._terminate(proc)
             if run.stopped:
                 self._system_line(job_id, log_phase, "stopped: killed by user")
