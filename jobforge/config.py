@@ -34,14 +34,25 @@ from types import MappingProxyType
 from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, FieldSerializationInfo,
-                      PlainSerializer, SecretStr, ValidationError, ValidationInfo, WithJsonSchema, field_serializer,
-                      field_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_serializer,
+    field_validator,
+)
 
 from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     COMMIT_SHA_PATTERN,
     CONSTRAINT_OPERANDS,
-    ConstraintOperand,
     DURATION_PATTERN,
     ENV_NAME_PATTERN,
     HEADER_NAME_PATTERN,
@@ -50,14 +61,15 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     IMAGE_TAG_PATTERN,
     REDACTED,
     RESOURCE_MAX,
-    SECRETS_CONTEXT,
     SECRET_MASK,
+    SECRETS_CONTEXT,
     STAGE_NAME_PATTERN,
     TIMEOUT_MAX_SECONDS,
     TIMEOUT_MIN_SECONDS,
     VALUELESS_OPERANDS,
     VAULT_NAME_PATTERN,
     VAULT_PATH_PATTERN,
+    ConstraintOperand,
     check_git_ref,
     check_header_value,
     check_image_name,

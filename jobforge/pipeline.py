@@ -128,6 +128,16 @@ def _timeout(config: JobConfig, phase: Phase, policy: Policy) -> float:
     return policy.publish_timeout
 
 
+def current_dispatch(record: JobRecord, policy: Policy) -> DispatchPhase | None:
+    """The command that started the job's running phase, for a backend that re-attaches after a restart."""
+    phase = record.current_phase
+    if phase is None:
+        return None
+    return DispatchPhase(job_id=record.job_id, phase=phase, attempt=record.phases[phase].attempt,
+                         timeout_seconds=_timeout(record.config, phase, policy),
+                         resources=record.config.resources_for(phase.value))
+
+
 def _with_phase(record: JobRecord, phase: Phase, **changes) -> dict[Phase, PhaseRun]:
     phases = dict(record.phases)
     phases[phase] = phases[phase].model_copy(update=changes)
@@ -138,10 +148,7 @@ def _dispatch(record: JobRecord, phase: Phase, attempt: int, at: datetime, polic
     phases = _with_phase(record, phase, status=PhaseStatus.RUNNING, attempt=attempt, dispatched_at=at,
                          started_at=None, ended_at=None, error=None)
     new = record.model_copy(update={"status": STATUS_OF_PHASE[phase], "current_phase": phase, "phases": phases})
-    cmd = DispatchPhase(job_id=record.job_id, phase=phase, attempt=attempt,
-                        timeout_seconds=_timeout(record.config, phase, policy),
-                        resources=record.config.resources_for(phase.value))
-    return new, [cmd]
+    return new, [current_dispatch(new, policy)]
 
 
 def _finish(record: JobRecord, status: JobStatus, at: datetime, phases: dict[Phase, PhaseRun],

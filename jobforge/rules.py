@@ -11,9 +11,9 @@ import ipaddress
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
-from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, NoReturn, get_args
 from urllib.parse import SplitResult, urlsplit

@@ -22,8 +22,20 @@ from jobforge.config import format_validation_errors
 from jobforge.errors import BackendError, ConfigError, Conflict, NotFound
 from jobforge.metrics import Metrics
 from jobforge.models import (
-    CleanupResult, GetLogsParams, HistoryItem, HistoryParams, HistoryResult, JobIdParams, JobRecord, JobStatus,
-    JobStatusResult, KillJobResult, LogsResult, Phase, SubmitJobParams, SubmitJobResult,
+    CleanupResult,
+    GetLogsParams,
+    HistoryItem,
+    HistoryParams,
+    HistoryResult,
+    JobIdParams,
+    JobRecord,
+    JobStatus,
+    JobStatusResult,
+    KillJobResult,
+    LogsResult,
+    Phase,
+    SubmitJobParams,
+    SubmitJobResult,
     WatchUpdate,
 )
 from jobforge.stores.base import Store
@@ -63,17 +75,21 @@ class JobService:
     async def start(self) -> None:
         """Recover unfinished jobs, then start consuming backend events and admitting jobs."""
         self._consumer = asyncio.create_task(self._consume())
+        resumed = []
         for record in await self.store.unfinished():
             if record.status is JobStatus.PENDING:
                 self._pending.append(record.job_id)
             elif self.backend.resumable:
                 self._active.add(record.job_id)
+                resumed.append((pipeline.current_dispatch(record, self._policy), record))
             else:
                 phase = record.current_phase
                 await self.apply(record.job_id, pipeline.PhaseFailed(
                     at=self._clock(), phase=phase, attempt=record.phases[phase].attempt,
                     error=f"the server restarted while the {phase.value} phase was running; "
                           "the local backend cannot resume it"))
+        if resumed:
+            await self.backend.resume(resumed)
         await self._admit()
 
     async def aclose(self) -> None:
@@ -183,7 +199,8 @@ class JobService:
     async def _execute(self, command: pipeline.Command, record: JobRecord) -> None:
         if isinstance(command, pipeline.DispatchPhase):
             try:
-                await self.backend.dispatch(command, build_payload(record, command.phase.value, self._registry))
+                await self.backend.dispatch(command, build_payload(record, command.phase.value, self._registry),
+                                            record.config)
             except BackendError as exc:
                 self._spawn(self.apply(record.job_id, pipeline.PhaseFailed(
                     at=self._clock(), phase=command.phase, attempt=command.attempt,
@@ -196,7 +213,7 @@ class JobService:
             self._spawn(self._webhooks.send(command.event, record))
 
     async def _delete_temp_image(self, record: JobRecord) -> bool:
-        ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry))
+        ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry), record.config)
         if not ok:
             log.warning("job %s: temp image could not be deleted (see its cleanup logs)", record.job_id)
         await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok))

@@ -32,10 +32,14 @@ class NomadSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     addr: str = Field("http://127.0.0.1:4646", validation_alias="NOMAD_ADDR")
-    region: str = Field("global", validation_alias="NOMAD_REGION")
+    region: str | None = Field(None, validation_alias="NOMAD_REGION",
+                               description="sent only when set; else the agent's own region (the reference's global)")
     namespace: str = Field("default", validation_alias="NOMAD_NAMESPACE")
     datacenters: str = Field("cluster", validation_alias="NOMAD_DATACENTERS")
     token: SecretStr | None = Field(None, validation_alias="NOMAD_TOKEN")
+    image: str | None = Field(None, min_length=1, validation_alias="JOBFORGE_NOMAD_IMAGE",
+                              description="runner image of the Nomad jobs (python3, buildah, skopeo, git); "
+                                          "default: jobforge.nomad.render.DEFAULT_IMAGE")
 
 
 class ConsulSettings(BaseSettings):

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from jobforge.models import LogLine
+from jobforge.config import JobConfig
+from jobforge.models import JobRecord, LogLine
 from jobforge.pipeline import DispatchPhase, Event, StopPhase
 
 
@@ -38,13 +39,14 @@ class Backend(Protocol):
     resumable: bool
     """True when phases keep running without the server, so a restarted server re-attaches instead of failing them."""
 
-    async def dispatch(self, command: DispatchPhase, payload: dict) -> None:
-        """Start the phase; idempotent per `command.dispatch_key`. Raises `BackendError`."""
+    async def dispatch(self, command: DispatchPhase, payload: dict, config: JobConfig) -> None:
+        """Start the phase; idempotent per `command.dispatch_key`. `config` decides where it runs (a scheduler's
+        job spec: resources, GPU, constraints, Vault); `payload` is the task script's input. Raises `BackendError`."""
 
     async def stop(self, command: StopPhase) -> None:
         """Stop a running phase; stopping a finished one is a no-op."""
 
-    async def cleanup(self, job_id: str, payload: dict) -> bool:
+    async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         """Delete the job's temp image; its output is reported as a `LogChunk` for phase "cleanup"."""
 
     def events(self) -> AsyncIterator[BackendMessage]:
@@ -54,3 +56,9 @@ class Backend(Protocol):
         """Readiness problems by name (empty when usable)."""
 
     async def aclose(self) -> None: ...
+
+
+class ResumableBackend(Backend, Protocol):
+    async def resume(self, running: list[tuple[DispatchPhase, JobRecord]]) -> None:
+        """After a restart: re-attach to each job's running phase (the command that started it) and report what
+        happened since, through `events()`."""

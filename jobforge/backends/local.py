@@ -22,9 +22,16 @@ from pathlib import Path
 import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
-from jobforge.config import format_duration
+from jobforge.config import JobConfig, format_duration
 from jobforge.models import LogLine, LogStream
-from jobforge.pipeline import KILLED_BY_USER, DispatchPhase, PhaseFailed, PhaseStarted, PhaseSucceeded, StopPhase
+from jobforge.pipeline import (
+    KILLED_BY_USER,
+    DispatchPhase,
+    PhaseFailed,
+    PhaseStarted,
+    PhaseSucceeded,
+    StopPhase,
+)
 from jobforge.tasks import task_script
 
 _ERROR_PREFIX = "ERROR: "
@@ -78,7 +85,7 @@ class LocalBackend:
 
     # ------------------------------------------------------------ Backend API
 
-    async def dispatch(self, command: DispatchPhase, payload: dict) -> None:
+    async def dispatch(self, command: DispatchPhase, payload: dict, config: JobConfig) -> None:
         key = command.dispatch_key
         if key in self._runs:
             return
@@ -93,7 +100,7 @@ class LocalBackend:
         if run.process is not None:
             await self._terminate(run.process)
 
-    async def cleanup(self, job_id: str, payload: dict) -> bool:
+    async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         outcome = await self._execute(job_id, "cleanup", "cleanup", payload, _Run(), timeout=300)
         return outcome.returncode == 0 and not outcome.timed_out
 

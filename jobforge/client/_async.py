@@ -16,8 +16,16 @@ from jobforge.client._discovery import discover_url
 from jobforge.config import JobConfig
 from jobforge.errors import ServiceUnavailable
 from jobforge.models import (
-    CleanupResult, HealthResult, HistoryResult, JobStatus, JobStatusResult, KillJobResult, LogsResult, Phase,
-    SubmitJobResult, WatchUpdate,
+    CleanupResult,
+    HealthResult,
+    HistoryResult,
+    JobStatus,
+    JobStatusResult,
+    KillJobResult,
+    LogsResult,
+    Phase,
+    SubmitJobResult,
+    WatchUpdate,
 )
 
 __all__ = ["AsyncClient"]

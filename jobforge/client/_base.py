@@ -16,7 +16,13 @@ from pydantic import BaseModel, ValidationError
 
 from jobforge.config import SECRETS_CONTEXT, JobConfig, format_validation_errors
 from jobforge.errors import (
-    BackendError, ConfigError, Conflict, JobForgeError, NotFound, PayloadTooLarge, ServiceUnavailable,
+    BackendError,
+    ConfigError,
+    Conflict,
+    JobForgeError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
     error_for_rpc_code,
 )
 from jobforge.models import METHODS, HealthResult, JobIdParams, WatchUpdate

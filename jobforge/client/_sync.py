@@ -19,8 +19,16 @@ from jobforge.client._async import AsyncClient
 from jobforge.client._discovery import discover_url
 from jobforge.config import JobConfig
 from jobforge.models import (
-    CleanupResult, HealthResult, HistoryResult, JobStatus, JobStatusResult, KillJobResult, LogsResult, Phase,
-    SubmitJobResult, WatchUpdate,
+    CleanupResult,
+    HealthResult,
+    HistoryResult,
+    JobStatus,
+    JobStatusResult,
+    KillJobResult,
+    LogsResult,
+    Phase,
+    SubmitJobResult,
+    WatchUpdate,
 )
 
 __all__ = ["Client"]

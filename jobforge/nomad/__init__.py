@@ -6,6 +6,12 @@
 """
 
 from jobforge.nomad.render import RenderParams, render_job
-from jobforge.nomad.variants import VariantSpec, default_spec, job_name, variant_id, variant_spec
+from jobforge.nomad.variants import (
+    VariantSpec,
+    default_spec,
+    job_name,
+    variant_id,
+    variant_spec,
+)
 
 __all__ = ["RenderParams", "VariantSpec", "default_spec", "job_name", "render_job", "variant_id", "variant_spec"]

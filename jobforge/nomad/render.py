@@ -21,7 +21,13 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobforge.config import ENV_NAME_PATTERN
-from jobforge.nomad.escape import Hcl, go_string, go_template_text, hcl_heredoc, hcl_literal
+from jobforge.nomad.escape import (
+    Hcl,
+    go_string,
+    go_template_text,
+    hcl_heredoc,
+    hcl_literal,
+)
 from jobforge.nomad.variants import NOMAD_PHASES, VariantSpec, default_spec, variant_id
 from jobforge.tasks import task_script, templates_dir
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from jobforge.backends.base import Backend
 from jobforge.backends.local import LocalBackend
+from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
+from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
 from jobforge.service import JobService
 from jobforge.settings import Settings
@@ -32,16 +35,24 @@ def build_store(settings: Settings) -> Store:
     return SqliteStore(settings.data_dir / "jobforge.db")
 
 
-def build_service(settings: Settings) -> JobService:
-    if settings.backend != "local":
-        raise NotImplementedError("the nomad backend is not available yet; set JOBFORGE_BACKEND=local")
+def build_backend(settings: Settings) -> Backend:
+    if settings.backend == "nomad":
+        nomad = settings.nomad
+        http = NomadHTTP(nomad.addr, token=nomad.token.get_secret_value() if nomad.token else None,
+                         namespace=nomad.namespace, region=nomad.region)
+        overrides = {"image": nomad.image} if nomad.image else {}
+        return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides))
     data = settings.data_dir
-    store = build_store(settings)
-    backend = LocalBackend(
+    return LocalBackend(
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
         registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
     )
+
+
+def build_service(settings: Settings) -> JobService:
+    store = build_store(settings)
+    backend = build_backend(settings)
     policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
                     publish_timeout=settings.publish_timeout)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,

@@ -11,8 +11,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
+from jobforge.config import JobConfig
 from jobforge.models import LogLine, LogStream, Phase
-from jobforge.pipeline import DispatchPhase, PhaseFailed, PhaseStarted, PhaseSucceeded, StopPhase
+from jobforge.pipeline import (
+    DispatchPhase,
+    PhaseFailed,
+    PhaseStarted,
+    PhaseSucceeded,
+    StopPhase,
+)
 
 
 def now() -> datetime:
@@ -31,7 +38,7 @@ class FakeBackend:
         self.cleaned: list[str] = []
         self.problems: dict[str, str] = {}
 
-    async def dispatch(self, command: DispatchPhase, payload: dict) -> None:
+    async def dispatch(self, command: DispatchPhase, payload: dict, config: JobConfig) -> None:
         self.dispatched.append(command)
         self.payloads.append(payload)
         self._emit(command, PhaseStarted)
@@ -53,7 +60,7 @@ class FakeBackend:
     async def stop(self, command: StopPhase) -> None:
         self.stopped.append(command)
 
-    async def cleanup(self, job_id: str, payload: dict) -> bool:
+    async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         self.cleaned.append(job_id)
         return True
 

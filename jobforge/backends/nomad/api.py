@@ -1,0 +1,75 @@
+"""Nomad endpoints used by the backend, one method each (verb, path and answers as in the API reference)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+from jobforge.backends.nomad.http import NomadError, NomadHTTP, segment
+from jobforge.backends.nomad.wire import FrameDecoder, NdjsonDecoder
+
+MAX_PAYLOAD = 16384  # bytes, after base64 decoding: Nomad refuses larger dispatch payloads
+
+
+class NomadAPI:
+    def __init__(self, http: NomadHTTP) -> None:
+        self.http = http
+
+    async def parse_job(self, hcl: str) -> dict:
+        """`POST /v1/jobs/parse`: HCL → the bare JSON job, with defaults filled in."""
+        return await self.http.request("POST", "/v1/jobs/parse", body={"JobHCL": hcl, "Canonicalize": True},
+                                       what="parse job")
+
+    async def register_job(self, job: dict) -> dict:
+        """`POST /v1/jobs`; re-registering an identical spec changes nothing (parameterized jobs get no eval)."""
+        return await self.http.request("POST", "/v1/jobs", body={"Job": job}, what=f"register {job.get('ID')}")
+
+    async def read_job(self, job_id: str) -> dict | None:
+        """`GET /v1/job/:id`; None when Nomad answers 404 `job not found`."""
+        try:
+            return await self.http.request("GET", f"/v1/job/{segment(job_id)}", what=f"read job {job_id}")
+        except NomadError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def dispatch(self, job_id: str, meta: dict[str, str], payload: bytes, idempotency_token: str) -> dict:
+        """`POST /v1/job/:id/dispatch?idempotency_token=`: a retried dispatch returns the existing child."""
+        return await self.http.request(
+            "POST", f"/v1/job/{segment(job_id)}/dispatch", params={"idempotency_token": idempotency_token},
+            body={"Meta": meta, "Payload": base64.b64encode(payload).decode()}, what=f"dispatch {job_id}")
+
+    async def deregister(self, job_id: str) -> dict:
+        """`DELETE /v1/job/:id`: stops a dispatched child (its allocation is killed); unknown ids succeed."""
+        return await self.http.request("DELETE", f"/v1/job/{segment(job_id)}", what=f"stop {job_id}")
+
+    async def children(self, parent: str) -> list[dict]:
+        """`GET /v1/jobs?prefix=<parent>/dispatch-&meta=true`: the dispatched children with their meta."""
+        return await self.http.request("GET", "/v1/jobs", params={"prefix": f"{parent}/dispatch-", "meta": True},
+                                       what=f"children of {parent}") or []
+
+    async def job_allocations(self, job_id: str) -> list[dict]:
+        return await self.http.request("GET", f"/v1/job/{segment(job_id)}/allocations",
+                                       what=f"allocations of {job_id}") or []
+
+    async def leader(self) -> str:
+        return await self.http.request("GET", "/v1/status/leader", what="leader")
+
+    async def events(self, topic: str, index: int) -> AsyncIterator[dict]:
+        """`GET /v1/event/stream?topic=&index=` (index inclusive): batches `{Index, Events}`; heartbeats skipped."""
+        decoder = NdjsonDecoder()
+        async for chunk in self.http.stream("/v1/event/stream", params={"topic": topic, "index": index},
+                                            what="event stream"):
+            for batch in decoder.feed(chunk):
+                if batch:
+                    yield batch
+
+    async def logs(self, alloc_id: str, task: str, kind: str, *, follow: bool, offset: int = 0) -> AsyncIterator[dict]:
+        """`GET /v1/client/fs/logs/:alloc` framed: frames with base64 `Data`; heartbeats skipped."""
+        decoder = FrameDecoder()
+        params = {"task": task, "type": kind, "follow": follow, "origin": "start", "offset": offset}
+        async for chunk in self.http.stream(f"/v1/client/fs/logs/{segment(alloc_id)}", params=params,
+                                            what=f"logs of {alloc_id}"):
+            for frame in decoder.feed(chunk):
+                if frame:
+                    yield frame

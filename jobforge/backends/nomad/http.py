@@ -1,0 +1,78 @@
+"""The one place that talks HTTP to Nomad: address, token, namespace, region, and the error mapping.
+
+Nomad answers errors as plain text (not JSON), mostly with HTTP 500 even for validation; `NomadError` keeps the
+status and that text, and every transport failure becomes a `BackendError` naming the agent address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from jobforge.errors import BackendError
+
+
+class NomadError(BackendError):
+    def __init__(self, status: int, text: str, what: str) -> None:
+        super().__init__(f"nomad {what}: HTTP {status}: {text.strip()[:500]}", {"status": status})
+        self.status = status
+        self.text = text
+
+
+def segment(value: str) -> str:
+    """Escape a path segment (dispatched job ids contain `/`); the agent routes on the decoded path."""
+    return quote(value, safe="")
+
+
+class NomadHTTP:
+    def __init__(self, addr: str, *, token: str | None = None, namespace: str = "default",
+                 region: str | None = None, timeout: float = 30.0) -> None:
+        self.addr = addr.rstrip("/")
+        self._headers = {"X-Nomad-Token": token} if token else {}
+        self._params = {"namespace": namespace, **({"region": region} if region else {})}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _url(self, path: str, params: dict[str, Any] | None) -> URL:
+        query = {**self._params, **{k: str(v).lower() if isinstance(v, bool) else str(v)
+                                    for k, v in (params or {}).items() if v is not None}}
+        return URL(self.addr + path, encoded=True).with_query(query)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers)
+        return self._session
+
+    async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                      body: Any = None, what: str = "request") -> Any:
+        """JSON in, JSON out; raises `NomadError` on a non-2xx answer, `BackendError` when unreachable."""
+        try:
+            async with self._client().request(method, self._url(path, params), json=body,
+                                              timeout=self._timeout) as resp:
+                text = await resp.text()
+                if resp.status >= 300:
+                    raise NomadError(resp.status, text, what)
+                return await resp.json(content_type=None) if text else None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendError(f"nomad {what}: cannot reach {self.addr}: {exc.__class__.__name__} {exc}") from exc
+
+    async def stream(self, path: str, *, params: dict[str, Any] | None = None,
+                     what: str = "stream") -> AsyncIterator[bytes]:
+        """Raw body chunks of a long-lived response (event stream, followed logs), as they arrive."""
+        try:
+            async with self._client().get(self._url(path, params),
+                                          timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as resp:
+                if resp.status >= 300:
+                    raise NomadError(resp.status, await resp.text(), what)
+                async for chunk in resp.content.iter_any():
+                    yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BackendError(f"nomad {what}: cannot reach {self.addr}: {exc.__class__.__name__} {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
