@@ -18,15 +18,15 @@ import asyncio
 import base64
 import json
 import re
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
 from aiohttp import web
+
+from tests.doubles._serve import serve_on_loopback, served_in_thread
 
 KV_MAX_VALUE_SIZE = 512 * 1024
 MAX_TXN_OPS = 64
@@ -192,11 +192,7 @@ class FakeConsul:
         app.router.add_route("*", "/v1/status/leader", self._leader)
         app.router.add_route("*", "/v1/catalog/service/{name:.*}", self._catalog)
         self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self._runner, sock).start()
+        self.port = await serve_on_loopback(self._runner)
         return self.addr
 
     async def stop(self) -> None:
@@ -206,19 +202,9 @@ class FakeConsul:
             await self._runner.cleanup()
             self._runner = None
 
-    @contextmanager
-    def in_thread(self) -> Iterator[str]:
+    def in_thread(self) -> AbstractContextManager[str]:
         """Serve from a thread with its own loop (for a service subprocess); yields the address."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="fake-consul", daemon=True)
-        thread.start()
-        try:
-            yield asyncio.run_coroutine_threadsafe(self.start(), loop).result(30)
-        finally:
-            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(30)
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(30)
-            loop.close()
+        return served_in_thread(self.start, self.stop, "fake-consul")
 
     # ------------------------------------------------------------ test helpers
 

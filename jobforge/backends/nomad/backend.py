@@ -296,6 +296,8 @@ class NomadBackend:
         elif state is AllocState.SUCCEEDED:
             self._report(run, PhaseSucceeded)
         elif state is AllocState.LOST:
+            # The pipeline retries with a new dispatch; stop this child so Nomad's replacement does not run too.
+            await self._api.deregister(run.child)
             self._report(run, PhaseFailed, error=f"{run.phase} phase: allocation lost", retryable=True)
         else:
             self._report(run, PhaseFailed, error=f"{run.phase} phase failed: {run.last_error or detail}")
