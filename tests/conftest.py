@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobforge.devinfra import Registry, seed_busybox_image
+from tests.doubles.consul import FakeConsul
 from tests.support.githttp import GitHttpServer
 
 # ======================================================================================================
@@ -70,3 +71,17 @@ def git_http_server(tmp_path_factory):
 # ======================================================================================================
 # End of the e2e infrastructure section.
 # ======================================================================================================
+
+
+# ======================================================================================================
+# In-process doubles of the cluster services, started on 127.0.0.1 per test.
+# ======================================================================================================
+
+
+@pytest.fixture
+async def fake_consul_agent():
+    """A `FakeConsul` serving on a free loopback port (`.addr` is host:port)."""
+    consul = FakeConsul()
+    await consul.start()
+    yield consul
+    await consul.stop()

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from jobforge.client import _base
-from jobforge.client._discovery import discover_url
+from jobforge.client._discovery import endpoint
 from jobforge.config import JobConfig
 from jobforge.errors import ServiceUnavailable
 from jobforge.models import (
@@ -36,10 +36,7 @@ class AsyncClient:
 
     def __init__(self, url: str | None = None, *, source: str | None = None,
                  session: aiohttp.ClientSession | None = None, timeout: float = 30.0) -> None:
-        if url is None:
-            url, source = discover_url()
-        self.url = url.rstrip("/")
-        self.source = source or "explicit URL"
+        self.url, self.source = endpoint(url, source)
         self.timeout = timeout
         self._session = session
         self._owns_session = session is None

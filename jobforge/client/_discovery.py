@@ -14,7 +14,7 @@ import requests
 
 from jobforge.errors import ServiceUnavailable
 
-__all__ = ["DEFAULT_URL", "SERVICE_NAME", "discover_url", "consul_service_url"]
+__all__ = ["DEFAULT_URL", "SERVICE_NAME", "consul_service_url", "discover_url", "endpoint"]
 
 DEFAULT_URL = "http://localhost:8080"
 SERVICE_NAME = "jobforge-service"
@@ -67,3 +67,10 @@ def discover_url(explicit: str | None = None, *, env: Mapping[str, str] | None =
         url = consul_service_url(addr, token=env.get("CONSUL_HTTP_TOKEN"), session=session)
         return url, f"Consul catalog at {_normalise(addr)}"
     return DEFAULT_URL, "default"
+
+
+def endpoint(url: str | None, source: str | None) -> tuple[str, str]:
+    """The service URL (discovered when not given) and where it came from, for error messages."""
+    if url is None:
+        return discover_url()
+    return url.rstrip("/"), source or "explicit URL"

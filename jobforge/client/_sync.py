@@ -16,7 +16,7 @@ import requests
 
 from jobforge.client import _base
 from jobforge.client._async import AsyncClient
-from jobforge.client._discovery import discover_url
+from jobforge.client._discovery import endpoint
 from jobforge.config import JobConfig
 from jobforge.models import (
     CleanupResult,
@@ -39,10 +39,7 @@ class Client:
 
     def __init__(self, url: str | None = None, *, source: str | None = None,
                  session: requests.Session | None = None, timeout: float = 30.0) -> None:
-        if url is None:
-            url, source = discover_url()
-        self.url = url.rstrip("/")
-        self.source = source or "explicit URL"
+        self.url, self.source = endpoint(url, source)
         self.timeout = timeout
         self._session = session or requests.Session()
         self._owns_session = session is None

@@ -26,11 +26,8 @@ def sample(name: str):
 
 
 @pytest.fixture
-async def fake():
-    consul = FakeConsul()
-    await consul.start()
-    yield consul
-    await consul.stop()
+def fake(fake_consul_agent):
+    return fake_consul_agent
 
 
 @pytest.fixture

@@ -32,11 +32,8 @@ def line(text: str) -> LogLine:
 
 
 @pytest.fixture
-async def fake():
-    consul = FakeConsul()
-    await consul.start()
-    yield consul
-    await consul.stop()
+def fake(fake_consul_agent):
+    return fake_consul_agent
 
 
 @pytest.fixture
