@@ -14,7 +14,7 @@ from jobforge.backends.nomad.wire import (
     AllocState, FrameDecoder, LineSplitter, NdjsonDecoder, alloc_outcome, frame_data,
 )
 
-SAMPLES = Path(__file__).resolve().parent / "nomad-samples"  # copies of shared/reference/nomad-samples
+SAMPLES = Path(__file__).resolve().parents[1] / "reference" / "nomad-samples"
 
 
 def sample(name: str) -> bytes:

@@ -18,7 +18,7 @@ from tests.cli.fake_service import FakeService
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Verbatim copy of shared/reference/consul-samples/catalog-service-response.json (Consul catalog.mdx sample).
-CONSUL_SAMPLE = Path(__file__).with_name("consul-catalog-service-response.json")
+CONSUL_SAMPLE = Path(__file__).resolve().parents[1] / "reference" / "consul-samples" / "catalog-service-response.json"
 
 
 @pytest.fixture

@@ -16,12 +16,12 @@ import pytest
 
 from tests.doubles.consul import FakeConsul
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "reference" / "consul-samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "reference" / "consul-samples"
 
 
 def sample(name: str):
     path = SAMPLES / name
-    assert path.is_file(), f"reference sample missing: {path} (shared/ must sit beside the repository)"
+    assert path.is_file(), f"reference sample missing: {path} (tests/reference holds copies of shared/reference)"
     return json.loads(path.read_text())
 
 

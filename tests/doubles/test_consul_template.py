@@ -29,7 +29,7 @@ from tests.doubles.vault import FakeVault
 from tests.nomad.helpers import make_config, parse_job, untemplate
 
 ROOT = Path(__file__).resolve().parents[2]
-NOMAD_SAMPLES = ROOT.parent / "shared" / "reference" / "nomad-samples"
+NOMAD_SAMPLES = ROOT / "tests" / "reference" / "nomad-samples"
 
 
 # ---------------------------------------------------------------- templates: our jobs
@@ -136,7 +136,7 @@ def test_missing_deleted_and_destroyed_secrets():
 
 def nomad_sample(name: str):
     path = NOMAD_SAMPLES / name
-    assert path.is_file(), f"reference sample missing: {path} (shared/ must sit beside the repository)"
+    assert path.is_file(), f"reference sample missing: {path} (tests/reference holds copies of shared/reference)"
     return json.loads(path.read_text())
 
 

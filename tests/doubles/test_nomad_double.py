@@ -21,7 +21,7 @@ from tests.doubles.nomad import FakeNomad, TaskRun, subprocess_runner
 from tests.doubles.vault import FakeVault
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = ROOT.parent / "shared" / "reference" / "nomad-samples"
+SAMPLES = ROOT / "tests" / "reference" / "nomad-samples"
 JOB_FILES = sorted((ROOT / "nomad-jobs").glob("*.nomad.hcl"))
 CHILD_ID = re.compile(r"^(?P<parent>.+)/dispatch-(?:(?P<prefix>.+)-)?(?P<unix>\d{9,})-(?P<hex>[0-9a-f]{8})$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -30,7 +30,7 @@ TIMEOUT = 10
 
 def sample(name: str):
     path = SAMPLES / name
-    assert path.is_file(), f"reference sample missing: {path} (shared/ must sit beside the repository)"
+    assert path.is_file(), f"reference sample missing: {path} (tests/reference holds copies of shared/reference)"
     return json.loads(path.read_text())
 
 

@@ -19,14 +19,14 @@ from hvac import exceptions as hvac_errors
 from tests.doubles.vault import FakeVault
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = ROOT.parent / "shared" / "reference" / "vault-samples"
+SAMPLES = ROOT / "tests" / "reference" / "vault-samples"
 POLICY_DENIED = ["1 error occurred:\n\t* permission denied\n\n"]
 RFC3339_NANO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d*[1-9])?Z$")
 
 
 def sample(name: str):
     path = SAMPLES / name
-    assert path.is_file(), f"reference sample missing: {path} (shared/ must sit beside the repository)"
+    assert path.is_file(), f"reference sample missing: {path} (tests/reference holds copies of shared/reference)"
     return json.loads(path.read_text())
 
 

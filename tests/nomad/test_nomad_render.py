@@ -20,7 +20,7 @@ from jobforge.tasks import RegistryTarget, build_payload, task_script, templates
 from tests.nomad.helpers import parse_job, untemplate
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = ROOT.parent / "shared" / "reference" / "nomad-samples"
+SAMPLES = ROOT / "tests" / "reference" / "nomad-samples"
 ESCAPED_ACTION = '{{"{{"}}'
 
 
