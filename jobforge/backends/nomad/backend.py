@@ -111,8 +111,8 @@ class NomadBackend:
         except BaseException:
             self._by_key.pop(run.key, None)
             raise
-        self._by_child[run.child] = run
         run.deadline = self._spawn(self._expire(run, command.timeout_seconds))
+        await self._attach(run)
 
     async def stop(self, command: StopPhase) -> None:
         run = self._by_key.get(f"{command.job_id}-{command.phase.value}-{command.attempt}")
@@ -127,7 +127,7 @@ class NomadBackend:
         # A fresh token per call: a manual cleanup after the automatic one must run again.
         run.child = await self._dispatch(parent, run, payload, f"{job_id}-cleanup-{uuid.uuid4().hex[:8]}",
                                          config.owner)
-        self._by_child[run.child] = run
+        await self._attach(run)
         try:
             return await asyncio.wait_for(asyncio.shield(run.done), self._cleanup_timeout)
         except TimeoutError:
@@ -147,12 +147,11 @@ class NomadBackend:
                              error=f"{run.phase} phase: its Nomad job was not found after a restart")
                 continue
             run.child = child
-            self._by_key[run.key] = self._by_child[child] = run
+            self._by_key[run.key] = run
             dispatched = record.phases[command.phase].dispatched_at or record.submitted_at
             left = command.timeout_seconds - (self._clock() - dispatched).total_seconds()
             run.deadline = self._spawn(self._expire(run, left))
-            for alloc in await self._api.job_allocations(child):
-                await self._on_alloc(alloc)
+            await self._attach(run)
 
     async def events(self) -> AsyncIterator[BackendMessage]:
         if self._watcher is None:
@@ -196,6 +195,13 @@ class NomadBackend:
             meta["attempt"] = str(run.attempt)
         reply = await self._api.dispatch(parent, meta, body, token)
         return reply["DispatchedJobID"]
+
+    async def _attach(self, run: _Run) -> None:
+        """Follow the child from now on, and catch up on what happened before we listened (events that arrived
+        while the dispatch reply was on its way, or while the server was down)."""
+        self._by_child[run.child] = run
+        for alloc in await self._api.job_allocations(run.child):
+            await self._on_alloc(alloc)
 
     async def _expire(self, run: _Run, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))  # a deadline timer, not synchronisation
