@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     publish_timeout: Duration = Field(15 * 60, validation_alias="JOBFORGE_PUBLISH_TIMEOUT")
 
     backend: Literal["local", "nomad"] = Field("local", validation_alias="JOBFORGE_BACKEND")
-    store: Literal["sqlite", "consul"] = Field("sqlite", validation_alias="JOBFORGE_STORE",
-                                               description="sqlite: one file in the data dir; consul: cluster KV")
+    store: Literal["sqlite", "consul"] | None = Field(
+        None, validation_alias="JOBFORGE_STORE",
+        description="sqlite: one file in the data dir; consul: cluster KV; default: consul with the nomad backend")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="JOBFORGE_DATA_DIR")
     max_concurrent_jobs: int = Field(2, ge=1, validation_alias="MAX_CONCURRENT_JOBS")
     git_username: str | None = Field(None, validation_alias="JOBFORGE_GIT_USERNAME")
@@ -92,5 +93,10 @@ class Settings(BaseSettings):
     kill_grace_seconds: float = Field(10.0, gt=0, validation_alias="JOBFORGE_KILL_GRACE")
 
     nomad: NomadSettings = Field(default_factory=NomadSettings)
+
+    @property
+    def effective_store(self) -> Literal["sqlite", "consul"]:
+        """Cluster mode keeps job state in Consul (any server instance can serve any job); local mode in SQLite."""
+        return self.store or ("consul" if self.backend == "nomad" else "sqlite")
     consul: ConsulSettings = Field(default_factory=ConsulSettings)
     vault: VaultSettings = Field(default_factory=VaultSettings)

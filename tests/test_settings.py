@@ -43,3 +43,15 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
     with pytest.raises(ValidationError) as err:
         Settings()
     assert name in str(err.value)
+
+
+@pytest.mark.parametrize("backend, store, expected", [
+    ("local", None, "sqlite"), ("nomad", None, "consul"), ("nomad", "sqlite", "sqlite"), ("local", "consul", "consul"),
+])
+def test_the_store_follows_the_backend_unless_set(monkeypatch, backend, store, expected):
+    monkeypatch.setenv("JOBFORGE_BACKEND", backend)
+    if store:
+        monkeypatch.setenv("JOBFORGE_STORE", store)
+    else:
+        monkeypatch.delenv("JOBFORGE_STORE", raising=False)
+    assert Settings().effective_store == expected

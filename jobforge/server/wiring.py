@@ -28,7 +28,7 @@ def local_secret_env(settings: Settings) -> dict[str, str]:
 
 
 def build_store(settings: Settings) -> Store:
-    if settings.store == "consul":
+    if settings.effective_store == "consul":
         consul = settings.consul
         return ConsulStore(consul.http_addr, prefix=consul.prefix, datacenter=consul.datacenter,
                            token=consul.token.get_secret_value() if consul.token else None)
