@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from jobforge.config import validation_error
 from jobforge.errors import ConfigError, UnknownMethod
 from jobforge.models import METHODS, MethodSpec
-from jobforge.service import JobService, validation_error
+from jobforge.service import JobService
 
 Handler = Callable[[JobService, Any], Awaitable[BaseModel]]
 

@@ -2,7 +2,7 @@
 
 JSON-RPC, REST, the CLI's YAML loader and MCP (through `JobConfig.model_json_schema()`) all validate a job
 config with `JobConfig.model_validate(data)` and report failures with `format_validation_errors(exc)`, so each
-rule exists exactly once, here. This module does no I/O and imports only `jobforge.rules`.
+rule exists exactly once, here. This module does no I/O and imports only `jobforge.rules` and `jobforge.errors`.
 
 How rules are written: the patterns, limits and one small check function per rule live in `jobforge.rules`;
 each check raises `PydanticCustomError(<rule id>, <message>)`. So `ValidationError.errors()` carries a stable rule id
@@ -50,6 +50,7 @@ from pydantic import (
     field_validator,
 )
 
+from jobforge.errors import ConfigError
 from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     COMMIT_SHA_PATTERN,
     CONSTRAINT_OPERANDS,
@@ -95,7 +96,7 @@ __all__ = [
     "COMMIT_SHA_PATTERN", "CONSTRAINT_OPERANDS", "DEFAULT_RESOURCES", "ENV_NAME_PATTERN", "HEADER_NAME_PATTERN",
     "IMAGE_NAME_PATTERN", "IMAGE_TAG_PATTERN", "PHASES", "REDACTED", "SECRETS_CONTEXT", "STAGE_NAME_PATTERN",
     "Constraint", "JobConfig", "PhaseResources", "ResourceLimits", "Resources", "TestConfig", "VaultSecret",
-    "format_duration", "format_validation_errors", "parse_duration",
+    "format_duration", "format_validation_errors", "parse_duration", "validation_error",
 ]
 
 # ------------------------------------------------------------------------------------------------ field types
@@ -423,3 +424,11 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
             path += f".{part}" if path else part
     return path
 
+
+def validation_error(exc: ValidationError, what: str = "invalid params") -> ConfigError:
+    """The one mapping from a pydantic error to the field-named `ConfigError` the service and client raise:
+    the message summarises the first few fields, `errors` lists them all."""
+    errors = format_validation_errors(exc)
+    shown = "; ".join(f"{e['field']}: {e['rule']}" for e in errors[:5])
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return ConfigError(f"{what}: {shown}{more}", errors)

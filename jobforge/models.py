@@ -7,7 +7,7 @@ from these classes, so a field exists in exactly one place.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Literal
 
@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobforge.config import JobConfig
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+def utcnow() -> datetime:
+    """The clock every record and log timestamp comes from (timezone-aware UTC); injected where tests need."""
+    return datetime.now(UTC)
 
 
 class Phase(str, Enum):

@@ -12,14 +12,11 @@ import logging
 import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
-
-from pydantic import ValidationError
+from datetime import datetime
 
 from jobforge import pipeline
 from jobforge.backends.base import Backend, JobEvent, LogChunk
-from jobforge.config import format_validation_errors
-from jobforge.errors import BackendError, ConfigError, Conflict, NotFound
+from jobforge.errors import BackendError, Conflict, NotFound
 from jobforge.metrics import Metrics
 from jobforge.models import (
     CleanupResult,
@@ -37,6 +34,7 @@ from jobforge.models import (
     SubmitJobParams,
     SubmitJobResult,
     WatchUpdate,
+    utcnow,
 )
 from jobforge.stores.base import Store
 from jobforge.tasks import RegistryTarget, build_payload
@@ -44,9 +42,6 @@ from jobforge.webhooks import WebhookSender
 
 log = logging.getLogger("jobforge.service")
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class JobService:
@@ -257,11 +252,4 @@ class JobService:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
-
-
-def validation_error(exc: ValidationError) -> ConfigError:
-    """The one mapping from pydantic errors to the API's field-named error."""
-    errors = format_validation_errors(exc)
-    summary = "; ".join(f"{e['field']}: {e['rule']}" for e in errors[:5])
-    return ConfigError(f"invalid params: {summary}", errors)
 

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from jobforge import config
-from tests.support.invalid_configs import INVALID, MINIMAL, with_, with_test, without  # noqa: F401
 from jobforge.config import (
     JobConfig,
     Resources,
@@ -24,7 +23,7 @@ from jobforge.config import (
     format_validation_errors,
     parse_duration,
 )
-
+from tests.support.invalid_configs import INVALID, MINIMAL, with_, with_test, without  # noqa: F401
 
 
 def cfg(**changes) -> JobConfig:
@@ -532,6 +531,6 @@ def test_public_api_is_pinned():
         "COMMIT_SHA_PATTERN", "CONSTRAINT_OPERANDS", "DEFAULT_RESOURCES", "ENV_NAME_PATTERN", "HEADER_NAME_PATTERN",
         "IMAGE_NAME_PATTERN", "IMAGE_TAG_PATTERN", "PHASES", "REDACTED", "SECRETS_CONTEXT", "STAGE_NAME_PATTERN",
         "Constraint", "JobConfig", "PhaseResources", "ResourceLimits", "Resources", "TestConfig", "VaultSecret",
-        "format_duration", "format_validation_errors", "parse_duration",
+        "format_duration", "format_validation_errors", "parse_duration", "validation_error",
     }
     assert all(hasattr(config, name) for name in config.__all__)

@@ -16,14 +16,14 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.config import JobConfig, format_duration
-from jobforge.models import LogLine, LogStream
+from jobforge.models import LogLine, LogStream, utcnow
 from jobforge.pipeline import (
     KILLED_BY_USER,
     DispatchPhase,
@@ -38,9 +38,6 @@ _ERROR_PREFIX = "ERROR: "
 _READ_CHUNK = 64 * 1024
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
 
-from jobforge.config import SECRETS_CONTEXT, JobConfig, format_validation_errors
+from jobforge.config import SECRETS_CONTEXT, JobConfig, validation_error
 from jobforge.errors import (
     BackendError,
     ConfigError,
@@ -46,12 +46,6 @@ class Call:
     result: type[BaseModel]
 
 
-def _invalid(name: str, exc: ValidationError) -> ConfigError:
-    errors = format_validation_errors(exc)
-    fields = ", ".join(f"{e['field']}: {e['rule']}" for e in errors)
-    return ConfigError(f"invalid params for {name}: {fields}", errors)
-
-
 def submit_params(config: JobConfig | dict[str, Any]) -> dict[str, Any]:
     """Validate a job config locally (nothing is sent when it is invalid) and return the submitJob params.
 
@@ -63,7 +57,7 @@ def submit_params(config: JobConfig | dict[str, Any]) -> dict[str, Any]:
     try:
         JobConfig.model_validate(config)
     except ValidationError as exc:
-        raise _invalid("submitJob", exc) from None
+        raise validation_error(exc, "invalid params for submitJob") from None
     return {"job_config": config}
 
 
@@ -76,7 +70,7 @@ def build_call(name: str, params: dict[str, Any]) -> Call:
         try:
             body = spec.params.model_validate(params).model_dump(mode="json", exclude_unset=True)
         except ValidationError as exc:
-            raise _invalid(name, exc) from None
+            raise validation_error(exc, f"invalid params for {name}") from None
     return Call("POST", f"/json/{name}", body, spec.result)
 
 
@@ -123,7 +117,7 @@ def watch_url(base_url: str, job_id: str, logs: bool) -> str:
     try:
         JobIdParams(job_id=job_id)
     except ValidationError as exc:
-        raise _invalid("watch", exc) from None
+        raise validation_error(exc, "invalid params for watch") from None
     scheme, rest = base_url.split("://", 1)
     ws = "wss" if scheme == "https" else "ws"
     return f"{ws}://{rest}/json/job/{quote(job_id, safe='')}/watch" + ("?logs=true" if logs else "")

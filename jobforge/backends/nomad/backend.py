@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.backends.nomad.api import MAX_PAYLOAD, NomadAPI
@@ -32,7 +32,7 @@ from jobforge.backends.nomad.wire import (
 )
 from jobforge.config import JobConfig, format_duration
 from jobforge.errors import BackendError
-from jobforge.models import JobRecord, LogLine, LogStream, Phase
+from jobforge.models import JobRecord, LogLine, LogStream, Phase, utcnow
 from jobforge.nomad import RenderParams, render_job, variant_id, variant_spec
 from jobforge.pipeline import (
     KILLED_BY_USER,
@@ -49,9 +49,6 @@ _ERROR_PREFIX = "ERROR: "
 _STREAMS = (("stdout", LogStream.STDOUT), ("stderr", LogStream.STDERR))
 CLEANUP = "cleanup"
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
