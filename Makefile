@@ -1,18 +1,26 @@
-# Two entry points: `make demo` and `make test`. Both install what they need first.
+# Two entry points: `make demo` and `make test`. Both install what they need first, from the lock files.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap apache2-utils ca-certificates python3-venv procps
+# Locked, hashed dependency sets (pip-compile; `make lock` regenerates them). Each includes the build backend,
+# so the project itself is built offline from the locked hatchling.
+RUNTIME_LOCK := requirements/runtime.lock
+TEST_LOCK := requirements/test.lock
+# The package is installed as a wheel, never editable: the checkout's `cli/` folder becomes `jobforge_cli`,
+# and what the tests and the demo run is what a user installs. Any source change reinstalls it.
+SOURCES := pyproject.toml README.md $(shell find jobforge cli templates -type f ! -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test deps system-deps venv clean
+.PHONY: demo test deps system-deps clean lock nomad-jobs
 
-demo: deps
+demo: system-deps $(VENV)/.runtime $(VENV)/.project
 	$(PY) examples/demo.py
 
-test: deps
+test: system-deps $(VENV)/.test $(VENV)/.project
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-deps: system-deps venv
+deps: system-deps $(VENV)/.test $(VENV)/.project
 
 # Installs the Debian packages the pipeline really uses (skipped when all are present).
 system-deps:
@@ -23,18 +31,35 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-venv: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+
+$(VENV)/.runtime: $(RUNTIME_LOCK) | $(PY)
+	$(PIP) install -q --require-hashes --no-deps -r $(RUNTIME_LOCK)
+	touch $@
+
+# The test lock is a superset of the runtime lock.
+$(VENV)/.test: $(TEST_LOCK) | $(PY)
+	$(PIP) install -q --require-hashes --no-deps -r $(TEST_LOCK)
+	touch $@ $(VENV)/.runtime
+
+$(VENV)/.project: $(SOURCES) | $(VENV)/.runtime
+	$(PIP) install -q --no-deps --no-build-isolation --no-index --force-reinstall .
 	touch $@
 
 clean:
 	rm -rf $(VENV) .jobforge build dist *.egg-info
 
+# Regenerates both lock files from pyproject.toml with a pinned pip-tools in a throw-away venv.
+lock:
+	rm -rf .lockvenv && python3 -m venv .lockvenv && .lockvenv/bin/pip install -q 'pip-tools==7.6.2'
+	for set in runtime test; do \
+	  extra=""; [ $$set = test ] && extra="--extra test"; \
+	  CUSTOM_COMPILE_COMMAND="make lock" .lockvenv/bin/pip-compile -q --generate-hashes --strip-extras --allow-unsafe \
+	    --all-build-deps --no-emit-index-url --no-emit-find-links $$extra -o requirements/$$set.lock pyproject.toml; \
+	done
+	rm -rf .lockvenv
+
 # Re-render the default Nomad jobs in nomad-jobs/ (tests/nomad checks they match a fresh render).
-.PHONY: nomad-jobs
-nomad-jobs: venv
+nomad-jobs: $(VENV)/.project
 	$(PY) -m jobforge.nomad nomad-jobs

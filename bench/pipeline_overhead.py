@@ -43,10 +43,9 @@ from types import ModuleType
 import aiohttp
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image
 
-from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLE = ROOT / "examples" / "hello"
 TASKS = ROOT / "templates" / "tasks"

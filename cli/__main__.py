@@ -1,3 +1,3 @@
-from cli.main import main
+from jobforge_cli.main import main
 
 main()

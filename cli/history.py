@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cli._files import atomic_write, locked
+from jobforge_cli._files import atomic_write, locked
 from jobforge.models import PHASES, JobStatus, JobStatusResult, LogsResult, PhaseStatus
 
 HISTORY_HEADER = "# Build History\n"

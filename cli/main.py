@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 
 from cyclopts import App, Parameter, validators
 
-from cli import merge, output, submit, versioning
-from cli.watch import follow_logs, watch_job
+from jobforge_cli import merge, output, submit, versioning
+from jobforge_cli.watch import follow_logs, watch_job
 from jobforge.client import Client, discover_url
 from jobforge.errors import ConfigError, Conflict, JobForgeError, NotFound, PayloadTooLarge, ServiceUnavailable
 

@@ -6,7 +6,7 @@ import sys
 
 from pydantic import BaseModel
 
-from cli.history import human_duration, iso, phase_statuses
+from jobforge_cli.history import human_duration, iso, phase_statuses
 from jobforge.models import HealthResult, HistoryResult, JobStatusResult, LogsResult
 
 

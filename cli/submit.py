@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cli import merge, versioning
-from cli.history import History, dump_yaml
-from cli.watch import watch_job
+from jobforge_cli import merge, versioning
+from jobforge_cli.history import History, dump_yaml
+from jobforge_cli.watch import watch_job
 from jobforge.client import Client
 from jobforge.config import JobConfig, format_validation_errors
 from jobforge.errors import ConfigError

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from cli._files import atomic_write, locked
+from jobforge_cli._files import atomic_write, locked
 from jobforge.errors import ConfigError
 
 VERSION_FILE = "version.yaml"

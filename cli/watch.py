@@ -15,7 +15,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from cli.history import human_duration, phase_statuses, utc
+from jobforge_cli.history import human_duration, phase_statuses, utc
 from jobforge.client import Client
 from jobforge.errors import JobForgeError
 from jobforge.models import PHASES, JobStatus, JobStatusResult

@@ -23,10 +23,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image
 
-from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 EXAMPLE = ROOT / "examples" / "hello"
 BIN = Path(sys.executable).parent  # the venv's bin: jobforge and jobforge-service live next to python

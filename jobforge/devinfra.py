@@ -230,6 +230,14 @@ def remove_tree(path: str | os.PathLike) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def service_command() -> list[str]:
+    """The installed `jobforge-service` console script of this interpreter's environment: what users run."""
+    script = Path(sys.executable).with_name("jobforge-service")
+    if not script.exists():
+        raise RuntimeError(f"{script} is missing: install the package (make demo / make test do)")
+    return [str(script)]
+
+
 class ServiceProcess:
     """`jobforge-service` as a subprocess on 127.0.0.1 with its own data dir, logging to `service.log` there.
 
@@ -259,7 +267,7 @@ class ServiceProcess:
     def start(self, timeout: float = 30.0) -> "ServiceProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "jobforge.server.main"], env=self.env,
+            self.proc = subprocess.Popen(service_command(), env=self.env,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout

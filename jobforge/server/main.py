@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -45,7 +46,22 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         await service.store.aclose()
 
 
-def main() -> None:
+def _parse_args(argv: list[str] | None) -> None:
+    """Only --help and --version: every setting comes from the environment (docs/architecture.md)."""
+    from importlib.metadata import version
+
+    parser = argparse.ArgumentParser(
+        prog="jobforge-service",
+        description="Serve the Job Forge API (JSON-RPC, REST, WebSocket) and metrics until SIGINT/SIGTERM. "
+                    "Configured through environment variables: SERVER_HOST, SERVER_PORT, METRICS_PORT, "
+                    "JOBFORGE_BACKEND (local|nomad), JOBFORGE_DATA_DIR, REGISTRY_URL, NOMAD_ADDR, "
+                    "CONSUL_HTTP_ADDR, ... (see README and docs/).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('jobforge')}")
+    parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as exc:

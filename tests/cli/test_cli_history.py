@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 import yaml
 
-from cli.history import History, human_duration, status_md, upsert_entry
+from jobforge_cli.history import History, human_duration, status_md, upsert_entry
 from jobforge.models import JobStatusResult, LogsResult
 from tests.cli.fake_service import phase_doc, status_doc
 

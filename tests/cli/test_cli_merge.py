@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from cli.merge import add_tags, deep_merge, load_source, merged_config, split_tags
+from jobforge_cli.merge import add_tags, deep_merge, load_source, merged_config, split_tags
 from jobforge.errors import ConfigError
 
 GLOBAL = {

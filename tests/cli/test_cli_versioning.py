@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from cli import versioning
-from cli.versioning import Version, current_branch, read_version, reserve, sanitize_branch, set_version, version_tag
+from jobforge_cli import versioning
+from jobforge_cli.versioning import Version, current_branch, read_version, reserve, sanitize_branch, set_version, version_tag
 from jobforge.config import IMAGE_TAG_PATTERN
 from jobforge.errors import ConfigError
 from tests.cli.conftest import REPO_ROOT
@@ -136,7 +136,7 @@ def test_concurrent_threads_get_distinct_patch_numbers(tmp_path):
 
 
 def test_concurrent_processes_get_distinct_patch_numbers(tmp_path):
-    code = ("import sys; from pathlib import Path; from cli.versioning import reserve\n"
+    code = ("import sys; from pathlib import Path; from jobforge_cli.versioning import reserve\n"
             "with reserve(Path(sys.argv[1]), 'main') as r:\n    r.commit()\n    print(r.tag)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               text=True) for _ in range(8)]
