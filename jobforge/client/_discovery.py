@@ -1,15 +1,18 @@
 """Where the service is: ``--url``, else ``JOB_SERVICE_URL``, else Consul's catalog, else localhost.
 
 The answer carries its source, so "cannot reach …" errors say which of the four was used and users know what to
-fix. The Consul lookup is one plain HTTP GET of the catalog (``/v1/catalog/service/jobforge-service``).
+fix. The Consul lookup is one catalog call (``/v1/catalog/service/jobforge-service``) through python-consul2.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
+import consul
 import requests
 
 from jobforge.errors import ServiceUnavailable
@@ -29,22 +32,39 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
+def _consul_client(consul_addr: str, token: str | None, timeout: float) -> consul.Consul:
+    """A python-consul2 client for CONSUL_HTTP_ADDR (`host:port` or a URL)."""
+    parts = urlsplit(_normalise(consul_addr))
+    with warnings.catch_warnings():  # it warns about legacy-ACL and discovery-chain APIs we never call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        default_port = 443 if parts.scheme == "https" else 8500
+        client = consul.Consul(host=parts.hostname or "127.0.0.1", port=parts.port or default_port,
+                               scheme=parts.scheme, token=token, timeout=timeout)
+    client.token = token  # python-consul2 prefers $CONSUL_HTTP_TOKEN over the argument; ours is explicit
+    return client
+
+
 def consul_service_url(consul_addr: str, *, token: str | None = None, session: requests.Session | None = None,
                        timeout: float = 5.0) -> str:
-    """The first catalog entry of `SERVICE_NAME`: ``ServiceAddress`` (may be empty → node ``Address``) and port."""
-    base = _normalise(consul_addr)
-    headers = {"X-Consul-Token": token} if token else {}
-    where = f"Consul at {base} (CONSUL_HTTP_ADDR)"
+    """The first catalog entry of `SERVICE_NAME`: ``ServiceAddress`` (may be empty → node ``Address``) and port.
+
+    One plain request/response call, so python-consul2's blocking client fits here (the CLI is synchronous).
+    """
+    where = f"Consul at {_normalise(consul_addr)} (CONSUL_HTTP_ADDR)"
+    client = _consul_client(consul_addr, token, timeout)
+    if session is not None:
+        client.http.session = session
     try:
-        resp = (session or requests).get(f"{base}/v1/catalog/service/{SERVICE_NAME}", headers=headers,
-                                         timeout=timeout)
+        _index, entries = client.catalog.service(SERVICE_NAME)
     except requests.RequestException as exc:
         raise ServiceUnavailable(f"cannot reach {where} to look up {SERVICE_NAME}: {exc}") from exc
-    if resp.status_code != 200:
-        raise ServiceUnavailable(f"{where} answered HTTP {resp.status_code} for {SERVICE_NAME}: {resp.text[:200]}")
+    except consul.ConsulException as exc:
+        raise ServiceUnavailable(f"{where} refused the look-up of {SERVICE_NAME}: "
+                                 f"{exc.__class__.__name__} {str(exc)[:200]}") from None
+    except ValueError as exc:
+        raise ServiceUnavailable(f"unexpected catalog answer from {where}: {exc!r}") from None
     try:
-        entries: list[dict[str, Any]] = resp.json()
-        entry = entries[0]
+        entry: dict[str, Any] = entries[0]
         address = entry.get("ServiceAddress") or entry["Address"]
         port = int(entry["ServicePort"])
     except IndexError:

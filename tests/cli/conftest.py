@@ -36,6 +36,7 @@ class FakeConsul:
     def __init__(self) -> None:
         self.services: dict[str, list[dict]] = {}
         self.seen_tokens: list[str | None] = []
+        self.index = 1
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +50,10 @@ class FakeConsul:
                 body = json.dumps(fake.services.get(self.path[len(prefix):].split("?")[0], [])).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
+                # Like Consul: every catalog read carries the blocking-query headers.
+                self.send_header("X-Consul-Index", str(fake.index))
+                self.send_header("X-Consul-Knownleader", "true")
+                self.send_header("X-Consul-Lastcontact", "0")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -67,6 +72,7 @@ class FakeConsul:
         entry |= {"ServiceName": "jobforge-service", "ServiceID": "jobforge-service-1",
                   "ServiceAddress": service_address, "ServicePort": port, "Address": node_address}
         self.services["jobforge-service"] = [entry]
+        self.index += 1
 
 
 @pytest.fixture

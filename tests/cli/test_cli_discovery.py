@@ -13,7 +13,7 @@ from tests.cli.conftest import cli_env, run_cli
 
 
 def test_explicit_url_wins_over_everything(fake_consul):
-    fake_consul.register("10.0.0.1", 1)
+    fake_consul.register("127.0.0.2", 1)
     env = {"JOB_SERVICE_URL": "http://env:1", "CONSUL_HTTP_ADDR": fake_consul.addr}
     assert discover_url("http://flag:2/", env=env) == ("http://flag:2", "--url")
 
