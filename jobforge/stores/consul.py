@@ -4,9 +4,10 @@ Key layout (the only place it is defined; `<...>` segments are escaped by `segme
 
     <prefix>jobs/<job_id>                      the record: JSON from `dump_record` (keeps the webhook secret)
     <prefix>logs/<job_id>/<phase>/<seq:012d>   one chunk of log lines: a JSON list of {"ts", "stream", "line"}
+    <prefix>webhooks/<job_id>/<seq:02d>        one webhook delivery (outbox entry); seq = the event's order
 
 Why it looks like this:
-- `put` is a one-op `PUT /v1/txn` with verb `cas` (Index = expected version; 0 = create only if absent). It is
+- `put` and `put_delivery` are a one-op `PUT /v1/txn` with verb `cas` (Index = expected version; 0 = create only if absent). It is
   atomic and its result carries the key's new ModifyIndex. `PUT /v1/kv/...?cas=` only answers true/false, and
   reading the index back afterwards could return another writer's version and so hide a conflict.
 - `list` and `unfinished` read the jobs prefix once (`?recurse`) and filter, sort and page in memory: one
@@ -38,15 +39,24 @@ import aiohttp
 from yarl import URL
 
 from jobforge.errors import Conflict, NotFound, StoreError
-from jobforge.models import JobRecord, JobStatus, LogLine
+from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
 from jobforge.rules import KEY_PREFIX_PATTERN
-from jobforge.stores.base import Versioned, dump_record, load_record
+from jobforge.stores.base import (
+    Versioned,
+    VersionedDelivery,
+    dump_delivery,
+    dump_record,
+    load_delivery,
+    load_record,
+)
 
-__all__ = ["ConsulStore", "job_key", "jobs_prefix", "log_key", "logs_prefix", "segment"]
+__all__ = ["ConsulStore", "delivery_key", "deliveries_prefix", "job_key", "jobs_prefix", "log_key", "logs_prefix",
+           "segment"]
 
 
 JOBS = "jobs/"
 LOGS = "logs/"
+WEBHOOKS = "webhooks/"
 SEQ_DIGITS = 12
 CHUNK_BYTES = 256 * 1024
 PIECE_CHARS = 32 * 1024  # <= 6 bytes per char once JSON-encoded (\u00XX), so a piece always fits a chunk
@@ -83,6 +93,14 @@ def logs_prefix(prefix: str, job_id: str, phase: str | None = None) -> str:
 
 def log_key(prefix: str, job_id: str, phase: str, seq: int) -> str:
     return f"{logs_prefix(prefix, job_id, phase)}{seq:0{SEQ_DIGITS}d}"
+
+
+def deliveries_prefix(prefix: str, job_id: str | None = None) -> str:
+    return f"{prefix}{WEBHOOKS}" + ("" if job_id is None else f"{segment(job_id)}/")
+
+
+def delivery_key(prefix: str, delivery: WebhookDelivery) -> str:
+    return f"{deliveries_prefix(prefix, delivery.job_id)}{delivery.seq:02d}"
 
 
 # ---------------------------------------------------------------- HTTP seam
@@ -189,18 +207,8 @@ class ConsulStore:
             return Versioned(load_record(_value(entry)), int(entry["ModifyIndex"]))
 
     async def put(self, record: JobRecord, expected_version: int) -> int:
-        key = job_key(self.prefix, record.job_id)
-        value = base64.b64encode(dump_record(record).encode()).decode()
-        op = {"KV": {"Verb": "cas", "Key": key, "Value": value, "Flags": 0, "Index": expected_version}}
-        status, body = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=[op])
-        with _answer(f"txn cas {key}"):
-            answer = json.loads(body)
-            if status == 200:
-                return int(answer["Results"][0]["KV"]["ModifyIndex"])
-            errors = [e["What"] for e in answer["Errors"]]
-        if errors and all(what.endswith("index is stale") for what in errors):
-            raise Conflict(f"job {record.job_id} changed concurrently (expected version {expected_version})")
-        raise StoreError(f"consul rolled back the write of job {record.job_id}: {'; '.join(errors)}")
+        return await self._cas(job_key(self.prefix, record.job_id), dump_record(record), expected_version,
+                               f"job {record.job_id}")
 
     async def list(self, limit: int, offset: int, owner: str | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
@@ -232,6 +240,23 @@ class ConsulStore:
                 out.setdefault(name, []).append(_joined(parts))
         return out
 
+    async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
+        return await self._cas(delivery_key(self.prefix, delivery), dump_delivery(delivery), expected_version,
+                               f"webhook delivery {delivery.delivery_id}")
+
+    async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
+        base = deliveries_prefix(self.prefix)
+        with _answer(base):
+            found = [VersionedDelivery(load_delivery(_value(e)), int(e["ModifyIndex"])) for e in await self._recurse(base)]
+        pending = [v for v in found if v.delivery.state is DeliveryState.PENDING]
+        pending.sort(key=lambda v: (v.delivery.created_at, v.delivery.job_id, v.delivery.seq))
+        return pending[:limit]
+
+    async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        base = deliveries_prefix(self.prefix, job_id)
+        with _answer(base):
+            return [load_delivery(_value(e)) for e in await self._recurse(base)]
+
     async def ping(self) -> None:
         _, body = await self._http.request("GET", "/v1/status/leader")
         with _answer("/v1/status/leader"):
@@ -243,6 +268,19 @@ class ConsulStore:
         await self._http.aclose()
 
     # ------------------------------------------------------------ helpers
+
+    async def _cas(self, key: str, raw: str, expected_version: int, what: str) -> int:
+        value = base64.b64encode(raw.encode()).decode()
+        op = {"KV": {"Verb": "cas", "Key": key, "Value": value, "Flags": 0, "Index": expected_version}}
+        status, body = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=[op])
+        with _answer(f"txn cas {key}"):
+            answer = json.loads(body)
+            if status == 200:
+                return int(answer["Results"][0]["KV"]["ModifyIndex"])
+            errors = [e["What"] for e in answer["Errors"]]
+        if errors and all(error.endswith("index is stale") for error in errors):
+            raise Conflict(f"{what} changed concurrently (expected version {expected_version})")
+        raise StoreError(f"consul rolled back the write of {what}: {'; '.join(errors)}")
 
     async def _recurse(self, prefix: str) -> list[dict[str, Any]]:
         """Every entry under `prefix` in key order, skipping folder keys (`.../`, as the Consul UI creates)."""
