@@ -202,10 +202,10 @@ class DeliveryWorker:
         await self._store.put_delivery(done, version)
         self._on_outcome("retry" if problem else state.value)
         level = logging.INFO if state is DeliveryState.DELIVERED else logging.WARNING
-        log.log(level, "job %s: webhook %s (delivery %s) to %s, attempt %d: %s%s", delivery.job_id,
-                delivery.event.value, delivery.delivery_id, host or "?", attempt, state.value,
-                f" ({outcome}); next attempt in {(next_at - self._clock()).total_seconds():.1f} s"
-                if problem else f" ({outcome})")
+        result = (f"{outcome}; retrying in {(next_at - self._clock()).total_seconds():.1f} s" if problem
+                  else f"{state.value}: {outcome}")
+        log.log(level, "job %s: webhook %s (delivery %s) to %s, attempt %d: %s", delivery.job_id,
+                delivery.event.value, delivery.delivery_id, host or "?", attempt, result)
 
     async def _send(self, url: str, delivery: WebhookDelivery,
                     record: JobRecord) -> tuple[DeliveryState, str, int | None, str | None]:
