@@ -73,3 +73,47 @@ class Receiver:
     @property
     def events(self) -> list[str]:
         return [r.event for r in self.requests]
+
+
+class ThreadedReceiver:
+    """The same, for synchronous tests: `http.server` in a thread, answering 204 to every POST."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[Received] = []
+        self._arrived = threading.Condition()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with outer._arrived:
+                    outer.requests.append(Received(dict(self.headers.items()), body))
+                    outer._arrived.notify_all()
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ThreadedReceiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def wait_for_event(self, event: str, timeout: float = 120) -> list[Received]:
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: any(r.event == event for r in self.requests), timeout):
+                raise AssertionError(f"no {event} webhook within {timeout:.0f} s; got {[r.event for r in self.requests]}")
+            return list(self.requests)
