@@ -42,7 +42,7 @@ def _embedded_v4(ip: IPAddress) -> IPAddress:
 def why_not_public(ip: IPAddress) -> str | None:
     """None for a public unicast address, else what it is (for the delivery's recorded outcome)."""
     ip = _embedded_v4(ip)
-    for kind in ("loopback", "link_local", "private", "unspecified", "multicast", "reserved"):
+    for kind in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     if not ip.is_global:
