@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -205,3 +206,18 @@ async def test_a_redirect_is_not_followed(tmp_path):
     assert receiver.events == SUCCESS  # one attempt each, never retried
     assert all(d.state is DeliveryState.FAILED and d.last_status == 302 and "redirects are not followed" in d.outcome
                for d in outbox)
+
+
+async def test_the_verification_snippet_in_the_docs_accepts_real_deliveries_and_rejects_forgeries(tmp_path):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "webhooks.md").read_text()
+    snippet = doc.split("## Verifying a delivery (Python)", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(snippet.replace("the job's webhook_secret", SECRET), namespace)  # noqa: S102 - our own docs
+    async with Receiver() as receiver, running(tmp_path / "db") as env:
+        await env.submit(webhook_url=receiver.url())
+        await finished(env)
+    for got in receiver.requests:
+        assert namespace["verify"](got.headers, got.body)["event"] == got.event
+    forged = receiver.requests[0].body.replace(b"BUILDING", b"SUCCEEDED")
+    with pytest.raises(ValueError, match="bad signature"):
+        namespace["verify"](receiver.requests[0].headers, forged)
