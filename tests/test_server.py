@@ -52,12 +52,13 @@ class Env:
 
 
 @asynccontextmanager
-async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, *, allow_hosts=("127.0.0.1",),
-                  start_webhooks: bool = True, **webhook_options):
-    """The service on SQLite at `db` with the fake backend; its webhook worker may send to `allow_hosts`, retries
-    after 10 ms (`webhook_options` override), and is not started with `start_webhooks=False`."""
+async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, *, store=None,
+                  allow_hosts=("127.0.0.1",), start_webhooks: bool = True, **webhook_options):
+    """The service on SQLite at `db` (or on `store`, which it then closes) with the fake backend; its webhook
+    worker may send to `allow_hosts`, retries after 10 ms (`webhook_options` override), and is not started with
+    `start_webhooks=False`."""
     backend = backend or FakeBackend()
-    store = SqliteStore(db)
+    store = store or SqliteStore(db)
     worker = DeliveryWorker(store, OutboundPolicy(allow_hosts),
                             **{"backoff": 0.01, "backoff_max": 0.05, "timeout": 5.0, **webhook_options})
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,

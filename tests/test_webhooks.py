@@ -17,6 +17,9 @@ import pytest
 from aiohttp import web
 
 from jobforge.models import DeliveryState, Phase
+from jobforge.stores.consul import ConsulStore
+from jobforge.stores.sqlite import SqliteStore
+from tests.doubles.consul import FakeConsul
 from tests.support.receiver import Receiver
 from tests.test_server import running
 
@@ -150,15 +153,27 @@ async def test_attempts_are_bounded(tmp_path):
 
 # ---------------------------------------------------------------- the outbox survives a restart
 
-async def test_deliveries_queued_before_a_restart_arrive_after_it(tmp_path):
-    db = tmp_path / "db"
+@pytest.fixture(params=["sqlite", "consul"])
+async def store_factory(request, tmp_path):
+    """Makes stores that share one place: a SQLite file, or a Consul (fake agent) prefix."""
+    if request.param == "sqlite":
+        yield lambda: SqliteStore(tmp_path / "jobs.db")
+        return
+    fake = FakeConsul()
+    addr = await fake.start()
+    yield lambda: ConsulStore(addr, prefix="webhooks-test/")
+    await fake.stop()
+
+
+async def test_deliveries_queued_before_a_restart_arrive_after_it(tmp_path, store_factory):
+    db = tmp_path / "unused"
     async with Receiver() as receiver:
-        async with running(db, start_webhooks=False) as env:  # the worker never runs: all stay queued
+        async with running(db, store=store_factory(), start_webhooks=False) as env:  # no worker: all stay queued
             job_id = await env.submit(webhook_url=receiver.url())
             await env.service.idle()
             assert len(await env.service.store.pending_deliveries(100)) == len(SUCCESS)
         assert receiver.requests == []
-        async with running(db) as env:
+        async with running(db, store=store_factory()) as env:
             await env.service.webhooks.drain()
             outbox = await deliveries(env, job_id)
     assert receiver.events == SUCCESS
