@@ -97,6 +97,8 @@ REDACTED = "***"
 SECRET_MASK = "**********"
 # Serialisation context that makes JSON dumps carry the real `webhook_secret` (for trusted persistence only).
 SECRETS_CONTEXT: Mapping[str, bool] = MappingProxyType({"reveal_secrets": True})
+# Validation context of records read back from the store: a rule added later must not make old jobs unreadable.
+STORED_CONTEXT: Mapping[str, bool] = MappingProxyType({"stored": True})
 
 
 # A Consul KV key prefix for the cluster store: empty, or '/'-terminated segments of Consul-safe characters.
@@ -290,8 +292,15 @@ def check_webhook_url(value: str) -> str:
     return value
 
 
-def check_webhook_header_name(value: str) -> str:
-    if value.lower() in _RESERVED_LOWER:
+def is_reserved_webhook_header(name: str) -> bool:
+    return name.lower() in _RESERVED_LOWER
+
+
+def check_webhook_header_name(value: str, info: Any) -> str:
+    """Refused at submit time; a record read back from the store (`STORED_CONTEXT`) stays readable, and the
+    sender drops such a header instead."""
+    stored = isinstance(getattr(info, "context", None), Mapping) and info.context.get("stored")
+    if is_reserved_webhook_header(value) and not stored:
         fail("webhook_header_reserved", "is set by Job Forge on every webhook and cannot be overridden "
                                         f"(reserved: {', '.join(RESERVED_WEBHOOK_HEADERS)})")
     return value

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from jobforge.config import JobConfig
 from jobforge.models import JobRecord, WebhookDelivery
 from jobforge.pipeline import FireWebhook
+from jobforge.rules import is_reserved_webhook_header
 
 SIGNATURE_HEADER = "X-Webhook-Signature"
 EVENT_HEADER = "X-Webhook-Event"
@@ -44,8 +45,8 @@ def rfc3339(at: datetime) -> str:
 
 
 def strip_credentials(url: str) -> str:
-    """The URL without its userinfo (`https://user:pw@host/x` -> `https://host/x`); scp-like and local
-    repository paths carry no password and are returned unchanged, except an scp-like user is kept."""
+    """The URL without its userinfo (`https://user:pw@host/x` -> `https://host/x`). scp-like addresses
+    (`git@host:path`) and local paths carry no password and are returned unchanged."""
     if "://" not in url:
         return url
     parts = urlsplit(url)
@@ -85,10 +86,7 @@ def new_delivery(command: FireWebhook, record: JobRecord, now: datetime) -> Webh
 def headers(delivery: WebhookDelivery, config: JobConfig) -> dict[str, str]:
     """The job's `webhook_headers` first, then ours: config validation forbids naming ours, and this order
     makes sure they win even for a record stored before that rule existed."""
-    out = dict(config.webhook_headers)
-    for name in list(out):
-        if name.lower() in ("host", "content-type", "user-agent") or name.lower().startswith("x-webhook-"):
-            del out[name]
+    out = {name: value for name, value in config.webhook_headers.items() if not is_reserved_webhook_header(name)}
     out.update({"Content-Type": "application/json", "User-Agent": user_agent(),
                 EVENT_HEADER: delivery.event.value, DELIVERY_HEADER: delivery.delivery_id})
     if config.webhook_secret is not None:

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from jobforge.models import DeliveryState, Phase
+from jobforge.config import JobConfig
+from jobforge.models import DeliveryState, Phase, WebhookDelivery, WebhookEvent
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
+from jobforge.webhooks import backoff, headers, strip_credentials
 from tests.doubles.consul import FakeConsul
 from tests.support.receiver import Receiver
 from tests.test_server import running
@@ -236,3 +238,37 @@ async def test_the_verification_snippet_in_the_docs_accepts_real_deliveries_and_
     forged = receiver.requests[0].body.replace(b"BUILDING", b"SUCCEEDED")
     with pytest.raises(ValueError, match="bad signature"):
         namespace["verify"](receiver.requests[0].headers, forged)
+
+
+# ---------------------------------------------------------------- wire format details
+
+def test_our_headers_win_over_a_stored_configs_reserved_ones():
+    config = JobConfig.model_validate({"owner": "t", "repo_url": "https://git.example.invalid/a.git",
+                                       "image_name": "a", "registry_url": "127.0.0.1:5000",
+                                       "webhook_url": "http://127.0.0.1:9/", "webhook_secret": SECRET})
+    legacy = config.model_copy(update={"webhook_headers": {"Host": "evil", "x-webhook-event": "job.completed",
+                                                           "X-Team": "ai"}})
+    now = datetime(2026, 1, 1).astimezone()
+    delivery = WebhookDelivery(delivery_id="d-1", job_id="j", event=WebhookEvent.BUILD_STARTED, body="{}",
+                               created_at=now, next_attempt_at=now)
+    sent = headers(delivery, legacy)
+    assert "Host" not in sent and sent["X-Webhook-Event"] == "build.started" and sent["X-Team"] == "ai"
+    assert "x-webhook-event" not in sent and verify(sent, b"{}")
+
+
+@pytest.mark.parametrize("url, stripped", [
+    ("https://ci:pw-1@git.example.invalid/app.git", "https://git.example.invalid/app.git"),
+    ("https://token@git.example.invalid:8443/app.git?x=1", "https://git.example.invalid:8443/app.git?x=1"),
+    ("ssh://git@git.example.invalid/app.git", "ssh://git.example.invalid/app.git"),
+    ("git@git.example.invalid:team/app.git", "git@git.example.invalid:team/app.git"),
+    ("/srv/repos/app", "/srv/repos/app"),
+])
+def test_repo_url_loses_its_credentials(url, stripped):
+    assert strip_credentials(url) == stripped
+
+
+def test_backoff_doubles_is_capped_and_honours_retry_after():
+    assert [backoff(n, 2, 30).total_seconds() for n in range(1, 6)] == [2, 4, 8, 16, 30]
+    assert backoff(1, 2, 30, "10").total_seconds() == 10
+    assert backoff(1, 2, 30, "3600").total_seconds() == 30
+    assert backoff(1, 2, 30, "Wed, 21 Oct 2015 07:28:00 GMT").total_seconds() == 2

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from jobforge.config import SECRETS_CONTEXT
+from jobforge.rules import STORED_CONTEXT
 from jobforge.models import JobRecord, JobStatus, LogLine, WebhookDelivery
 
 
@@ -66,7 +67,7 @@ def dump_record(record: JobRecord) -> str:
 
 
 def load_record(raw: str | bytes) -> JobRecord:
-    return JobRecord.model_validate_json(raw)
+    return JobRecord.model_validate_json(raw, context=dict(STORED_CONTEXT))
 
 
 def dump_delivery(delivery: WebhookDelivery) -> str:

@@ -262,3 +262,10 @@ async def test_a_delivery_round_trips_every_field(store):
                     body='{"error":"caf\\u00e9 ☕ \\"quoted\\"\\n"}')
     await store.put_delivery(full, 0)
     assert await store.job_deliveries("job.with_odd-id") == [full]
+
+
+async def test_a_record_stored_before_a_newer_rule_stays_readable(store):
+    record = job("job-1", webhook_url="http://127.0.0.1:9/hook")
+    legacy = record.model_copy(update={"config": record.config.model_copy(update={"webhook_headers": {"Host": "x"}})})
+    await store.put(legacy, 0)
+    assert (await store.get("job-1")).record.config.webhook_headers == {"Host": "x"}
