@@ -126,6 +126,9 @@ class DeliveryWorker:
             except StoreError as exc:
                 log.warning("webhook outbox unavailable, retrying in %.0f s: %s", self._poll, exc.message)
                 delay = self._poll
+            except Exception:  # e.g. an unreadable outbox entry: keep the worker alive for every other job
+                log.exception("webhook delivery round failed; retrying in %.0f s", self._poll)
+                delay = self._poll
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
