@@ -21,7 +21,7 @@ Shape::
 
 Secrets: `webhook_secret` is a `SecretStr`; JSON dumps show it masked unless the caller asks explicitly
 (`dump_with_secrets()` or `model_dump(mode="json", context=SECRETS_CONTEXT)` on any model embedding the
-config). `redacted()` is the view for status, history and webhook payloads.
+config). `redacted()` is the view for status and history (webhook payloads carry no config).
 """
 
 from __future__ import annotations
@@ -357,7 +357,7 @@ class JobConfig(_Model):
         return list(dict.fromkeys([job_id, *self.image_tags]))
 
     def redacted(self) -> dict[str, Any]:
-        """JSON-mode dump for status, history and webhook payloads: `webhook_secret` and every
+        """JSON-mode dump for status and history: `webhook_secret` and every
         `webhook_headers` value become "***", and so does a password in `repo_url`/`webhook_url`."""
         data = self.model_dump(mode="json")
         data["repo_url"] = _redact_url(self.repo_url)
