@@ -16,6 +16,7 @@ from datetime import datetime
 
 from jobforge import pipeline
 from jobforge.backends.base import Backend, JobEvent, LogChunk
+from jobforge.delivery import DeliveryWorker
 from jobforge.errors import BackendError, Conflict, NotFound
 from jobforge.metrics import Metrics
 from jobforge.models import (
@@ -38,7 +39,6 @@ from jobforge.models import (
 )
 from jobforge.stores.base import Store
 from jobforge.tasks import RegistryTarget, build_payload
-from jobforge.delivery import DeliveryWorker
 
 log = logging.getLogger("jobforge.service")
 

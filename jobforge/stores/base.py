@@ -47,7 +47,9 @@ class Store(Protocol):
         """Complete logs per phase, in write order."""
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
-        """Compare-and-set of one outbox entry (0 = create); returns the new version. Raises `Conflict`."""
+        """Compare-and-set of one outbox entry (0 = create); returns the new version. Raises `Conflict` when
+        it exists already (0) or changed since `expected_version`, and for any update of a finished delivery
+        (one no longer PENDING is final)."""
 
     async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
         """Up to `limit` deliveries still PENDING, oldest first (created_at, job_id, event order)."""

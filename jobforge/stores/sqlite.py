@@ -143,8 +143,9 @@ class SqliteStore:
             else:
                 cur = self._db.execute(
                     "UPDATE webhook_deliveries SET version = ?, state = ?, delivery = ? "
-                    "WHERE delivery_id = ? AND version = ?",
-                    (expected_version + 1, delivery.state.value, raw, delivery.delivery_id, expected_version))
+                    "WHERE delivery_id = ? AND version = ? AND state = ?",
+                    (expected_version + 1, delivery.state.value, raw, delivery.delivery_id, expected_version,
+                     DeliveryState.PENDING.value))
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite write failed: {exc}") from exc
         if cur.rowcount != 1:

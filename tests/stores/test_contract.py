@@ -237,8 +237,14 @@ async def test_a_delivery_is_created_once_and_updated_by_cas(store):
         await store.put_delivery(first.model_copy(update={"lease_until": T0}), v1)
     assert await store.pending_deliveries(10) == [(claimed, v2)]
     done = claimed.model_copy(update={"state": DeliveryState.DELIVERED, "attempts": 1, "last_status": 204})
-    await store.put_delivery(done, v2)
+    v3 = await store.put_delivery(done, v2)
     assert await store.pending_deliveries(10) == []
+    assert await store.job_deliveries("job-1") == [done]
+    for version in (v3, v2):  # a finished delivery is final, and cannot be queued again either
+        with pytest.raises(Conflict):
+            await store.put_delivery(done.model_copy(update={"state": DeliveryState.PENDING}), version)
+    with pytest.raises(Conflict):
+        await store.put_delivery(first, 0)
     assert await store.job_deliveries("job-1") == [done]
 
 
