@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from jobforge import webhooks
-from jobforge.errors import Conflict, NotFound, StoreError
+from jobforge.config import JobConfig
+from jobforge.errors import ConfigError, Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, WebhookDelivery, utcnow
 from jobforge.outbound import OutboundPolicy, OutboundRefused
 from jobforge.pipeline import FireWebhook
@@ -94,6 +95,18 @@ class DeliveryWorker:
             except StoreError as exc:
                 log.error("job %s: could not queue webhook %s: %s", record.job_id, command.event.value, exc.message)
         self._wake.set()
+
+    def check_config(self, config: JobConfig) -> None:
+        """At submit time, refuse what delivery would certainly refuse: an IP-literal `webhook_url` the policy
+        forbids (a name is judged by the addresses it resolves to when sending)."""
+        if config.webhook_url is None:
+            return
+        try:
+            self._policy.check_url(config.webhook_url)
+        except OutboundRefused as exc:
+            rule = str(exc)
+            raise ConfigError(f"invalid params: job_config.webhook_url: {rule}",
+                              [{"field": "job_config.webhook_url", "rule": rule}]) from None
 
     # ------------------------------------------------------------ lifecycle
 

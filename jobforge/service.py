@@ -102,6 +102,8 @@ class JobService:
     # ------------------------------------------------------------ API methods
 
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
+        if self.webhooks is not None:
+            self.webhooks.check_config(params.job_config)
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
         await self.store.put(record, 0)
         self.metrics.submitted()

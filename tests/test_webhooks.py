@@ -23,7 +23,7 @@ from jobforge.stores.sqlite import SqliteStore
 from jobforge.webhooks import backoff, headers, strip_credentials
 from tests.doubles.consul import FakeConsul
 from tests.support.receiver import Receiver
-from tests.test_server import running
+from tests.test_server import CONFIG, running
 
 SECRET = "hush-hush-secret"
 HEADER_TOKEN = "tok-123"
@@ -185,29 +185,47 @@ async def test_deliveries_queued_before_a_restart_arrive_after_it(tmp_path, stor
 
 # ---------------------------------------------------------------- outbound policy
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
-async def test_loopback_destinations_are_refused_unless_allow_listed(tmp_path, host):
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "http://169.254.169.254/latest/meta-data/",
+                                 "http://[::1]/hook", "http://[::ffff:127.0.0.1]/hook", "http://10.1.2.3/hook"])
+async def test_a_refused_ip_literal_is_a_field_error_at_submit(tmp_path, url):
+    async with running(tmp_path / "db", allow_hosts=()) as env:
+        rpc = await env.rpc("submitJob", {"job_config": {**CONFIG, "webhook_url": url}})
+        assert rpc["error"]["code"] == -32602
+        [error] = rpc["error"]["data"]
+        assert error["field"] == "job_config.webhook_url" and "refused by the outbound policy" in error["rule"]
+        assert "JOBFORGE_WEBHOOK_ALLOW_HOSTS" in error["rule"]
+        assert (await env.service.store.list(10, 0))[1] == 0  # nothing stored, nothing runs
+
+
+async def test_a_name_resolving_to_loopback_is_refused_unless_allow_listed(tmp_path):
     async with Receiver() as receiver:
         async with running(tmp_path / "refused", allow_hosts=()) as env:
-            job_id = await env.submit(webhook_url=receiver.url(host=host))
+            job_id = await env.submit(webhook_url=receiver.url(host="localhost"))
             await finished(env)
             refused = await deliveries(env, job_id)
         assert receiver.requests == []
-        assert {d.state for d in refused} == {DeliveryState.REFUSED}
-        assert all("loopback" in d.outcome and "JOBFORGE_WEBHOOK_ALLOW_HOSTS" in d.outcome for d in refused)
-        async with running(tmp_path / "allowed", allow_hosts=(host,)) as env:
-            await env.submit(webhook_url=receiver.url(host=host))
+        assert {(d.state, d.attempts) for d in refused} == {(DeliveryState.REFUSED, 1)}
+        assert all("localhost -> " in d.outcome and "is loopback" in d.outcome for d in refused)
+        async with running(tmp_path / "allowed", allow_hosts=("localhost",)) as env:
+            await env.submit(webhook_url=receiver.url(host="localhost"))
             await finished(env)
         assert receiver.events == SUCCESS
 
 
-async def test_cloud_metadata_address_is_refused_without_connecting(tmp_path):
-    async with running(tmp_path / "db", allow_hosts=()) as env:
-        job_id = await env.submit(webhook_url="http://169.254.169.254/latest/meta-data/")
-        await finished(env)
-        outbox = await deliveries(env, job_id)
-    assert {d.state for d in outbox} == {DeliveryState.REFUSED}
-    assert all("169.254.169.254 is link-local" in d.outcome and d.attempts == 1 for d in outbox)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/hook", "http://169.254.169.254/latest/meta-data/"])
+async def test_queued_deliveries_meet_the_policy_in_force_when_sent(tmp_path, url):
+    """Allowed when submitted, no longer when the service restarts with a narrower allow-list: refused, unsent."""
+    async with Receiver() as receiver:
+        url = url.format(port=receiver.port)
+        async with running(tmp_path / "db", allow_hosts=("127.0.0.1", "169.254.169.254"), start_webhooks=False) as env:
+            job_id = await env.submit(webhook_url=url)
+            await env.service.idle()
+        async with running(tmp_path / "db", allow_hosts=()) as env:
+            await env.service.webhooks.drain()
+            outbox = await deliveries(env, job_id)
+    assert receiver.requests == []
+    assert len(outbox) == len(SUCCESS) and {d.state for d in outbox} == {DeliveryState.REFUSED}
+    assert all(" is l" in d.outcome for d in outbox)  # loopback / link-local, named in the outcome
 
 
 async def test_a_redirect_is_not_followed(tmp_path):
