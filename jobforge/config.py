@@ -21,7 +21,7 @@ Shape::
 
 Secrets: `webhook_secret` is a `SecretStr`; JSON dumps show it masked unless the caller asks explicitly
 (`dump_with_secrets()` or `model_dump(mode="json", context=SECRETS_CONTEXT)` on any model embedding the
-config). `redacted()` is the view for status, history and webhook payloads.
+config). `redacted()` is the view for status and history (webhook payloads carry no config).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     IMAGE_NAME_PATTERN,
     IMAGE_TAG_PATTERN,
     REDACTED,
+    RESERVED_WEBHOOK_HEADERS,
     RESOURCE_MAX,
     SECRET_MASK,
     SECRETS_CONTEXT,
@@ -70,6 +71,7 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     VALUELESS_OPERANDS,
     VAULT_NAME_PATTERN,
     VAULT_PATH_PATTERN,
+    WEBHOOK_HEADER_NAME_PATTERN,
     ConstraintOperand,
     check_git_ref,
     check_header_value,
@@ -78,6 +80,7 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     check_relative_path,
     check_repo_url,
     check_vault_fields,
+    check_webhook_header_name,
     check_webhook_url,
     fail,
     format_duration,
@@ -123,6 +126,12 @@ StageName = pattern_type("target", STAGE_NAME_PATTERN,
                           "or digit", "Dockerfile build stage to build")
 HeaderName = pattern_type("header_name", HEADER_NAME_PATTERN, "must be an HTTP header name (RFC 7230 token)",
                            "HTTP header name")
+WebhookHeaderName = Annotated[
+    HeaderName,
+    AfterValidator(check_webhook_header_name),
+    string_schema("HTTP header name, not one Job Forge sets itself (" + ", ".join(RESERVED_WEBHOOK_HEADERS) + ")",
+                  WEBHOOK_HEADER_NAME_PATTERN),
+]
 HeaderValue = Annotated[str, AfterValidator(check_header_value)]
 VaultPath = pattern_type("vault_path", VAULT_PATH_PATTERN,
                           "must be a Vault path: '/'-separated segments of letters, digits, '_', '.' and '-', "
@@ -293,7 +302,7 @@ class JobConfig(_Model):
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key that signs webhook bodies")
     webhook_on_success: bool = True
     webhook_on_failure: bool = True
-    webhook_headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    webhook_headers: dict[WebhookHeaderName, HeaderValue] = Field(default_factory=dict)
     deploy_dir: NonEmptyLine | None = Field(None, description="CLI build-history directory")
 
     @field_validator("webhook_secret")
@@ -348,7 +357,7 @@ class JobConfig(_Model):
         return list(dict.fromkeys([job_id, *self.image_tags]))
 
     def redacted(self) -> dict[str, Any]:
-        """JSON-mode dump for status, history and webhook payloads: `webhook_secret` and every
+        """JSON-mode dump for status and history: `webhook_secret` and every
         `webhook_headers` value become "***", and so does a password in `repo_url`/`webhook_url`."""
         data = self.model_dump(mode="json")
         data["repo_url"] = _redact_url(self.repo_url)

@@ -256,7 +256,8 @@ class ServiceProcess:
             **inherited,
             "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
             "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(self.data_dir),
-            "LOG_LEVEL": "info", **env,
+            # webhook receivers of the demo and the tests listen on loopback, which the service refuses otherwise
+            "JOBFORGE_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "LOG_LEVEL": "info", **env,
         }
         self.proc: subprocess.Popen | None = None
 

@@ -26,7 +26,12 @@ class Metrics:
                                 registry=self.registry)
         self.success_rate = Gauge("job_success_rate", "succeeded / finished jobs since start", ["window"],
                                   registry=self.registry)
+        self.webhook_deliveries = Counter("webhook_deliveries", "webhook delivery attempts by outcome "
+                                          "(delivered, retry, failed, refused)", ["outcome"], registry=self.registry)
         self._finished = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 0}
+
+    def webhook_outcome(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome=outcome).inc()
 
     def submitted(self) -> None:
         self.jobs_submitted.inc()

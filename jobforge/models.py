@@ -114,6 +114,65 @@ class LogLine(_Frozen):
     line: str
 
 
+# ---------------------------------------------------------------- webhooks
+
+class WebhookEvent(str, Enum):
+    """The reference's webhook events, in lifecycle order: a job's deliveries are sent in this order."""
+
+    BUILD_STARTED = "build.started"
+    BUILD_COMPLETED = "build.completed"
+    BUILD_FAILED = "build.failed"
+    TEST_STARTED = "test.started"
+    TEST_COMPLETED = "test.completed"
+    TEST_FAILED = "test.failed"
+    PUBLISH_STARTED = "publish.started"
+    PUBLISH_COMPLETED = "publish.completed"
+    PUBLISH_FAILED = "publish.failed"
+    JOB_COMPLETED = "job.completed"
+    JOB_FAILED = "job.failed"
+
+    @property
+    def seq(self) -> int:
+        """Position in the lifecycle; each event happens at most once per job, so (job, seq) orders deliveries."""
+        return list(WebhookEvent).index(self)
+
+    @classmethod
+    def of_phase(cls, phase: Phase, outcome: Literal["started", "completed", "failed"]) -> "WebhookEvent":
+        return cls(f"{phase.value}.{outcome}")
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    """Gave up: a non-retryable answer (4xx, 3xx), or every attempt failed."""
+    REFUSED = "refused"
+    """The outbound policy refused the destination; nothing was sent."""
+
+
+class WebhookDelivery(_Frozen):
+    """One queued webhook in the store's outbox. The body is the exact signed JSON; it holds no secret (the
+    signing key, URL and custom headers are read from the job's stored config when sending)."""
+
+    delivery_id: str
+    job_id: str
+    event: WebhookEvent
+    body: str
+    created_at: datetime
+    state: DeliveryState = DeliveryState.PENDING
+    attempts: int = 0
+    next_attempt_at: datetime
+    lease_until: datetime | None = None
+    """A sender claimed it until then (so two replicas never send one delivery at once)."""
+    last_status: int | None = None
+    outcome: str | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.event.seq
+
+
 # ---------------------------------------------------------------- API params
 
 class _Params(BaseModel):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from jobforge.config import JobConfig, Resources
 from jobforge.errors import IllegalTransition
-from jobforge.models import PHASES, JobRecord, JobStatus, Phase, PhaseRun, PhaseStatus
+from jobforge.models import PHASES, JobRecord, JobStatus, Phase, PhaseRun, PhaseStatus, WebhookEvent
 
 KILLED_BY_USER = "killed by user"
 
@@ -106,8 +106,16 @@ class DeleteTempImage(Command):
 
 
 class FireWebhook(Command):
-    event: str
+    """Queue one webhook. Its facts are decided here, time included; the shell adds the job's metadata."""
+
+    event: WebhookEvent
     status: JobStatus
+    """The job's status once the transition is done (e.g. TESTING for build.completed when a test follows)."""
+    phase: Phase | None
+    at: datetime
+    duration: float
+    """Seconds: of the phase for phase events (0 when it starts), of the whole job for job events."""
+    error: str | None = None
 
 
 # ---------------------------------------------------------------- helpers
@@ -144,11 +152,34 @@ def _with_phase(record: JobRecord, phase: Phase, **changes) -> dict[Phase, Phase
     return phases
 
 
-def _dispatch(record: JobRecord, phase: Phase, attempt: int, at: datetime, policy: Policy):
+def _webhooks(new: JobRecord, event: WebhookEvent, phase: Phase | None, at: datetime, duration: float,
+              error: str | None = None) -> list[Command]:
+    """The webhook for `event`, if the config asks for it: `webhook_on_success` gates the `*.completed` events,
+    `webhook_on_failure` the `*.failed` events; `*.started` events go whenever `webhook_url` is set."""
+    cfg = new.config
+    if not cfg.webhook_url:
+        return []
+    outcome = event.value.rsplit(".", 1)[1]
+    if (outcome == "completed" and not cfg.webhook_on_success) or (outcome == "failed" and not cfg.webhook_on_failure):
+        return []
+    return [FireWebhook(job_id=new.job_id, event=event, status=new.status, phase=phase, at=at, duration=duration,
+                        error=error)]
+
+
+def _phase_hook(new: JobRecord, phase: Phase, outcome: str, at: datetime) -> list[Command]:
+    run = new.phases[phase]
+    return _webhooks(new, WebhookEvent.of_phase(phase, outcome), phase, at, run.duration_seconds or 0.0, run.error)
+
+
+def _dispatch(record: JobRecord, phase: Phase, attempt: int, at: datetime, policy: Policy,
+              before: list[Command] | None = None):
+    """Dispatch `phase`; `before` are the webhooks of the transition that led here (e.g. build.completed)."""
     phases = _with_phase(record, phase, status=PhaseStatus.RUNNING, attempt=attempt, dispatched_at=at,
                          started_at=None, ended_at=None, error=None)
     new = record.model_copy(update={"status": STATUS_OF_PHASE[phase], "current_phase": phase, "phases": phases})
-    return new, [current_dispatch(new, policy)]
+    started = _phase_hook(new, phase, "started", at) if attempt == 1 else []  # a retry is the same phase going on
+    hooks = [c.model_copy(update={"status": new.status}) for c in before or []]
+    return new, [current_dispatch(new, policy), *hooks, *started]
 
 
 def _finish(record: JobRecord, status: JobStatus, at: datetime, phases: dict[Phase, PhaseRun],
@@ -161,10 +192,13 @@ def _finish(record: JobRecord, status: JobStatus, at: datetime, phases: dict[Pha
         "phases": phases, "finished_at": at, "cleanup_pending": built,
     })
     commands: list[Command] = [DeleteTempImage(job_id=record.job_id)] if built else []
-    cfg = record.config
-    wanted = cfg.webhook_on_success if status is JobStatus.SUCCEEDED else cfg.webhook_on_failure
-    if cfg.webhook_url and wanted:
-        commands.append(FireWebhook(job_id=record.job_id, event=f"job.{status.value.lower()}", status=status))
+    if failed_phase is not None and phases[failed_phase].status is PhaseStatus.FAILED:
+        commands += _phase_hook(new, failed_phase, "failed", at)
+    elif status is JobStatus.SUCCEEDED:
+        commands += _phase_hook(new, phase_plan(record.config)[-1], "completed", at)
+    event = WebhookEvent.JOB_COMPLETED if status is JobStatus.SUCCEEDED else WebhookEvent.JOB_FAILED
+    duration = max(0.0, (at - record.submitted_at).total_seconds())
+    commands += _webhooks(new, event, failed_phase, at, duration, error)
     return new, commands
 
 
@@ -184,7 +218,8 @@ def _succeeded(record: JobRecord, event: PhaseSucceeded, policy: Policy):
     done = record.model_copy(update={"phases": phases})
     position = plan.index(event.phase)
     if position + 1 < len(plan):
-        return _dispatch(done, plan[position + 1], 1, event.at, policy)
+        return _dispatch(done, plan[position + 1], 1, event.at, policy,
+                         before=_phase_hook(done, event.phase, "completed", event.at))
     return _finish(done, JobStatus.SUCCEEDED, event.at, phases)
 
 

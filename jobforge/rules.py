@@ -59,6 +59,18 @@ _REMOTE_HELPER_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*::.*", re.DOTALL)
 # scp-like `user@host:path` (user and path must not start with '-': they become ssh arguments).
 _SCP_LIKE_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.+-]*@(?:{_HOSTNAME}|\[[0-9A-Fa-f:.]+\]):[^-].*")
 WEBHOOK_URL_SCHEMES = ("http", "https")
+# Headers Job Forge sets on every webhook (or that steer the connection): `webhook_headers` may not name them.
+RESERVED_WEBHOOK_HEADERS = (
+    "Host", "Content-Type", "Content-Length", "Content-Encoding", "Transfer-Encoding", "Connection", "Keep-Alive",
+    "TE", "Trailer", "Upgrade", "Expect", "Proxy-Authorization", "Proxy-Connection", "User-Agent",
+    "X-Webhook-Signature", "X-Webhook-Event", "X-Webhook-Delivery",
+)
+_RESERVED_LOWER = frozenset(h.lower() for h in RESERVED_WEBHOOK_HEADERS)
+# The header-name token without the reserved names, case-insensitively (ECMA-262 has no inline (?i) flag).
+WEBHOOK_HEADER_NAME_PATTERN = (
+    "^(?!(?:" + "|".join("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+                         for name in RESERVED_WEBHOOK_HEADERS) + ")$)" + HEADER_NAME_PATTERN[1:]
+)
 
 # Durations: Go's time.ParseDuration syntax ("1h30m", "90s", "1.5h"), or bare digits meaning seconds.
 _DURATION_UNITS: Mapping[str, Decimal] = MappingProxyType({
@@ -85,6 +97,8 @@ REDACTED = "***"
 SECRET_MASK = "**********"
 # Serialisation context that makes JSON dumps carry the real `webhook_secret` (for trusted persistence only).
 SECRETS_CONTEXT: Mapping[str, bool] = MappingProxyType({"reveal_secrets": True})
+# Validation context of records read back from the store: a rule added later must not make old jobs unreadable.
+STORED_CONTEXT: Mapping[str, bool] = MappingProxyType({"stored": True})
 
 
 # A Consul KV key prefix for the cluster store: empty, or '/'-terminated segments of Consul-safe characters.
@@ -275,6 +289,20 @@ def check_webhook_url(value: str) -> str:
     if scheme not in WEBHOOK_URL_SCHEMES:
         fail("webhook_url", "must be an http:// or https:// URL")
     _check_url_authority(urlsplit(value))
+    return value
+
+
+def is_reserved_webhook_header(name: str) -> bool:
+    return name.lower() in _RESERVED_LOWER
+
+
+def check_webhook_header_name(value: str, info: Any) -> str:
+    """Refused at submit time; a record read back from the store (`STORED_CONTEXT`) stays readable, and the
+    sender drops such a header instead."""
+    stored = isinstance(getattr(info, "context", None), Mapping) and info.context.get("stored")
+    if is_reserved_webhook_header(value) and not stored:
+        fail("webhook_header_reserved", "is set by Job Forge on every webhook and cannot be overridden "
+                                        f"(reserved: {', '.join(RESERVED_WEBHOOK_HEADERS)})")
     return value
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 
 from jobforge import pipeline
 from jobforge.backends.base import Backend, JobEvent, LogChunk
+from jobforge.delivery import DeliveryWorker
 from jobforge.errors import BackendError, Conflict, NotFound
 from jobforge.metrics import Metrics
 from jobforge.models import (
@@ -38,7 +39,6 @@ from jobforge.models import (
 )
 from jobforge.stores.base import Store
 from jobforge.tasks import RegistryTarget, build_payload
-from jobforge.webhooks import WebhookSender
 
 log = logging.getLogger("jobforge.service")
 
@@ -46,7 +46,7 @@ log = logging.getLogger("jobforge.service")
 
 class JobService:
     def __init__(self, store: Store, backend: Backend, *, policy: pipeline.Policy, registry: RegistryTarget,
-                 max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: WebhookSender | None = None,
+                 max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: DeliveryWorker | None = None,
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4())):
         self.store = store
         self.backend = backend
@@ -54,7 +54,7 @@ class JobService:
         self._registry = registry
         self._max = max_concurrent_jobs
         self.metrics = metrics or Metrics()
-        self._webhooks = webhooks
+        self.webhooks = webhooks
         self._clock = clock
         self._new_id = new_id
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -102,6 +102,8 @@ class JobService:
     # ------------------------------------------------------------ API methods
 
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
+        if self.webhooks is not None:
+            self.webhooks.check_config(params.job_config)
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
         await self.store.put(record, 0)
         self.metrics.submitted()
@@ -173,6 +175,9 @@ class JobService:
             if new != record:
                 await self.store.put(new, version)
                 self._on_change(record, new)
+                hooks = [c for c in commands if isinstance(c, pipeline.FireWebhook)]
+                if hooks and self.webhooks is not None:  # queued under the lock: a job's events stay in order
+                    await self.webhooks.enqueue(hooks, new)
         for command in commands:
             await self._execute(command, new)
         if new.status.terminal and job_id in self._pending:
@@ -204,8 +209,6 @@ class JobService:
             await self.backend.stop(command)
         elif isinstance(command, pipeline.DeleteTempImage):
             self._spawn(self._delete_temp_image(record))
-        elif isinstance(command, pipeline.FireWebhook) and self._webhooks is not None:
-            self._spawn(self._webhooks.send(command.event, record))
 
     async def _delete_temp_image(self, record: JobRecord) -> bool:
         ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry), record.config)

@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     git_password: SecretStr | None = Field(None, validation_alias="JOBFORGE_GIT_PASSWORD")
     kill_grace_seconds: float = Field(10.0, gt=0, validation_alias="JOBFORGE_KILL_GRACE")
 
+    webhook_allow_hosts: str = Field(
+        "", validation_alias="JOBFORGE_WEBHOOK_ALLOW_HOSTS",
+        description="comma-separated host names, IP addresses or CIDR networks webhooks may reach although "
+                    "they are loopback, link-local, private or otherwise not public (e.g. '127.0.0.1')")
+    webhook_max_attempts: int = Field(6, ge=1, le=100, validation_alias="JOBFORGE_WEBHOOK_MAX_ATTEMPTS",
+                                      description="attempts per webhook delivery, the first included")
+    webhook_backoff: Duration = Field(2.0, gt=0, validation_alias="JOBFORGE_WEBHOOK_BACKOFF",
+                                      description="delay before the first retry; doubles with each attempt")
+    webhook_backoff_max: Duration = Field(300.0, gt=0, validation_alias="JOBFORGE_WEBHOOK_BACKOFF_MAX")
+    webhook_timeout: Duration = Field(10.0, gt=0, validation_alias="JOBFORGE_WEBHOOK_TIMEOUT",
+                                      description="total time one delivery attempt may take")
+
     nomad: NomadSettings = Field(default_factory=NomadSettings)
 
     @property

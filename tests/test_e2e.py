@@ -4,6 +4,7 @@ docker-registry and git on 127.0.0.1. Completion is awaited on the service's Web
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import random
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.support.gitrepo import GitRepo
+from tests.support.receiver import ThreadedReceiver
 from jobforge.devinfra import free_port
 from tests.support.service import ServiceProcess
 
@@ -48,7 +50,8 @@ def hello_repo(tmp_path_factory) -> GitRepo:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, registry, base_image):
-    with ServiceProcess(tmp_path_factory.mktemp("service"), registry.host, MAX_CONCURRENT_JOBS="2") as svc:
+    with ServiceProcess(tmp_path_factory.mktemp("service"), registry.host, MAX_CONCURRENT_JOBS="2",
+                        JOBFORGE_WEBHOOK_ALLOW_HOSTS="127.0.0.1") as svc:
         yield svc
 
 
@@ -88,6 +91,20 @@ def test_success_with_entry_point_commands_and_three_tags(service, config, regis
     assert not registry.has_manifest(f"temp-{name}", job_id)
     assert any(line.startswith("Published: ") for line in logs["publish"])
     assert [final["phases"][p]["status"] for p in ("build", "test", "publish")] == ["SUCCEEDED"] * 3
+
+
+def test_a_real_build_sends_every_webhook_signed_and_in_order(service, config):
+    secret = "e2e-hmac-key"
+    with ThreadedReceiver() as receiver:
+        job_id, final, _ = run_job(service, config(webhook_url=receiver.url(), webhook_secret=secret))
+        got = receiver.wait_for_event("job.completed")
+    assert final["status"] == "SUCCEEDED"
+    assert [r.event for r in got] == ["build.started", "build.completed", "test.started", "test.completed",
+                                      "publish.started", "publish.completed", "job.completed"]
+    for r in got:
+        assert r.headers["X-Webhook-Signature"] == "sha256=" + hmac.new(secret.encode(), r.body, "sha256").hexdigest()
+        assert r.payload["job_id"] == job_id and secret.encode() not in r.body
+    assert got[-1].payload["image_tags"] == final["image_tags"]
 
 
 def test_build_failure_stops_before_test_and_publish(service, config, registry, hello_repo, tmp_path):

@@ -180,20 +180,72 @@ def test_dispatch_carries_resolved_resources():
     assert (publish.cpu, publish.memory, publish.disk) == (2000, 1024, 2048)
 
 
+HOOK = {"webhook_url": "http://127.0.0.1:9/hook"}
+
+
+def hooks(cmds):
+    return [(c.event.value, c.status.value, c.phase and c.phase.value, c.duration, c.error)
+            for step_cmds in cmds for c in step_cmds if isinstance(c, FireWebhook)]
+
+
+def test_every_transition_of_a_successful_job_fires_its_event_in_order():
+    _, cmds = run(job(**HOOK, **WITH_TEST), Admitted(at=at(1)), PhaseStarted(phase=Phase.BUILD, attempt=1, at=at(2)),
+                  ok(Phase.BUILD, 10), ok(Phase.TEST, 20), ok(Phase.PUBLISH, 25))
+    assert hooks(cmds) == [
+        ("build.started", "BUILDING", "build", 0.0, None),
+        ("build.completed", "TESTING", "build", 8.0, None),
+        ("test.started", "TESTING", "test", 0.0, None),
+        ("test.completed", "PUBLISHING", "test", 10.0, None),
+        ("publish.started", "PUBLISHING", "publish", 0.0, None),
+        ("publish.completed", "SUCCEEDED", "publish", 5.0, None),
+        ("job.completed", "SUCCEEDED", None, 25.0, None),
+    ]
+    assert [c.at for s in cmds for c in s if isinstance(c, FireWebhook)] == [at(1), at(10), at(10), at(20), at(20),
+                                                                              at(25), at(25)]
+    assert isinstance(cmds[0][0], DispatchPhase)  # the dispatch comes first, its webhook after
+
+
+@pytest.mark.parametrize("failing", [Phase.BUILD, Phase.TEST, Phase.PUBLISH])
+def test_a_failed_phase_fires_its_failure_then_the_jobs(failing):
+    record = running_in_with_hook(failing)
+    _, cmds = run(record, PhaseFailed(phase=failing, attempt=1, at=at(5), error="boom"))
+    assert [(e, s, p, err) for e, s, p, _, err in hooks(cmds)] == [
+        (f"{failing.value}.failed", "FAILED", failing.value, "boom"), ("job.failed", "FAILED", failing.value, "boom")]
+
+
+def running_in_with_hook(phase: Phase):
+    record, _ = run(job(**HOOK, **WITH_TEST), Admitted(at=at(1)))
+    for earlier in (Phase.BUILD, Phase.TEST, Phase.PUBLISH):
+        if earlier is phase:
+            return record
+        record, _ = run(record, ok(earlier, 2))
+    raise AssertionError(phase)
+
+
+def test_a_retried_phase_does_not_start_twice_and_a_kill_fails_the_running_phase():
+    _, cmds = run(job(**HOOK), Admitted(at=at(1)),
+                  PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(2), error="alloc lost", retryable=True),
+                  KillRequested(at=at(3)))
+    assert [h[0] for h in hooks(cmds)] == ["build.started", "build.failed", "job.failed"]
+    assert hooks(cmds)[-1][4] == "killed by user"
+
+
+def test_a_job_killed_while_pending_fires_only_job_failed():
+    _, cmds = run(job(**HOOK), KillRequested(at=at(1)))
+    assert hooks(cmds) == [("job.failed", "FAILED", None, 1.0, "killed by user")]
+
+
 @pytest.mark.parametrize("outcome,flags,expected", [
-    ("ok", {}, "job.succeeded"),
-    ("fail", {}, "job.failed"),
-    ("ok", {"webhook_on_success": False}, None),
-    ("fail", {"webhook_on_failure": False}, None),
+    ("ok", {}, ["build.started", "build.completed", "publish.started", "publish.completed", "job.completed"]),
+    ("fail", {}, ["build.started", "build.completed", "publish.started", "publish.failed", "job.failed"]),
+    ("ok", {"webhook_on_success": False}, ["build.started", "publish.started"]),
+    ("fail", {"webhook_on_success": False}, ["build.started", "publish.started", "publish.failed", "job.failed"]),
+    ("fail", {"webhook_on_failure": False}, ["build.started", "build.completed", "publish.started"]),
 ])
 def test_webhooks_follow_the_flags(outcome, flags, expected):
-    record, _ = run(job(webhook_url="http://127.0.0.1:9/hook", **flags), Admitted(at=at(1)))
-    last = ok(Phase.BUILD, 2) if outcome == "fail" else ok(Phase.BUILD, 2)
-    record, _ = run(record, last)
     end = ok(Phase.PUBLISH, 3) if outcome == "ok" else PhaseFailed(phase=Phase.PUBLISH, attempt=1, at=at(3), error="e")
-    _, cmds = run(record, end)
-    hooks = [c.event for c in cmds[0] if isinstance(c, FireWebhook)]
-    assert hooks == ([expected] if expected else [])
+    _, cmds = run(job(**HOOK, **flags), Admitted(at=at(1)), ok(Phase.BUILD, 2), end)
+    assert [h[0] for h in hooks(cmds)] == expected
 
 
 def test_no_webhook_without_url():
@@ -242,7 +294,8 @@ EVENTS = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(st.booleans(), st.lists(EVENTS, max_size=12))
 def test_invariants_hold_for_any_event_sequence(with_test, events):
-    record = job(**WITH_TEST) if with_test else job()
+    record = job(**WITH_TEST, **HOOK) if with_test else job(**HOOK)
+    fired = []
     for event in events:
         try:
             new, commands = step(record, event, POLICY)
@@ -258,6 +311,8 @@ def test_invariants_hold_for_any_event_sequence(with_test, events):
             assert new.phases[new.current_phase].status is PhaseStatus.RUNNING
         if record.status.terminal and not isinstance(event, TempImageDeleted):
             assert new == record
+        fired += [c.event for c in commands if isinstance(c, FireWebhook)]
+        assert [e.seq for e in fired] == sorted({e.seq for e in fired})  # each event once, in lifecycle order
         dispatches = [c for c in commands if isinstance(c, DispatchPhase)]
         assert len(dispatches) <= 1
         if not with_test:

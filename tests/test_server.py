@@ -15,7 +15,8 @@ from jobforge.server.app import create_app
 from jobforge.service import JobService
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
-from jobforge.webhooks import WebhookSender
+from jobforge.delivery import DeliveryWorker
+from jobforge.outbound import OutboundPolicy
 from tests.support.fake_backend import FakeBackend
 from tests.support.invalid_configs import INVALID
 
@@ -51,12 +52,20 @@ class Env:
 
 
 @asynccontextmanager
-async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None):
+async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, *, store=None,
+                  allow_hosts=("127.0.0.1",), start_webhooks: bool = True, **webhook_options):
+    """The service on SQLite at `db` (or on `store`, which it then closes) with the fake backend; its webhook
+    worker may send to `allow_hosts`, retries after 10 ms (`webhook_options` override), and is not started with
+    `start_webhooks=False`."""
     backend = backend or FakeBackend()
-    store = SqliteStore(db)
+    store = store or SqliteStore(db)
+    worker = DeliveryWorker(store, OutboundPolicy(allow_hosts),
+                            **{"backoff": 0.01, "backoff_max": 0.05, "timeout": 5.0, **webhook_options})
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,
                          registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
-                         webhooks=WebhookSender(backoff=0.01))
+                         webhooks=worker)
+    if start_webhooks:
+        await worker.start()
     await service.start()
     client = TestClient(TestServer(create_app(service)))
     await client.start_server()
@@ -65,6 +74,7 @@ async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None):
     finally:
         await client.close()
         await service.aclose()
+        await worker.aclose()
         await store.aclose()
 
 

@@ -20,6 +20,7 @@ log = logging.getLogger("jobforge")
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     service = build_service(settings)
+    await service.webhooks.start()
     await service.start()
     runners = [web.AppRunner(create_app(service, settings.cors_origin), access_log=None)]
     if settings.metrics_port:
@@ -43,6 +44,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             await runner.cleanup()
         await service.backend.aclose()
         await service.aclose()
+        await service.webhooks.aclose()
         await service.store.aclose()
 
 

@@ -13,7 +13,9 @@ from jobforge.stores.base import Store
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
-from jobforge.webhooks import WebhookSender
+from jobforge.delivery import DeliveryWorker
+from jobforge.metrics import Metrics
+from jobforge.outbound import OutboundPolicy
 
 
 def local_secret_env(settings: Settings) -> dict[str, str]:
@@ -50,12 +52,22 @@ def build_backend(settings: Settings) -> Backend:
     )
 
 
+def build_webhooks(settings: Settings, store: Store, metrics: Metrics) -> DeliveryWorker:
+    return DeliveryWorker(store, OutboundPolicy.from_setting(settings.webhook_allow_hosts),
+                          max_attempts=settings.webhook_max_attempts, backoff=settings.webhook_backoff,
+                          backoff_max=settings.webhook_backoff_max, timeout=settings.webhook_timeout,
+                          on_outcome=metrics.webhook_outcome)
+
+
 def build_service(settings: Settings) -> JobService:
+    """The service with its webhook worker (`service.webhooks`); the caller starts and closes both."""
     store = build_store(settings)
     backend = build_backend(settings)
     policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
                     publish_timeout=settings.publish_timeout)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
                               tls_verify=settings.registry_tls_verify)
-    return JobService(store, backend, policy=policy, registry=registry,
-                      max_concurrent_jobs=settings.max_concurrent_jobs, webhooks=WebhookSender())
+    metrics = Metrics()
+    return JobService(store, backend, policy=policy, registry=registry, metrics=metrics,
+                      max_concurrent_jobs=settings.max_concurrent_jobs,
+                      webhooks=build_webhooks(settings, store, metrics))

@@ -1,8 +1,10 @@
-"""The store contract: job records with compare-and-set, and append-only per-phase logs.
+"""The store contract: job records with compare-and-set, append-only per-phase logs, and the webhook outbox.
 
 Every store implements the same CAS: `put(record, expected_version)` succeeds only if the stored version still
 equals `expected_version` (0 = must not exist yet), else raises `Conflict`. SQLite uses a version column,
-Consul its ModifyIndex.
+Consul its ModifyIndex. Webhook deliveries use the same CAS (`put_delivery`): creating one that exists is a
+`Conflict` (delivery ids are deterministic, so queuing an event twice is harmless), and a sender claims a
+delivery by writing a lease with the version it read, so two replicas never send it at once.
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from jobforge.config import SECRETS_CONTEXT
-from jobforge.models import JobRecord, JobStatus, LogLine
+from jobforge.rules import STORED_CONTEXT
+from jobforge.models import JobRecord, JobStatus, LogLine, WebhookDelivery
 
 
 class Versioned(NamedTuple):
     record: JobRecord
+    version: int
+
+
+class VersionedDelivery(NamedTuple):
+    delivery: WebhookDelivery
     version: int
 
 
@@ -38,6 +46,17 @@ class Store(Protocol):
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         """Complete logs per phase, in write order."""
 
+    async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
+        """Compare-and-set of one outbox entry (0 = create); returns the new version. Raises `Conflict` when
+        it exists already (0) or changed since `expected_version`, and for any update of a finished delivery
+        (one no longer PENDING is final)."""
+
+    async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
+        """Up to `limit` deliveries still PENDING, oldest first (created_at, job_id, event order)."""
+
+    async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        """Every delivery of one job, in event order, whatever its state."""
+
     async def ping(self) -> None:
         """Raises `StoreError` when the store is not usable (readiness)."""
 
@@ -50,4 +69,12 @@ def dump_record(record: JobRecord) -> str:
 
 
 def load_record(raw: str | bytes) -> JobRecord:
-    return JobRecord.model_validate_json(raw)
+    return JobRecord.model_validate_json(raw, context=dict(STORED_CONTEXT))
+
+
+def dump_delivery(delivery: WebhookDelivery) -> str:
+    return delivery.model_dump_json()
+
+
+def load_delivery(raw: str | bytes) -> WebhookDelivery:
+    return WebhookDelivery.model_validate_json(raw)

@@ -4,11 +4,16 @@ Key layout (the only place it is defined; `<...>` segments are escaped by `segme
 
     <prefix>jobs/<job_id>                      the record: JSON from `dump_record` (keeps the webhook secret)
     <prefix>logs/<job_id>/<phase>/<seq:012d>   one chunk of log lines: a JSON list of {"ts", "stream", "line"}
+    <prefix>webhooks/pending/<job_id>/<seq:02d>  a webhook delivery still to send (outbox); seq = the event's order
+    <prefix>webhooks/done/<job_id>/<seq:02d>     the same once finished (delivered, failed or refused)
 
 Why it looks like this:
 - `put` is a one-op `PUT /v1/txn` with verb `cas` (Index = expected version; 0 = create only if absent). It is
   atomic and its result carries the key's new ModifyIndex. `PUT /v1/kv/...?cas=` only answers true/false, and
   reading the index back afterwards could return another writer's version and so hide a conflict.
+- A finished delivery moves from `pending/` to `done/` in one txn (`delete-cas` + `set`), so the worker's scan
+  of `pending/` stays as small as the backlog, whatever the history; creating one checks that `done/` has no
+  entry for it (`check-not-exists`), so queuing a delivered event again is a `Conflict`, as in SQLite.
 - `list` and `unfinished` read the jobs prefix once (`?recurse`) and filter, sort and page in memory: one
   consistent read, no secondary index to keep in step. Logs live under their own prefix so it stays small.
 - Log chunks are created with `?cas=0`, so two writers never overwrite one chunk; a chunk value stays under
@@ -38,15 +43,24 @@ import aiohttp
 from yarl import URL
 
 from jobforge.errors import Conflict, NotFound, StoreError
-from jobforge.models import JobRecord, JobStatus, LogLine
+from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
 from jobforge.rules import KEY_PREFIX_PATTERN
-from jobforge.stores.base import Versioned, dump_record, load_record
+from jobforge.stores.base import (
+    Versioned,
+    VersionedDelivery,
+    dump_delivery,
+    dump_record,
+    load_delivery,
+    load_record,
+)
 
-__all__ = ["ConsulStore", "job_key", "jobs_prefix", "log_key", "logs_prefix", "segment"]
+__all__ = ["ConsulStore", "delivery_key", "deliveries_prefix", "job_key", "jobs_prefix", "log_key", "logs_prefix",
+           "segment"]
 
 
 JOBS = "jobs/"
 LOGS = "logs/"
+WEBHOOKS = "webhooks/"
 SEQ_DIGITS = 12
 CHUNK_BYTES = 256 * 1024
 PIECE_CHARS = 32 * 1024  # <= 6 bytes per char once JSON-encoded (\u00XX), so a piece always fits a chunk
@@ -83,6 +97,14 @@ def logs_prefix(prefix: str, job_id: str, phase: str | None = None) -> str:
 
 def log_key(prefix: str, job_id: str, phase: str, seq: int) -> str:
     return f"{logs_prefix(prefix, job_id, phase)}{seq:0{SEQ_DIGITS}d}"
+
+
+def deliveries_prefix(prefix: str, done: bool, job_id: str | None = None) -> str:
+    return f"{prefix}{WEBHOOKS}{'done' if done else 'pending'}/" + ("" if job_id is None else f"{segment(job_id)}/")
+
+
+def delivery_key(prefix: str, delivery: WebhookDelivery, done: bool) -> str:
+    return f"{deliveries_prefix(prefix, done, delivery.job_id)}{delivery.seq:02d}"
 
 
 # ---------------------------------------------------------------- HTTP seam
@@ -129,6 +151,12 @@ def _answer(what: str) -> Iterator[None]:
         yield
     except (ValueError, KeyError, TypeError, IndexError) as exc:  # json, base64, pydantic and shape errors
         raise StoreError(f"unexpected data from consul for {what}: {exc}") from exc
+
+
+def _kv(verb: str, key: str, raw: str = "", index: int = 0) -> dict[str, Any]:
+    """One KV op of a `/v1/txn` body."""
+    return {"KV": {"Verb": verb, "Key": key, "Value": base64.b64encode(raw.encode()).decode(), "Flags": 0,
+                   "Index": index}}
 
 
 def _value(entry: dict[str, Any]) -> bytes:
@@ -189,18 +217,8 @@ class ConsulStore:
             return Versioned(load_record(_value(entry)), int(entry["ModifyIndex"]))
 
     async def put(self, record: JobRecord, expected_version: int) -> int:
-        key = job_key(self.prefix, record.job_id)
-        value = base64.b64encode(dump_record(record).encode()).decode()
-        op = {"KV": {"Verb": "cas", "Key": key, "Value": value, "Flags": 0, "Index": expected_version}}
-        status, body = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=[op])
-        with _answer(f"txn cas {key}"):
-            answer = json.loads(body)
-            if status == 200:
-                return int(answer["Results"][0]["KV"]["ModifyIndex"])
-            errors = [e["What"] for e in answer["Errors"]]
-        if errors and all(what.endswith("index is stale") for what in errors):
-            raise Conflict(f"job {record.job_id} changed concurrently (expected version {expected_version})")
-        raise StoreError(f"consul rolled back the write of job {record.job_id}: {'; '.join(errors)}")
+        op = _kv("cas", job_key(self.prefix, record.job_id), dump_record(record), expected_version)
+        return await self._txn([op], f"job {record.job_id}", expected_version)
 
     async def list(self, limit: int, offset: int, owner: str | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
@@ -232,6 +250,32 @@ class ConsulStore:
                 out.setdefault(name, []).append(_joined(parts))
         return out
 
+    async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
+        pending, done = (delivery_key(self.prefix, delivery, d) for d in (False, True))
+        value = dump_delivery(delivery)
+        if delivery.state is DeliveryState.PENDING:
+            ops = [_kv("cas", pending, value, expected_version)]
+            if expected_version == 0:
+                ops.insert(0, _kv("check-not-exists", done))
+        elif expected_version == 0:  # created already finished
+            ops = [_kv("check-not-exists", pending), _kv("cas", done, value, 0)]
+        else:  # finished now: move it out of pending/
+            ops = [_kv("delete-cas", pending, index=expected_version), _kv("set", done, value)]
+        return await self._txn(ops, f"webhook delivery {delivery.delivery_id}", expected_version)
+
+    async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
+        base = deliveries_prefix(self.prefix, done=False)
+        with _answer(base):
+            found = [VersionedDelivery(load_delivery(_value(e)), int(e["ModifyIndex"]))
+                     for e in await self._recurse(base)]
+        found.sort(key=lambda v: (v.delivery.created_at, v.delivery.job_id, v.delivery.seq))
+        return found[:limit]
+
+    async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        entries = [e for done in (False, True) for e in await self._recurse(deliveries_prefix(self.prefix, done, job_id))]
+        with _answer(f"webhook deliveries of {job_id}"):
+            return sorted((load_delivery(_value(e)) for e in entries), key=lambda d: d.seq)
+
     async def ping(self) -> None:
         _, body = await self._http.request("GET", "/v1/status/leader")
         with _answer("/v1/status/leader"):
@@ -243,6 +287,19 @@ class ConsulStore:
         await self._http.aclose()
 
     # ------------------------------------------------------------ helpers
+
+    async def _txn(self, ops: list[dict[str, Any]], what: str, expected_version: int) -> int:
+        """Run `ops` atomically; returns the ModifyIndex of the one key they write. A failed `cas`,
+        `delete-cas` or `check-not-exists` is a `Conflict`; any other error a `StoreError`."""
+        status, body = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=ops)
+        with _answer(f"txn on {what}"):
+            answer = json.loads(body)
+            if status == 200:
+                return int(answer["Results"][0]["KV"]["ModifyIndex"])
+            errors = [e["What"] for e in answer["Errors"]]
+        if errors and all(error.endswith(("index is stale", "exists")) for error in errors):
+            raise Conflict(f"{what} exists or changed concurrently (expected version {expected_version})")
+        raise StoreError(f"consul rolled back the write of {what}: {'; '.join(errors)}")
 
     async def _recurse(self, prefix: str) -> list[dict[str, Any]]:
         """Every entry under `prefix` in key order, skipping folder keys (`.../`, as the Consul UI creates)."""

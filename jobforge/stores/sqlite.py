@@ -12,8 +12,15 @@ from datetime import datetime
 from pathlib import Path
 
 from jobforge.errors import Conflict, NotFound, StoreError
-from jobforge.models import JobRecord, JobStatus, LogLine
-from jobforge.stores.base import Versioned, dump_record, load_record
+from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
+from jobforge.stores.base import (
+    Versioned,
+    VersionedDelivery,
+    dump_delivery,
+    dump_record,
+    load_delivery,
+    load_record,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,6 +41,17 @@ CREATE TABLE IF NOT EXISTS logs (
     line TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, phase, seq);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    delivery TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries (state, created_at, job_id, seq);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, seq);
 """
 
 
@@ -112,6 +130,39 @@ class SqliteStore:
         for ph, ts, stream, line in self._db.execute(sql + " ORDER BY seq", args):
             out.setdefault(ph, []).append(LogLine(ts=datetime.fromisoformat(ts), stream=stream, line=line))
         return out
+
+    async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
+        raw = dump_delivery(delivery)
+        try:
+            if expected_version == 0:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO webhook_deliveries (delivery_id, job_id, seq, version, state, created_at, "
+                    "delivery) VALUES (?, ?, ?, 1, ?, ?, ?)",
+                    (delivery.delivery_id, delivery.job_id, delivery.seq, delivery.state.value,
+                     _ts(delivery.created_at), raw))
+            else:
+                cur = self._db.execute(
+                    "UPDATE webhook_deliveries SET version = ?, state = ?, delivery = ? "
+                    "WHERE delivery_id = ? AND version = ? AND state = ?",
+                    (expected_version + 1, delivery.state.value, raw, delivery.delivery_id, expected_version,
+                     DeliveryState.PENDING.value))
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite write failed: {exc}") from exc
+        if cur.rowcount != 1:
+            raise Conflict(f"webhook delivery {delivery.delivery_id} exists or changed concurrently "
+                           f"(expected version {expected_version})")
+        return expected_version + 1
+
+    async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
+        rows = self._db.execute(
+            "SELECT delivery, version FROM webhook_deliveries WHERE state = ? "
+            "ORDER BY created_at, job_id, seq LIMIT ?", (DeliveryState.PENDING.value, limit)).fetchall()
+        return [VersionedDelivery(load_delivery(r[0]), r[1]) for r in rows]
+
+    async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
+        rows = self._db.execute("SELECT delivery FROM webhook_deliveries WHERE job_id = ? ORDER BY seq",
+                                (job_id,)).fetchall()
+        return [load_delivery(r[0]) for r in rows]
 
     async def ping(self) -> None:
         try:

@@ -11,7 +11,7 @@ import pytest
 
 from jobforge.config import JobConfig
 from jobforge.errors import Conflict, NotFound
-from jobforge.models import JobRecord, JobStatus, LogLine, LogStream
+from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, LogStream, WebhookDelivery, WebhookEvent
 from jobforge.pipeline import new_job
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
@@ -214,3 +214,64 @@ async def test_empty_append_is_a_no_op(store):
 
 async def test_ping(store):
     await store.ping()
+
+
+# ---------------------------------------------------------------- webhook outbox
+
+def delivery(job_id: str, event: WebhookEvent, seconds: float = 0, **changes) -> WebhookDelivery:
+    fields = {"body": '{"event":"' + event.value + '"}', **changes}
+    return WebhookDelivery(delivery_id=f"{job_id}/{event.value}", job_id=job_id, event=event,
+                           created_at=T0 + timedelta(seconds=seconds), next_attempt_at=T0 + timedelta(seconds=seconds),
+                           **fields)
+
+
+async def test_a_delivery_is_created_once_and_updated_by_cas(store):
+    first = delivery("job-1", WebhookEvent.BUILD_STARTED)
+    v1 = await store.put_delivery(first, 0)
+    with pytest.raises(Conflict):
+        await store.put_delivery(first.model_copy(update={"body": "{}"}), 0)  # queued twice: the first stays
+    claimed = first.model_copy(update={"lease_until": T0 + timedelta(seconds=40)})
+    v2 = await store.put_delivery(claimed, v1)
+    assert v2 != v1
+    with pytest.raises(Conflict):  # a second worker holding the old version cannot claim it too
+        await store.put_delivery(first.model_copy(update={"lease_until": T0}), v1)
+    assert await store.pending_deliveries(10) == [(claimed, v2)]
+    done = claimed.model_copy(update={"state": DeliveryState.DELIVERED, "attempts": 1, "last_status": 204})
+    v3 = await store.put_delivery(done, v2)
+    assert await store.pending_deliveries(10) == []
+    assert await store.job_deliveries("job-1") == [done]
+    for version in (v3, v2):  # a finished delivery is final, and cannot be queued again either
+        with pytest.raises(Conflict):
+            await store.put_delivery(done.model_copy(update={"state": DeliveryState.PENDING}), version)
+    with pytest.raises(Conflict):
+        await store.put_delivery(first, 0)
+    assert await store.job_deliveries("job-1") == [done]
+
+
+async def test_pending_deliveries_are_oldest_first_and_per_job_in_event_order(store):
+    queued = [delivery("b", WebhookEvent.BUILD_STARTED, 1), delivery("a", WebhookEvent.JOB_FAILED, 2),
+              delivery("a", WebhookEvent.BUILD_STARTED, 0), delivery("a", WebhookEvent.BUILD_FAILED, 2),
+              delivery("c", WebhookEvent.JOB_COMPLETED, 3, state=DeliveryState.FAILED)]
+    for d in queued:
+        await store.put_delivery(d, 0)
+    pending = [(v.delivery.job_id, v.delivery.event.value) for v in await store.pending_deliveries(10)]
+    assert pending == [("a", "build.started"), ("b", "build.started"), ("a", "build.failed"), ("a", "job.failed")]
+    assert [(v.delivery.job_id, v.delivery.event.value) for v in await store.pending_deliveries(2)] == pending[:2]
+    assert [d.event.value for d in await store.job_deliveries("a")] == ["build.started", "build.failed", "job.failed"]
+    assert [d.state for d in await store.job_deliveries("c")] == [DeliveryState.FAILED]
+    assert await store.job_deliveries("nobody") == []
+
+
+async def test_a_delivery_round_trips_every_field(store):
+    full = delivery("job.with_odd-id", WebhookEvent.TEST_FAILED, 5, attempts=3, last_status=503,
+                    outcome="HTTP 503", lease_until=T0, finished_at=T0 + timedelta(seconds=9),
+                    body='{"error":"caf\\u00e9 ☕ \\"quoted\\"\\n"}')
+    await store.put_delivery(full, 0)
+    assert await store.job_deliveries("job.with_odd-id") == [full]
+
+
+async def test_a_record_stored_before_a_newer_rule_stays_readable(store):
+    record = job("job-1", webhook_url="http://127.0.0.1:9/hook")
+    legacy = record.model_copy(update={"config": record.config.model_copy(update={"webhook_headers": {"Host": "x"}})})
+    await store.put(legacy, 0)
+    assert (await store.get("job-1")).record.config.webhook_headers == {"Host": "x"}
