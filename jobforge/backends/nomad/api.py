@@ -49,27 +49,37 @@ class NomadAPI:
                                        what=f"children of {parent}") or []
 
     async def job_allocations(self, job_id: str) -> list[dict]:
+        """`GET /v1/job/:id/allocations`: in ID order (not by age); an unknown job has none."""
         return await self.http.request("GET", f"/v1/job/{segment(job_id)}/allocations",
                                        what=f"allocations of {job_id}") or []
+
+    async def job_evaluations(self, job_id: str) -> list[dict]:
+        """`GET /v1/job/:id/evaluations`: placement failures are in `FailedTGAllocs` of the completed ones."""
+        return await self.http.request("GET", f"/v1/job/{segment(job_id)}/evaluations",
+                                       what=f"evaluations of {job_id}") or []
 
     async def leader(self) -> str:
         return await self.http.request("GET", "/v1/status/leader", what="leader")
 
-    async def events(self, topic: str, index: int) -> AsyncIterator[dict]:
-        """`GET /v1/event/stream?topic=&index=` (index inclusive): batches `{Index, Events}`; heartbeats skipped."""
+    async def events(self, topics: list[str], index: int, *, idle_timeout: float | None = None
+                     ) -> AsyncIterator[dict]:
+        """`GET /v1/event/stream?topic=..&index=` (index inclusive): batches `{Index, Events}` and the `{}`
+        heartbeats (the first comes right after subscribing). A non-JSON tail (`event dropped from buffer`)
+        raises ValueError; silence longer than `idle_timeout` raises BackendError."""
         decoder = NdjsonDecoder()
-        async for chunk in self.http.stream("/v1/event/stream", params={"topic": topic, "index": index},
-                                            what="event stream"):
+        async for chunk in self.http.stream("/v1/event/stream", params={"topic": topics, "index": index},
+                                            what="event stream", idle_timeout=idle_timeout):
             for batch in decoder.feed(chunk):
-                if batch:
-                    yield batch
+                yield batch
+        decoder.close()
 
-    async def logs(self, alloc_id: str, task: str, kind: str, *, follow: bool, offset: int = 0) -> AsyncIterator[dict]:
+    async def logs(self, alloc_id: str, task: str, kind: str, *, follow: bool, offset: int = 0,
+                   idle_timeout: float | None = None, total: float | None = None) -> AsyncIterator[dict]:
         """`GET /v1/client/fs/logs/:alloc` framed: frames with base64 `Data`; heartbeats skipped."""
         decoder = FrameDecoder()
         params = {"task": task, "type": kind, "follow": follow, "origin": "start", "offset": offset}
         async for chunk in self.http.stream(f"/v1/client/fs/logs/{segment(alloc_id)}", params=params,
-                                            what=f"logs of {alloc_id}"):
+                                            what=f"logs of {alloc_id}", idle_timeout=idle_timeout, total=total):
             for frame in decoder.feed(chunk):
                 if frame:
                     yield frame

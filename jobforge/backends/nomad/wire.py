@@ -2,7 +2,8 @@
 
 - the event stream is newline-delimited JSON, `{}` heartbeats between batches;
 - framed logs are JSON objects written back to back with no separator (decode with `raw_decode`);
-- an allocation's `ClientStatus` + task events say how a phase ended.
+- an allocation's `ClientStatus`, `DesiredStatus` + task events say how a phase ended;
+- an evaluation's `FailedTGAllocs` metrics say why a phase cannot be placed, and whether it ever can be.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ class NdjsonDecoder:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
+
+    def close(self) -> None:
+        """At the end of the body: a tail that is not a JSON line is the server's error (`event dropped from
+        buffer`, written after the 200)."""
+        tail, self._pending = self._pending.strip(), b""
+        if tail:
+            raise ValueError(tail.decode("utf-8", errors="replace")[:500])
 
 
 class FrameDecoder:
@@ -78,40 +86,117 @@ class AllocState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     LOST = "lost"
+    STOPPED = "stopped"
+    """Terminal, but because the server stopped it (`alloc stop`, `job stop`, a drain) or its task was killed:
+    Nomad reports such an allocation `complete`, which is no success."""
 
 
 @dataclass(frozen=True)
 class AllocOutcome:
     state: AllocState
     detail: str | None = None
-    """Why a failed allocation failed, from its task events (exit code, driver error, setup failure)."""
+    """Why a failed or stopped allocation ended: Nomad's `DisplayMessage` of the failing task event (template,
+    image pull, driver), the exit code, or the server's `DesiredDescription`."""
 
     @property
     def terminal(self) -> bool:
-        return self.state in (AllocState.SUCCEEDED, AllocState.FAILED, AllocState.LOST)
+        return self.state in (AllocState.SUCCEEDED, AllocState.FAILED, AllocState.LOST, AllocState.STOPPED)
 
 
 _CLIENT_STATUS = {
     "pending": AllocState.PENDING, "running": AllocState.RUNNING, "complete": AllocState.SUCCEEDED,
     "failed": AllocState.FAILED, "lost": AllocState.LOST, "unknown": AllocState.PENDING,
 }
+# Task events whose DisplayMessage is generic: the failing event before them says more.
+_GENERIC = {"Not Restarting", "Killed", "Terminated", "Received", "Task Setup", "Started", "Restarting"}
+_KILL_EVENTS = {"Killing", "Killed"}
+
+
+def alloc_order(alloc: dict) -> tuple[int, int]:
+    """Allocations by age: Nomad lists them in ID order (random), so pick by CreateIndex, then ModifyIndex."""
+    return int(alloc.get("CreateIndex") or 0), int(alloc.get("ModifyIndex") or 0)
 
 
 def alloc_outcome(alloc: dict, task: str) -> AllocOutcome:
     state = _CLIENT_STATUS.get(alloc.get("ClientStatus", ""), AllocState.PENDING)
+    events = ((alloc.get("TaskStates") or {}).get(task) or {}).get("Events") or []
+    if state in (AllocState.SUCCEEDED, AllocState.FAILED):
+        failing = any(e.get("FailsTask") for e in events)
+        killed = any(e.get("Type") in _KILL_EVENTS for e in events)
+        if alloc.get("DesiredStatus") == "stop" or (killed and not failing):
+            reason = alloc.get("DesiredDescription") or _kill_detail(events) or "its task was killed"
+            return AllocOutcome(AllocState.STOPPED, reason)
     if state is not AllocState.FAILED:
         return AllocOutcome(state)
-    events = ((alloc.get("TaskStates") or {}).get(task) or {}).get("Events") or []
     return AllocOutcome(state, _failure_detail(events) or alloc.get("ClientDescription") or "allocation failed")
 
 
+def _kill_detail(events: list[dict]) -> str | None:
+    return next((e.get("DisplayMessage") or e.get("KillReason") for e in reversed(events)
+                 if e.get("Type") in _KILL_EVENTS and (e.get("DisplayMessage") or e.get("KillReason"))), None)
+
+
 def _failure_detail(events: list[dict]) -> str | None:
+    """The most specific reason: a failing event's DisplayMessage (what `nomad alloc status` shows), else the
+    error fields of the driver/setup events, else the exit code."""
     for event in reversed(events):
         kind = event.get("Type", "")
-        if kind == "Terminated":
+        if kind in _GENERIC:
+            continue
+        message = event.get("DisplayMessage") or ""
+        for key in ("DriverError", "SetupError", "ValidationError", "DownloadError", "VaultError"):
+            if event.get(key):
+                return message or f"{kind}: {event[key]}"
+        if event.get("FailsTask") and message:
+            return message
+    for event in reversed(events):
+        if event.get("Type") == "Terminated":
             code, signal = event.get("ExitCode", 0), event.get("Signal", 0)
             return f"task exited with code {code}" + (f" (signal {signal})" if signal else "")
-        for key in ("DriverError", "SetupError", "ValidationError", "DownloadError"):
-            if event.get(key):
-                return f"{kind}: {event[key]}"
     return None
+
+
+@dataclass(frozen=True)
+class PlacementFailure:
+    reason: str
+    permanent: bool
+    """True when no node of the cluster could ever take it as it stands (no node in the job's datacenters or
+    node pool, every node filtered by a constraint, host volume, device or driver): waiting cannot help."""
+
+
+def placement_failure(evaluation: dict) -> PlacementFailure | None:
+    """Why an evaluation could not place its groups (`FailedTGAllocs`, as `nomad job status` prints it)."""
+    failed = evaluation.get("FailedTGAllocs") or {}
+    if not failed:
+        return None
+    reasons, permanent = [], True
+    for group, metric in sorted(failed.items()):
+        text, never = _metric_reason(metric or {})
+        reasons.append(f"{group}: {text}" if len(failed) > 1 else text)
+        permanent = permanent and never
+    return PlacementFailure("; ".join(reasons), permanent)
+
+
+def _counts(mapping: dict | None) -> str:
+    return ", ".join(f"{key} ({count})" for key, count in sorted((mapping or {}).items()))
+
+
+def _metric_reason(metric: dict) -> tuple[str, bool]:
+    evaluated = int(metric.get("NodesEvaluated") or 0)
+    if evaluated == 0:
+        pool = int(metric.get("NodesInPool") or 0)
+        return (f"no node in the job's datacenters ({pool} node(s) in the pool); check NOMAD_DATACENTERS", True)
+    filtered, exhausted = int(metric.get("NodesFiltered") or 0), int(metric.get("NodesExhausted") or 0)
+    parts = []
+    if metric.get("ConstraintFiltered") or metric.get("ClassFiltered"):
+        parts.append("constraint filtered " + _counts({**(metric.get("ClassFiltered") or {}),
+                                                         **(metric.get("ConstraintFiltered") or {})}))
+    if exhausted:
+        dims = _counts(metric.get("DimensionExhausted")) or _counts(metric.get("ClassExhausted"))
+        parts.append(f"resources exhausted on {exhausted} node(s)" + (f": {dims}" if dims else ""))
+    if metric.get("QuotaExhausted"):
+        parts.append("quota exhausted: " + ", ".join(metric["QuotaExhausted"]))
+    if not parts:
+        parts.append(f"{filtered} of {evaluated} node(s) filtered")
+    never = filtered >= evaluated and not exhausted and not metric.get("QuotaExhausted")
+    return "; ".join(parts), never
