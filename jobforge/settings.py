@@ -35,7 +35,8 @@ class NomadSettings(BaseSettings):
     region: str | None = Field(None, validation_alias="NOMAD_REGION",
                                description="sent only when set; else the agent's own region (the reference's global)")
     namespace: str = Field("default", validation_alias="NOMAD_NAMESPACE")
-    datacenters: str = Field("cluster", validation_alias="NOMAD_DATACENTERS")
+    datacenters: str = Field("dc1", validation_alias="NOMAD_DATACENTERS",
+                             description="comma-separated; a stock cluster's datacenter is dc1")
     token: SecretStr | None = Field(None, validation_alias="NOMAD_TOKEN")
     image: str | None = Field(None, min_length=1, validation_alias="JOBFORGE_NOMAD_IMAGE",
                               description="runner image of the Nomad jobs (python3, buildah, skopeo, git); "

@@ -39,6 +39,12 @@ class Streams:
     closing: Callable[[], bool]
     log_heartbeat: float
     event_heartbeat: float
+    cuts: Callable[[], int] = lambda: 0  # bumped by `cut_streams`: streams opened before go half-open
+
+    async def half_open(self) -> None:
+        """Write nothing more and never end the response (no FIN), until the fake stops."""
+        while not self.closing():
+            await self.wait_change(1.0)
 
 
 # ---------------------------------------------------------------- request parsing
@@ -136,8 +142,12 @@ async def stream_logs(streams: Streams, request: web.Request, alloc_id: str) -> 
     file = f"alloc/logs/{task}.{log_type}.0"
     loop = asyncio.get_running_loop()
     beat = loop.time() + streams.log_heartbeat
+    epoch = streams.cuts()
     try:
         while not streams.closing():
+            if streams.cuts() != epoch:
+                await streams.half_open()
+                return response
             chunk = bytes(buffer[position:position + LOG_FRAME_MAX])
             if chunk:
                 position += len(chunk)
@@ -188,10 +198,14 @@ async def stream_events(streams: Streams, request: web.Request) -> web.StreamRes
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
     await response.prepare(request)
     loop = asyncio.get_running_loop()
+    epoch = streams.cuts()
     try:
         await response.write(b"{}\n")
         beat = loop.time() + streams.event_heartbeat
         while not streams.closing():
+            if streams.cuts() != epoch:
+                await streams.half_open()
+                return response
             if cluster.evicted_upto >= cursor:
                 await response.write(b"event dropped from buffer")
                 break

@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.doubles.nomad import FakeNomad, TaskRun, subprocess_runner
+from tests.doubles.nomad import FakeNomad, Node, TaskRun, subprocess_runner
+from tests.doubles.nomad_shapes import new_id
 from tests.doubles.vault import FakeVault
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -810,7 +811,14 @@ def vault_variant() -> str:
               "vault_secrets": [{"path": "secret/data/ml/api-keys", "fields": {"hf-token": "HF_TOKEN"}}],
               "constraints": [{"attribute": "${meta.storage-type}", "operand": "is_set"},
                               {"attribute": "${node.datacenter}", "operand": "=", "value": "us-west-2"}]})
-    return render_job("test", variant_spec("test", config), RenderParams(vault_role="jobforge"))
+    return render_job("test", variant_spec("test", config),
+                      RenderParams(vault_role="jobforge", datacenters=("us-west-2",)))
+
+
+def gpu_node() -> Node:
+    """A client the vault_variant() constraints, datacenter and GPU request can be placed on."""
+    return Node(id=new_id(), name="gpu-1", datacenter="us-west-2", meta={"storage-type": "ssd", "gpu-capable": "true"},
+                devices={"nvidia/gpu": 2})
 
 
 async def test_parse_vault_gpu_constraint_variant(http):
@@ -846,7 +854,7 @@ async def test_runner_gets_payload_env_and_rendered_templates():
     vault = FakeVault()
     vault.put("nomad/jobs/registry-credentials", {"username": "ci", "password": 'p"w#1'})
     vault.put("ml/api-keys", {"hf-token": "hf_123"})
-    fake = FakeNomad(runner=runner, vault=vault)
+    fake = FakeNomad(runner=runner, vault=vault, node=gpu_node())
     await fake.start()
     try:
         async with aiohttp.ClientSession(fake.url) as http:
@@ -875,7 +883,7 @@ async def test_template_without_its_secret_fails_the_task():
     async def runner(run, payload, env):
         raise AssertionError("must not start")
 
-    fake = FakeNomad(runner=runner, vault=FakeVault())
+    fake = FakeNomad(runner=runner, vault=FakeVault(), node=gpu_node())
     await fake.start()
     try:
         async with aiohttp.ClientSession(fake.url) as http:
