@@ -452,13 +452,16 @@ class FakeNomad:
             allocs = self.cluster.allocs_of(ns, job_id)
             return max(a["ModifyIndex"] for a in allocs) if allocs else self.cluster.tables["allocs"]
         index = await self._block(request, current)
-        stubs = [alloc_stub(a, self.cluster.alloc_jobs[a["ID"]]) for a in self.cluster.allocs_of(ns, job_id)]
+        # memdb's "job" index: entries of one job come in primary-key (ID) order, not by age
+        stubs = [alloc_stub(a, self.cluster.alloc_jobs[a["ID"]])
+                 for a in sorted(self.cluster.allocs_of(ns, job_id), key=lambda a: a["ID"])]
         return reply(request, stubs, read_headers(index))
 
     async def _job_evals(self, request: web.Request, job_id: str) -> web.Response:
         ns = namespace(request)
         index = await self._block(request, lambda: self.cluster.tables["evals"])
-        evals = [e for e in self.cluster.evals.values() if e["JobID"] == job_id and e["Namespace"] == ns]
+        evals = sorted((e for e in self.cluster.evals.values() if e["JobID"] == job_id and e["Namespace"] == ns),
+                       key=lambda e: e["ID"])  # memdb order: by ID
         return reply(request, evals, read_headers(index))
 
     async def _eval(self, request: web.Request, eval_id: str) -> web.Response:
