@@ -99,7 +99,7 @@ class NomadBackend:
     resumable = True
 
     def __init__(self, api: NomadAPI, render: RenderParams, *, cleanup_timeout: float = 600.0,
-                 placement_timeout: float = 300.0, stream_timeout: float = 65.0, log_read_timeout: float = 30.0,
+                 placement_timeout: float = 300.0, stream_timeout: float = 65.0, log_read_timeout: float = 300.0,
                  dispatch_attempts: int = 5, retry_delay: float = 0.5,
                  clock: Callable[[], datetime] = utcnow) -> None:
         self._api = api
@@ -409,7 +409,8 @@ class NomadBackend:
         for name, stream in _STREAMS:
             try:
                 async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=False,
-                                                  offset=run.received[name], total=self._log_read_timeout):
+                                                  offset=run.received[name], idle_timeout=self._stream_timeout,
+                                                  total=self._log_read_timeout):
                     self._take(run, name, stream, frame)
             except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
                 log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
