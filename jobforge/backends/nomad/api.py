@@ -6,6 +6,7 @@ import base64
 from collections.abc import AsyncIterator
 
 from jobforge.backends.nomad.http import NomadError, NomadHTTP, segment
+from jobforge.backends.nomad.models import Allocation, DispatchReply, Evaluation, EventBatch, JobStub
 from jobforge.backends.nomad.wire import FrameDecoder, NdjsonDecoder
 
 MAX_PAYLOAD = 16384  # bytes, after base64 decoding: Nomad refuses larger dispatch payloads
@@ -33,36 +34,40 @@ class NomadAPI:
                 return None
             raise
 
-    async def dispatch(self, job_id: str, meta: dict[str, str], payload: bytes, idempotency_token: str) -> dict:
+    async def dispatch(self, job_id: str, meta: dict[str, str], payload: bytes, idempotency_token: str
+                       ) -> DispatchReply:
         """`POST /v1/job/:id/dispatch?idempotency_token=`: a retried dispatch returns the existing child."""
-        return await self.http.request(
+        return DispatchReply.model_validate(await self.http.request(
             "POST", f"/v1/job/{segment(job_id)}/dispatch", params={"idempotency_token": idempotency_token},
-            body={"Meta": meta, "Payload": base64.b64encode(payload).decode()}, what=f"dispatch {job_id}")
+            body={"Meta": meta, "Payload": base64.b64encode(payload).decode()}, what=f"dispatch {job_id}"))
 
     async def deregister(self, job_id: str) -> dict:
         """`DELETE /v1/job/:id`: stops a dispatched child (its allocation is killed); unknown ids succeed."""
         return await self.http.request("DELETE", f"/v1/job/{segment(job_id)}", what=f"stop {job_id}")
 
-    async def children(self, parent: str) -> list[dict]:
+    async def children(self, parent: str) -> list[JobStub]:
         """`GET /v1/jobs?prefix=<parent>/dispatch-&meta=true`: the dispatched children with their meta."""
-        return await self.http.request("GET", "/v1/jobs", params={"prefix": f"{parent}/dispatch-", "meta": True},
-                                       what=f"children of {parent}") or []
+        stubs = await self.http.request("GET", "/v1/jobs", params={"prefix": f"{parent}/dispatch-", "meta": True},
+                                        what=f"children of {parent}") or []
+        return [JobStub.model_validate(stub) for stub in stubs]
 
-    async def job_allocations(self, job_id: str) -> list[dict]:
+    async def job_allocations(self, job_id: str) -> list[Allocation]:
         """`GET /v1/job/:id/allocations`: in ID order (not by age); an unknown job has none."""
-        return await self.http.request("GET", f"/v1/job/{segment(job_id)}/allocations",
-                                       what=f"allocations of {job_id}") or []
+        stubs = await self.http.request("GET", f"/v1/job/{segment(job_id)}/allocations",
+                                        what=f"allocations of {job_id}") or []
+        return [Allocation.model_validate(stub) for stub in stubs]
 
-    async def job_evaluations(self, job_id: str) -> list[dict]:
+    async def job_evaluations(self, job_id: str) -> list[Evaluation]:
         """`GET /v1/job/:id/evaluations`: placement failures are in `FailedTGAllocs` of the completed ones."""
-        return await self.http.request("GET", f"/v1/job/{segment(job_id)}/evaluations",
-                                       what=f"evaluations of {job_id}") or []
+        evals = await self.http.request("GET", f"/v1/job/{segment(job_id)}/evaluations",
+                                        what=f"evaluations of {job_id}") or []
+        return [Evaluation.model_validate(ev) for ev in evals]
 
     async def leader(self) -> str:
         return await self.http.request("GET", "/v1/status/leader", what="leader")
 
     async def events(self, topics: list[str], index: int, *, idle_timeout: float | None = None
-                     ) -> AsyncIterator[dict]:
+                     ) -> AsyncIterator[EventBatch]:
         """`GET /v1/event/stream?topic=..&index=` (index inclusive): batches `{Index, Events}` and the `{}`
         heartbeats (the first comes right after subscribing). A non-JSON tail (`event dropped from buffer`)
         raises ValueError; silence longer than `idle_timeout` raises BackendError."""
@@ -70,7 +75,7 @@ class NomadAPI:
         async for chunk in self.http.stream("/v1/event/stream", params={"topic": topics, "index": index},
                                             what="event stream", idle_timeout=idle_timeout):
             for batch in decoder.feed(chunk):
-                yield batch
+                yield EventBatch.model_validate(batch)
         decoder.close()
 
     async def logs(self, alloc_id: str, task: str, kind: str, *, follow: bool, offset: int = 0,

@@ -33,10 +33,10 @@ from datetime import datetime
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.backends.nomad.api import MAX_PAYLOAD, NomadAPI
 from jobforge.backends.nomad.http import NomadError
+from jobforge.backends.nomad.models import Allocation, Evaluation
 from jobforge.backends.nomad.wire import (
     AllocState,
     LineSplitter,
-    alloc_order,
     alloc_outcome,
     frame_data,
     placement_failure,
@@ -174,9 +174,8 @@ class NomadBackend:
             parent = variant_id(command.phase.value, variant_spec(command.phase.value, record.config))
             run = _Run(command.job_id, command.phase.value, command.attempt, child="")
             mine = [stub for stub in await self._api.children(parent)
-                    if (stub.get("Meta") or {}).get("job_id") == command.job_id
-                    and (stub.get("Meta") or {}).get("attempt") == str(command.attempt)]
-            child = max(mine, key=alloc_order)["ID"] if mine else None  # the newest, by index, not list order
+                    if stub.meta.get("job_id") == command.job_id and stub.meta.get("attempt") == str(command.attempt)]
+            child = max(mine, key=lambda stub: stub.age).id if mine else None  # the newest, not list order
             if child is None:
                 self._report(run, PhaseFailed, retryable=True,
                              error=f"{run.phase} phase: its Nomad job was not found after a restart")
@@ -238,8 +237,7 @@ class NomadBackend:
         delay = self._retry_delay
         for attempt in range(1, self._dispatch_attempts + 1):
             try:
-                reply = await self._api.dispatch(parent, meta, body, token)
-                return reply["DispatchedJobID"]
+                return (await self._api.dispatch(parent, meta, body, token)).dispatched_job_id
             except NomadError as exc:
                 if any(text in exc.text for text in _PARENT_GONE):
                     log.warning("parent job %s is gone or stopped (%s); registering it again", parent, exc.text)
@@ -269,10 +267,10 @@ class NomadBackend:
             return
         allocs = await self._api.job_allocations(run.child)
         if allocs:
-            alloc = next((a for a in allocs if a["ID"] == run.alloc_id), None) or max(allocs, key=alloc_order)
+            alloc = next((a for a in allocs if a.id == run.alloc_id), None) or max(allocs, key=lambda a: a.age)
             await self._on_alloc(alloc)
         if run.alloc_id is None and not run.finished:
-            for evaluation in sorted(await self._api.job_evaluations(run.child), key=alloc_order):
+            for evaluation in sorted(await self._api.job_evaluations(run.child), key=lambda e: e.age):
                 self._on_eval(evaluation)
 
     async def _reconcile_all(self) -> None:
@@ -306,14 +304,13 @@ class NomadBackend:
                     if not subscribed:  # Nomad's first line: from here on no event is missed
                         subscribed = True
                         await self._reconcile_all()
-                    for event in batch.get("Events") or []:
-                        payload = event.get("Payload") or {}
-                        if payload.get("Allocation"):
-                            await self._on_alloc(payload["Allocation"])
-                        elif payload.get("Evaluation"):
-                            self._on_eval(payload["Evaluation"])
-                    if "Index" in batch:
-                        self._event_index = batch["Index"] + 1
+                    for event in batch.events:
+                        if event.allocation is not None:
+                            await self._on_alloc(event.allocation)
+                        elif event.evaluation is not None:
+                            self._on_eval(event.evaluation)
+                    if batch.index is not None:
+                        self._event_index = batch.index + 1
                 log.warning("nomad event stream ended; resubscribing from index %d", self._event_index)
             except BackendError as exc:
                 log.warning("nomad event stream interrupted (%s); reconnecting from index %d",
@@ -323,10 +320,10 @@ class NomadBackend:
             await asyncio.sleep(delay)  # reconnect backoff
             delay = min(delay * 2, 10.0)
 
-    def _on_eval(self, evaluation: dict) -> None:
+    def _on_eval(self, evaluation: Evaluation) -> None:
         """A placement failure of a child not placed yet: fail now if Nomad says it can never be placed, else
         when the placement timeout runs out (capacity may come back; the blocked eval would then place it)."""
-        run = self._by_child.get(evaluation.get("JobID", ""))
+        run = self._by_child.get(evaluation.job_id)
         if run is None or run.finished or run.alloc_id is not None:
             return
         failure = placement_failure(evaluation)
@@ -346,13 +343,13 @@ class NomadBackend:
         await self._deregister(run)  # the blocked evaluation must not place it later
         await self._finish(run, AllocState.FAILED, None)
 
-    async def _on_alloc(self, alloc: dict) -> None:
-        run = self._by_child.get(alloc.get("JobID", ""))
+    async def _on_alloc(self, alloc: Allocation) -> None:
+        run = self._by_child.get(alloc.job_id)
         if run is None or run.finished:
             return
-        if run.alloc_id not in (None, alloc["ID"]):
-            return  # an older allocation of the same child: restart and reschedule are off, so not ours
-        run.alloc_id = alloc["ID"]
+        if run.alloc_id not in (None, alloc.id):
+            return  # a replacement Nomad placed (lost node, alloc stop): the allocation we follow decides
+        run.alloc_id = alloc.id
         run.failure = None  # placed after all
         if run.placement is not None:
             run.placement.cancel()

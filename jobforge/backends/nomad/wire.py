@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+
+from jobforge.backends.nomad.models import AllocMetric, Allocation, Evaluation, TaskEvent
 
 _DECODER = json.JSONDecoder()
 
@@ -112,47 +114,38 @@ _GENERIC = {"Not Restarting", "Killed", "Terminated", "Received", "Task Setup", 
 _KILL_EVENTS = {"Killing", "Killed"}
 
 
-def alloc_order(alloc: dict) -> tuple[int, int]:
-    """Allocations by age: Nomad lists them in ID order (random), so pick by CreateIndex, then ModifyIndex."""
-    return int(alloc.get("CreateIndex") or 0), int(alloc.get("ModifyIndex") or 0)
-
-
-def alloc_outcome(alloc: dict, task: str) -> AllocOutcome:
-    state = _CLIENT_STATUS.get(alloc.get("ClientStatus", ""), AllocState.PENDING)
-    events = ((alloc.get("TaskStates") or {}).get(task) or {}).get("Events") or []
+def alloc_outcome(alloc: Allocation, task: str) -> AllocOutcome:
+    state = _CLIENT_STATUS.get(alloc.client_status, AllocState.PENDING)
+    events = alloc.events(task)
     if state in (AllocState.SUCCEEDED, AllocState.FAILED):
-        failing = any(e.get("FailsTask") for e in events)
-        killed = any(e.get("Type") in _KILL_EVENTS for e in events)
-        if alloc.get("DesiredStatus") == "stop" or (killed and not failing):
-            reason = alloc.get("DesiredDescription") or _kill_detail(events) or "its task was killed"
+        failing = any(e.fails_task for e in events)
+        killed = any(e.type in _KILL_EVENTS for e in events)
+        if alloc.desired_status == "stop" or (killed and not failing):
+            reason = alloc.desired_description or _kill_detail(events) or "its task was killed"
             return AllocOutcome(AllocState.STOPPED, reason)
     if state is not AllocState.FAILED:
         return AllocOutcome(state)
-    return AllocOutcome(state, _failure_detail(events) or alloc.get("ClientDescription") or "allocation failed")
+    return AllocOutcome(state, _failure_detail(events) or alloc.client_description or "allocation failed")
 
 
-def _kill_detail(events: list[dict]) -> str | None:
-    return next((e.get("DisplayMessage") or e.get("KillReason") for e in reversed(events)
-                 if e.get("Type") in _KILL_EVENTS and (e.get("DisplayMessage") or e.get("KillReason"))), None)
+def _kill_detail(events: Sequence[TaskEvent]) -> str | None:
+    return next((e.display_message or e.kill_reason for e in reversed(events)
+                 if e.type in _KILL_EVENTS and (e.display_message or e.kill_reason)), None)
 
 
-def _failure_detail(events: list[dict]) -> str | None:
+def _failure_detail(events: Sequence[TaskEvent]) -> str | None:
     """The most specific reason: a failing event's DisplayMessage (what `nomad alloc status` shows), else the
     error fields of the driver/setup events, else the exit code."""
     for event in reversed(events):
-        kind = event.get("Type", "")
-        if kind in _GENERIC:
+        if event.type in _GENERIC:
             continue
-        message = event.get("DisplayMessage") or ""
-        for key in ("DriverError", "SetupError", "ValidationError", "DownloadError", "VaultError"):
-            if event.get(key):
-                return message or f"{kind}: {event[key]}"
-        if event.get("FailsTask") and message:
-            return message
+        if event.error:
+            return event.display_message or f"{event.type}: {event.error}"
+        if event.fails_task and event.display_message:
+            return event.display_message
     for event in reversed(events):
-        if event.get("Type") == "Terminated":
-            code, signal = event.get("ExitCode", 0), event.get("Signal", 0)
-            return f"task exited with code {code}" + (f" (signal {signal})" if signal else "")
+        if event.type == "Terminated":
+            return f"task exited with code {event.exit_code}" + (f" (signal {event.signal})" if event.signal else "")
     return None
 
 
@@ -164,39 +157,37 @@ class PlacementFailure:
     node pool, every node filtered by a constraint, host volume, device or driver): waiting cannot help."""
 
 
-def placement_failure(evaluation: dict) -> PlacementFailure | None:
+def placement_failure(evaluation: Evaluation) -> PlacementFailure | None:
     """Why an evaluation could not place its groups (`FailedTGAllocs`, as `nomad job status` prints it)."""
-    failed = evaluation.get("FailedTGAllocs") or {}
+    failed = evaluation.failed_tg_allocs
     if not failed:
         return None
     reasons, permanent = [], True
     for group, metric in sorted(failed.items()):
-        text, never = _metric_reason(metric or {})
+        text, never = _metric_reason(metric)
         reasons.append(f"{group}: {text}" if len(failed) > 1 else text)
         permanent = permanent and never
     return PlacementFailure("; ".join(reasons), permanent)
 
 
-def _counts(mapping: dict | None) -> str:
-    return ", ".join(f"{key} ({count})" for key, count in sorted((mapping or {}).items()))
+def _counts(mapping: dict[str, int]) -> str:
+    return ", ".join(f"{key} ({count})" for key, count in sorted(mapping.items()))
 
 
-def _metric_reason(metric: dict) -> tuple[str, bool]:
-    evaluated = int(metric.get("NodesEvaluated") or 0)
-    if evaluated == 0:
-        pool = int(metric.get("NodesInPool") or 0)
-        return (f"no node in the job's datacenters ({pool} node(s) in the pool); check NOMAD_DATACENTERS", True)
-    filtered, exhausted = int(metric.get("NodesFiltered") or 0), int(metric.get("NodesExhausted") or 0)
+def _metric_reason(metric: AllocMetric) -> tuple[str, bool]:
+    if metric.nodes_evaluated == 0:
+        return (f"no node in the job's datacenters ({metric.nodes_in_pool} node(s) in the pool); "
+                "check NOMAD_DATACENTERS", True)
     parts = []
-    if metric.get("ConstraintFiltered") or metric.get("ClassFiltered"):
-        parts.append("constraint filtered " + _counts({**(metric.get("ClassFiltered") or {}),
-                                                         **(metric.get("ConstraintFiltered") or {})}))
-    if exhausted:
-        dims = _counts(metric.get("DimensionExhausted")) or _counts(metric.get("ClassExhausted"))
-        parts.append(f"resources exhausted on {exhausted} node(s)" + (f": {dims}" if dims else ""))
-    if metric.get("QuotaExhausted"):
-        parts.append("quota exhausted: " + ", ".join(metric["QuotaExhausted"]))
+    if metric.constraint_filtered or metric.class_filtered:
+        parts.append("constraint filtered " + _counts({**metric.class_filtered, **metric.constraint_filtered}))
+    if metric.nodes_exhausted:
+        dims = _counts(metric.dimension_exhausted) or _counts(metric.class_exhausted)
+        parts.append(f"resources exhausted on {metric.nodes_exhausted} node(s)" + (f": {dims}" if dims else ""))
+    if metric.quota_exhausted:
+        parts.append("quota exhausted: " + ", ".join(metric.quota_exhausted))
     if not parts:
-        parts.append(f"{filtered} of {evaluated} node(s) filtered")
-    never = filtered >= evaluated and not exhausted and not metric.get("QuotaExhausted")
+        parts.append(f"{metric.nodes_filtered} of {metric.nodes_evaluated} node(s) filtered")
+    never = metric.nodes_filtered >= metric.nodes_evaluated and not metric.nodes_exhausted \
+        and not metric.quota_exhausted
     return "; ".join(parts), never
