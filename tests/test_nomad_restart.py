@@ -95,3 +95,4 @@ async def test_a_phase_that_ends_while_the_service_is_down_is_resumed_to_its_res
         assert (status.status.value, status.failed_phase.value) == ("FAILED", phase)
         assert status.error == f"{phase} phase failed: {phase} went wrong"
     assert f"{phase} started" in logs[phase]
+    assert status.temp_image_deleted is True  # the cleanup after the resumed job ran through Nomad too
