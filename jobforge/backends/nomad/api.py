@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from jobforge.backends.nomad.http import NomadError, NomadHTTP, segment
 from jobforge.backends.nomad.models import Allocation, DispatchReply, Evaluation, EventBatch, JobStub
 from jobforge.backends.nomad.wire import FrameDecoder, NdjsonDecoder
+from jobforge.errors import BackendError
 
 MAX_PAYLOAD = 16384  # bytes, after base64 decoding: Nomad refuses larger dispatch payloads
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _parse(model: type[_Model], value: Any, what: str) -> _Model:
+    """An answer that does not fit its model is Nomad's (or a proxy's) fault: a BackendError, never a crash."""
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise BackendError(f"nomad {what}: unexpected answer: {exc.errors()[0]['msg']}") from exc
 
 
 class NomadAPI:
@@ -37,9 +50,10 @@ class NomadAPI:
     async def dispatch(self, job_id: str, meta: dict[str, str], payload: bytes, idempotency_token: str
                        ) -> DispatchReply:
         """`POST /v1/job/:id/dispatch?idempotency_token=`: a retried dispatch returns the existing child."""
-        return DispatchReply.model_validate(await self.http.request(
+        reply = await self.http.request(
             "POST", f"/v1/job/{segment(job_id)}/dispatch", params={"idempotency_token": idempotency_token},
-            body={"Meta": meta, "Payload": base64.b64encode(payload).decode()}, what=f"dispatch {job_id}"))
+            body={"Meta": meta, "Payload": base64.b64encode(payload).decode()}, what=f"dispatch {job_id}")
+        return _parse(DispatchReply, reply, f"dispatch {job_id}")
 
     async def deregister(self, job_id: str) -> dict:
         """`DELETE /v1/job/:id`: stops a dispatched child (its allocation is killed); unknown ids succeed."""
@@ -49,19 +63,19 @@ class NomadAPI:
         """`GET /v1/jobs?prefix=<parent>/dispatch-&meta=true`: the dispatched children with their meta."""
         stubs = await self.http.request("GET", "/v1/jobs", params={"prefix": f"{parent}/dispatch-", "meta": True},
                                         what=f"children of {parent}") or []
-        return [JobStub.model_validate(stub) for stub in stubs]
+        return [_parse(JobStub, stub, f"children of {parent}") for stub in stubs]
 
     async def job_allocations(self, job_id: str) -> list[Allocation]:
         """`GET /v1/job/:id/allocations`: in ID order (not by age); an unknown job has none."""
         stubs = await self.http.request("GET", f"/v1/job/{segment(job_id)}/allocations",
                                         what=f"allocations of {job_id}") or []
-        return [Allocation.model_validate(stub) for stub in stubs]
+        return [_parse(Allocation, stub, f"allocations of {job_id}") for stub in stubs]
 
     async def job_evaluations(self, job_id: str) -> list[Evaluation]:
         """`GET /v1/job/:id/evaluations`: placement failures are in `FailedTGAllocs` of the completed ones."""
         evals = await self.http.request("GET", f"/v1/job/{segment(job_id)}/evaluations",
                                         what=f"evaluations of {job_id}") or []
-        return [Evaluation.model_validate(ev) for ev in evals]
+        return [_parse(Evaluation, ev, f"evaluations of {job_id}") for ev in evals]
 
     async def leader(self) -> str:
         return await self.http.request("GET", "/v1/status/leader", what="leader")
@@ -75,7 +89,7 @@ class NomadAPI:
         async for chunk in self.http.stream("/v1/event/stream", params={"topic": topics, "index": index},
                                             what="event stream", idle_timeout=idle_timeout):
             for batch in decoder.feed(chunk):
-                yield EventBatch.model_validate(batch)
+                yield _parse(EventBatch, batch, "event stream")
         decoder.close()
 
     async def logs(self, alloc_id: str, task: str, kind: str, *, follow: bool, offset: int = 0,

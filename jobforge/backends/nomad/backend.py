@@ -317,6 +317,8 @@ class NomadBackend:
                             exc.message, self._event_index)
             except ValueError as exc:  # a non-JSON tail (`event dropped from buffer`): the server closed it
                 log.warning("nomad event stream closed by the server (%s); resubscribing", exc)
+            except Exception:  # noqa: BLE001 - the one follower of every phase must outlive a bug: log, resubscribe
+                log.exception("nomad event stream handling failed; resubscribing from index %d", self._event_index)
             await asyncio.sleep(delay)  # reconnect backoff
             delay = min(delay * 2, 10.0)
 
