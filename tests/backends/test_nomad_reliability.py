@@ -270,6 +270,16 @@ async def test_dispatch_is_retried_with_the_same_token_through_5xx(nomad, backen
     assert sorted(tokens) == ["job-0-build-1", "job-1-build-1"]
 
 
+async def test_a_dispatch_whose_reply_is_lost_is_retried_into_the_same_child(nomad, backend, collector):
+    nomad.lose_replies = ["/dispatch"]  # Nomad dispatches, the connection dies before the reply
+    await backend.dispatch(command(), PAYLOAD, CONFIG)
+    assert sum(s.path.endswith("/dispatch") for s in nomad.seen) == 2
+    child = child_of(nomad, "jobforge-build")  # exactly one: the token made the retry return it
+    nomad.run_alloc(nomad.alloc_ids(child)[0])
+    await collector.until(lambda c: c.ended() is not None)
+    assert isinstance(collector.ended(), PhaseSucceeded)
+
+
 async def test_dispatch_gives_up_after_its_attempts(nomad):
     backend = make_backend(nomad, dispatch_attempts=3)
     try:

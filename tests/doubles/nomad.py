@@ -25,7 +25,8 @@ runner use `receive_alloc` / `start_alloc` / `write_log` / `finish_alloc` or `ru
 stop`: migrate, a replacement is placed), `stop_job` (`nomad job stop [-purge]`), `drain_node` (deadline reached:
 every allocation migrated, the node ineligible); `fail_template` (the template hook's "Template failed: ..."
 kill); `event_heartbeat` / `log_heartbeat` shorten the `{}` periods (Nomad: 30 s events, 1 s logs);
-`seen` records requests; `outage = (status, text)` fails every request; `cut_streams()` makes every open stream
+`seen` records requests; `outage = (status, text)` fails every request; `lose_replies = ["/dispatch"]` does the
+next such request and then resets the connection instead of replying; `cut_streams()` makes every open stream
 half-open (no more bytes, no FIN: the peer went away without a word) while new connections work. Run it in the test's loop
 (`await start()` / `await stop()`) or in a thread for a subprocess (`with fake.in_thread() as url:`; then call
 helpers through `fake.call(fn, *args)`).
@@ -104,6 +105,7 @@ class FakeNomad:
                              kill_timeout=kill_timeout)
         self.cluster.on_change = self.client.on_log = self._wake
         self.outage: tuple[int, str] | None = None
+        self.lose_replies: list[str] = []  # path suffixes: the next request ending so is done, its reply lost
         self.seen: list[Seen] = []
         self.port: int | None = None
         self._changed: asyncio.Event | None = None
@@ -264,7 +266,12 @@ class FakeNomad:
                 raise Refused(*self.outage)
             if self.acl_token is not None and caller != self.acl_token:
                 raise Refused(403, "ACL token not found" if caller else "Permission denied")
-            return await handler(request)
+            response = await handler(request)
+            if self.lose_replies and request.path.endswith(self.lose_replies[0]):
+                self.lose_replies.pop(0)
+                assert request.transport is not None
+                request.transport.abort()  # done, but the caller never hears of it (reset, no reply)
+            return response
         except Refused as refused:
             return web.Response(status=refused.status, text=refused.text, headers=refused.headers)
 
