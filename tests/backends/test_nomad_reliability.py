@@ -78,6 +78,14 @@ def unrelated_writes(nomad: FakeNomad, count: int) -> None:
         nomad.cluster.register(decode_job({**job, "ID": f"other-{new_id()[:8]}", "Meta": {"n": str(i)}}))
 
 
+def building_record():
+    """The stored record of job-1 while its build (attempt 1) runs: what a restarted service resumes."""
+    record = new_job("job-1", CONFIG, datetime.now(UTC))
+    return record.model_copy(update={"current_phase": Phase.BUILD, "phases": {
+        **record.phases, Phase.BUILD: record.phases[Phase.BUILD].model_copy(
+            update={"attempt": 1, "dispatched_at": datetime.now(UTC)})}})
+
+
 # ---------------------------------------------------------------- event-stream gaps and dead connections
 
 async def test_allocation_finishing_in_a_gap_larger_than_the_buffer_is_found():
@@ -318,15 +326,35 @@ async def test_resume_takes_the_newest_allocation_and_its_result_while_down(noma
 
     second = make_backend(nomad)
     collector = Collector(second)
-    record = new_job("job-1", CONFIG, datetime.now(UTC))
-    record = record.model_copy(update={"current_phase": Phase.BUILD, "phases": {
-        **record.phases, Phase.BUILD: record.phases[Phase.BUILD].model_copy(
-            update={"attempt": 1, "dispatched_at": datetime.now(UTC)})}})
+    record = building_record()
     try:
         await second.resume([(command(), record)])
         await collector.until(lambda c: c.ended() is not None)
         assert isinstance(collector.ended(), PhaseSucceeded)
         assert collector.lines() == ["done by the replacement"]
+    finally:
+        collector.close()
+        await second.aclose()
+
+
+async def test_resume_while_nomad_is_unreachable_retries_until_it_answers(nomad):
+    first = make_backend(nomad)
+    await first.dispatch(command(), PAYLOAD, CONFIG)
+    alloc = nomad.alloc_ids(child_of(nomad, "jobforge-build"))[0]
+    await first.aclose()
+    nomad.run_alloc(alloc, stdout=b"finished while nobody watched\n")
+
+    second = make_backend(nomad)
+    collector = Collector(second)
+    record = building_record()
+    try:
+        nomad.outage = (500, "rpc error: No cluster leader")
+        await second.resume([(command(), record)])  # does not raise: the service starts anyway
+        assert collector.ended() is None
+        nomad.outage = None
+        await collector.until(lambda c: c.ended() is not None)
+        assert isinstance(collector.ended(), PhaseSucceeded)
+        assert collector.lines() == ["finished while nobody watched"]
     finally:
         collector.close()
         await second.aclose()

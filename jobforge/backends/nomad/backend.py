@@ -169,23 +169,47 @@ class NomadBackend:
             return False
 
     async def resume(self, running: Iterable[tuple[DispatchPhase, JobRecord]]) -> None:
-        """Re-attach to phases that ran while the server was down: find each child, replay its allocation."""
+        """Re-attach to phases that ran while the server was down: find each child, replay its allocation. A
+        phase that cannot be looked up now (Nomad unreachable) is retried in the background until its deadline."""
         for command, record in running:
-            parent = variant_id(command.phase.value, variant_spec(command.phase.value, record.config))
-            run = _Run(command.job_id, command.phase.value, command.attempt, child="")
-            mine = [stub for stub in await self._api.children(parent)
-                    if stub.meta.get("job_id") == command.job_id and stub.meta.get("attempt") == str(command.attempt)]
-            child = max(mine, key=lambda stub: stub.age).id if mine else None  # the newest, not list order
-            if child is None:
-                self._report(run, PhaseFailed, retryable=True,
-                             error=f"{run.phase} phase: its Nomad job was not found after a restart")
-                continue
-            run.child = child
-            self._by_key[run.key] = run
-            dispatched = record.phases[command.phase].dispatched_at or record.submitted_at
-            left = command.timeout_seconds - (self._clock() - dispatched).total_seconds()
-            run.deadline = self._spawn(self._expire(run, left))
-            await self._attach(run)
+            try:
+                await self._resume_one(command, record)
+            except BackendError as exc:
+                log.warning("cannot resume %s yet (%s); retrying", command.dispatch_key, exc.message)
+                self._spawn(self._resume_later(command, record))
+
+    async def _resume_later(self, command: DispatchPhase, record: JobRecord) -> None:
+        delay = self._retry_delay
+        while True:
+            await asyncio.sleep(delay)  # retry backoff
+            delay = min(delay * 2, 10.0)
+            try:
+                await self._resume_one(command, record)
+                return
+            except BackendError as exc:
+                if self._time_left(command, record) <= 0:
+                    run = _Run(command.job_id, command.phase.value, command.attempt, child="")
+                    self._report(run, PhaseFailed, retryable=True,
+                                 error=f"{run.phase} phase: Nomad unreachable after a restart: {exc.message}")
+                    return
+
+    def _time_left(self, command: DispatchPhase, record: JobRecord) -> float:
+        dispatched = record.phases[command.phase].dispatched_at or record.submitted_at
+        return command.timeout_seconds - (self._clock() - dispatched).total_seconds()
+
+    async def _resume_one(self, command: DispatchPhase, record: JobRecord) -> None:
+        parent = variant_id(command.phase.value, variant_spec(command.phase.value, record.config))
+        run = _Run(command.job_id, command.phase.value, command.attempt, child="")
+        mine = [stub for stub in await self._api.children(parent)
+                if stub.meta.get("job_id") == command.job_id and stub.meta.get("attempt") == str(command.attempt)]
+        if not mine:
+            self._report(run, PhaseFailed, retryable=True,
+                         error=f"{run.phase} phase: its Nomad job was not found after a restart")
+            return
+        run.child = max(mine, key=lambda stub: stub.age).id  # the newest, by index, not list order
+        self._by_key[run.key] = run
+        run.deadline = self._spawn(self._expire(run, self._time_left(command, record)))
+        await self._attach(run)
 
     async def events(self) -> AsyncIterator[BackendMessage]:
         if self._watcher is None:
