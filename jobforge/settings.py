@@ -35,8 +35,15 @@ class NomadSettings(BaseSettings):
     region: str | None = Field(None, validation_alias="NOMAD_REGION",
                                description="sent only when set; else the agent's own region (the reference's global)")
     namespace: str = Field("default", validation_alias="NOMAD_NAMESPACE")
-    datacenters: str = Field("cluster", validation_alias="NOMAD_DATACENTERS")
+    datacenters: str = Field("dc1", validation_alias="NOMAD_DATACENTERS",
+                             description="comma-separated; a stock cluster's datacenter is dc1")
     token: SecretStr | None = Field(None, validation_alias="NOMAD_TOKEN")
+    placement_timeout: Duration = Field(
+        5 * 60, gt=0, validation_alias=AliasChoices("JOBFORGE_PLACEMENT_TIMEOUT", "PLACEMENT_TIMEOUT"),
+        description="a phase Nomad cannot place (blocked evaluation) fails after this; at once if it never can")
+    stream_timeout: Duration = Field(
+        65, gt=0, validation_alias="JOBFORGE_NOMAD_STREAM_TIMEOUT",
+        description="silence after which a Nomad stream is taken as dead and reopened (heartbeats: 30 s)")
     image: str | None = Field(None, min_length=1, validation_alias="JOBFORGE_NOMAD_IMAGE",
                               description="runner image of the Nomad jobs (python3, buildah, skopeo, git); "
                                           "default: jobforge.nomad.render.DEFAULT_IMAGE")

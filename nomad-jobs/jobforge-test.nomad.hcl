@@ -3,7 +3,7 @@
 # "$${X}" is HCL for the literal text "${X}": Nomad interpolates it on the client when the task starts.
 job "jobforge-test" {
   type        = "batch"
-  datacenters = ["*"]
+  datacenters = ["dc1"]
 
   meta {
     jobforge_phase          = "test"

@@ -55,3 +55,16 @@ def test_the_store_follows_the_backend_unless_set(monkeypatch, backend, store, e
     else:
         monkeypatch.delenv("JOBFORGE_STORE", raising=False)
     assert Settings().effective_store == expected
+
+
+def test_nomad_defaults_fit_a_stock_cluster_and_timeouts_are_durations(monkeypatch):
+    for name in ("NOMAD_DATACENTERS", "JOBFORGE_PLACEMENT_TIMEOUT", "PLACEMENT_TIMEOUT",
+                 "JOBFORGE_NOMAD_STREAM_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    nomad = Settings().nomad
+    assert (nomad.datacenters, nomad.placement_timeout, nomad.stream_timeout) == ("dc1", 300, 65)
+    monkeypatch.setenv("PLACEMENT_TIMEOUT", "2m")  # the name works too
+    monkeypatch.setenv("JOBFORGE_NOMAD_STREAM_TIMEOUT", "90s")
+    assert (Settings().nomad.placement_timeout, Settings().nomad.stream_timeout) == (120, 90)
+    monkeypatch.setenv("JOBFORGE_PLACEMENT_TIMEOUT", "30s")
+    assert Settings().nomad.placement_timeout == 30

@@ -58,7 +58,7 @@ class RenderParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="runner image: python3, buildah, skopeo, git")
-    datacenters: tuple[str, ...] = Field(("*",), min_length=1)
+    datacenters: tuple[str, ...] = Field(("dc1",), min_length=1, description="a stock cluster's datacenter")
     cache_volume: str = Field("buildah-cache", min_length=1, description="client host volume for buildah storage")
     cache_mount: str = Field("/var/lib/jobforge/buildah", pattern=r"^/.*[^/]$",
                              description="where the host volume is mounted in the task")
@@ -83,7 +83,7 @@ class RenderParams(BaseModel):
     def from_settings(cls, settings: Any, **overrides: Any) -> RenderParams:
         """Values the service settings already hold (`NOMAD_DATACENTERS`), plus explicit overrides."""
         datacenters = tuple(dc.strip() for dc in settings.nomad.datacenters.split(",") if dc.strip())
-        return cls(**{"datacenters": datacenters or ("*",), **overrides})
+        return cls(**{"datacenters": datacenters or ("dc1",), **overrides})
 
 
 # ------------------------------------------------------------------------------------------------ context
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="directory for jobforge-<phase>.nomad.hcl")
     parser.add_argument("--image", default=DEFAULT_IMAGE, help=f"runner image (default {DEFAULT_IMAGE})")
     parser.add_argument("--datacenter", action="append", dest="datacenters",
-                        help="datacenter (repeatable; default '*')")
+                        help="datacenter (repeatable; default dc1)")
     args = parser.parse_args(argv)
     params = RenderParams(image=args.image, **({"datacenters": tuple(args.datacenters)} if args.datacenters else {}))
     for path in write_default_jobs(args.out_dir, params):

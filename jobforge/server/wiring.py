@@ -43,7 +43,8 @@ def build_backend(settings: Settings) -> Backend:
         http = NomadHTTP(nomad.addr, token=nomad.token.get_secret_value() if nomad.token else None,
                          namespace=nomad.namespace, region=nomad.region)
         overrides = {"image": nomad.image} if nomad.image else {}
-        return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides))
+        return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides),
+                            placement_timeout=nomad.placement_timeout, stream_timeout=nomad.stream_timeout)
     data = settings.data_dir
     return LocalBackend(
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",

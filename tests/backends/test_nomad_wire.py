@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from jobforge.backends.nomad.models import Allocation, Evaluation, EventBatch
 from jobforge.backends.nomad.wire import (
-    AllocState, FrameDecoder, LineSplitter, NdjsonDecoder, alloc_outcome, frame_data,
+    AllocState, FrameDecoder, LineSplitter, NdjsonDecoder, alloc_outcome, frame_data, placement_failure,
 )
 
 SAMPLES = Path(__file__).resolve().parents[1] / "reference" / "nomad-samples"
@@ -39,6 +40,20 @@ def test_event_stream_error_tail_is_reported():
     decoder = NdjsonDecoder()
     with pytest.raises(ValueError):
         list(decoder.feed(b'{}\nsubscription closed by server, client should resubscribe\n'))
+
+
+def test_event_stream_error_without_newline_is_reported_at_the_end():
+    decoder = NdjsonDecoder()
+    assert list(decoder.feed(b'{}\nevent dropped from buffer')) == [{}]
+    with pytest.raises(ValueError, match="event dropped from buffer"):
+        decoder.close()
+
+
+def test_event_batches_parse_into_models():
+    lines = [json.loads(line) for line in sample("event-stream-wire-example.ndjson").splitlines() if line.strip()]
+    batches = [EventBatch.model_validate(line) for line in lines]
+    assert batches[0].index is None and batches[0].events == ()  # the heartbeat
+    assert all(b.index for b in batches if b.events)
 
 
 @pytest.mark.parametrize("size", [1, 5, 33, 100000])
@@ -69,8 +84,12 @@ def test_frame_data_decodes_base64():
 ALLOC = json.loads(sample("event-stream-allocation-event.json"))["Events"][0]["Payload"]["Allocation"]
 
 
+def outcome_of(alloc: dict):
+    return alloc_outcome(Allocation.model_validate(alloc), "worker")
+
+
 def test_failed_allocation_reports_the_exit_code():
-    outcome = alloc_outcome(ALLOC, "worker")
+    outcome = outcome_of(ALLOC)
     assert outcome.state is AllocState.FAILED and outcome.terminal
     assert "exited with code" in outcome.detail
 
@@ -81,11 +100,62 @@ def test_failed_allocation_reports_the_exit_code():
 ])
 def test_client_status_mapping(client_status, state):
     alloc = copy.deepcopy(ALLOC) | {"ClientStatus": client_status}
-    assert alloc_outcome(alloc, "worker").state is state
+    assert outcome_of(alloc).state is state
 
 
 def test_driver_failure_is_named():
     alloc = copy.deepcopy(ALLOC)
     alloc["TaskStates"]["worker"]["Events"] = [
         {"Type": "Received"}, {"Type": "Driver Failure", "DriverError": "image pull failed: not found"}]
-    assert alloc_outcome(alloc, "worker").detail == "Driver Failure: image pull failed: not found"
+    assert outcome_of(alloc).detail == "Driver Failure: image pull failed: not found"
+
+
+def test_a_failing_events_display_message_is_the_detail():
+    alloc = copy.deepcopy(ALLOC)
+    alloc["TaskStates"]["worker"]["Events"] = [
+        {"Type": "Received"}, {"Type": "Driver Failure", "DriverError": "pull: 404",
+                               "DisplayMessage": "Failed to pull `app:1`: manifest unknown"},
+        {"Type": "Not Restarting", "FailsTask": True, "DisplayMessage": "Policy allows no restarts"}]
+    assert outcome_of(alloc).detail == "Failed to pull `app:1`: manifest unknown"
+    alloc["TaskStates"]["worker"]["Events"] = [
+        {"Type": "Killing", "FailsTask": True, "DisplayMessage": "Template failed: no secret exists at x"}]
+    assert outcome_of(alloc).detail == "Template failed: no secret exists at x"
+
+
+@pytest.mark.parametrize("desired, events, client", [
+    ({"DesiredStatus": "stop", "DesiredDescription": "alloc is being migrated"}, [], "complete"),
+    ({}, [{"Type": "Killing", "DisplayMessage": "Sent interrupt"}, {"Type": "Killed"}], "complete"),
+    ({"DesiredStatus": "stop", "DesiredDescription": "alloc not needed due to job update"}, [], "failed"),
+])
+def test_a_stopped_or_killed_allocation_is_no_success(desired, events, client):
+    alloc = copy.deepcopy(ALLOC) | {"ClientStatus": client, **desired}
+    alloc["TaskStates"]["worker"]["Events"] = events
+    outcome = outcome_of(alloc)
+    assert outcome.state is AllocState.STOPPED and outcome.terminal
+    assert outcome.detail == desired.get("DesiredDescription", "Sent interrupt")
+
+
+def _eval(**metric) -> Evaluation:
+    base = {"NodesEvaluated": 1, "NodesFiltered": 0, "NodesInPool": 1, "NodesExhausted": 0,
+            "ConstraintFiltered": None, "DimensionExhausted": None}
+    return Evaluation.model_validate({"ID": "e1", "JobID": "j", "FailedTGAllocs": {"build": {**base, **metric}}})
+
+
+@pytest.mark.parametrize("evaluation, reason, permanent", [
+    (_eval(NodesEvaluated=0, NodesInPool=3), "no node in the job's datacenters (3 node(s) in the pool); "
+                                             "check NOMAD_DATACENTERS", True),
+    (_eval(NodesFiltered=1, ConstraintFiltered={"missing compatible host volumes": 1}),
+     "constraint filtered missing compatible host volumes (1)", True),
+    (_eval(NodesExhausted=1, DimensionExhausted={"memory": 1}), "resources exhausted on 1 node(s): memory (1)",
+     False),
+    (_eval(NodesEvaluated=2, NodesFiltered=1, NodesExhausted=1, ConstraintFiltered={"missing devices": 1},
+           DimensionExhausted={"disk": 1}),
+     "constraint filtered missing devices (1); resources exhausted on 1 node(s): disk (1)", False),
+])
+def test_placement_failure_reason_and_permanence(evaluation, reason, permanent):
+    failure = placement_failure(evaluation)
+    assert (failure.reason, failure.permanent) == (reason, permanent)
+
+
+def test_an_evaluation_without_failures_is_no_placement_failure():
+    assert placement_failure(Evaluation.model_validate({"ID": "e", "FailedTGAllocs": None})) is None

@@ -15,12 +15,19 @@ nomad_client.py (the client node: task lifecycle, logs, runner hook), nomad_http
 event streams), nomad_jobspec.py (job JSON and HCL), nomad_shapes.py (wire shapes and Go-isms); templates render through
 consul_template.py against the FakeVault given as `vault=`.
 
-Test knobs: `auto_place=False` leaves evaluations pending until `place(job_id)`; `runner=` drives allocations
+Test knobs: `node=` (a nomad_placement.Node: datacenter, attributes, meta, host volumes, devices, capacity;
+placement honours them as Nomad's feasibility checks do, and `node_changed()` re-runs blocked evals after a test
+edits `fake.node`); `auto_place=False` leaves evaluations pending until `place(job_id)`; `runner=` drives allocations
 automatically (see nomad_client.py; `subprocess_runner()` plays the docker driver on this host), rendering
 templates with the secrets of `vault=` (a FakeVault, read in-process; none: every `secret` is missing); without a
 runner use `receive_alloc` / `start_alloc` / `write_log` / `finish_alloc` or `run_alloc`; `lose_alloc`,
-`fail_to_place`, `allow_placement`, `gc`; `event_heartbeat` / `log_heartbeat` shorten the `{}` periods;
-`seen` records requests; `outage = (status, text)` fails every request. Run it in the test's loop
+`fail_to_place`, `allow_placement`, `gc`; outside stops as an operator makes them: `stop_alloc` (`nomad alloc
+stop`: migrate, a replacement is placed), `stop_job` (`nomad job stop [-purge]`), `drain_node` (deadline reached:
+every allocation migrated, the node ineligible); `fail_template` (the template hook's "Template failed: ..."
+kill); `event_heartbeat` / `log_heartbeat` shorten the `{}` periods (Nomad: 30 s events, 1 s logs);
+`seen` records requests; `outage = (status, text)` fails every request; `lose_replies = ["/dispatch"]` does the
+next such request and then resets the connection instead of replying; `cut_streams()` makes every open stream
+half-open (no more bytes, no FIN: the peer went away without a word) while new connections work. Run it in the test's loop
 (`await start()` / `await stop()`) or in a thread for a subprocess (`with fake.in_thread() as url:`; then call
 helpers through `fake.call(fn, *args)`).
 """
@@ -52,6 +59,7 @@ from tests.doubles.nomad_http import (
     token,
 )
 from tests.doubles.nomad_jobspec import decode_job, parse_hcl
+from tests.doubles.nomad_placement import Node
 from tests.doubles.nomad_shapes import (
     JOB_STUB_KEYS,
     SECOND,
@@ -65,7 +73,7 @@ from tests.doubles.nomad_shapes import (
 from tests.doubles.nomad_state import Cluster
 from tests.doubles.vault import FakeVault
 
-__all__ = ["FakeNomad", "Seen", "TaskRun", "subprocess_runner"]
+__all__ = ["FakeNomad", "Node", "Seen", "TaskRun", "subprocess_runner"]
 
 DEFAULT_WAIT, MAX_WAIT = 300.0, 600.0
 _NOT_IMPLEMENTED_SUFFIXES = ("/evaluate", "/periodic/force", "/plan", "/versions", "/revert", "/deployments",
@@ -83,11 +91,13 @@ class FakeNomad:
     def __init__(self, *, acl_token: str | None = None, region: str = "global", datacenter: str = "dc1",
                  runner: Runner | None = None, vault: FakeVault | None = None,
                  auto_place: bool = True, event_buffer_size: int = 100, event_heartbeat: float = 30.0,
-                 log_heartbeat: float = 1.0, kill_timeout: float = 5.0,
+                 log_heartbeat: float = 1.0, kill_timeout: float = 5.0, node: Node | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.acl_token, self.event_heartbeat, self.log_heartbeat = acl_token, event_heartbeat, log_heartbeat
         self.cluster = Cluster(clock=clock, region=region, datacenter=datacenter,
                                event_buffer_size=event_buffer_size)
+        if node is not None:
+            self.cluster.node = node
         self.cluster.auto_place = auto_place
         # task directories of runner-driven allocations; created on first use, removed by stop()
         self.data_dir = Path(tempfile.gettempdir()) / f"fake-nomad-{new_id()}"
@@ -95,14 +105,16 @@ class FakeNomad:
                              kill_timeout=kill_timeout)
         self.cluster.on_change = self.client.on_log = self._wake
         self.outage: tuple[int, str] | None = None
+        self.lose_replies: list[str] = []  # path suffixes: the next request ending so is done, its reply lost
         self.seen: list[Seen] = []
         self.port: int | None = None
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._runner: web.AppRunner | None = None
+        self._cuts = 0
         self._streams = Streams(self.cluster, self.client, self._wait_change, lambda: self._closing,
-                                log_heartbeat, event_heartbeat)
+                                log_heartbeat, event_heartbeat, lambda: self._cuts)
 
     @property
     def addr(self) -> str:
@@ -193,6 +205,39 @@ class FakeNomad:
     def gc(self) -> list[str]:
         return self.cluster.scheduler.gc()
 
+    @property
+    def node(self) -> Node:
+        return self.cluster.node
+
+    def node_changed(self) -> None:
+        """The node's fingerprint changed (a test edited `fake.node`): blocked evaluations run again."""
+        self.cluster.scheduler.unblock()
+
+    def stop_alloc(self, alloc_id: str) -> str:
+        """`nomad alloc stop`: the alloc is migrated (stopped, a replacement placed); returns the eval ID."""
+        return self.cluster.stop_alloc(alloc_id)["EvalID"]
+
+    def stop_job(self, job_id: str, purge: bool = False, namespace: str = "default") -> None:
+        """`nomad job stop [-purge]` (of a dispatched child, or of a parameterized parent)."""
+        self.cluster.deregister(namespace, job_id, purge)
+
+    def drain_node(self) -> None:
+        """`nomad node drain -enable` once its deadline passed: the node turns ineligible and every allocation
+        still running on it is migrated (DesiredTransition.Migrate, then stopped: "alloc is being migrated")."""
+        self.cluster.node.eligible = False
+        for alloc in list(self.cluster.allocs.values()):
+            if alloc["DesiredStatus"] == "run" and alloc["ClientStatus"] not in ("complete", "failed", "lost"):
+                self.cluster.stop_alloc(alloc["ID"], triggered_by="node-drain")
+
+    def fail_template(self, alloc_id: str, error: str) -> None:
+        """A template cannot render (e.g. a Vault secret that does not exist): the task is killed and fails."""
+        self.client.fail_template(alloc_id, error)
+
+    def cut_streams(self) -> None:
+        """Every stream open now goes silent without closing (a half-open connection); new ones are served."""
+        self._cuts += 1
+        self._wake()
+
     async def settle(self) -> None:
         """Drain: wait until every runner-driven allocation has finished (instead of sleeping)."""
         await self.client.settle()
@@ -221,7 +266,12 @@ class FakeNomad:
                 raise Refused(*self.outage)
             if self.acl_token is not None and caller != self.acl_token:
                 raise Refused(403, "ACL token not found" if caller else "Permission denied")
-            return await handler(request)
+            response = await handler(request)
+            if self.lose_replies and request.path.endswith(self.lose_replies[0]):
+                self.lose_replies.pop(0)
+                assert request.transport is not None
+                request.transport.abort()  # done, but the caller never hears of it (reset, no reply)
+            return response
         except Refused as refused:
             return web.Response(status=refused.status, text=refused.text, headers=refused.headers)
 
@@ -409,13 +459,16 @@ class FakeNomad:
             allocs = self.cluster.allocs_of(ns, job_id)
             return max(a["ModifyIndex"] for a in allocs) if allocs else self.cluster.tables["allocs"]
         index = await self._block(request, current)
-        stubs = [alloc_stub(a, self.cluster.alloc_jobs[a["ID"]]) for a in self.cluster.allocs_of(ns, job_id)]
+        # memdb's "job" index: entries of one job come in primary-key (ID) order, not by age
+        stubs = [alloc_stub(a, self.cluster.alloc_jobs[a["ID"]])
+                 for a in sorted(self.cluster.allocs_of(ns, job_id), key=lambda a: a["ID"])]
         return reply(request, stubs, read_headers(index))
 
     async def _job_evals(self, request: web.Request, job_id: str) -> web.Response:
         ns = namespace(request)
         index = await self._block(request, lambda: self.cluster.tables["evals"])
-        evals = [e for e in self.cluster.evals.values() if e["JobID"] == job_id and e["Namespace"] == ns]
+        evals = sorted((e for e in self.cluster.evals.values() if e["JobID"] == job_id and e["Namespace"] == ns),
+                       key=lambda e: e["ID"])  # memdb order: by ID
         return reply(request, evals, read_headers(index))
 
     async def _eval(self, request: web.Request, eval_id: str) -> web.Response:

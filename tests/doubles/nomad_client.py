@@ -181,6 +181,7 @@ class Client:
         self._update(alloc_id, edit)
 
     def fail_template(self, alloc_id: str, error: str) -> None:
+        """The template hook's kill: `Killing` (FailsTask, "Template failed: <err>"), the task dead and failed."""
         def edit(state: dict[str, Any], now: int) -> None:
             state.update(State="dead", Failed=True, FinishedAt=rfc3339(now))
             state["Events"].append(template_failed(now, error))
@@ -289,7 +290,8 @@ class Client:
             env[f"NOMAD_META_{key}"] = env[f"NOMAD_META_{key.upper()}"] = value
         lookup = {**env, **{f"meta.{k}": v for k, v in (job.get("Meta") or {}).items()},
                   "node.datacenter": self.cluster.datacenter, "node.unique.name": self.cluster.node_name,
-                  "node.unique.id": self.cluster.node_id, "attr.kernel.name": "linux"}
+                  "node.unique.id": self.cluster.node_id,
+                  **{f"attr.{k}": v for k, v in self.cluster.node.attributes.items()}}
         env.update(interpolate(task.get("Env") or {}, lookup))
         return env
 

@@ -5,13 +5,15 @@
   following, `plain=true` raw bytes; `follow` never ends on its own (only when the client goes or the fake
   stops). One log file per task and stream (`<task>.<type>.0`): no rotation, no file events.
 - `stream_events` (reference §11): NDJSON, `{}` right after subscribing and then every heartbeat period, one
-  line per Raft index with the matching events, `index` inclusive (older than the buffer: the oldest kept),
-  a subscriber overtaken by the bounded buffer gets `event dropped from buffer` appended and the stream ends.
+  line per Raft index with the matching events, `index` inclusive (older than the buffer: the oldest kept,
+  silently; newer than the newest: the newest is sent again), a subscriber whose current buffer item (the last index it went past, matching or not) is evicted
+  by the bounded buffer gets `event dropped from buffer` appended and the stream ends (nomad/stream).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import base64
 import json
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,6 +41,12 @@ class Streams:
     closing: Callable[[], bool]
     log_heartbeat: float
     event_heartbeat: float
+    cuts: Callable[[], int] = lambda: 0  # bumped by `cut_streams`: streams opened before go half-open
+
+    async def half_open(self) -> None:
+        """Write nothing more and never end the response (no FIN), until the fake stops."""
+        while not self.closing():
+            await self.wait_change(1.0)
 
 
 # ---------------------------------------------------------------- request parsing
@@ -136,8 +144,12 @@ async def stream_logs(streams: Streams, request: web.Request, alloc_id: str) -> 
     file = f"alloc/logs/{task}.{log_type}.0"
     loop = asyncio.get_running_loop()
     beat = loop.time() + streams.log_heartbeat
+    epoch = streams.cuts()
     try:
         while not streams.closing():
+            if streams.cuts() != epoch:
+                await streams.half_open()
+                return response
             chunk = bytes(buffer[position:position + LOG_FRAME_MAX])
             if chunk:
                 position += len(chunk)
@@ -184,22 +196,39 @@ async def stream_events(streams: Streams, request: web.Request) -> web.StreamRes
     except ValueError:
         raise Refused(400, f'Unable to parse index: strconv.Atoi: parsing "{raw_index}": invalid syntax') from None
     topics, ns, cluster = _topics(request), namespace(request), streams.cluster
-    cursor = max(cursor, cluster.evicted_upto + 1)  # older than the buffer: silently from the oldest kept
+    # nomad/stream StartAtClosest: the first buffered item at or after `index`; an index older than the buffer
+    # silently gets the oldest kept, one past the newest gets the newest (sent again, though below `index`).
+    first = next((b for b in cluster.buffer if b["Index"] >= cursor), cluster.buffer[-1] if cluster.buffer else None)
+    pending = copy.deepcopy(first) if first is not None else None  # delivered even if evicted meanwhile
+    after = first["Index"] if first is not None else 0
+    current = 0  # the buffer item the subscription stands on (0: its own start item, never evicted)
     response = web.StreamResponse(headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
     await response.prepare(request)
     loop = asyncio.get_running_loop()
+    epoch = streams.cuts()
     try:
         await response.write(b"{}\n")
         beat = loop.time() + streams.event_heartbeat
         while not streams.closing():
-            if cluster.evicted_upto >= cursor:
-                await response.write(b"event dropped from buffer")
-                break
-            for batch in [b for b in cluster.buffer if b["Index"] >= cursor]:
+            if streams.cuts() != epoch:
+                await streams.half_open()
+                return response
+            batches = [pending] if pending is not None else []
+            batches += [b for b in cluster.buffer if b["Index"] > after]
+            pending = None
+            dropped = False
+            for batch in batches:
+                # bufferItem.Next: the item the subscriber stands on was evicted (it fell behind) -> dropped
+                if current and cluster.evicted_upto >= current:
+                    dropped = True
+                    break
                 events = [e for e in batch["Events"] if _matches(e, topics, ns)]
-                cursor = batch["Index"] + 1
+                current = after = batch["Index"]
                 if events:
                     await response.write(compact({"Index": batch["Index"], "Events": events}) + b"\n")
+            if dropped:
+                await response.write(b"event dropped from buffer")
+                break
             if not await streams.wait_change(beat - loop.time()):
                 beat = loop.time() + streams.event_heartbeat
                 await response.write(b"{}\n")

@@ -2,8 +2,10 @@
 
 One node, every group placed `Count` times at once. Each run is one plan-apply write (`PlanResult` events for
 the stopped and placed allocations, and the Job when its status changes), then one write completing the eval
-(`EvaluationUpdated`). A job listed in `Cluster.unplaceable` gets a failed placement instead: the eval completes
-with `FailedTGAllocs` and a `blocked` eval waits until `unblock`. Lost allocations are replaced in the same plan
+(`EvaluationUpdated`). A group the node cannot take (nomad_placement: datacenters, node pool, constraints, host
+volumes, devices, free resources; a draining node takes nothing) is a failed placement: the eval completes with
+`FailedTGAllocs` and a `blocked` eval waits until the node changes (`node_changed`) or `unblock`; a blocked eval
+that still cannot place stays blocked. A job listed in `Cluster.unplaceable` always fails to place. Lost allocations are replaced in the same plan
 (as Nomad does unless `prevent_reschedule_on_lost`); failed ones are not rescheduled (our jobs use
 `reschedule { attempts = 0 }`).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any
 
+from tests.doubles.nomad_placement import infeasible
 from tests.doubles.nomad_shapes import (
     ALLOC_KEYS,
     TERMINAL_CLIENT,
@@ -39,36 +42,67 @@ class Scheduler:
         job = self.cluster.jobs.get(key)
         placed: list[str] = []
         stopped: list[str] = []
+        failed: dict[str, Any] = {}
         if work == "migrate":
             alloc = self.cluster.allocs[arg]
             if alloc["DesiredStatus"] == "run" and alloc["ClientStatus"] not in TERMINAL_CLIENT:
                 stopped.append(arg)
                 wanted = [("migrate", arg)] if job and not job["Stop"] else []
+                wanted, failed = self._feasible(job, wanted, exclude=arg)
                 placed = self._plan(key, job, wanted, stopped, "alloc is being migrated", eval_id)
         elif job is None or job["Stop"]:
             stopped = [a["ID"] for a in self.cluster.allocs_of(*key)
                        if a["DesiredStatus"] == "run" and a["ClientStatus"] not in TERMINAL_CLIENT]
             self._plan(key, job, [], stopped, "alloc not needed due to job update", eval_id)
         elif ev["JobID"] in self.cluster.unplaceable or job["ParentID"] in self.cluster.unplaceable:
-            self._block(ev, job)
-            return
+            failed = {g["Name"]: failed_tg_alloc(self.cluster.datacenter) for g in job["TaskGroups"]}
         else:
             wanted = []
             for group in job["TaskGroups"]:
                 have = [a for a in self.cluster.allocs_of(*key) if a["TaskGroup"] == group["Name"]
                         and a["DesiredStatus"] == "run" and a["ClientStatus"] != "lost"]
                 wanted += [("new", (group["Name"], i)) for i in range(len(have), group["Count"])]
+            wanted, failed = self._feasible(job, wanted)
             placed = self._plan(key, job, wanted, [], "", eval_id)
-        idx = self.cluster.next_index()
-        ev.update(Status="complete", ModifyIndex=idx, ModifyTime=self.cluster.clock())
-        self.cluster.touch("evals", idx)
-        events = [self.cluster.eval_event("EvaluationUpdated", ev, idx)]
-        self.cluster.refresh(key, idx, "EvaluationUpdated", events)
-        self.cluster.publish(idx, events)
+        if failed:
+            self._block(ev, job, failed)
+        else:
+            idx = self.cluster.next_index()
+            ev.update(Status="complete", ModifyIndex=idx, ModifyTime=self.cluster.clock())
+            self.cluster.touch("evals", idx)
+            events = [self.cluster.eval_event("EvaluationUpdated", ev, idx)]
+            self.cluster.refresh(key, idx, "EvaluationUpdated", events)
+            self.cluster.publish(idx, events)
         for alloc_id in stopped:
             self.cluster.on_stop(alloc_id)
         for alloc_id in placed:
             self.cluster.on_place(alloc_id)
+
+    def _feasible(self, job: dict[str, Any] | None, wanted: list[tuple[str, Any]], exclude: str | None = None
+                  ) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+        """Split the wanted placements into those the node can take and FailedTGAllocs for the rest."""
+        if job is None:
+            return wanted, {}
+        used = self.cluster.used()
+        if exclude is not None:  # the alloc being replaced gives its resources back
+            res = self.cluster.allocs[exclude]["Resources"]
+            used = {"cpu": used["cpu"] - res["CPU"], "memory": used["memory"] - res["MemoryMB"],
+                    "disk": used["disk"] - res["DiskMB"]}
+        fits, failed = [], {}
+        for how, arg in wanted:
+            name = self.cluster.allocs[arg]["TaskGroup"] if how in ("migrate", "replace") else arg[0]
+            group = next(g for g in job["TaskGroups"] if g["Name"] == name)
+            metric = failed.get(name) or infeasible(self.cluster.node, job, group, used)
+            if metric is None:
+                fits.append((how, arg))
+                resources, _, _ = alloc_resources(group)
+                used = {"cpu": used["cpu"] + resources["CPU"], "memory": used["memory"] + resources["MemoryMB"],
+                        "disk": used["disk"] + resources["DiskMB"]}
+            elif name in failed:
+                metric["CoalescedFailures"] += 1
+            else:
+                failed[name] = metric
+        return fits, failed
 
     def _plan(self, key: JobKey, job: dict[str, Any] | None, wanted: list[tuple[str, Any]], stop: list[str],
               why: str, eval_id: str = "") -> list[str]:
@@ -118,24 +152,31 @@ class Scheduler:
         self.cluster.alloc_jobs[alloc["ID"]] = copy.deepcopy(job)
         return alloc
 
-    def _block(self, ev: dict[str, Any], job: dict[str, Any]) -> None:
-        """A placement failure: the eval completes with FailedTGAllocs and a blocked eval waits for capacity."""
+    def _block(self, ev: dict[str, Any], job: dict[str, Any], failed: dict[str, Any]) -> None:
+        """A placement failure: the eval completes with FailedTGAllocs and a blocked eval waits for capacity
+        (a blocked eval that still fails stays blocked, as Nomad reuses it)."""
         idx, now = self.cluster.next_index(), self.cluster.clock()
+        if ev["TriggeredBy"] == "queued-allocs":
+            ev.update(Status="blocked", ModifyIndex=idx, ModifyTime=now, FailedTGAllocs=failed)
+            self.cluster.touch("evals", idx)
+            self.cluster.publish(idx, [self.cluster.eval_event("EvaluationUpdated", ev, idx)])
+            return
         blocked = self.cluster.new_eval({"ID": new_id(), "TriggeredBy": "queued-allocs"}, job, idx, now, "place",
                                         status="blocked")
         blocked["PreviousEval"] = ev["ID"]
         ev.update(Status="complete", ModifyIndex=idx, ModifyTime=now, BlockedEval=blocked["ID"],
-                  FailedTGAllocs={g["Name"]: failed_tg_alloc(self.cluster.datacenter) for g in job["TaskGroups"]})
+                  FailedTGAllocs=failed)
         events = [self.cluster.eval_event("EvaluationUpdated", e, idx) for e in (ev, blocked)]
         self.cluster.refresh((job["Namespace"], job["ID"]), idx, "EvaluationUpdated", events)
         self.cluster.publish(idx, events)
 
-    def unblock(self, job_id: str) -> None:
-        """Capacity came back: blocked evals of `job_id` (or of its children) become pending and run."""
-        self.cluster.unplaceable.discard(job_id)
+    def unblock(self, job_id: str | None = None) -> None:
+        """Capacity came back: blocked evals of `job_id` (or of its children; all when None) run again."""
+        if job_id is not None:
+            self.cluster.unplaceable.discard(job_id)
         for ev in list(self.cluster.evals.values()):
             job = self.cluster.jobs.get((ev["Namespace"], ev["JobID"]))
-            if ev["Status"] == "blocked" and job and job_id in (job["ID"], job["ParentID"]):
+            if ev["Status"] == "blocked" and job and (job_id is None or job_id in (job["ID"], job["ParentID"])):
                 idx = self.cluster.next_index()
                 ev.update(Status="pending", ModifyIndex=idx)
                 self.cluster.work[ev["ID"]] = ("place", None)

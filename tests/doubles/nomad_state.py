@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.doubles.nomad_jobspec import canonicalize
+from tests.doubles.nomad_placement import Node
 from tests.doubles.nomad_scheduler import Scheduler
 from tests.doubles.nomad_shapes import (
     CLIENT_DESCRIPTION,
@@ -46,8 +47,8 @@ def is_parameterized(job: dict[str, Any]) -> bool:
 class Cluster:
     def __init__(self, *, clock: Callable[[], int], region: str = "global", datacenter: str = "dc1",
                  event_buffer_size: int = 100) -> None:
-        self.clock, self.region, self.datacenter = clock, region, datacenter
-        self.node_id, self.node_name = new_id(), "fake-client-1"
+        self.clock, self.region = clock, region
+        self.node = Node(id=new_id(), name="fake-client-1", datacenter=datacenter)
         self.index = 0
         self.jobs: dict[JobKey, dict[str, Any]] = {}
         self.payloads: dict[JobKey, bytes] = {}
@@ -64,6 +65,26 @@ class Cluster:
         self.on_change: Callable[[], None] = lambda: None
         self.on_place: Callable[[str], None] = lambda alloc_id: None
         self.on_stop: Callable[[str], None] = lambda alloc_id: None
+
+    @property
+    def datacenter(self) -> str:
+        return self.node.datacenter
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name
+
+    def used(self) -> dict[str, int]:
+        """CPU, memory and disk the node's live allocations take (what binpacking subtracts)."""
+        live = [a for a in self.allocs.values() if a["DesiredStatus"] == "run"
+                and a["ClientStatus"] not in TERMINAL_CLIENT]
+        return {"cpu": sum(a["Resources"]["CPU"] for a in live),
+                "memory": sum(a["Resources"]["MemoryMB"] for a in live),
+                "disk": sum(a["Resources"]["DiskMB"] for a in live)}
 
     # ------------------------------------------------------------ writes and events
 
@@ -362,7 +383,7 @@ class Cluster:
     def pending_evals(self) -> list[str]:
         return list(self.work)
 
-    def stop_alloc(self, alloc_id: str) -> dict[str, Any]:
+    def stop_alloc(self, alloc_id: str, triggered_by: str = "alloc-stop") -> dict[str, Any]:
         alloc = self.allocs.get(alloc_id)
         if alloc is None:
             raise Refused(404, "alloc not found")
@@ -371,7 +392,7 @@ class Cluster:
         alloc.update(DesiredTransition={**alloc["DesiredTransition"], "Migrate": True}, ModifyIndex=idx,
                      ModifyTime=now)
         current = self.jobs.get((alloc["Namespace"], alloc["JobID"])) or job
-        ev = self.new_eval({"ID": new_id(), "TriggeredBy": "alloc-stop"}, current, idx, now, "migrate", alloc_id)
+        ev = self.new_eval({"ID": new_id(), "TriggeredBy": triggered_by}, current, idx, now, "migrate", alloc_id)
         self.touch("allocs", idx)
         self.publish(idx, [self.alloc_event("AllocationUpdateDesiredStatus", alloc, idx),
                             self.eval_event("AllocationUpdateDesiredStatus", ev, idx)])

@@ -17,7 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.doubles.nomad import FakeNomad, TaskRun, subprocess_runner
+from tests.doubles.nomad import FakeNomad, Node, TaskRun, subprocess_runner
+from tests.doubles.nomad_shapes import new_id
 from tests.doubles.vault import FakeVault
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -484,12 +485,95 @@ async def test_fail_to_place(fake, http):
     assert [a["ClientStatus"] for a in allocs] == ["pending"]
 
 
+def _with_group(job: dict, **changes) -> dict:
+    group = {**job["TaskGroups"][0], **changes.pop("group", {})}
+    task = {**group["Tasks"][0], **changes.pop("task", {})}
+    return {**job, **changes, "TaskGroups": [{**group, "Tasks": [task]}]}
+
+
+GPU_TASK = {"Resources": {"CPU": 200, "MemoryMB": 256, "Devices": [{"Name": "nvidia/gpu", "Count": 1}]}}
+
+
+@pytest.mark.parametrize(("job_changes", "node_changes", "expected"), [
+    ({}, {"datacenter": "dc2"}, {"NodesEvaluated": 0, "NodesAvailable": {}, "ConstraintFiltered": None}),
+    ({"Constraints": [{"LTarget": "${attr.kernel.name}", "RTarget": "windows", "Operand": "="}]}, {},
+     {"NodesEvaluated": 1, "NodesFiltered": 1, "ConstraintFiltered": {"${attr.kernel.name} = windows": 1}}),
+    ({"group": {"Volumes": {"cache": {"Name": "cache", "Type": "host", "Source": "buildah-cache"}}}},
+     {"host_volumes": set()},
+     {"NodesEvaluated": 1, "NodesFiltered": 1, "ConstraintFiltered": {"missing compatible host volumes": 1}}),
+    ({"task": GPU_TASK}, {}, {"NodesFiltered": 1, "ConstraintFiltered": {"missing devices": 1}}),
+    ({"task": GPU_TASK}, {"devices": {"nvidia/gpu": 0}},
+     {"NodesExhausted": 1, "DimensionExhausted": {"devices: no devices match request": 1}}),
+    ({}, {"memory_mb": 128}, {"NodesFiltered": 0, "NodesExhausted": 1, "DimensionExhausted": {"memory": 1}}),
+], ids=["datacenter", "constraint", "host-volume", "device", "device-count", "memory"])
+async def test_placement_is_as_strict_as_nomads_feasibility(fake, http, job_changes, node_changes, expected):
+    original = {k: getattr(fake.node, k) for k in node_changes}
+    for key, value in node_changes.items():
+        setattr(fake.node, key, value)
+    await register(http, _with_group(parameterized_job(), **job_changes))
+    child = (await dispatch(http, "report-runner", b"{}", {"run_id": "1"}))["DispatchedJobID"]
+    assert (await ok(http, "GET", f"/v1/job/{child}/allocations"))[0] == []
+    evals, _ = await ok(http, "GET", f"/v1/job/{child}/evaluations")
+    done = next(e for e in evals if e["Status"] == "complete")
+    metric = done["FailedTGAllocs"]["run"]
+    assert {k: metric[k] for k in expected} == expected
+    assert any(e["ID"] == done["BlockedEval"] and e["Status"] == "blocked" for e in evals)
+    if not node_changes or "devices" in node_changes:
+        return  # a job that can never fit stays blocked; a node change that takes the restriction back places it
+    for key, value in original.items():  # the operator fixes the node: the blocked evaluation places it
+        setattr(fake.node, key, value)
+    fake.node_changed()
+    allocs, _ = await ok(http, "GET", f"/v1/job/{child}/allocations")
+    assert [a["ClientStatus"] for a in allocs] == ["pending"]
+
+
+async def test_job_stop_of_a_child_kills_its_task_and_ends_complete(fake, http):
+    child, alloc_id = await dispatched(http)
+    fake.start_alloc(alloc_id)
+    fake.stop_job(child)
+    alloc, _ = await ok(http, "GET", f"/v1/allocation/{alloc_id}")
+    assert (alloc["DesiredStatus"], alloc["DesiredDescription"], alloc["ClientStatus"]) == (
+        "stop", "alloc not needed due to job update", "complete")
+    (state,) = alloc["TaskStates"].values()
+    assert [e["Type"] for e in state["Events"]][-3:] == ["Killing", "Terminated", "Killed"]
+
+
+async def test_node_drain_migrates_and_the_replacement_finds_no_node(fake, http):
+    child, alloc_id = await dispatched(http)
+    fake.start_alloc(alloc_id)
+    fake.drain_node()
+    alloc, _ = await ok(http, "GET", f"/v1/allocation/{alloc_id}")
+    assert (alloc["DesiredStatus"], alloc["DesiredDescription"], alloc["ClientStatus"]) == (
+        "stop", "alloc is being migrated", "complete")
+    assert alloc["DesiredTransition"]["Migrate"] is True
+    evals, _ = await ok(http, "GET", f"/v1/job/{child}/evaluations")
+    drained = next(e for e in evals if e["TriggeredBy"] == "node-drain")
+    assert drained["FailedTGAllocs"]["run"]["NodesEvaluated"] == 0  # the only node is ineligible
+    assert [a["ID"] for a in (await ok(http, "GET", f"/v1/job/{child}/allocations"))[0]] == [alloc_id]
+
+
+async def test_cut_streams_go_half_open_while_new_ones_work(fake, http):
+    async with open_events(http) as old:
+        assert await Events(old).line() == {}
+        fake.cut_streams()
+        start = fake.cluster.index + 1
+        await register(http, parameterized_job())
+        async with open_events(http, f"?index={start}") as new:
+            events = Events(new)
+            assert (await events.batch())["Index"] == start
+            assert await events.line() == {}  # a heartbeat period has passed on the new stream ...
+        assert not old.content.at_eof() and old.content.total_bytes == len(b"{}\n")  # ... none came on the old
+
+
 async def test_alloc_stop_reschedules(fake, http):
     child, alloc_id = await dispatched(http)
     fake.start_alloc(alloc_id)
-    async with open_events(http, f"?topic=Allocation:{child}&index={fake.cluster.index + 1}") as resp:
+    start = fake.cluster.index + 1
+    async with open_events(http, f"?topic=Allocation:{child}&index={start}") as resp:
         events = Events(resp)
         assert await events.line() == {}
+        again = await events.batch()  # one past the newest index: Nomad sends the newest again (StartAtClosest)
+        assert again["Index"] == start - 1 and [e["Type"] for e in again["Events"]] == ["AllocationUpdated"]
         reply, headers = await ok(http, "POST", f"/v1/allocation/{alloc_id}/stop")
         assert set(reply) == set(sample("alloc-stop-response.json"))
         assert reply["Index"] == int(headers["X-Nomad-Index"]) and UUID.match(reply["EvalID"])
@@ -603,6 +687,9 @@ async def test_event_stream_wire_format_and_lifecycle(fake, http):
         first = await asyncio.wait_for(resp.content.readline(), TIMEOUT)
         assert first == b"{}\n"  # a heartbeat right after subscribing
         events = Events(resp)
+        again = await events.batch()  # one past the newest index: the newest (the registration) comes again
+        assert [(e["Topic"], e["Type"], e["Key"]) for e in again["Events"]] == [("Job", "JobRegistered",
+                                                                                  "report-runner")]
         child = (await dispatch(http, "report-runner", b"{}", {"run_id": "42"}))["DispatchedJobID"]
         registered = await events.batch()
         assert [(e["Topic"], e["Type"], e["Key"]) for e in registered["Events"]] == [("Job", "JobRegistered", child)]
@@ -683,11 +770,16 @@ async def test_event_stream_subscriber_overtaken_by_the_buffer_is_closed():
     try:
         async with aiohttp.ClientSession(fake.url) as http:
             _, alloc_id = await dispatched(http)
-            async with open_events(http, f"?index={fake.cluster.index + 1}") as resp:
+            newest = fake.cluster.index
+            async with open_events(http, f"?index={newest + 1}") as resp:
                 assert await asyncio.wait_for(resp.content.readline(), TIMEOUT) == b"{}\n"
                 fake.run_alloc(alloc_id)  # three writes before the stream gets to run: the first is evicted
                 rest = await asyncio.wait_for(resp.content.read(), TIMEOUT)
-        assert rest == b"event dropped from buffer"  # a non-JSON tail, then the stream ends (reference §11)
+        *lines, tail = rest.split(b"\n")
+        # The subscription starts on the newest item (past it: StartAtClosest), delivers it, and finds it evicted
+        # when it moves on: a non-JSON tail, then the stream ends (reference §11, nomad/stream bufferItem.Next).
+        assert [json.loads(line)["Index"] for line in lines] == [newest]
+        assert tail == b"event dropped from buffer"
     finally:
         await fake.stop()
 
@@ -810,7 +902,14 @@ def vault_variant() -> str:
               "vault_secrets": [{"path": "secret/data/ml/api-keys", "fields": {"hf-token": "HF_TOKEN"}}],
               "constraints": [{"attribute": "${meta.storage-type}", "operand": "is_set"},
                               {"attribute": "${node.datacenter}", "operand": "=", "value": "us-west-2"}]})
-    return render_job("test", variant_spec("test", config), RenderParams(vault_role="jobforge"))
+    return render_job("test", variant_spec("test", config),
+                      RenderParams(vault_role="jobforge", datacenters=("us-west-2",)))
+
+
+def gpu_node() -> Node:
+    """A client the vault_variant() constraints, datacenter and GPU request can be placed on."""
+    return Node(id=new_id(), name="gpu-1", datacenter="us-west-2", meta={"storage-type": "ssd", "gpu-capable": "true"},
+                devices={"nvidia/gpu": 2})
 
 
 async def test_parse_vault_gpu_constraint_variant(http):
@@ -846,7 +945,7 @@ async def test_runner_gets_payload_env_and_rendered_templates():
     vault = FakeVault()
     vault.put("nomad/jobs/registry-credentials", {"username": "ci", "password": 'p"w#1'})
     vault.put("ml/api-keys", {"hf-token": "hf_123"})
-    fake = FakeNomad(runner=runner, vault=vault)
+    fake = FakeNomad(runner=runner, vault=vault, node=gpu_node())
     await fake.start()
     try:
         async with aiohttp.ClientSession(fake.url) as http:
@@ -875,7 +974,7 @@ async def test_template_without_its_secret_fails_the_task():
     async def runner(run, payload, env):
         raise AssertionError("must not start")
 
-    fake = FakeNomad(runner=runner, vault=FakeVault())
+    fake = FakeNomad(runner=runner, vault=FakeVault(), node=gpu_node())
     await fake.start()
     try:
         async with aiohttp.ClientSession(fake.url) as http:

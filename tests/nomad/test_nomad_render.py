@@ -39,7 +39,7 @@ def test_default_job_shape(phase):
     job = parse_job(render_job(phase))
     assert job.name == f"jobforge-{phase}"
     assert job.job["type"] == "batch"
-    assert job.job["datacenters"] == ["*"]
+    assert job.job["datacenters"] == ["dc1"]
     assert job.job["meta"] == [{"jobforge_phase": phase, "jobforge_variant": "default"}]
     (parameterized,) = job.job["parameterized"]
     assert parameterized == {"payload": "required", "meta_required": list(META_REQUIRED[phase]),

@@ -4,9 +4,17 @@
   GPU, constraints, Vault), on a variant `jobforge-<phase>-<hash>` registered once (`jobforge.nomad`). The task
   script's JSON input is the dispatch payload; `job_id`/`attempt` are meta; the pipeline's dispatch key is the
   idempotency token, so a retried dispatch never starts a second run.
-- **Events.** One subscription to `Allocation` events (no polling). A child's first running allocation is
-  `PhaseStarted`; a terminal one ends the phase once its logs are drained. Runs are found by child job id, or,
-  after a restart, from the child's meta.
+- **Dispatch retries.** Network errors and 5xx answers are retried (bounded, with backoff) with the same
+  idempotency token; a parent job stopped or purged by an operator is re-registered first.
+- **Events.** One subscription to `Allocation` and `Evaluation` events (no polling), with a read timeout (Nomad
+  heartbeats every 30 s; two missed = a dead connection). Nomad keeps only its last events: after every
+  (re)connect, and after `event dropped from buffer`, each running phase is reconciled from its child's
+  allocations and evaluations. A child's first running allocation is `PhaseStarted`; a terminal one ends the
+  phase once its logs are drained. Allocations are picked by CreateIndex/ModifyIndex, never by list order.
+- **Placement.** An evaluation that cannot place the child fails the phase with Nomad's reason: at once when no
+  node could ever take it (no node in the datacenters, all filtered), else after `placement_timeout`.
+- **Outside stops.** An allocation the server stopped (`alloc stop`, `job stop`, a drain) or whose task was
+  killed, that Job Forge did not stop, is a failure "stopped outside Job Forge", not the `complete` Nomad says.
 - **Logs.** Each running allocation's stdout/stderr are followed as frames and reported line by line; when the
   allocation ends, the rest is read from the last offset, so nothing the task wrote is lost.
 - **Timeouts and kills** stop the dispatched child job (deregister), never the parameterized parent.
@@ -24,11 +32,14 @@ from datetime import datetime
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.backends.nomad.api import MAX_PAYLOAD, NomadAPI
+from jobforge.backends.nomad.http import NomadError
+from jobforge.backends.nomad.models import Allocation, Evaluation
 from jobforge.backends.nomad.wire import (
     AllocState,
     LineSplitter,
     alloc_outcome,
     frame_data,
+    placement_failure,
 )
 from jobforge.config import JobConfig, format_duration
 from jobforge.errors import BackendError
@@ -48,7 +59,11 @@ log = logging.getLogger("jobforge.backends.nomad")
 _ERROR_PREFIX = "ERROR: "
 _STREAMS = (("stdout", LogStream.STDOUT), ("stderr", LogStream.STDERR))
 CLEANUP = "cleanup"
-
+_TOPICS = ["Allocation", "Evaluation"]
+# Dispatch answers (HTTP 500, like all of Nomad's RPC errors) that no retry changes, and those that mean the
+# parameterized parent is gone (purged or GC'd) or stopped: registering it again is the fix.
+_PERMANENT = ("Payload", "meta keys", "metadata keys", "not a parameterized job")
+_PARENT_GONE = ("parameterized job not found", "is stopped")
 
 
 @dataclass
@@ -69,6 +84,9 @@ class _Run:
     splitters: dict[str, LineSplitter] = field(default_factory=lambda: {"stdout": LineSplitter(),
                                                                        "stderr": LineSplitter()})
     last_error: str | None = None
+    failure: str | None = None
+    """Set when the backend itself decides the phase failed (placement), overriding the allocation's story."""
+    placement: asyncio.Task | None = None
     done: asyncio.Future | None = None
     deadline: asyncio.Task | None = None
 
@@ -81,10 +99,17 @@ class NomadBackend:
     resumable = True
 
     def __init__(self, api: NomadAPI, render: RenderParams, *, cleanup_timeout: float = 600.0,
+                 placement_timeout: float = 300.0, stream_timeout: float = 65.0, log_read_timeout: float = 300.0,
+                 dispatch_attempts: int = 5, retry_delay: float = 0.5,
                  clock: Callable[[], datetime] = utcnow) -> None:
         self._api = api
         self._render = render
         self._cleanup_timeout = cleanup_timeout
+        self._placement_timeout = placement_timeout
+        self._stream_timeout = stream_timeout
+        self._log_read_timeout = log_read_timeout
+        self._dispatch_attempts = max(1, dispatch_attempts)
+        self._retry_delay = retry_delay
         self._clock = clock
         self._queue: asyncio.Queue[BackendMessage] = asyncio.Queue()
         self._registered: set[str] = set()
@@ -104,11 +129,14 @@ class NomadBackend:
         run = _Run(command.job_id, command.phase.value, command.attempt, child="")
         self._by_key[run.key] = run
         try:
-            run.child = await self._dispatch(parent, run, payload, command.dispatch_key, config.owner)
+            run.child = await self._dispatch(parent, run, payload, command.dispatch_key, config.owner, config)
         except BaseException:
             self._by_key.pop(run.key, None)
             raise
         run.deadline = self._spawn(self._expire(run, command.timeout_seconds))
+        if run.stopped:  # killed while the dispatch was on its way
+            await self._stop_child(run)
+            return
         await self._attach(run)
 
     async def stop(self, command: StopPhase) -> None:
@@ -116,14 +144,23 @@ class NomadBackend:
         if run is None or run.finished:
             return
         run.stopped = True
+        if run.child:  # else `dispatch` stops it as soon as the child exists
+            await self._stop_child(run)
+
+    async def _stop_child(self, run: _Run) -> None:
+        """Deregister the child; a child with no allocation yet (never placed) has nothing left to report, so
+        the phase ends now instead of at its timeout."""
         await self._api.deregister(run.child)
+        if run.alloc_id is None and not run.finished:
+            run.finished = True
+            self._spawn(self._finish(run, AllocState.STOPPED, None))
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         parent = await self._ensure_job(CLEANUP, config)
         run = _Run(job_id, CLEANUP, 0, child="", done=asyncio.get_running_loop().create_future())
         # A fresh token per call: a manual cleanup after the automatic one must run again.
         run.child = await self._dispatch(parent, run, payload, f"{job_id}-cleanup-{uuid.uuid4().hex[:8]}",
-                                         config.owner)
+                                         config.owner, config)
         await self._attach(run)
         try:
             return await asyncio.wait_for(asyncio.shield(run.done), self._cleanup_timeout)
@@ -132,23 +169,47 @@ class NomadBackend:
             return False
 
     async def resume(self, running: Iterable[tuple[DispatchPhase, JobRecord]]) -> None:
-        """Re-attach to phases that ran while the server was down: find each child, replay its allocation."""
+        """Re-attach to phases that ran while the server was down: find each child, replay its allocation. A
+        phase that cannot be looked up now (Nomad unreachable) is retried in the background until its deadline."""
         for command, record in running:
-            parent = variant_id(command.phase.value, variant_spec(command.phase.value, record.config))
-            run = _Run(command.job_id, command.phase.value, command.attempt, child="")
-            child = next((stub["ID"] for stub in await self._api.children(parent)
-                          if (stub.get("Meta") or {}).get("job_id") == command.job_id
-                          and (stub.get("Meta") or {}).get("attempt") == str(command.attempt)), None)
-            if child is None:
-                self._report(run, PhaseFailed, retryable=True,
-                             error=f"{run.phase} phase: its Nomad job was not found after a restart")
-                continue
-            run.child = child
-            self._by_key[run.key] = run
-            dispatched = record.phases[command.phase].dispatched_at or record.submitted_at
-            left = command.timeout_seconds - (self._clock() - dispatched).total_seconds()
-            run.deadline = self._spawn(self._expire(run, left))
-            await self._attach(run)
+            try:
+                await self._resume_one(command, record)
+            except BackendError as exc:
+                log.warning("cannot resume %s yet (%s); retrying", command.dispatch_key, exc.message)
+                self._spawn(self._resume_later(command, record))
+
+    async def _resume_later(self, command: DispatchPhase, record: JobRecord) -> None:
+        delay = self._retry_delay
+        while True:
+            await asyncio.sleep(delay)  # retry backoff
+            delay = min(delay * 2, 10.0)
+            try:
+                await self._resume_one(command, record)
+                return
+            except BackendError as exc:
+                if self._time_left(command, record) <= 0:
+                    run = _Run(command.job_id, command.phase.value, command.attempt, child="")
+                    self._report(run, PhaseFailed, retryable=True,
+                                 error=f"{run.phase} phase: Nomad unreachable after a restart: {exc.message}")
+                    return
+
+    def _time_left(self, command: DispatchPhase, record: JobRecord) -> float:
+        dispatched = record.phases[command.phase].dispatched_at or record.submitted_at
+        return command.timeout_seconds - (self._clock() - dispatched).total_seconds()
+
+    async def _resume_one(self, command: DispatchPhase, record: JobRecord) -> None:
+        parent = variant_id(command.phase.value, variant_spec(command.phase.value, record.config))
+        run = _Run(command.job_id, command.phase.value, command.attempt, child="")
+        mine = [stub for stub in await self._api.children(parent)
+                if stub.meta.get("job_id") == command.job_id and stub.meta.get("attempt") == str(command.attempt)]
+        if not mine:
+            self._report(run, PhaseFailed, retryable=True,
+                         error=f"{run.phase} phase: its Nomad job was not found after a restart")
+            return
+        run.child = max(mine, key=lambda stub: stub.age).id  # the newest, by index, not list order
+        self._by_key[run.key] = run
+        run.deadline = self._spawn(self._expire(run, self._time_left(command, record)))
+        await self._attach(run)
 
     async def events(self) -> AsyncIterator[BackendMessage]:
         if self._watcher is None:
@@ -171,18 +232,25 @@ class NomadBackend:
 
     # ------------------------------------------------------------ dispatching
 
-    async def _ensure_job(self, phase: str, config: JobConfig) -> str:
-        """Register the phase's job (variant) once per process; Nomad ignores an identical re-registration."""
+    async def _ensure_job(self, phase: str, config: JobConfig, *, again: bool = False) -> str:
+        """Register the phase's job (variant) once per process, or `again` when an operator stopped or purged
+        it; Nomad ignores an identical re-registration, and re-registering a stopped job runs it again."""
         spec = variant_spec(phase, config)
         job_id = variant_id(phase, spec)
         async with self._register_lock:
+            if again:
+                self._registered.discard(job_id)
             if job_id not in self._registered:
                 job = await self._api.parse_job(render_job(phase, spec, self._render))
                 await self._api.register_job(job)
                 self._registered.add(job_id)
         return job_id
 
-    async def _dispatch(self, parent: str, run: _Run, payload: dict, token: str, owner: str) -> str:
+    async def _dispatch(self, parent: str, run: _Run, payload: dict, token: str, owner: str,
+                        config: JobConfig) -> str:
+        """Dispatch with retries: the idempotency token makes a retry of a dispatch that did reach Nomad return
+        the same child. Network errors and 5xx are retried with backoff; a stopped or purged parent is
+        registered again; Nomad's validation answers are final."""
         body = json.dumps(payload, separators=(",", ":")).encode()
         if len(body) > MAX_PAYLOAD:
             raise BackendError(f"the {run.phase} payload is {len(body)} bytes; Nomad dispatches at most "
@@ -190,53 +258,127 @@ class NomadBackend:
         meta = {"job_id": run.job_id, "owner": owner}
         if run.phase != CLEANUP:
             meta["attempt"] = str(run.attempt)
-        reply = await self._api.dispatch(parent, meta, body, token)
-        return reply["DispatchedJobID"]
+        delay = self._retry_delay
+        for attempt in range(1, self._dispatch_attempts + 1):
+            try:
+                return (await self._api.dispatch(parent, meta, body, token)).dispatched_job_id
+            except NomadError as exc:
+                if any(text in exc.text for text in _PARENT_GONE):
+                    log.warning("parent job %s is gone or stopped (%s); registering it again", parent, exc.text)
+                    await self._ensure_job(run.phase, config, again=True)
+                    continue  # at once: the registration was the fix
+                if exc.status < 500 or any(text in exc.text for text in _PERMANENT) \
+                        or attempt == self._dispatch_attempts:
+                    raise
+            except BackendError:  # unreachable: the request may or may not have arrived
+                if attempt == self._dispatch_attempts:
+                    raise
+            log.warning("dispatch of %s failed (attempt %d); retrying with the same token", parent, attempt)
+            await asyncio.sleep(delay)  # retry backoff
+            delay = min(delay * 2, 10.0)
+        raise BackendError(f"nomad dispatch {parent}: still failing after {self._dispatch_attempts} attempts")
 
     async def _attach(self, run: _Run) -> None:
         """Follow the child from now on, and catch up on what happened before we listened (events that arrived
         while the dispatch reply was on its way, or while the server was down)."""
         self._by_child[run.child] = run
-        for alloc in await self._api.job_allocations(run.child):
+        await self._reconcile(run)
+
+    async def _reconcile(self, run: _Run) -> None:
+        """Bring one run up to date from Nomad's state, not from events: its allocation (ours if known, else
+        the newest by CreateIndex/ModifyIndex) and, while nothing is placed, its evaluations."""
+        if run.finished:
+            return
+        allocs = await self._api.job_allocations(run.child)
+        if allocs:
+            alloc = next((a for a in allocs if a.id == run.alloc_id), None) or max(allocs, key=lambda a: a.age)
             await self._on_alloc(alloc)
+        if run.alloc_id is None and not run.finished:
+            for evaluation in sorted(await self._api.job_evaluations(run.child), key=lambda e: e.age):
+                self._on_eval(evaluation)
+
+    async def _reconcile_all(self) -> None:
+        for run in list(self._by_child.values()):
+            try:
+                await self._reconcile(run)
+            except BackendError as exc:
+                log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message)
 
     async def _expire(self, run: _Run, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))  # a deadline timer, not synchronisation
         if run.finished:
             return
         run.timed_out, run.finished = seconds, True
-        await self._api.deregister(run.child)
+        await self._deregister(run)
         await self._finish(run, AllocState.FAILED, None)
 
     # ------------------------------------------------------------ following
 
     async def _watch(self) -> None:
-        """Follow `Allocation` events for good; reconnect from the next index after any interruption."""
+        """Follow `Allocation` and `Evaluation` events for good; reconnect from the next index after any
+        interruption, and reconcile every run once subscribed again: Nomad starts a subscriber whose index it
+        no longer keeps at the oldest one it has, silently, so events inside a gap may be gone."""
         delay = 0.5
         while True:
             try:
-                async for batch in self._api.events("Allocation", self._event_index):
+                subscribed = False
+                async for batch in self._api.events(_TOPICS, self._event_index,
+                                                    idle_timeout=self._stream_timeout):
                     delay = 0.5
-                    for event in batch.get("Events") or []:
-                        alloc = (event.get("Payload") or {}).get("Allocation")
-                        if alloc:
-                            await self._on_alloc(alloc)
-                    self._event_index = batch["Index"] + 1
+                    if not subscribed:  # Nomad's first line: from here on no event is missed
+                        subscribed = True
+                        await self._reconcile_all()
+                    for event in batch.events:
+                        if event.allocation is not None:
+                            await self._on_alloc(event.allocation)
+                        elif event.evaluation is not None:
+                            self._on_eval(event.evaluation)
+                    if batch.index is not None:
+                        self._event_index = batch.index + 1
+                log.warning("nomad event stream ended; resubscribing from index %d", self._event_index)
             except BackendError as exc:
                 log.warning("nomad event stream interrupted (%s); reconnecting from index %d",
                             exc.message, self._event_index)
-            except ValueError as exc:  # a non-JSON tail: the server closed the subscription
+            except ValueError as exc:  # a non-JSON tail (`event dropped from buffer`): the server closed it
                 log.warning("nomad event stream closed by the server (%s); resubscribing", exc)
+            except Exception:  # noqa: BLE001 - the one follower of every phase must outlive a bug: log, resubscribe
+                log.exception("nomad event stream handling failed; resubscribing from index %d", self._event_index)
             await asyncio.sleep(delay)  # reconnect backoff
             delay = min(delay * 2, 10.0)
 
-    async def _on_alloc(self, alloc: dict) -> None:
-        run = self._by_child.get(alloc.get("JobID", ""))
+    def _on_eval(self, evaluation: Evaluation) -> None:
+        """A placement failure of a child not placed yet: fail now if Nomad says it can never be placed, else
+        when the placement timeout runs out (capacity may come back; the blocked eval would then place it)."""
+        run = self._by_child.get(evaluation.job_id)
+        if run is None or run.finished or run.alloc_id is not None:
+            return
+        failure = placement_failure(evaluation)
+        if failure is None:
+            return
+        run.failure = f"{run.phase} phase cannot be placed: {failure.reason}"
+        if failure.permanent:
+            self._spawn(self._unplaceable(run, 0))
+        elif run.placement is None:
+            run.placement = self._spawn(self._unplaceable(run, self._placement_timeout))
+
+    async def _unplaceable(self, run: _Run, seconds: float) -> None:
+        await asyncio.sleep(seconds)  # the placement deadline, not synchronisation
+        if run.finished or run.alloc_id is not None:
+            return
+        run.finished = True
+        await self._deregister(run)  # the blocked evaluation must not place it later
+        await self._finish(run, AllocState.FAILED, None)
+
+    async def _on_alloc(self, alloc: Allocation) -> None:
+        run = self._by_child.get(alloc.job_id)
         if run is None or run.finished:
             return
-        if run.alloc_id not in (None, alloc["ID"]):
-            return  # an older allocation of the same child: restart and reschedule are off, so not ours
-        run.alloc_id = alloc["ID"]
+        if run.alloc_id not in (None, alloc.id):
+            return  # a replacement Nomad placed (lost node, alloc stop): the allocation we follow decides
+        run.alloc_id = alloc.id
+        run.failure = None  # placed after all
+        if run.placement is not None:
+            run.placement.cancel()
         outcome = alloc_outcome(alloc, run.phase)
         if outcome.state is not AllocState.PENDING and not run.started:
             run.started = True
@@ -249,8 +391,19 @@ class NomadBackend:
             self._spawn(self._finish(run, outcome.state, outcome.detail))
 
     async def _follow(self, run: _Run, name: str, stream: LogStream) -> None:
-        async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=True):
-            self._take(run, name, stream, frame)
+        """Follow one log from the last offset seen; resume after an interruption (the final read after the
+        allocation ends catches up anyway)."""
+        delay = 0.5
+        while not run.finished:
+            try:
+                async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=True,
+                                                  offset=run.received[name], idle_timeout=self._stream_timeout):
+                    self._take(run, name, stream, frame)
+                    delay = 0.5
+            except BackendError as exc:
+                log.info("following %s of %s interrupted: %s", name, run.alloc_id, exc.message)
+            await asyncio.sleep(delay)  # reconnect backoff
+            delay = min(delay * 2, 10.0)
 
     def _take(self, run: _Run, name: str, stream: LogStream, frame: dict) -> None:
         data = frame_data(frame)
@@ -279,15 +432,17 @@ class NomadBackend:
         for name, stream in _STREAMS:
             try:
                 async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=False,
-                                                  offset=run.received[name]):
+                                                  offset=run.received[name], idle_timeout=self._stream_timeout,
+                                                  total=self._log_read_timeout):
                     self._take(run, name, stream, frame)
-            except BackendError as exc:  # e.g. no log file: the task never started
+            except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
                 log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
             self._lines(run, stream, run.splitters[name].flush())
 
     async def _finish(self, run: _Run, state: AllocState, detail: str | None) -> None:
-        if run.deadline is not None and run.deadline is not asyncio.current_task():
-            run.deadline.cancel()
+        for timer in (run.deadline, run.placement):
+            if timer is not None and timer is not asyncio.current_task():
+                timer.cancel()
         await self._drain(run)
         if run.done is not None:
             run.done.set_result(state is AllocState.SUCCEEDED)
@@ -296,16 +451,29 @@ class NomadBackend:
         elif run.timed_out is not None:
             self._report(run, PhaseFailed,
                          error=f"{run.phase} phase timed out after {format_duration(round(run.timed_out))}")
+        elif run.failure is not None:
+            self._report(run, PhaseFailed, error=run.failure)
         elif state is AllocState.SUCCEEDED:
             self._report(run, PhaseSucceeded)
+        elif state is AllocState.STOPPED:
+            # Nomad may place a replacement (alloc stop, drain): stop the child so it does not run again.
+            await self._deregister(run)
+            self._report(run, PhaseFailed, error=f"{run.phase} phase: stopped outside Job Forge ({detail})")
         elif state is AllocState.LOST:
             # The pipeline retries with a new dispatch; stop this child so Nomad's replacement does not run too.
-            await self._api.deregister(run.child)
+            await self._deregister(run)
             self._report(run, PhaseFailed, error=f"{run.phase} phase: allocation lost", retryable=True)
         else:
             self._report(run, PhaseFailed, error=f"{run.phase} phase failed: {run.last_error or detail}")
         self._by_child.pop(run.child, None)
         self._by_key.pop(run.key, None)
+
+    async def _deregister(self, run: _Run) -> None:
+        """Stop the child on the way to reporting the phase's end: a failure here must not keep the end back."""
+        try:
+            await self._api.deregister(run.child)
+        except BackendError as exc:
+            log.warning("cannot stop nomad job %s: %s", run.child, exc.message)
 
     def _report(self, run: _Run, event_cls, **kw) -> None:
         event = event_cls(phase=Phase(run.phase), attempt=run.attempt, at=self._clock(), **kw)

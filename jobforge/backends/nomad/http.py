@@ -23,6 +23,10 @@ class NomadError(BackendError):
         self.text = text
 
 
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def segment(value: str) -> str:
     """Escape a path segment (dispatched job ids contain `/`); the agent routes on the decoded path."""
     return quote(value, safe="")
@@ -38,7 +42,8 @@ class NomadHTTP:
         self._session: aiohttp.ClientSession | None = None
 
     def _url(self, path: str, params: dict[str, Any] | None) -> URL:
-        query = {**self._params, **{k: str(v).lower() if isinstance(v, bool) else str(v)
+        """Query values: bools as Go parses them, lists as repeated parameters (`topic=A&topic=B`)."""
+        query = {**self._params, **{k: [_text(x) for x in v] if isinstance(v, list | tuple) else _text(v)
                                     for k, v in (params or {}).items() if v is not None}}
         return URL(self.addr + path, encoded=True).with_query(query)
 
@@ -60,12 +65,15 @@ class NomadHTTP:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise BackendError(f"nomad {what}: cannot reach {self.addr}: {exc.__class__.__name__} {exc}") from exc
 
-    async def stream(self, path: str, *, params: dict[str, Any] | None = None,
-                     what: str = "stream") -> AsyncIterator[bytes]:
-        """Raw body chunks of a long-lived response (event stream, followed logs), as they arrive."""
+    async def stream(self, path: str, *, params: dict[str, Any] | None = None, what: str = "stream",
+                     idle_timeout: float | None = None, total: float | None = None) -> AsyncIterator[bytes]:
+        """Raw body chunks of a long-lived response (event stream, followed logs), as they arrive.
+
+        `idle_timeout` bounds the silence between two reads: Nomad heartbeats its streams, so a longer silence is
+        a connection that died without a FIN (half-open) and is reported as an error, never waited on forever."""
+        timeout = aiohttp.ClientTimeout(total=total, sock_connect=10, sock_read=idle_timeout)
         try:
-            async with self._client().get(self._url(path, params),
-                                          timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as resp:
+            async with self._client().get(self._url(path, params), timeout=timeout) as resp:
                 if resp.status >= 300:
                     raise NomadError(resp.status, await resp.text(), what)
                 async for chunk in resp.content.iter_any():

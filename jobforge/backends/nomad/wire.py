@@ -2,16 +2,19 @@
 
 - the event stream is newline-delimited JSON, `{}` heartbeats between batches;
 - framed logs are JSON objects written back to back with no separator (decode with `raw_decode`);
-- an allocation's `ClientStatus` + task events say how a phase ended.
+- an allocation's `ClientStatus`, `DesiredStatus` + task events say how a phase ended;
+- an evaluation's `FailedTGAllocs` metrics say why a phase cannot be placed, and whether it ever can be.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+
+from jobforge.backends.nomad.models import AllocMetric, Allocation, Evaluation, TaskEvent
 
 _DECODER = json.JSONDecoder()
 
@@ -27,6 +30,13 @@ class NdjsonDecoder:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
+
+    def close(self) -> None:
+        """At the end of the body: a tail that is not a JSON line is the server's error (`event dropped from
+        buffer`, written after the 200)."""
+        tail, self._pending = self._pending.strip(), b""
+        if tail:
+            raise ValueError(tail.decode("utf-8", errors="replace")[:500])
 
 
 class FrameDecoder:
@@ -78,40 +88,106 @@ class AllocState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     LOST = "lost"
+    STOPPED = "stopped"
+    """Terminal, but because the server stopped it (`alloc stop`, `job stop`, a drain) or its task was killed:
+    Nomad reports such an allocation `complete`, which is no success."""
 
 
 @dataclass(frozen=True)
 class AllocOutcome:
     state: AllocState
     detail: str | None = None
-    """Why a failed allocation failed, from its task events (exit code, driver error, setup failure)."""
+    """Why a failed or stopped allocation ended: Nomad's `DisplayMessage` of the failing task event (template,
+    image pull, driver), the exit code, or the server's `DesiredDescription`."""
 
     @property
     def terminal(self) -> bool:
-        return self.state in (AllocState.SUCCEEDED, AllocState.FAILED, AllocState.LOST)
+        return self.state in (AllocState.SUCCEEDED, AllocState.FAILED, AllocState.LOST, AllocState.STOPPED)
 
 
 _CLIENT_STATUS = {
     "pending": AllocState.PENDING, "running": AllocState.RUNNING, "complete": AllocState.SUCCEEDED,
     "failed": AllocState.FAILED, "lost": AllocState.LOST, "unknown": AllocState.PENDING,
 }
+# Task events whose DisplayMessage is generic: the failing event before them says more.
+_GENERIC = {"Not Restarting", "Killed", "Terminated", "Received", "Task Setup", "Started", "Restarting"}
+_KILL_EVENTS = {"Killing", "Killed"}
 
 
-def alloc_outcome(alloc: dict, task: str) -> AllocOutcome:
-    state = _CLIENT_STATUS.get(alloc.get("ClientStatus", ""), AllocState.PENDING)
+def alloc_outcome(alloc: Allocation, task: str) -> AllocOutcome:
+    state = _CLIENT_STATUS.get(alloc.client_status, AllocState.PENDING)
+    events = alloc.events(task)
+    if state in (AllocState.SUCCEEDED, AllocState.FAILED):
+        failing = any(e.fails_task for e in events)
+        killed = any(e.type in _KILL_EVENTS for e in events)
+        if alloc.desired_status == "stop" or (killed and not failing):
+            reason = alloc.desired_description or _kill_detail(events) or "its task was killed"
+            return AllocOutcome(AllocState.STOPPED, reason)
     if state is not AllocState.FAILED:
         return AllocOutcome(state)
-    events = ((alloc.get("TaskStates") or {}).get(task) or {}).get("Events") or []
-    return AllocOutcome(state, _failure_detail(events) or alloc.get("ClientDescription") or "allocation failed")
+    return AllocOutcome(state, _failure_detail(events) or alloc.client_description or "allocation failed")
 
 
-def _failure_detail(events: list[dict]) -> str | None:
+def _kill_detail(events: Sequence[TaskEvent]) -> str | None:
+    return next((e.display_message or e.kill_reason for e in reversed(events)
+                 if e.type in _KILL_EVENTS and (e.display_message or e.kill_reason)), None)
+
+
+def _failure_detail(events: Sequence[TaskEvent]) -> str | None:
+    """The most specific reason: a failing event's DisplayMessage (what `nomad alloc status` shows), else the
+    error fields of the driver/setup events, else the exit code."""
     for event in reversed(events):
-        kind = event.get("Type", "")
-        if kind == "Terminated":
-            code, signal = event.get("ExitCode", 0), event.get("Signal", 0)
-            return f"task exited with code {code}" + (f" (signal {signal})" if signal else "")
-        for key in ("DriverError", "SetupError", "ValidationError", "DownloadError"):
-            if event.get(key):
-                return f"{kind}: {event[key]}"
+        if event.type in _GENERIC:
+            continue
+        if event.error:
+            return event.display_message or f"{event.type}: {event.error}"
+        if event.fails_task and event.display_message:
+            return event.display_message
+    for event in reversed(events):
+        if event.type == "Terminated":
+            return f"task exited with code {event.exit_code}" + (f" (signal {event.signal})" if event.signal else "")
     return None
+
+
+@dataclass(frozen=True)
+class PlacementFailure:
+    reason: str
+    permanent: bool
+    """True when no node of the cluster could ever take it as it stands (no node in the job's datacenters or
+    node pool, every node filtered by a constraint, host volume, device or driver): waiting cannot help."""
+
+
+def placement_failure(evaluation: Evaluation) -> PlacementFailure | None:
+    """Why an evaluation could not place its groups (`FailedTGAllocs`, as `nomad job status` prints it)."""
+    failed = evaluation.failed_tg_allocs
+    if not failed:
+        return None
+    reasons, permanent = [], True
+    for group, metric in sorted(failed.items()):
+        text, never = _metric_reason(metric)
+        reasons.append(f"{group}: {text}" if len(failed) > 1 else text)
+        permanent = permanent and never
+    return PlacementFailure("; ".join(reasons), permanent)
+
+
+def _counts(mapping: dict[str, int]) -> str:
+    return ", ".join(f"{key} ({count})" for key, count in sorted(mapping.items()))
+
+
+def _metric_reason(metric: AllocMetric) -> tuple[str, bool]:
+    if metric.nodes_evaluated == 0:
+        return (f"no node in the job's datacenters ({metric.nodes_in_pool} node(s) in the pool); "
+                "check NOMAD_DATACENTERS", True)
+    parts = []
+    if metric.constraint_filtered or metric.class_filtered:
+        parts.append("constraint filtered " + _counts({**metric.class_filtered, **metric.constraint_filtered}))
+    if metric.nodes_exhausted:
+        dims = _counts(metric.dimension_exhausted) or _counts(metric.class_exhausted)
+        parts.append(f"resources exhausted on {metric.nodes_exhausted} node(s)" + (f": {dims}" if dims else ""))
+    if metric.quota_exhausted:
+        parts.append("quota exhausted: " + ", ".join(metric.quota_exhausted))
+    if not parts:
+        parts.append(f"{metric.nodes_filtered} of {metric.nodes_evaluated} node(s) filtered")
+    never = metric.nodes_filtered >= metric.nodes_evaluated and not metric.nodes_exhausted \
+        and not metric.quota_exhausted
+    return "; ".join(parts), never
