@@ -1,50 +1,140 @@
-"""Prometheus metrics, named as in the reference service (`build_duration_seconds`, ...).
+"""Prometheus metrics, named as in the reference service (`build_duration_seconds`, ...), linted clean.
 
-Each `Metrics` owns its registry, so tests and several services in one process never share counters.
+Each `Metrics` owns its registry, so tests and several services in one process never share counters. Events
+(a phase ended, a job finished, a request served) are counted where they happen; gauges that describe the whole
+fleet of jobs (`concurrent_jobs`, `queued_jobs`, `job_success_rate`) are computed from the store at scrape time,
+so they survive restarts and agree between replicas. The reference's `concurrent_jobs_total` is a gauge with a
+counter's suffix, which `promtool check metrics` rejects: ours is `concurrent_jobs` (docs/metrics.md).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jobforge.models import JobRecord, JobStatus, Phase, PhaseStatus
 
 _BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+
+USAGE_PREFIX = "::jobforge-usage "
+"""A task script's last stderr line: its children's resource usage as JSON (templates/tasks/_common.py)."""
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What one phase's task consumed: CPU seconds (user + system) and peak resident memory in bytes."""
+
+    cpu_seconds: float
+    memory_peak_bytes: int
+
+
+def parse_usage_line(line: str) -> ResourceUsage | None:
+    """The usage report a task script prints, or None for any other line (or a malformed report)."""
+    if not line.startswith(USAGE_PREFIX):
+        return None
+    try:
+        data = json.loads(line[len(USAGE_PREFIX):])
+        return ResourceUsage(cpu_seconds=max(0.0, float(data["cpu_seconds"])),
+                             memory_peak_bytes=max(0, int(data["max_rss_bytes"])))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """Counts derived from stored records at one instant (pure: `fleet_snapshot`)."""
+
+    running: int
+    queued: int
+    success_rate: dict[str, float | None]
+
+
+def fleet_snapshot(unfinished: Iterable[JobRecord], finished: Iterable[JobRecord], now: datetime) -> FleetSnapshot:
+    """Running/queued counts and success rate per window; a window without finished jobs has no rate."""
+    unfinished = list(unfinished)
+    running = sum(1 for r in unfinished if r.status.running)
+    queued = sum(1 for r in unfinished if r.status is JobStatus.PENDING)
+    rates: dict[str, float | None] = {}
+    finished = [r for r in finished if r.status.terminal and r.finished_at is not None]
+    for window, span in WINDOWS.items():
+        inside = [r for r in finished if r.finished_at >= now - span]
+        ok = sum(1 for r in inside if r.status is JobStatus.SUCCEEDED)
+        rates[window] = ok / len(inside) if inside else None
+    return FleetSnapshot(running=running, queued=queued, success_rate=rates)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.phase_duration = {
-            phase: Histogram(f"{phase.value}_duration_seconds", f"{phase.value} phase duration", ["status"],
-                             buckets=_BUCKETS, registry=self.registry)
+            phase: Histogram(f"{phase.value}_duration_seconds", f"{phase.value} phase duration in seconds",
+                             ["status"], buckets=_BUCKETS, registry=self.registry)
             for phase in Phase
         }
-        self.jobs_submitted = Counter("jobs_submitted_total", "jobs accepted", registry=self.registry)
-        self.jobs_finished = Counter("jobs_finished_total", "jobs finished", ["status"], registry=self.registry)
-        self.concurrent = Gauge("concurrent_jobs_total", "jobs currently building, testing or publishing",
+        self.jobs_submitted = Counter("jobs_submitted", "jobs accepted", registry=self.registry)
+        self.jobs = Counter("jobs", "jobs finished, by final status and the phase that failed ('none' on success)",
+                            ["status", "failed_phase"], registry=self.registry)
+        self.concurrent = Gauge("concurrent_jobs", "jobs building, testing or publishing now (from the store)",
                                 registry=self.registry)
-        self.success_rate = Gauge("job_success_rate", "succeeded / finished jobs since start", ["window"],
-                                  registry=self.registry)
+        self.queued = Gauge("queued_jobs", "jobs accepted and waiting for a slot (from the store)",
+                            registry=self.registry)
+        self.success_rate = Gauge("job_success_rate", "succeeded / finished jobs that finished within the window",
+                                  ["window"], registry=self.registry)
+        self.resource_usage = Gauge("resource_usage",
+                                    "last finished phase's usage: cpu in seconds, memory as peak resident bytes",
+                                    ["resource_type", "phase"], registry=self.registry)
+        self.http_duration = Histogram("http_request_duration_seconds", "API request duration by route template",
+                                       ["method", "route", "code"], buckets=_HTTP_BUCKETS, registry=self.registry)
         self.webhook_deliveries = Counter("webhook_deliveries", "webhook delivery attempts by outcome "
                                           "(delivered, retry, failed, refused)", ["outcome"], registry=self.registry)
-        self._finished = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 0}
+        self.event_stream_lag = Gauge("nomad_event_stream_lag_seconds",
+                                      "age of the newest Nomad event when it was applied (nomad backend)",
+                                      registry=self.registry)
 
-    def webhook_outcome(self, outcome: str) -> None:
-        self.webhook_deliveries.labels(outcome=outcome).inc()
+        # Every known series exists from the start (at 0), so the first job is a visible increase to rate().
+        for phase in Phase:
+            for status in (PhaseStatus.SUCCEEDED, PhaseStatus.FAILED):
+                self.phase_duration[phase].labels(status=status.value)
+        self.jobs.labels(status=JobStatus.SUCCEEDED.value, failed_phase="none")
+        for phase in Phase:
+            self.jobs.labels(status=JobStatus.FAILED.value, failed_phase=phase.value)
 
     def submitted(self) -> None:
         self.jobs_submitted.inc()
 
     def transition(self, old: JobRecord, new: JobRecord) -> None:
-        if old.status.running != new.status.running:
-            self.concurrent.inc() if new.status.running else self.concurrent.dec()
         for phase, run in new.phases.items():
             ended = run.status in (PhaseStatus.SUCCEEDED, PhaseStatus.FAILED)
             if ended and old.phases[phase].status != run.status and run.duration_seconds is not None:
                 self.phase_duration[phase].labels(status=run.status.value).observe(run.duration_seconds)
         if new.status.terminal and not old.status.terminal:
-            self.jobs_finished.labels(status=new.status.value).inc()
-            self._finished[new.status] += 1
-            total = sum(self._finished.values())
-            self.success_rate.labels(window="process").set(self._finished[JobStatus.SUCCEEDED] / total)
+            failed = new.failed_phase.value if new.failed_phase else "none"
+            self.jobs.labels(status=new.status.value, failed_phase=failed).inc()
+
+    def usage(self, phase: str, usage: ResourceUsage) -> None:
+        self.resource_usage.labels(resource_type="cpu", phase=phase).set(usage.cpu_seconds)
+        self.resource_usage.labels(resource_type="memory", phase=phase).set(usage.memory_peak_bytes)
+
+    def request(self, method: str, route: str, code: int, seconds: float) -> None:
+        self.http_duration.labels(method=method, route=route, code=str(code)).observe(seconds)
+
+    def webhook_outcome(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome=outcome).inc()
+
+    def fleet(self, snapshot: FleetSnapshot) -> None:
+        self.concurrent.set(snapshot.running)
+        self.queued.set(snapshot.queued)
+        for window, rate in snapshot.success_rate.items():
+            if rate is None:
+                try:
+                    self.success_rate.remove(window)
+                except KeyError:
+                    pass
+            else:
+                self.success_rate.labels(window=window).set(rate)

@@ -12,13 +12,13 @@ import logging
 import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from jobforge import pipeline
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import BackendError, Conflict, NotFound
-from jobforge.metrics import Metrics
+from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_usage_line
 from jobforge.models import (
     CleanupResult,
     GetLogsParams,
@@ -31,6 +31,7 @@ from jobforge.models import (
     JobStatusResult,
     KillJobResult,
     LogsResult,
+    LogStream,
     Phase,
     SubmitJobParams,
     SubmitJobResult,
@@ -107,7 +108,7 @@ class JobService:
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
         await self.store.put(record, 0)
         self.metrics.submitted()
-        log.info("job submitted", extra={"job_id": record.job_id, "owner": record.config.owner})
+        log.info("Job submitted successfully", extra={"job_id": record.job_id, "owner": record.config.owner})
         self._pending.append(record.job_id)
         await self._admit()
         return SubmitJobResult(job_id=record.job_id, status=(await self.store.get(record.job_id)).record.status)
@@ -136,6 +137,20 @@ class JobService:
         if record.phases[Phase.BUILD].attempt > 0 and await self._delete_temp_image(record):
             cleaned.append("temp_image")
         return CleanupResult(job_id=record.job_id, cleaned=cleaned)
+
+    async def refresh_metrics(self) -> None:
+        """Recompute the fleet gauges from the store (at scrape time: restarts and other replicas agree)."""
+        now = self._clock()
+        horizon = now - max(WINDOWS.values())
+        finished: list[JobRecord] = []
+        offset, page = 0, 500
+        while True:  # newest first; a job finishing inside the window was submitted less than a day before it
+            records, total = await self.store.list(page, offset)
+            finished += [r for r in records if r.finished_at is not None and r.finished_at >= horizon]
+            offset += len(records)
+            if not records or offset >= total or records[-1].submitted_at < horizon - timedelta(days=1):
+                break
+        self.metrics.fleet(fleet_snapshot(await self.store.unfinished(), finished, now))
 
     async def get_history(self, params: HistoryParams) -> HistoryResult:
         records, total = await self.store.list(params.limit, params.offset, params.owner, params.status)
@@ -191,7 +206,8 @@ class JobService:
     def _on_change(self, old: JobRecord, new: JobRecord) -> None:
         self.metrics.transition(old, new)
         if old.status is not new.status:
-            log.info("job %s: %s -> %s", new.job_id, old.status.value, new.status.value)
+            log.info("job %s: %s -> %s", new.job_id, old.status.value, new.status.value,
+                     extra={"job_id": new.job_id, "status": new.status.value})
         update = WatchUpdate(type="end" if new.settled else "status", job=JobStatusResult.from_record(new))
         for queue in self._watchers.get(new.job_id, ()):
             queue.put_nowait(update)
@@ -213,7 +229,8 @@ class JobService:
     async def _delete_temp_image(self, record: JobRecord) -> bool:
         ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry), record.config)
         if not ok:
-            log.warning("job %s: temp image could not be deleted (see its cleanup logs)", record.job_id)
+            log.warning("job %s: temp image could not be deleted (see its cleanup logs)", record.job_id,
+                        extra={"job_id": record.job_id})
         await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok))
         return ok
 
@@ -231,11 +248,22 @@ class JobService:
                 elif isinstance(message, JobEvent):
                     await self.apply(message.job_id, message.event)
             except NotFound:
-                log.warning("backend reported on unknown job %s", message.job_id)
+                log.warning("backend reported on unknown job %s", message.job_id, extra={"job_id": message.job_id})
             except Exception:  # one bad message must not stop the pipeline for every other job
-                log.exception("failed to handle backend message for job %s", message.job_id)
+                log.exception("failed to handle backend message for job %s", message.job_id,
+                              extra={"job_id": message.job_id})
 
     async def _store_logs(self, chunk: LogChunk) -> None:
+        lines = []
+        for line in chunk.lines:  # the task script's usage report is a metric, not part of the job's log
+            usage = parse_usage_line(line.line) if line.stream is LogStream.STDERR else None
+            if usage is None:
+                lines.append(line)
+            else:
+                self.metrics.usage(chunk.phase, usage)
+        if not lines:
+            return
+        chunk = LogChunk(chunk.job_id, chunk.phase, lines)
         await self.store.append_logs(chunk.job_id, chunk.phase, chunk.lines)
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
                               description="0 disables the separate metrics listener (/metrics stays on the API port)")
     cors_origin: str = Field("*", validation_alias="CORS_ORIGIN")
     log_level: Literal["debug", "info", "warn", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
+    log_format: Literal["text", "json"] = Field("text", validation_alias="LOG_FORMAT",
+                                                description="json: one JSON object per line; text: key=value")
 
     registry_url: str = Field("localhost:5000", validation_alias="REGISTRY_URL",
                               description="registry for intermediate (temp) images")

@@ -285,7 +285,7 @@ def test_ready_metrics_port_and_unreachable_registry(service, tmp_path):
     metrics_url = f"http://127.0.0.1:{service.env['METRICS_PORT']}/metrics"
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
-    assert "# TYPE build_duration_seconds histogram" in text and "concurrent_jobs_total 0.0" in text
+    assert "# TYPE build_duration_seconds histogram" in text and "\nconcurrent_jobs 0.0" in text
     with ServiceProcess(tmp_path / "no-registry", f"127.0.0.1:{free_port()}") as lonely:
         status, body = lonely.get("/ready")
     assert status == 503 and "unreachable" in body["checks"]["registry"]

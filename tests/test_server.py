@@ -327,7 +327,7 @@ async def test_health_ready_metrics_openapi(env):
     await env.service.idle()
     metrics = await (await env.client.get("/metrics")).text()
     assert 'build_duration_seconds_count{status="SUCCEEDED"} 1.0' in metrics
-    assert 'jobs_finished_total{status="SUCCEEDED"} 1.0' in metrics
+    assert 'jobs_total{failed_phase="none",status="SUCCEEDED"} 1.0' in metrics
     _, spec = await env.get("/openapi.json")
     assert set(spec["paths"]) == {f"/json/{name}" for name in METHODS}
     assert spec["components"]["schemas"]["JobConfig"]["additionalProperties"] is False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +42,24 @@ async def errors_middleware(request: web.Request, handler):
         return _error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         return _error_response(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
+
+
+@web.middleware
+async def timing_middleware(request: web.Request, handler):
+    """`http_request_duration_seconds` by route template (never ids), method and status code."""
+    started = time.perf_counter()
+    code = 500
+    try:
+        response = await handler(request)
+        code = response.status
+        return response
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[SERVICE_KEY].metrics.request(request.method, route, code, time.perf_counter() - started)
 
 
 def cors_middleware(origin: str):
@@ -146,7 +165,12 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVICE_KEY].metrics.registry
+    service = request.app[SERVICE_KEY]
+    try:
+        await service.refresh_metrics()
+    except StoreError as exc:  # serve what is counted in process; the store's gauges keep their last values
+        log.warning("metrics: fleet gauges not refreshed: %s", exc.message)
+    registry = service.metrics.registry
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -155,7 +179,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def create_app(service: JobService, cors_origin: str = "*") -> web.Application:
-    app = web.Application(middlewares=[cors_middleware(cors_origin), errors_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[timing_middleware, cors_middleware(cors_origin), errors_middleware],
+                          client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
     job = "{job_id:" + JOB_ID_PATTERN.strip("^$") + "}"
     app.add_routes([

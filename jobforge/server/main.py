@@ -11,6 +11,7 @@ import sys
 from aiohttp import web
 from pydantic import ValidationError
 
+from jobforge import logs
 from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_service
 from jobforge.settings import Settings
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         print(f"jobforge-service: invalid configuration:\n{exc}", file=sys.stderr)
         sys.exit(2)
-    level = {"warn": "WARNING"}.get(settings.log_level, settings.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logs.configure(settings.log_level, settings.log_format, sys.stderr)
     asyncio.run(serve(settings))
 
 

@@ -1,0 +1,68 @@
+"""The pure parts of metrics and logging: usage reports, fleet gauges from records, log line formats."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from datetime import datetime, timedelta, timezone
+
+from jobforge import logs
+from jobforge.config import JobConfig
+from jobforge.metrics import Metrics, ResourceUsage, fleet_snapshot, parse_usage_line
+from jobforge.models import JobRecord, JobStatus
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+
+
+def record(status: JobStatus, finished_ago: timedelta | None) -> JobRecord:
+    cfg = JobConfig.model_validate({"owner": "o", "repo_url": "https://git.example/r.git", "image_name": "i",
+                                    "registry_url": "registry.example"})
+    finished = NOW - finished_ago if finished_ago is not None else None
+    return JobRecord(job_id="j", config=cfg, status=status, image_tags=["latest"],
+                     submitted_at=(finished or NOW) - timedelta(minutes=1), finished_at=finished)
+
+
+def test_usage_line_is_parsed_and_anything_else_is_not():
+    assert parse_usage_line('::jobforge-usage {"cpu_seconds": 1.5, "max_rss_bytes": 2048}') == ResourceUsage(1.5, 2048)
+    assert parse_usage_line("::jobforge-usage {broken") is None
+    assert parse_usage_line('::jobforge-usage {"cpu_seconds": "x", "max_rss_bytes": 1}') is None
+    assert parse_usage_line('echo ::jobforge-usage {"cpu_seconds": 1, "max_rss_bytes": 1}') is None
+
+
+def test_fleet_snapshot_counts_and_windows():
+    unfinished = [record(JobStatus.BUILDING, None), record(JobStatus.PENDING, None), record(JobStatus.PENDING, None)]
+    finished = [record(JobStatus.SUCCEEDED, timedelta(minutes=10)), record(JobStatus.FAILED, timedelta(hours=2)),
+                record(JobStatus.SUCCEEDED, timedelta(days=2)), record(JobStatus.FAILED, timedelta(days=8))]
+    snap = fleet_snapshot(unfinished, finished, NOW)
+    assert (snap.running, snap.queued) == (1, 2)
+    assert snap.success_rate == {"1h": 1.0, "24h": 0.5, "7d": 2 / 3}
+    assert fleet_snapshot([], [], NOW).success_rate == {"1h": None, "24h": None, "7d": None}
+
+
+def test_a_window_without_jobs_has_no_series():
+    metrics = Metrics()
+    metrics.fleet(fleet_snapshot([], [record(JobStatus.SUCCEEDED, timedelta(minutes=1))], NOW))
+    metrics.fleet(fleet_snapshot([], [], NOW))
+    assert metrics.registry.get_sample_value("job_success_rate", {"window": "1h"}) is None
+
+
+def _emit(fmt: str, **extra) -> str:
+    stream = io.StringIO()
+    logs.configure("info", fmt, stream)
+    try:
+        logging.getLogger("jobforge.service").info("Job submitted successfully", extra=extra)
+    finally:
+        logging.getLogger().handlers.clear()
+    return stream.getvalue()
+
+
+def test_json_lines_carry_the_job_id():
+    line = json.loads(_emit("json", job_id="abc", owner="team a"))
+    assert line["msg"] == "Job submitted successfully" and line["job_id"] == "abc" and line["level"] == "info"
+    assert line["ts"].endswith("+00:00")
+
+
+def test_text_lines_are_key_value_with_quoting():
+    text = _emit("text", job_id="abc", owner="team a")
+    assert 'msg="Job submitted successfully"' in text and "job_id=abc" in text and 'owner="team a"' in text

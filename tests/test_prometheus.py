@@ -1,0 +1,151 @@
+"""The metrics as an operator meets them: a real Prometheus scrapes a real service that ran real jobs, and every
+query of the Grafana dashboard evaluates there. `promtool check metrics` lints the scrape."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobforge.devinfra import free_port
+from tests.support.gitrepo import GitRepo
+from tests.support.service import ServiceProcess
+from tests.test_e2e import watch
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian package prometheus missing")]
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "docs" / "grafana" / "jobforge.json"
+# What Grafana substitutes for its interval variables, at a 1 s scrape interval.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "1h"}
+
+
+class Prometheus:
+    """`prometheus` on loopback scraping one target every second, in its own data directory."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = free_port()
+        config = workdir / "prometheus.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "jobforge", "static_configs": [{"targets": [target]}]}],
+        }))
+        self.log = (workdir / "prometheus.log").open("wb")
+        self.proc = subprocess.Popen(
+            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"http://127.0.0.1:{self.port}{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.load(resp)
+
+    def query(self, expr: str) -> dict:
+        return self.api("/api/v1/query", query=expr)
+
+    def values(self, expr: str) -> list[float]:
+        return [float(r["value"][1]) for r in self.query(expr)["data"]["result"]]
+
+    def wait_for(self, expr: str, what: str, timeout: float = 120) -> list[float]:
+        """Poll a query until it returns a sample: Prometheus itself offers no event to wait on."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                found = self.values(expr)
+                if found:
+                    return found
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"Prometheus never had {what} ({expr})")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory, registry, base_image):
+    """A service whose metrics port a Prometheus scrapes, after one succeeded and one failed job."""
+    base = tmp_path_factory.mktemp("prom")
+    repo = GitRepo.from_dir(base / "hello", ROOT / "examples" / "hello")
+    with ServiceProcess(base / "service", registry.host) as svc:
+        metrics_port = svc.env["METRICS_PORT"]
+        prom = Prometheus(base, f"127.0.0.1:{metrics_port}")
+        try:
+            prom.wait_for('up{job="jobforge"} == 1', "a first scrape")
+            for commands in (["/app/run-tests.sh"], ["false"]):
+                cfg = {"owner": "prom", "repo_url": str(repo.path), "image_name": f"hello-{uuid.uuid4().hex[:8]}",
+                       "registry_url": registry.host, "build_args": {"BASE_IMAGE": base_image},
+                       "test": {"entry_point": True, "commands": commands}}
+                status, body = svc.post("/json/submitJob", {"job_config": cfg})
+                assert status == 200, body
+                watch(svc.url, body["job_id"])
+            prom.wait_for("sum(jobs_total) >= 2", "both finished jobs")
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+                scrape = resp.read()
+            yield prom, scrape
+        finally:
+            prom.close()
+
+
+def test_promtool_finds_nothing_to_lint(metered):
+    _, scrape = metered
+    result = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, timeout=30)
+    assert result.returncode == 0 and result.stdout + result.stderr == b"", result.stdout + result.stderr
+    text = scrape.decode()
+    for name in ("build_duration_seconds_bucket", "test_duration_seconds_bucket", "publish_duration_seconds_bucket",
+                 "jobs_total", "concurrent_jobs", "queued_jobs", "job_success_rate", "resource_usage",
+                 "http_request_duration_seconds_bucket"):
+        assert f"\n{name}" in text, f"{name} missing from the scrape"
+    assert "concurrent_jobs_total" not in text
+
+
+def test_the_issue_queries_have_data(metered):
+    prom, _ = metered
+    p90 = prom.wait_for("histogram_quantile(0.9, sum(rate(build_duration_seconds_bucket[5m])) by (le))",
+                        "a build duration quantile")
+    assert not math.isnan(p90[0]) and p90[0] > 0
+    assert prom.values('job_success_rate{window="24h"}') == [0.5]
+    assert prom.values("concurrent_jobs") == [0.0]
+    assert sorted(prom.values('jobs_total{status="SUCCEEDED"}')) == [1.0]
+    assert prom.values('jobs_total{status="FAILED", failed_phase="test"}') == [1.0]
+    cpu = prom.values('resource_usage{resource_type="cpu", phase="build"}')
+    assert cpu and cpu[0] > 0, "the build's CPU seconds were not reported"
+    routes = {r["metric"]["route"] for r in prom.query("http_request_duration_seconds_count")["data"]["result"]}
+    assert "/json/{method}" in routes and not any(len(r) > 40 and "-" in r for r in routes), routes
+
+
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["__inputs"][0]["name"] == "DS_PROMETHEUS"
+    found = []
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}"
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for var, value in GRAFANA_VARS.items():
+                expr = expr.replace(var, value)
+            found.append((panel["title"], expr))
+    return found
+
+
+def test_every_dashboard_query_evaluates(metered):
+    prom, _ = metered
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 10
+    for title, expr in exprs:
+        answer = prom.query(expr)
+        assert answer["status"] == "success", (title, expr, answer)
+    # The panels about jobs have data after two jobs (webhooks and HTTP need traffic of their own kind).
+    assert prom.values('max(job_success_rate{window="24h"})') == [0.5]
