@@ -93,9 +93,6 @@ class Metrics:
                                        ["method", "route", "code"], buckets=_HTTP_BUCKETS, registry=self.registry)
         self.webhook_deliveries = Counter("webhook_deliveries", "webhook delivery attempts by outcome "
                                           "(delivered, retry, failed, refused)", ["outcome"], registry=self.registry)
-        self.event_stream_lag = Gauge("nomad_event_stream_lag_seconds",
-                                      "age of the newest Nomad event when it was applied (nomad backend)",
-                                      registry=self.registry)
 
         # Every known series exists from the start (at 0), so the first job is a visible increase to rate().
         for phase in Phase:
