@@ -40,7 +40,7 @@ from yarl import URL
 from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import JobRecord, JobStatus, LogLine
 from jobforge.rules import KEY_PREFIX_PATTERN
-from jobforge.stores.base import Versioned, dump_record, load_record
+from jobforge.stores.base import LogPage, Versioned, dump_record, load_record, page_of
 
 __all__ = ["ConsulStore", "job_key", "jobs_prefix", "log_key", "logs_prefix", "segment"]
 
@@ -214,8 +214,15 @@ class ConsulStore:
         return sorted(records, key=lambda r: (r.submitted_at, r.job_id))
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
-        for value in _chunks(lines):
+        try:
+            values = list(_chunks(lines))  # encode everything first: a bad line fails before any write
+        except UnicodeEncodeError as exc:
+            raise StoreError(f"consul log write failed: text is not valid Unicode ({exc.reason})") from exc
+        for value in values:
             await self._add_chunk(job_id, phase, value)
+
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
+        return page_of(await self.get_logs(job_id, phase), offset, limit, max_chars)
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         base = logs_prefix(self.prefix, job_id, phase)
