@@ -42,9 +42,9 @@ def utf8_cut(data: bytes | bytearray, limit: int) -> int:
 def split_text(text: str, max_line_bytes: int) -> list[str]:
     """One line as pieces of at most `max_line_bytes` UTF-8 bytes; every piece but the last carries the marker."""
     data = text.encode("utf-8", errors="surrogateescape")
-    if len(data) <= max_line_bytes:
-        return [text]
     marker = SPLIT_MARKER.format(cap=max_line_bytes)
+    if len(data) <= max_line_bytes or (text.endswith(marker) and len(data) - len(marker) <= max_line_bytes):
+        return [text]  # short enough, or a piece a backend already split (its marker does not count)
     pieces = []
     while len(data) > max_line_bytes:
         cut = utf8_cut(data, max_line_bytes)
