@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from jobforge.models import Phase
+from jobforge.client import AsyncClient
+from jobforge.models import LogLine, LogStream, Phase
 from jobforge.pipeline import new_job
 from jobforge.config import JobConfig
 from tests.test_server import CONFIG, running
@@ -218,3 +219,19 @@ async def test_get_logs_pages_with_offset_limit_and_total(env):
     status, page = await env.get(f"/json/job/{job_id}/logs?phase=test&offset=1&limit=1")
     assert status == 200 and page["logs"] == {"test": ["test line 1"]} and page["total"] == 3
     assert page["next_offset"] == 2
+
+
+async def test_the_client_reads_every_page_of_a_long_log(env):
+    env.backend.outcomes[Phase.BUILD] = "hold"
+    job_id = await env.submit()
+    now = env.service._clock()
+    written = [f"line {i}" for i in range(25_000)]
+    await env.service.store.append_logs(job_id, "build", [LogLine(ts=now, stream=LogStream.STDOUT, line=t)
+                                                          for t in written])
+    _, first, _ = await send(env, "/json/getLogs", json.dumps({"job_id": job_id}))
+    assert first["next_offset"] == 10_000 and first["total"] == 25_003
+    async with AsyncClient(str(env.client.make_url("")).rstrip("/")) as client:
+        logs = await client.get_logs(job_id, structured=True)
+    stored = [line.line for line in (await env.service.store.get_logs(job_id))["build"]]
+    assert logs.logs["build"] == stored and sorted(stored) == sorted([*written, *(f"build line {i}" for i in range(3))])
+    assert len(logs.entries["build"]) == 25_003 and logs.next_offset is None and logs.total == 25_003
