@@ -303,7 +303,8 @@ class JobConfig(_Model):
     build_args: dict[EnvName, FreeText] = Field(default_factory=dict)
     target: StageName | None = None
     webhook_url: WebhookUrl | None = None
-    webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(None, description="HMAC-SHA256 key that signs webhook bodies")
+    webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(
+        None, description="HMAC-SHA256 key that signs webhook bodies")
     webhook_on_success: bool = True
     webhook_on_failure: bool = True
     webhook_headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)

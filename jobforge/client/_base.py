@@ -33,7 +33,8 @@ __all__ = ["Call", "build_call", "submit_params", "parse_result", "parse_health"
 
 # Used only when an error body is not a JSON error object (a proxy's HTML page, an empty 404, ...).
 _BY_HTTP_STATUS: dict[int, type[JobForgeError]] = {
-    400: ConfigError, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: QueueFull, 502: BackendError, 503: ServiceUnavailable,
+    400: ConfigError, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: QueueFull, 502: BackendError,
+    503: ServiceUnavailable,
 }
 
 

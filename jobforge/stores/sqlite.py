@@ -86,7 +86,11 @@ class SqliteStore:
         def mapped() -> T:
             with _mapped(what):
                 return fn()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, mapped)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, mapped)
+        except RuntimeError as exc:  # the executor is shut down: the store was closed
+            raise StoreError(f"sqlite {what} failed: the store is closed") from exc
+        return await future
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """One transaction: all of `fn`'s statements or none (runs on the worker thread)."""
