@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from jobforge.logcaps import LineSplitter, LogBudget, LogBudgets, LogLimits, split_text
 from jobforge.models import LogLine, LogStream
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+TASKS = Path(__file__).resolve().parents[1] / "templates" / "tasks"
 MARK8 = " [line split: longer than 8 bytes, continued on the next line]"
 
 
@@ -92,3 +96,28 @@ def test_budgets_are_per_job_and_bounded():
     assert budgets.admit("a", lines("2"), clock)[0].line.startswith("[log truncated")
     budgets.admit("c", lines("1"), clock)  # "b" is the least recently used: forgotten, so it starts afresh
     assert [ln.line for ln in budgets.admit("b", lines("2"), clock)] == ["2"]
+
+
+def test_the_test_task_relays_a_long_line_in_bounded_pieces(tmp_path):
+    """templates/tasks/test.py relays the container's output file: a huge line comes out in marked pieces."""
+    spec = importlib.util.spec_from_file_location("jobforge_test_task", TASKS / "test.py")
+    sys.path.insert(0, str(TASKS))
+    try:
+        task = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(task)
+    finally:
+        sys.path.remove(str(TASKS))
+        sys.modules.pop(spec.name, None)
+    output = tmp_path / "output"
+    follower = task.LineFollower(str(output))
+    assert list(follower.lines()) == []  # no file yet
+    with output.open("wb") as fh:
+        fh.write(b"first\n" + "é".encode() * (3 * 1024 * 1024) + b"x")  # 6 MiB + 1 byte, no newline yet
+    pieces = list(follower.lines())
+    assert pieces[0] == "first" and len(pieces) == 7
+    assert all(p.endswith(task.SPLIT_MARKER) and len(p.encode()) <= 1024 * 1024 + 100 for p in pieces[1:])
+    assert all(set(p.removesuffix(task.SPLIT_MARKER)) == {"é"} for p in pieces[1:])
+    with output.open("ab") as fh:
+        fh.write(b"y\nlast")
+    assert list(follower.lines()) == ["xy"]  # the rest of the long line, once its newline came
+    assert list(follower.lines(final=True)) == ["last"]
