@@ -85,8 +85,7 @@ async def rest_method(request: web.Request) -> web.Response:
 
 
 async def rest_status(request: web.Request) -> web.Response:
-    return _json(await api.call(request.app[SERVICE_KEY], "getStatus",
-                                            {"job_id": request.match_info["job_id"]}))
+    return _json(await api.call(request.app[SERVICE_KEY], "getStatus", {"job_id": request.match_info["job_id"]}))
 
 
 async def rest_logs(request: web.Request) -> web.Response:
