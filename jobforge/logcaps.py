@@ -19,7 +19,7 @@ DEFAULT_MAX_LOG_LINES = 1_000_000
 DEFAULT_MAX_LINE_BYTES = 1024 * 1024
 
 SPLIT_MARKER = " [line split: longer than {cap} bytes, continued on the next line]"
-TRUNCATED_MARKER = "[log truncated: {why}; further lines of this job are dropped]"
+TRUNCATED_MARKER = "[log truncated: {why}; further output of this job is dropped]"
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,14 @@ class LogBudget:
         self.truncated = False
 
     def admit(self, lines: Sequence[LogLine], clock: Callable[[], datetime]) -> list[LogLine]:
-        if self.truncated:
-            return []
+        """The lines to keep. The service's own notes (stream `system`: a timeout, a kill) always pass: there
+        are a few per phase, and they say why a phase ended even after the task's output was truncated."""
         out: list[LogLine] = []
         for line in lines:
+            if self.truncated:
+                if line.stream is LogStream.SYSTEM:
+                    out.append(line)
+                continue
             for text in split_text(line.line, self.limits.max_line_bytes):
                 size = len(text.encode("utf-8", errors="surrogateescape"))
                 why = None
@@ -138,7 +142,7 @@ class LogBudget:
                 if why is not None:
                     self.truncated = True
                     out.append(LogLine(ts=clock(), stream=LogStream.SYSTEM, line=TRUNCATED_MARKER.format(why=why)))
-                    return out
+                    break
                 self.lines += 1
                 self.bytes += size
                 out.append(line if text is line.line else line.model_copy(update={"line": text}))

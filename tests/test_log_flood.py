@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from jobforge.client import Client
+from tests.support.gitrepo import GitRepo
+from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "hello"
 CONFIG = {"owner": "flood", "repo_url": "https://git.example.invalid/app.git", "image_name": "app",
           "registry_url": "127.0.0.1:5000"}
 MIB = 1024 * 1024
@@ -92,3 +95,43 @@ def test_5_mb_of_binary_is_stored_as_text_and_capped(tmp_path):
     assert sum(len(line.encode()) for line in build) > 3 * MIB
     assert rss < 300
     assert slowest < 5
+
+
+# ---------------------------------------------------------------- the same through the real service and buildah
+
+@pytest.fixture(scope="module")
+def real_service(tmp_path_factory, registry, base_image):
+    with ServiceProcess(tmp_path_factory.mktemp("flood-service"), registry.host) as svc:
+        yield svc
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("command, marker", [
+    ("yes x | tr -d '\\n' | head -c 104857600", "[log truncated: over 67108864 bytes"),
+    ("head -c 5242880 /dev/urandom; echo; echo after-binary", "after-binary"),
+], ids=["100-mb-line", "5-mb-binary"])
+def test_a_flooding_test_command_through_the_real_service(real_service, registry, base_image, tmp_path, command,
+                                                          marker):
+    repo = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
+    cfg = {**CONFIG, "repo_url": str(repo.path), "registry_url": registry.host, "image_name": "flood",
+           "build_args": {"BASE_IMAGE": base_image}, "test": {"commands": [command]}}
+    url = real_service.url
+    with Client(url, timeout=60) as client:
+        job_id = client.submit_job(cfg).job_id
+        probes = []
+        while True:
+            start = time.perf_counter()
+            assert get(f"{url}/health") == (200, {"status": "ok"})
+            probes.append(time.perf_counter() - start)
+            job = client.get_status(job_id)
+            if job.status.terminal:
+                break
+        test_log = client.get_logs(job_id, phase="test").logs["test"]
+    rss = hwm_mib(real_service.proc.pid)
+    print(f"{command!r}: service VmHWM {rss:.0f} MiB, slowest /health {max(probes) * 1000:.0f} ms "
+          f"over {len(probes)} probes, {len(test_log)} test log lines")
+    assert job.status.value == "SUCCEEDED", job.error
+    assert any(line.startswith(marker) for line in test_log[-3:])
+    assert all(len(line.encode()) <= MIB + 100 for line in test_log)
+    assert rss < 300
+    assert max(probes) < 5

@@ -72,7 +72,7 @@ def test_a_job_gets_one_truncation_marker_at_its_byte_cap():
     budget = LogBudget(LogLimits(max_bytes=10, max_lines=100, max_line_bytes=100))
     assert [ln.line for ln in budget.admit(lines("12345", "1234"), clock)] == ["12345", "1234"]
     out = budget.admit(lines("12", "3"), clock)
-    assert [ln.line for ln in out] == ["[log truncated: over 10 bytes; further lines of this job are dropped]"]
+    assert [ln.line for ln in out] == ["[log truncated: over 10 bytes; further output of this job is dropped]"]
     assert out[0].stream is LogStream.SYSTEM
     assert budget.admit(lines("x"), clock) == []
 
@@ -81,7 +81,7 @@ def test_a_job_gets_one_truncation_marker_at_its_line_cap():
     budget = LogBudget(LogLimits(max_bytes=1000, max_lines=3, max_line_bytes=100))
     out = budget.admit(lines("a", "b", "c", "d", "e"), clock)
     assert [ln.line for ln in out] == ["a", "b", "c",
-                                       "[log truncated: over 3 lines; further lines of this job are dropped]"]
+                                       "[log truncated: over 3 lines; further output of this job is dropped]"]
 
 
 def test_long_lines_from_any_backend_are_split_before_they_count():
@@ -121,3 +121,12 @@ def test_the_test_task_relays_a_long_line_in_bounded_pieces(tmp_path):
         fh.write(b"y\nlast")
     assert list(follower.lines()) == ["xy"]  # the rest of the long line, once its newline came
     assert list(follower.lines(final=True)) == ["last"]
+
+
+def test_the_services_own_notes_pass_after_truncation():
+    budget = LogBudget(LogLimits(max_bytes=1000, max_lines=1, max_line_bytes=100))
+    note = LogLine(ts=T0, stream=LogStream.SYSTEM, line="stopped: killed by user")
+    out = budget.admit([*lines("a", "b", "c"), note], clock)
+    assert [ln.line for ln in out] == ["a", "[log truncated: over 1 lines; further output of this job is dropped]",
+                                       "stopped: killed by user"]
+    assert budget.admit([*lines("d"), note], clock) == [note]
