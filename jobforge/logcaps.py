@@ -29,28 +29,24 @@ class LogLimits:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
 
-def utf8_cut(data: bytes | bytearray, limit: int) -> int:
-    """The largest cut <= limit that does not split a UTF-8 sequence (or `limit` when none is in the way)."""
-    if len(data) <= limit:
-        return len(data)
-    cut = limit
-    while cut > max(0, limit - 3) and (data[cut] & 0xC0) == 0x80:  # a continuation byte: back up to its start
-        cut -= 1
-    return cut if cut > 0 else limit
-
-
 def split_text(text: str, max_line_bytes: int) -> list[str]:
-    """One line as pieces of at most `max_line_bytes` UTF-8 bytes; every piece but the last carries the marker."""
+    """One line as pieces of at most `max_line_bytes` UTF-8 bytes (never inside a character); every piece but
+    the last carries the marker. Linear in the line's length."""
+    if len(text) * 4 <= max_line_bytes:
+        return [text]  # cannot be over the cap, whatever its characters
     data = text.encode("utf-8", errors="surrogateescape")
     marker = SPLIT_MARKER.format(cap=max_line_bytes)
     if len(data) <= max_line_bytes or (text.endswith(marker) and len(data) - len(marker) <= max_line_bytes):
         return [text]  # short enough, or a piece a backend already split (its marker does not count)
     pieces = []
-    while len(data) > max_line_bytes:
-        cut = utf8_cut(data, max_line_bytes)
-        pieces.append(data[:cut].decode("utf-8", errors="replace") + marker)
-        data = data[cut:]
-    pieces.append(data.decode("utf-8", errors="replace"))
+    start = 0
+    while len(data) - start > max_line_bytes:
+        cut = start + max_line_bytes
+        while cut > start + max_line_bytes - 3 and data[cut] & 0xC0 == 0x80:  # a continuation byte: back up
+            cut -= 1
+        pieces.append(data[start:cut].decode("utf-8", errors="replace") + marker)
+        start = cut
+    pieces.append(data[start:].decode("utf-8", errors="replace"))
     return pieces
 
 

@@ -14,7 +14,8 @@ Why it looks like this:
 - Log chunks are created with `?cas=0`, so two writers never overwrite one chunk; a chunk value stays under
   `CHUNK_BYTES` (Consul refuses values over 512 KiB), and a longer line is split into pieces marked
   `"more": true` that `get_logs` joins again. An append larger than one chunk is not atomic (a txn is capped
-  at 512 KiB as well), unlike SQLite's.
+  at 512 KiB as well), unlike SQLite's; every chunk is encoded before the first is written, so a line that
+  cannot be encoded fails the whole append with nothing written.
 - `segment` escapes every byte outside `[A-Za-z0-9-]` as `_XX`: percent-escapes would be refused by Consul's
   newer key check (only `A-Za-z0-9,-_./`, no `../`, no suffix like `.json`), and escaping `.` rules out both.
 
