@@ -29,7 +29,8 @@ def spec(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise UnknownMethod(f"method {name!r} not found; known methods: {', '.join(METHODS)}") from None
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise UnknownMethod(f"method {shown!r} not found; known methods: {', '.join(METHODS)}") from None
 
 
 def parse_params(model: type[BaseModel], params: Any) -> BaseModel:

@@ -40,6 +40,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     FieldSerializationInfo,
     PlainSerializer,
     SecretStr,
@@ -56,16 +57,19 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     CONSTRAINT_OPERANDS,
     DURATION_PATTERN,
     ENV_NAME_PATTERN,
+    FREE_TEXT_MAX_LENGTH,
     HEADER_NAME_PATTERN,
     IMAGE_NAME_MAX_LENGTH,
     IMAGE_NAME_PATTERN,
     IMAGE_TAG_PATTERN,
+    OWNER_MAX_LENGTH,
     REDACTED,
     RESERVED_WEBHOOK_HEADERS,
     RESOURCE_MAX,
     SECRET_MASK,
     SECRETS_CONTEXT,
     STAGE_NAME_PATTERN,
+    TEXT_MAX_LENGTH,
     TIMEOUT_MAX_SECONDS,
     TIMEOUT_MIN_SECONDS,
     VALUELESS_OPERANDS,
@@ -106,8 +110,9 @@ __all__ = [
 
 OneLine = Annotated[str, AfterValidator(single_line)]
 NonEmptyLine = Annotated[str, AfterValidator(not_blank), AfterValidator(single_line)]
-FreeText = Annotated[str, AfterValidator(no_nul)]
-Command = Annotated[str, AfterValidator(not_blank), AfterValidator(no_nul)]
+_LongText = StringConstraints(max_length=FREE_TEXT_MAX_LENGTH)
+FreeText = Annotated[str, _LongText, AfterValidator(no_nul)]
+Command = Annotated[str, _LongText, AfterValidator(not_blank), AfterValidator(no_nul)]
 
 EnvName = pattern_type("env_name", ENV_NAME_PATTERN,
                         "must be a variable name: letters, digits and '_', not starting with a digit",
@@ -179,7 +184,8 @@ Timeout = Annotated[
 # ------------------------------------------------------------------------------------------------ models
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # str_max_length bounds every string (keys too) that has no tighter limit of its own.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, str_max_length=TEXT_MAX_LENGTH)
 
 
 class Resources(_Model):
@@ -270,6 +276,13 @@ class TestConfig(_Model):
         return None if self.timeout is None else self.timeout.total_seconds()
 
 
+def _short_secret(value: object) -> object:
+    # Before SecretStr's own check: with str_max_length pydantic would call a long secret "not a valid string".
+    if isinstance(value, str) and len(value) > TEXT_MAX_LENGTH:
+        fail("string_too_long", f"String should have at most {TEXT_MAX_LENGTH} characters")
+    return value
+
+
 class JobConfig(_Model):
     """Build `repo_url` at `git_ref` into `registry_url/image_name`, optionally test it, then publish it.
 
@@ -281,7 +294,7 @@ class JobConfig(_Model):
     `build_timeout_seconds` / `test.timeout_seconds`. JSON dumps write them as Go-style text ("1h30m").
     """
 
-    owner: NonEmptyLine
+    owner: NonEmptyLine = Field(max_length=OWNER_MAX_LENGTH)
     repo_url: RepoUrl
     git_ref: GitRef = "main"
     git_credentials_path: VaultPath | None = None
@@ -299,7 +312,8 @@ class JobConfig(_Model):
     build_args: dict[EnvName, FreeText] = Field(default_factory=dict)
     target: StageName | None = None
     webhook_url: WebhookUrl | None = None
-    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key that signs webhook bodies")
+    webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(
+        None, description="HMAC-SHA256 key that signs webhook bodies")
     webhook_on_success: bool = True
     webhook_on_failure: bool = True
     webhook_headers: dict[WebhookHeaderName, HeaderValue] = Field(default_factory=dict)
@@ -420,6 +434,9 @@ def format_validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     return errors
 
 
+_LOC_PART_MAX = 64  # a rejected mapping key is shown only this far (it may be megabytes long)
+
+
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
@@ -427,6 +444,8 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
             path += f"[{part}]"
         elif part == "[key]":  # pydantic's marker for "the key itself was invalid"
             continue
+        elif len(part) > _LOC_PART_MAX:
+            path += f'["{part[:_LOC_PART_MAX]}..."]'
         elif part == "" or any(c in '.[]"' or c.isspace() for c in part):
             path += '["' + part.replace("\\", "\\\\").replace('"', '\\"') + '"]'
         else:

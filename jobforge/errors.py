@@ -8,11 +8,13 @@
      ├── UnknownMethod            http 404, rpc -32601  no such API method
      ├── PayloadTooLarge          http 413, rpc -32600  request body over the limit
      ├── BackendError             http 502, rpc -32010  scheduler / runner failure
-     ├── StoreError               http 503, rpc -32011  job store failure
+     ├── StoreError               http 503, rpc -32011  job store failure (Retry-After: 2)
+     ├── QueueFull                http 429, rpc -32029  MAX_QUEUED_JOBS jobs already wait (Retry-After: 10)
      └── ServiceUnavailable       http 503, rpc -32012  the client could not reach the service
 
 Each class carries its HTTP status and JSON-RPC code, so the server maps errors from one table and the client
-maps them back (`error_for_rpc_code`). Programming errors (TypeError, ...) stay outside the tree.
+maps them back (`error_for_rpc_code`); `retry_after` (seconds) becomes a `Retry-After` header for errors that
+pass by themselves. Programming errors (TypeError, ...) stay outside the tree.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 class JobForgeError(Exception):
     http_status = 500
     rpc_code = -32603
+    retry_after: int | None = None
 
     def __init__(self, message: str, data: Any = None) -> None:
         super().__init__(message)
@@ -75,8 +78,19 @@ class BackendError(JobForgeError):
 
 
 class StoreError(JobForgeError):
+    """The job store failed (busy, unreachable, disk full): nothing of the request was committed; retry later."""
+
     http_status = 503
     rpc_code = -32011
+    retry_after = 2
+
+
+class QueueFull(JobForgeError):
+    """Too many jobs already wait for a slot; nothing was stored."""
+
+    http_status = 429
+    rpc_code = -32029
+    retry_after = 10
 
 
 class ServiceUnavailable(JobForgeError):
@@ -87,7 +101,7 @@ class ServiceUnavailable(JobForgeError):
 _BY_RPC_CODE: dict[int, type[JobForgeError]] = {
     cls.rpc_code: cls
     for cls in (ConfigError, NotFound, Conflict, UnknownMethod, PayloadTooLarge, BackendError, StoreError,
-                ServiceUnavailable)
+                QueueFull, ServiceUnavailable)
 }
 
 

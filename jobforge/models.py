@@ -14,8 +14,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobforge.config import JobConfig
+from jobforge.rules import OWNER_MAX_LENGTH
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MAX_HISTORY_LIMIT = 500
+MAX_LOG_LIMIT = 10_000
+MAX_OFFSET = 1_000_000_000
+"""Paging bounds: no reply is unbounded, and no offset overflows a store's integer (SQLite: 64 bits)."""
 
 
 def utcnow() -> datetime:
@@ -190,12 +195,18 @@ class JobIdParams(_Params):
 class GetLogsParams(JobIdParams):
     phase: Phase | None = None
     structured: bool = Field(False, description="also return entries with timestamp and stream")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET,
+                        description="first line to return, counted over the phases in order (build, test, publish, "
+                                    "then others)")
+    limit: int = Field(MAX_LOG_LIMIT, ge=1, le=MAX_LOG_LIMIT,
+                       description="most lines to return; a page also ends early at the reply size limit "
+                                   "(see next_offset)")
 
 
 class HistoryParams(_Params):
-    limit: int = Field(10, ge=1, le=1000)
-    offset: int = Field(0, ge=0)
-    owner: str | None = None
+    limit: int = Field(10, ge=1, le=MAX_HISTORY_LIMIT)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    owner: str | None = Field(None, max_length=OWNER_MAX_LENGTH)
     status: JobStatus | None = None
 
 
@@ -286,6 +297,9 @@ class LogsResult(BaseModel):
     job_id: str
     logs: dict[str, list[str]]
     entries: dict[str, list[LogLine]] | None = None
+    offset: int = 0
+    total: int | None = Field(None, description="lines of the job (or phase) in all; None from older services")
+    next_offset: int | None = Field(None, description="offset of the next page; None when this page is the last")
 
 
 class KillJobResult(BaseModel):

@@ -83,6 +83,13 @@ _DURATION_SEGMENT_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs
 TIMEOUT_MIN_SECONDS = 1
 TIMEOUT_MAX_SECONDS = 24 * 3600
 
+# String lengths: every string of a job config is bounded (a 1 MiB `owner` must not reach the store).
+OWNER_MAX_LENGTH = 256
+TEXT_MAX_LENGTH = 4096
+"""Any string without a limit of its own: URLs, paths, names, header values, the webhook secret."""
+FREE_TEXT_MAX_LENGTH = 65536
+"""Test commands, env and build-arg values (may hold a script)."""
+
 # Resources (Nomad units: CPU in MHz, memory and disk in MB). The cap keeps values int32-safe for Nomad.
 RESOURCE_MAX = 2**31 - 1
 _RESOURCE_DIGITS_RE = re.compile(r"[0-9]{1,18}")

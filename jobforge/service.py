@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from jobforge import pipeline
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.delivery import DeliveryWorker
-from jobforge.errors import BackendError, Conflict, NotFound
+from jobforge.errors import BackendError, Conflict, NotFound, QueueFull
+from jobforge.logcaps import LogBudgets, LogLimits
 from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_usage_line
 from jobforge.models import (
     CleanupResult,
@@ -43,17 +44,24 @@ from jobforge.tasks import RegistryTarget, build_payload
 
 log = logging.getLogger("jobforge.service")
 
+DEFAULT_MAX_QUEUED_JOBS = 1000
+MAX_LOG_PAGE_CHARS = 4 * 1024 * 1024
+"""A getLogs page ends once its lines hold this many characters (at least one line is always returned)."""
+
 
 
 class JobService:
     def __init__(self, store: Store, backend: Backend, *, policy: pipeline.Policy, registry: RegistryTarget,
                  max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: DeliveryWorker | None = None,
-                 clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4())):
+                 clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+                 max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits()):
         self.store = store
         self.backend = backend
         self._policy = policy
         self._registry = registry
         self._max = max_concurrent_jobs
+        self._max_queued = max_queued_jobs
+        self._log_budgets = LogBudgets(log_limits)
         self.metrics = metrics or Metrics()
         self.webhooks = webhooks
         self._clock = clock
@@ -105,6 +113,9 @@ class JobService:
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
         if self.webhooks is not None:
             self.webhooks.check_config(params.job_config)
+        if len(self._pending) >= self._max_queued:
+            raise QueueFull(f"{len(self._pending)} jobs are already waiting for a slot (MAX_QUEUED_JOBS="
+                            f"{self._max_queued}); the job was not accepted, submit it again later")
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
         await self.store.put(record, 0)
         self.metrics.submitted()
@@ -117,13 +128,17 @@ class JobService:
         return JobStatusResult.from_record((await self.store.get(params.job_id)).record)
 
     async def get_logs(self, params: GetLogsParams) -> LogsResult:
+        """One page of a job's logs (all of them when they fit): phases in order, lines in write order."""
         await self.store.get(params.job_id)  # NotFound for unknown jobs
         phase = params.phase.value if params.phase else None
-        entries = await self.store.get_logs(params.job_id, phase)
-        names = [phase] if phase else [*(p.value for p in Phase), *(n for n in entries if n not in Phase._value2member_map_)]
-        logs = {name: [ln.line for ln in entries.get(name, [])] for name in names}
-        structured = {name: entries.get(name, []) for name in names} if params.structured else None
-        return LogsResult(job_id=params.job_id, logs=logs, entries=structured)
+        page = await self.store.log_page(params.job_id, phase, params.offset, params.limit, MAX_LOG_PAGE_CHARS)
+        entries: dict[str, list] = {name: [] for name in ([phase] if phase else [p.value for p in Phase])}
+        for name, line in page.lines:
+            entries.setdefault(name, []).append(line)
+        logs = {name: [ln.line for ln in lines] for name, lines in entries.items()}
+        end = params.offset + len(page.lines)
+        return LogsResult(job_id=params.job_id, logs=logs, entries=entries if params.structured else None,
+                          offset=params.offset, total=page.total, next_offset=end if end < page.total else None)
 
     async def kill_job(self, params: JobIdParams) -> KillJobResult:
         record = await self.apply(params.job_id, pipeline.KillRequested(at=self._clock()))
@@ -261,13 +276,13 @@ class JobService:
                 lines.append(line)
             else:
                 self.metrics.usage(chunk.phase, usage)
+        lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps
         if not lines:
             return
-        chunk = LogChunk(chunk.job_id, chunk.phase, lines)
-        await self.store.append_logs(chunk.job_id, chunk.phase, chunk.lines)
+        await self.store.append_logs(chunk.job_id, chunk.phase, lines)
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
-        for line in chunk.lines:
+        for line in lines:
             for queue in queues:
                 queue.put_nowait(WatchUpdate(type="log", phase=phase, log=line))
 

@@ -97,6 +97,14 @@ class Settings(BaseSettings):
         description="sqlite: one file in the data dir; consul: cluster KV; default: consul with the nomad backend")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="JOBFORGE_DATA_DIR")
     max_concurrent_jobs: int = Field(2, ge=1, validation_alias="MAX_CONCURRENT_JOBS")
+    max_queued_jobs: int = Field(1000, ge=1, validation_alias="MAX_QUEUED_JOBS",
+                                 description="jobs waiting for a slot; beyond it submitJob answers 429")
+    max_log_bytes: int = Field(64 * 1024 * 1024, ge=1024, validation_alias="JOBFORGE_MAX_LOG_BYTES",
+                               description="log bytes kept per job; then one '[log truncated: ...]' line")
+    max_log_lines: int = Field(1_000_000, ge=10, validation_alias="JOBFORGE_MAX_LOG_LINES",
+                               description="log lines kept per job; then one '[log truncated: ...]' line")
+    max_line_bytes: int = Field(1024 * 1024, ge=256, validation_alias="JOBFORGE_MAX_LINE_BYTES",
+                                description="longest log line; longer lines are split into marked pieces")
     git_username: str | None = Field(None, validation_alias="JOBFORGE_GIT_USERNAME")
     git_password: SecretStr | None = Field(None, validation_alias="JOBFORGE_GIT_PASSWORD")
     kill_grace_seconds: float = Field(10.0, gt=0, validation_alias="JOBFORGE_KILL_GRACE")

@@ -73,8 +73,7 @@ def submit(svc: ServiceProcess, cfg: dict) -> str:
 def run_job(svc: ServiceProcess, cfg: dict) -> tuple[str, dict, dict]:
     job_id = submit(svc, cfg)
     final = watch(svc.url, job_id)
-    _, logs = svc.get(f"/json/job/{job_id}/logs")
-    return job_id, final, logs["logs"]
+    return job_id, final, svc.logs(job_id)
 
 
 def test_success_with_entry_point_commands_and_three_tags(service, config, registry):
@@ -228,7 +227,7 @@ def test_restart_keeps_jobs_logs_and_history(service, config):
     service.restart()
     status, after = service.get(f"/json/job/{job_id}/status")
     assert status == 200 and after == final
-    assert service.get(f"/json/job/{job_id}/logs")[1]["logs"] == logs
+    assert service.logs(job_id) == logs
     _, history_after = service.post("/json/getHistory", {"limit": 100})
     assert history_after == history_before
     page = [service.post("/json/getHistory", {"limit": 2, "offset": o})[1]["jobs"] for o in range(0, 6, 2)]

@@ -1,8 +1,12 @@
 """Local backend: runs the task scripts as subprocesses on this machine.
 
 Each phase is one process group (so a kill or timeout takes buildah and the container with it); stdout and
-stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
-phase's end event. Nothing is retried or stored here.
+stderr are read in chunks and split into lines, timestamped on arrival, and reported before the phase's end
+event. Nothing is retried or stored here.
+
+Bounded: a line longer than `max_line_bytes` is split (and marked) while it is read, so an endless line without
+a newline never sits in memory whole; and at most `max_inflight_bytes` of log text wait in the event queue: a
+reader stops reading (the task then blocks on its full pipe) until the consumer has taken earlier lines.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.config import JobConfig, format_duration
+from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import LogLine, LogStream, utcnow
 from jobforge.pipeline import (
     KILLED_BY_USER,
@@ -37,6 +42,29 @@ from jobforge.tasks import task_script
 _ERROR_PREFIX = "ERROR: "
 _READ_CHUNK = 64 * 1024
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
+_MAX_INFLIGHT_BYTES = 8 * 1024 * 1024
+_MAX_ERROR_CHARS = 2000  # of an "ERROR: " line, as the phase's error (it goes into the job record)
+
+
+class _Inflight:
+    """Characters of log text queued but not yet taken by the consumer; readers wait while it is over the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def reserve(self, size: int) -> None:
+        while self.used >= self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        if self.used < self.limit:
+            self._room.set()
 
 
 
@@ -59,13 +87,16 @@ class LocalBackend:
 
     def __init__(self, *, work_dir: Path, storage_root: Path, storage_runroot: Path, registry_url: str,
                  tls_verify: bool, secret_env: dict[str, str] | None = None, kill_grace: float = 10.0,
-                 python: str = sys.executable, clock: Callable[[], datetime] = utcnow) -> None:
+                 python: str = sys.executable, clock: Callable[[], datetime] = utcnow,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_inflight_bytes: int = _MAX_INFLIGHT_BYTES) -> None:
         self._work_dir = work_dir
         self._registry_url = registry_url
         self._tls_verify = tls_verify
         self._kill_grace = kill_grace
         self._python = python
         self._clock = clock
+        self._max_line_bytes = max_line_bytes
+        self._inflight = _Inflight(max_inflight_bytes)
         self._queue: asyncio.Queue[BackendMessage] = asyncio.Queue()
         self._runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -110,9 +141,15 @@ class LocalBackend:
                 if isinstance(nxt, LogChunk) and (nxt.job_id, nxt.phase) == (message.job_id, message.phase):
                     message = LogChunk(message.job_id, message.phase, [*message.lines, *nxt.lines])
                     continue
+                self._taken(message)
                 yield message
                 message = nxt
+            self._taken(message)
             yield message
+
+    def _taken(self, message: BackendMessage) -> None:
+        if isinstance(message, LogChunk):
+            self._inflight.release(_chars(message.lines))
 
     async def check(self) -> dict[str, str]:
         problems = {}
@@ -212,26 +249,29 @@ class LocalBackend:
 
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
                     last_error: list[str]) -> None:
-        pending = b""
+        splitter = LineSplitter(self._max_line_bytes)
         while chunk := await stream.read(_READ_CHUNK):
-            *complete, pending = (pending + chunk).split(b"\n")
-            if complete:
-                self._emit(job_id, phase, kind, complete, last_error)
-        if pending:
-            self._emit(job_id, phase, kind, [pending], last_error)
+            if pieces := splitter.feed(chunk):
+                await self._emit(job_id, phase, kind, pieces, last_error)
+        if pieces := splitter.flush():
+            await self._emit(job_id, phase, kind, pieces, last_error)
 
-    def _emit(self, job_id: str, phase: str, kind: LogStream, raw_lines: list[bytes], last_error: list[str]) -> None:
+    async def _emit(self, job_id: str, phase: str, kind: LogStream, pieces: list[tuple[bytes, bool]],
+                    last_error: list[str]) -> None:
         now = self._clock()
         lines = []
-        for raw in raw_lines:
-            text = raw.decode("utf-8", errors="replace").rstrip("\r")
-            if text.startswith(_ERROR_PREFIX):
-                last_error.append(text[len(_ERROR_PREFIX):])
+        for raw, split in pieces:
+            text = decode_piece(raw, split, self._max_line_bytes)
+            if text.startswith(_ERROR_PREFIX) and not split:
+                last_error[:] = [text[len(_ERROR_PREFIX):][:_MAX_ERROR_CHARS]]
             lines.append(LogLine(ts=now, stream=kind, line=text))
+        await self._inflight.reserve(_chars(lines))
         self._queue.put_nowait(LogChunk(job_id, phase, lines))
 
     def _system_line(self, job_id: str, phase: str, text: str) -> None:
-        self._queue.put_nowait(LogChunk(job_id, phase, [LogLine(ts=self._clock(), stream=LogStream.SYSTEM, line=text)]))
+        lines = [LogLine(ts=self._clock(), stream=LogStream.SYSTEM, line=text)]
+        self._inflight.used += _chars(lines)  # never waits: released like any chunk when taken
+        self._queue.put_nowait(LogChunk(job_id, phase, lines))
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the whole process group, SIGKILL it after the grace period."""
@@ -249,3 +289,7 @@ class LocalBackend:
             except ProcessLookupError:
                 pass
             await proc.wait()
+
+
+def _chars(lines: list[LogLine]) -> int:
+    return sum(len(line.line) for line in lines)

@@ -77,8 +77,12 @@ class AsyncClient:
 
     async def get_logs(self, job_id: str, phase: Phase | str | None = None,
                        structured: bool = False) -> LogsResult:
-        params: dict[str, Any] = {"job_id": job_id} | ({"phase": phase} if phase else {})
-        return await self._call("getLogs", params | ({"structured": True} if structured else {}))
+        """Every line of the job (or phase): reads page after page, as the service bounds each reply."""
+        result, offset = None, 0
+        while offset is not None:
+            page = await self._call("getLogs", _base.logs_params(job_id, phase, structured, offset))
+            result, offset = _base.merge_logs(result, page)
+        return result
 
     async def kill_job(self, job_id: str) -> KillJobResult:
         return await self._call("killJob", {"job_id": job_id})

@@ -22,17 +22,19 @@ from jobforge.errors import (
     JobForgeError,
     NotFound,
     PayloadTooLarge,
+    QueueFull,
     ServiceUnavailable,
     error_for_rpc_code,
 )
-from jobforge.models import METHODS, HealthResult, JobIdParams, WatchUpdate
+from jobforge.models import METHODS, HealthResult, JobIdParams, LogsResult, WatchUpdate
 
 __all__ = ["Call", "build_call", "submit_params", "parse_result", "parse_health", "error_from_response",
-           "unreachable", "watch_url", "parse_watch_message", "handshake_error"]
+           "unreachable", "watch_url", "parse_watch_message", "handshake_error", "logs_params", "merge_logs"]
 
 # Used only when an error body is not a JSON error object (a proxy's HTML page, an empty 404, ...).
 _BY_HTTP_STATUS: dict[int, type[JobForgeError]] = {
-    400: ConfigError, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 502: BackendError, 503: ServiceUnavailable,
+    400: ConfigError, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: QueueFull, 502: BackendError,
+    503: ServiceUnavailable,
 }
 
 
@@ -72,6 +74,33 @@ def build_call(name: str, params: dict[str, Any]) -> Call:
         except ValidationError as exc:
             raise validation_error(exc, f"invalid params for {name}") from None
     return Call("POST", f"/json/{name}", body, spec.result)
+
+
+def logs_params(job_id: str, phase: Any, structured: bool, offset: int) -> dict[str, Any]:
+    """getLogs params for the page at `offset` (the service bounds every reply; `get_logs` reads all pages)."""
+    params: dict[str, Any] = {"job_id": job_id} | ({"phase": phase} if phase else {})
+    return params | ({"structured": True} if structured else {}) | ({"offset": offset} if offset else {})
+
+
+def merge_logs(done: LogsResult | None, page: LogsResult) -> tuple[LogsResult, int | None]:
+    """Append a page to the pages read so far; returns the merged result and the next offset to ask for (None
+    when this was the last page, including from a service that does not page)."""
+    if done is None:
+        merged = page
+    else:
+        logs = {name: [*lines] for name, lines in done.logs.items()}
+        for name, lines in page.logs.items():
+            logs.setdefault(name, []).extend(lines)
+        entries = None
+        if done.entries is not None or page.entries is not None:
+            entries = {name: [*lines] for name, lines in (done.entries or {}).items()}
+            for name, lines in (page.entries or {}).items():
+                entries.setdefault(name, []).extend(lines)
+        merged = page.model_copy(update={"logs": logs, "entries": entries, "offset": done.offset})
+    nxt = page.next_offset
+    if nxt is not None and nxt <= page.offset:  # a server that does not move forward: stop, never loop
+        nxt = None
+    return merged.model_copy(update={"next_offset": None}) if nxt is None else merged, nxt
 
 
 def error_from_response(status: int, text: str) -> JobForgeError:

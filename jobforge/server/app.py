@@ -6,7 +6,6 @@ and one error table.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -17,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from jobforge import api
 from jobforge.errors import JobForgeError, PayloadTooLarge, StoreError
 from jobforge.models import JOB_ID_PATTERN, WatchParams
-from jobforge.server import jsonrpc
+from jobforge.server import jsonio, jsonrpc
 from jobforge.server.openapi import openapi_document
 from jobforge.service import JobService
 
@@ -31,7 +30,13 @@ def _error_response(exc: JobForgeError) -> web.Response:
     body: dict[str, Any] = {"code": exc.rpc_code, "message": exc.message}
     if exc.data is not None:
         body["data"] = exc.data
-    return web.json_response({"error": body}, status=exc.http_status)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return _json({"error": body}, status=exc.http_status, headers=headers)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """Every JSON reply: strict JSON (no NaN/Infinity)."""
+    return web.json_response(data, status=status, headers=headers, dumps=jsonio.dumps)
 
 
 @web.middleware
@@ -86,29 +91,27 @@ async def _read_body(request: web.Request) -> bytes:
 async def rpc(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     reply = await jsonrpc.handle(await _read_body(request), lambda m, p: api.call(service, m, p))
-    return web.Response(status=204) if reply is None else web.json_response(reply)
+    return web.Response(status=204) if reply is None else web.Response(text=reply, content_type="application/json")
 
 
 async def rest_method(request: web.Request) -> web.Response:
     body = await _read_body(request)
     try:
-        params = json.loads(body) if body.strip() else {}
-    except ValueError as exc:
-        return web.json_response({"error": {"code": jsonrpc.PARSE_ERROR, "message": f"parse error: {exc}"}},
-                                 status=400)
-    return web.json_response(await api.call(request.app[SERVICE_KEY], request.match_info["method"], params))
+        params = jsonio.loads(body) if body.strip() else {}
+    except jsonio.BadJson as exc:
+        return _json({"error": jsonrpc.parse_error(exc)["error"]}, status=400)
+    return _json(await api.call(request.app[SERVICE_KEY], request.match_info["method"], params))
 
 
 async def rest_status(request: web.Request) -> web.Response:
-    return web.json_response(await api.call(request.app[SERVICE_KEY], "getStatus",
-                                            {"job_id": request.match_info["job_id"]}))
+    return _json(await api.call(request.app[SERVICE_KEY], "getStatus", {"job_id": request.match_info["job_id"]}))
 
 
 async def rest_logs(request: web.Request) -> web.Response:
     params: dict[str, Any] = {"job_id": request.match_info["job_id"], **request.query}
     if "structured" in params:
         params["structured"] = params["structured"].lower() in ("1", "true", "yes")
-    return web.json_response(await api.call(request.app[SERVICE_KEY], "getLogs", params))
+    return _json(await api.call(request.app[SERVICE_KEY], "getLogs", params))
 
 
 async def _websocket(request: web.Request, params: WatchParams, render) -> web.WebSocketResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from jobforge.backends.base import Backend
 from jobforge.backends.local import LocalBackend
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
+from jobforge.logcaps import LogLimits
 from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
 from jobforge.service import JobService
@@ -50,6 +51,7 @@ def build_backend(settings: Settings) -> Backend:
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
         registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
+        max_line_bytes=settings.max_line_bytes,
     )
 
 
@@ -68,7 +70,10 @@ def build_service(settings: Settings) -> JobService:
                     publish_timeout=settings.publish_timeout)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
                               tls_verify=settings.registry_tls_verify)
+    log_limits = LogLimits(max_bytes=settings.max_log_bytes, max_lines=settings.max_log_lines,
+                           max_line_bytes=settings.max_line_bytes)
     metrics = Metrics()
     return JobService(store, backend, policy=policy, registry=registry, metrics=metrics,
                       max_concurrent_jobs=settings.max_concurrent_jobs,
-                      webhooks=build_webhooks(settings, store, metrics))
+                      webhooks=build_webhooks(settings, store, metrics),
+                      max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits)

@@ -14,7 +14,7 @@ from typing import NamedTuple, Protocol
 
 from jobforge.config import SECRETS_CONTEXT
 from jobforge.rules import STORED_CONTEXT
-from jobforge.models import JobRecord, JobStatus, LogLine, WebhookDelivery
+from jobforge.models import PHASES, JobRecord, JobStatus, LogLine, WebhookDelivery
 
 
 class Versioned(NamedTuple):
@@ -25,6 +25,35 @@ class Versioned(NamedTuple):
 class VersionedDelivery(NamedTuple):
     delivery: WebhookDelivery
     version: int
+
+
+class LogPage(NamedTuple):
+    lines: list[tuple[str, LogLine]]
+    """(phase, line) in reading order: phase by phase (`phase_order`), each in write order."""
+    total: int
+    """Lines matching the request in all (every page)."""
+
+
+_PHASE_RANK = {p.value: i for i, p in enumerate(PHASES)}
+
+
+def phase_order(name: str) -> tuple[int, str]:
+    """Reading order of a job's log phases: build, test, publish, then any other (e.g. cleanup) by name."""
+    return _PHASE_RANK.get(name, len(_PHASE_RANK)), name
+
+
+def page_of(logs: dict[str, list[LogLine]], offset: int, limit: int, max_chars: int) -> LogPage:
+    """`log_page` over complete logs in memory (stores that cannot page on the server side)."""
+    lines: list[tuple[str, LogLine]] = []
+    chars, skip = 0, offset
+    for name in sorted(logs, key=phase_order):
+        for line in logs[name][skip:]:
+            if len(lines) >= limit or (lines and chars + len(line.line) > max_chars):
+                return LogPage(lines, sum(map(len, logs.values())))
+            lines.append((name, line))
+            chars += len(line.line)
+        skip = max(0, skip - len(logs[name]))
+    return LogPage(lines, sum(map(len, logs.values())))
 
 
 class Store(Protocol):
@@ -56,6 +85,10 @@ class Store(Protocol):
 
     async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
         """Every delivery of one job, in event order, whatever its state."""
+
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
+        """At most `limit` lines from `offset` (over the phases in `phase_order`), ending early once the lines
+        hold more than `max_chars` characters (at least one line is returned when any is left)."""
 
     async def ping(self) -> None:
         """Raises `StoreError` when the store is not usable (readiness)."""

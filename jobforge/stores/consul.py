@@ -19,7 +19,8 @@ Why it looks like this:
 - Log chunks are created with `?cas=0`, so two writers never overwrite one chunk; a chunk value stays under
   `CHUNK_BYTES` (Consul refuses values over 512 KiB), and a longer line is split into pieces marked
   `"more": true` that `get_logs` joins again. An append larger than one chunk is not atomic (a txn is capped
-  at 512 KiB as well), unlike SQLite's.
+  at 512 KiB as well), unlike SQLite's; every chunk is encoded before the first is written, so a line that
+  cannot be encoded fails the whole append with nothing written.
 - `segment` escapes every byte outside `[A-Za-z0-9-]` as `_XX`: percent-escapes would be refused by Consul's
   newer key check (only `A-Za-z0-9,-_./`, no `../`, no suffix like `.json`), and escaping `.` rules out both.
 
@@ -46,12 +47,14 @@ from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
 from jobforge.rules import KEY_PREFIX_PATTERN
 from jobforge.stores.base import (
+    LogPage,
     Versioned,
     VersionedDelivery,
     dump_delivery,
     dump_record,
     load_delivery,
     load_record,
+    page_of,
 )
 
 __all__ = ["ConsulStore", "delivery_key", "deliveries_prefix", "job_key", "jobs_prefix", "log_key", "logs_prefix",
@@ -232,8 +235,15 @@ class ConsulStore:
         return sorted(records, key=lambda r: (r.submitted_at, r.job_id))
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
-        for value in _chunks(lines):
+        try:
+            values = list(_chunks(lines))  # encode everything first: a bad line fails before any write
+        except UnicodeEncodeError as exc:
+            raise StoreError(f"consul log write failed: text is not valid Unicode ({exc.reason})") from exc
+        for value in values:
             await self._add_chunk(job_id, phase, value)
+
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
+        return page_of(await self.get_logs(job_id, phase), offset, limit, max_chars)
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         base = logs_prefix(self.prefix, job_id, phase)

@@ -1,26 +1,43 @@
 """SQLite store for the local backend: one file, WAL, survives restarts.
 
-Calls are short local transactions, so they run inline on the event loop; a single connection serialises them.
+- Every call runs on one worker thread that owns the connection, so a slow query (a 500-record history page, a
+  large log page) never blocks the event loop, and calls are serialised without a lock.
+- Every write is one explicit transaction (`BEGIN IMMEDIATE` … `COMMIT`, `ROLLBACK` on any error): a log append
+  is all or nothing, a record update is one compare-and-set. The connection itself is in autocommit mode
+  (`isolation_level=None`), where Python's `sqlite3` would not open transactions by itself.
+- A busy timeout waits for another process's write lock instead of failing at once.
+- No `sqlite3` error escapes: `_mapped` turns each into a `StoreError` (HTTP 503 + Retry-After); a full disk
+  ("database or disk is full", SQLITE_FULL) says "no space left on device".
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
 from jobforge.stores.base import (
+    LogPage,
     Versioned,
     VersionedDelivery,
     dump_delivery,
     dump_record,
     load_delivery,
     load_record,
+    phase_order,
 )
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_SECONDS = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -55,18 +72,65 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id,
 """
 
 
+@contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """The one boundary where SQLite's errors become `StoreError`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StoreError(f"sqlite {what} failed: no space left on device ({exc})") from exc
+        if code == sqlite3.SQLITE_BUSY or "locked" in str(exc):
+            raise StoreError(f"sqlite {what} failed: the database stayed locked for {BUSY_TIMEOUT_SECONDS:g}s "
+                             f"({exc})") from exc
+        raise StoreError(f"sqlite {what} failed: {exc}") from exc
+    except UnicodeEncodeError as exc:  # a lone surrogate cannot be bound as TEXT
+        raise StoreError(f"sqlite {what} failed: text is not valid Unicode ({exc.reason})") from exc
+
+
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)  # the file holds webhook secrets: owner-only
         os.close(fd)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobforge-sqlite")
+        with _mapped("open"):
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=BUSY_TIMEOUT_SECONDS)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        def mapped() -> T:
+            with _mapped(what):
+                return fn()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, mapped)
+        except RuntimeError as exc:  # the executor is shut down: the store was closed
+            raise StoreError(f"sqlite {what} failed: the store is closed") from exc
+        return await future
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """One transaction: all of `fn`'s statements or none (runs on the worker thread)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(self._db)
+            self._db.execute("COMMIT")  # may fail too (a full disk): then roll back as well
+        except BaseException:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (e.g. after SQLITE_FULL); the original error matters
+            raise
+        return result
 
     async def get(self, job_id: str) -> Versioned:
-        row = self._db.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        def read():
+            return self._db.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = await self._run("read", read)
         if row is None:
             raise NotFound(f"job {job_id} not found")
         return Versioned(load_record(row[0]), row[1])
@@ -74,19 +138,20 @@ class SqliteStore:
     async def put(self, record: JobRecord, expected_version: int) -> int:
         raw = dump_record(record)
         new_version = expected_version + 1
-        try:
+
+        def cas(db: sqlite3.Connection) -> int:
             if expected_version == 0:
-                cur = self._db.execute(
+                cur = db.execute(
                     "INSERT OR IGNORE INTO jobs (job_id, version, submitted_at, owner, status, record) "
                     "VALUES (?, 1, ?, ?, ?, ?)",
                     (record.job_id, _ts(record.submitted_at), record.config.owner, record.status.value, raw))
             else:
-                cur = self._db.execute(
+                cur = db.execute(
                     "UPDATE jobs SET version = ?, status = ?, record = ? WHERE job_id = ? AND version = ?",
                     (new_version, record.status.value, raw, record.job_id, expected_version))
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite write failed: {exc}") from exc
-        if cur.rowcount != 1:
+            return cur.rowcount
+
+        if await self._run("write", lambda: self._write(cas)) != 1:
             raise Conflict(f"job {record.job_id} changed concurrently (expected version {expected_version})")
         return new_version
 
@@ -100,78 +165,119 @@ class SqliteStore:
             where.append("status = ?")
             args.append(status.value)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        total = self._db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
-        rows = self._db.execute(
-            f"SELECT record FROM jobs {clause} ORDER BY submitted_at DESC, job_id DESC LIMIT ? OFFSET ?",
-            [*args, limit, offset]).fetchall()
-        return [load_record(r[0]) for r in rows], total
+
+        def read() -> tuple[list[JobRecord], int]:
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT record FROM jobs {clause} ORDER BY submitted_at DESC, job_id DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset]).fetchall()
+            return [load_record(r[0]) for r in rows], total  # parsed here too: off the event loop
+        return await self._run("read", read)
 
     async def unfinished(self) -> list[JobRecord]:
-        rows = self._db.execute(
-            "SELECT record FROM jobs WHERE status NOT IN ('SUCCEEDED', 'FAILED') ORDER BY submitted_at, job_id"
-        ).fetchall()
-        return [load_record(r[0]) for r in rows]
+        def read() -> list[JobRecord]:
+            rows = self._db.execute(
+                "SELECT record FROM jobs WHERE status NOT IN ('SUCCEEDED', 'FAILED') ORDER BY submitted_at, job_id"
+            ).fetchall()
+            return [load_record(r[0]) for r in rows]
+        return await self._run("read", read)
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
-        try:
-            with self._db:
-                self._db.executemany(
-                    "INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, ?, ?)",
-                    [(job_id, phase, _ts(ln.ts), ln.stream.value, ln.line) for ln in lines])
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite log write failed: {exc}") from exc
+        if not lines:
+            return
+        rows = [(job_id, phase, _ts(ln.ts), ln.stream.value, ln.line) for ln in lines]
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.executemany("INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, ?, ?)", rows)
+        await self._run("log write", lambda: self._write(insert))
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         sql, args = "SELECT phase, ts, stream, line FROM logs WHERE job_id = ?", [job_id]
         if phase is not None:
             sql += " AND phase = ?"
             args.append(phase)
-        out: dict[str, list[LogLine]] = {}
-        for ph, ts, stream, line in self._db.execute(sql + " ORDER BY seq", args):
-            out.setdefault(ph, []).append(LogLine(ts=datetime.fromisoformat(ts), stream=stream, line=line))
-        return out
+
+        def read() -> dict[str, list[LogLine]]:
+            out: dict[str, list[LogLine]] = {}
+            for ph, ts, stream, line in self._db.execute(sql + " ORDER BY seq", args):
+                out.setdefault(ph, []).append(_line(ts, stream, line))
+            return out
+        return await self._run("log read", read)
+
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
+        def read() -> LogPage:
+            sql, args = "SELECT phase, COUNT(*) FROM logs WHERE job_id = ?", [job_id]
+            if phase is not None:
+                sql += " AND phase = ?"
+                args.append(phase)
+            counts = dict(self._db.execute(sql + " GROUP BY phase", args).fetchall())
+            lines: list[tuple[str, LogLine]] = []
+            chars, skip = 0, offset
+            for name in sorted(counts, key=phase_order):
+                if skip >= counts[name]:
+                    skip -= counts[name]
+                    continue
+                cur = self._db.execute("SELECT ts, stream, line FROM logs WHERE job_id = ? AND phase = ? "
+                                       "ORDER BY seq LIMIT ? OFFSET ?", (job_id, name, limit - len(lines), skip))
+                skip = 0
+                for ts, stream, line in cur:
+                    if lines and chars + len(line) > max_chars:
+                        return LogPage(lines, sum(counts.values()))
+                    lines.append((name, _line(ts, stream, line)))
+                    chars += len(line)
+                if len(lines) >= limit:
+                    break
+            return LogPage(lines, sum(counts.values()))
+        return await self._run("log read", read)
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
         raw = dump_delivery(delivery)
-        try:
+
+        def cas(db: sqlite3.Connection) -> int:
             if expected_version == 0:
-                cur = self._db.execute(
+                cur = db.execute(
                     "INSERT OR IGNORE INTO webhook_deliveries (delivery_id, job_id, seq, version, state, created_at, "
                     "delivery) VALUES (?, ?, ?, 1, ?, ?, ?)",
                     (delivery.delivery_id, delivery.job_id, delivery.seq, delivery.state.value,
                      _ts(delivery.created_at), raw))
             else:
-                cur = self._db.execute(
+                cur = db.execute(
                     "UPDATE webhook_deliveries SET version = ?, state = ?, delivery = ? "
                     "WHERE delivery_id = ? AND version = ? AND state = ?",
                     (expected_version + 1, delivery.state.value, raw, delivery.delivery_id, expected_version,
                      DeliveryState.PENDING.value))
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite write failed: {exc}") from exc
-        if cur.rowcount != 1:
+            return cur.rowcount
+
+        if await self._run("delivery write", lambda: self._write(cas)) != 1:
             raise Conflict(f"webhook delivery {delivery.delivery_id} exists or changed concurrently "
                            f"(expected version {expected_version})")
         return expected_version + 1
 
     async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
-        rows = self._db.execute(
-            "SELECT delivery, version FROM webhook_deliveries WHERE state = ? "
-            "ORDER BY created_at, job_id, seq LIMIT ?", (DeliveryState.PENDING.value, limit)).fetchall()
-        return [VersionedDelivery(load_delivery(r[0]), r[1]) for r in rows]
+        def read() -> list[VersionedDelivery]:
+            rows = self._db.execute(
+                "SELECT delivery, version FROM webhook_deliveries WHERE state = ? "
+                "ORDER BY created_at, job_id, seq LIMIT ?", (DeliveryState.PENDING.value, limit)).fetchall()
+            return [VersionedDelivery(load_delivery(r[0]), r[1]) for r in rows]
+        return await self._run("delivery read", read)
 
     async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
-        rows = self._db.execute("SELECT delivery FROM webhook_deliveries WHERE job_id = ? ORDER BY seq",
-                                (job_id,)).fetchall()
-        return [load_delivery(r[0]) for r in rows]
+        def read() -> list[WebhookDelivery]:
+            rows = self._db.execute("SELECT delivery FROM webhook_deliveries WHERE job_id = ? ORDER BY seq",
+                                    (job_id,)).fetchall()
+            return [load_delivery(r[0]) for r in rows]
+        return await self._run("delivery read", read)
 
     async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite unusable: {exc}") from exc
+        await self._run("ping", lambda: self._db.execute("SELECT 1").fetchone())
 
     async def aclose(self) -> None:
-        self._db.close()
+        await self._run("close", self._db.close)
+        self._executor.shutdown(wait=True)
+
+
+def _line(ts: str, stream: str, line: str) -> LogLine:
+    return LogLine(ts=datetime.fromisoformat(ts), stream=stream, line=line)
 
 
 def _ts(value: datetime) -> str:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,26 +34,52 @@ REDIRECT = f'exec >>{OUT_MOUNT}/output 2>&1; exec "$@"'
 POLL_SECONDS = 0.02
 
 
+MAX_LINE_BYTES = 1024 * 1024  # the service's default JOBFORGE_MAX_LINE_BYTES: it keeps these pieces as they are
+SPLIT_MARKER = f" [line split: longer than {MAX_LINE_BYTES} bytes, continued on the next line]"
+READ_BYTES = 1024 * 1024
+
+
 class LineFollower:
-    """Reads whatever a growing file has gained since the last call, as complete lines."""
+    """Reads whatever a growing file has gained since the last call, as complete lines.
+
+    Bounded whatever the output: the file is read in `READ_BYTES` pieces and a line longer than `MAX_LINE_BYTES`
+    is passed on in marked pieces, so a 100 MB line without a newline never sits in memory whole.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.offset = 0
-        self.partial = b""
+        self.partial = bytearray()
 
-    def lines(self, final: bool = False) -> list[str]:
+    def lines(self, final: bool = False) -> Iterator[str]:
         try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
+            fh = open(self.path, "rb")
         except FileNotFoundError:
-            data = b""
-        self.offset += len(data)
-        *complete, self.partial = (self.partial + data).split(b"\n")
+            fh = None
+        if fh is not None:
+            with fh:
+                fh.seek(self.offset)
+                while data := fh.read(READ_BYTES):
+                    self.offset += len(data)
+                    *complete, rest = data.split(b"\n")
+                    for segment in complete:
+                        self.partial += segment
+                        yield from self._pieces()
+                        yield self.partial.decode("utf-8", errors="replace")
+                        self.partial.clear()
+                    self.partial += rest
+                    yield from self._pieces()
         if final and self.partial:
-            complete, self.partial = [*complete, self.partial], b""
-        return [line.decode("utf-8", errors="replace") for line in complete]
+            yield self.partial.decode("utf-8", errors="replace")
+            self.partial.clear()
+
+    def _pieces(self) -> Iterator[str]:
+        while len(self.partial) > MAX_LINE_BYTES:
+            cut = MAX_LINE_BYTES
+            while cut > MAX_LINE_BYTES - 3 and self.partial[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+                cut -= 1
+            yield self.partial[:cut].decode("utf-8", errors="replace") + SPLIT_MARKER
+            del self.partial[:cut]
 
 
 @dataclass

@@ -111,7 +111,8 @@ def test_invalid_configs_exit_2_with_field_names_and_dispatch_nothing(service, t
 
 def test_request_rejected_by_the_server_burns_no_version(service, wc):
     # Valid for the model but over the service's 1 MiB body limit: only the server can refuse it (413).
-    big = yaml.safe_load((wc / "build.yaml").read_text()) | {"build_args": {"BLOB": "x" * (1024 * 1024 + 10)}}
+    blobs = {f"BLOB{i}": "x" * 60_000 for i in range(20)}  # each value within its 64 KiB limit, together > 1 MiB
+    big = yaml.safe_load((wc / "build.yaml").read_text()) | {"build_args": blobs}
     (wc / "big.yaml").write_text(yaml.safe_dump(big))
     result = jf(service, "submit-job", "--global", "deploy/global.yaml", "big.yaml", cwd=wc)
     assert result.returncode == 2, result.stderr

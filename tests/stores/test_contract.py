@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobforge.config import JobConfig
-from jobforge.errors import Conflict, NotFound
+from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, LogStream, WebhookDelivery, WebhookEvent
 from jobforge.pipeline import new_job
 from jobforge.stores.consul import ConsulStore
@@ -208,6 +208,55 @@ async def test_unicode_control_characters_and_very_long_lines(store):
 async def test_empty_append_is_a_no_op(store):
     await store.append_logs("job-1", "build", [])
     assert await store.get_logs("job-1") == {}
+
+
+async def test_a_failing_line_mid_batch_commits_nothing(store):
+    """A write that fails at its third line leaves no line of the batch behind (one transaction per append)."""
+    await store.append_logs("job-1", "build", lines("before"))
+    with pytest.raises(StoreError):
+        await store.append_logs("job-1", "build", lines("one", "two", "bad \ud800 line", "four"))
+    assert await store.get_logs("job-1") == {"build": lines("before")}
+
+
+# ---------------------------------------------------------------- log pages
+
+@pytest.fixture
+async def logged(store):
+    await store.append_logs("job-1", "publish", lines("p0"))
+    await store.append_logs("job-1", "cleanup", lines("c0"))
+    await store.append_logs("job-1", "build", lines("b0", "b1", "b2"))
+    await store.append_logs("job-1", "test", lines("t0", "t1"))
+    await store.append_logs("job-1", "build", lines("b3"))
+    await store.append_logs("job-2", "build", lines("other"))
+    return store
+
+
+def texts(page):
+    return [(phase, line.line) for phase, line in page.lines]
+
+
+async def test_log_pages_read_phases_in_order_with_a_total(logged):
+    whole = await logged.log_page("job-1", None, 0, 100, 10_000)
+    assert texts(whole) == [("build", "b0"), ("build", "b1"), ("build", "b2"), ("build", "b3"), ("test", "t0"),
+                            ("test", "t1"), ("publish", "p0"), ("cleanup", "c0")]
+    assert whole.total == 8
+    pages = [await logged.log_page("job-1", None, offset, 3, 10_000) for offset in (0, 3, 6, 9)]
+    assert [texts(p) for p in pages] == [texts(whole)[0:3], texts(whole)[3:6], texts(whole)[6:8], []]
+    assert {p.total for p in pages} == {8}
+
+
+async def test_a_log_page_of_one_phase(logged):
+    page = await logged.log_page("job-1", "test", 1, 10, 10_000)
+    assert (texts(page), page.total) == ([("test", "t1")], 2)
+    assert await logged.log_page("job-3", None, 0, 10, 10_000) == ([], 0)
+
+
+async def test_a_log_page_ends_at_its_size_but_always_holds_a_line(store):
+    await store.append_logs("job-1", "build", lines("a" * 600, "b" * 600, "c" * 600))
+    page = await store.log_page("job-1", None, 0, 10, 1000)
+    assert [line.line[0] for _, line in page.lines] == ["a"] and page.total == 3
+    page = await store.log_page("job-1", None, 1, 10, 100)
+    assert [line.line[0] for _, line in page.lines] == ["b"]
 
 
 # ---------------------------------------------------------------- readiness

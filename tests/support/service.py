@@ -28,6 +28,18 @@ class ServiceProcess(devinfra.ServiceProcess):
         assert status == 200, body
         return body
 
+    def logs(self, job_id: str) -> dict[str, list[str]]:
+        """Every log line of a job per phase, read page by page (getLogs bounds each reply)."""
+        logs: dict[str, list[str]] = {}
+        offset = 0
+        while offset is not None:
+            status, page = self.get(f"/json/job/{job_id}/logs?offset={offset}")
+            assert status == 200, page
+            for phase, lines in page["logs"].items():
+                logs.setdefault(phase, []).extend(lines)
+            offset = page["next_offset"]
+        return logs
+
     @staticmethod
     def _send(req) -> tuple[int, object]:
         try:

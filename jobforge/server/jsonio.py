@@ -1,0 +1,85 @@
+"""Strict JSON in and out of the HTTP server: bounded nesting, no NaN/Infinity, no lone surrogates.
+
+Python's `json` accepts `NaN`/`Infinity`, turns `1e999` into `inf`, keeps a lone `"\\ud800"` as a surrogate that
+no encoder can write back, and raises `RecursionError` on `'[' * 10000`. Every request body goes through `loads`
+(which turns each of these into a `BadJson` naming the rule and where it was found) and every reply through
+`dumps` (`allow_nan=False`), so nothing the server writes is invalid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_DEPTH = 64
+"""Deepest nesting of arrays/objects a request may have (a job config needs 5)."""
+
+
+class BadJson(ValueError):
+    """The body is not acceptable JSON; the message names the rule (and the JSON path when there is one)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadJson(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def loads(body: bytes | str) -> Any:
+    """Parse a request body; raises `BadJson` (never `RecursionError`) with a message naming the rule."""
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadJson(f"nesting deeper than {MAX_DEPTH} levels") from None
+    except BadJson:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, int digit limit, bad UTF-8
+        raise BadJson(str(exc)) from None
+    _check(doc)
+    return doc
+
+
+def _check(doc: Any) -> None:
+    """Depth and string check without recursion: one pass over every value (and object key).
+
+    Paths are kept as shared (parent, key) links and rendered only for the error, so a long key costs nothing
+    per descendant."""
+    stack: list[tuple[Any, int, Any]] = [(doc, 1, None)]
+    while stack:
+        value, depth, where = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise BadJson(f"nesting deeper than {MAX_DEPTH} levels at {_path(where)}")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_text(key, where, " (an object key)")
+                    stack.append((item, depth + 1, (where, key)))
+            else:
+                stack.extend((item, depth + 1, (where, i)) for i, item in enumerate(value))
+
+
+def _check_text(text: str, where: Any, what: str = "") -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadJson(f"string at {_path(where)}{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff): "
+                      "not valid Unicode") from None
+
+
+def _path(where: Any) -> str:
+    """`$.params.job_config.owner`, `$[3].id`: the JSON path of a value (keys shortened to 40 characters)."""
+    parts: list[str] = []
+    while where is not None:
+        where, key = where
+        parts.append(f"[{key}]" if isinstance(key, int) else "." + (key if len(key) <= 40 else key[:40] + "..."))
+    return "$" + "".join(reversed(parts[-MAX_DEPTH - 1:]))
+
+
+def finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def dumps(obj: Any) -> str:
+    """Reply bodies: strict JSON (ValueError on NaN/Infinity instead of writing them)."""
+    return json.dumps(obj, allow_nan=False)
