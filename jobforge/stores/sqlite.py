@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -72,12 +72,13 @@ class SqliteStore:
             raise Conflict(f"job {record.job_id} changed concurrently (expected version {expected_version})")
         return new_version
 
-    async def list(self, limit: int, offset: int, owner: str | None = None,
+    async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
         where, args = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
+        if owners is not None:
+            names = sorted(owners)
+            where.append(f"owner IN ({', '.join('?' * len(names))})" if names else "0")
+            args.extend(names)
         if status is not None:
             where.append("status = ?")
             args.append(status.value)
