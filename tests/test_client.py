@@ -40,7 +40,8 @@ def client(fake):
 def test_public_surface_is_pinned():
     import jobforge.client
 
-    assert jobforge.client.__all__ == ["AsyncClient", "Client", "DEFAULT_URL", "SERVICE_NAME", "discover_url"]
+    assert jobforge.client.__all__ == ["AsyncClient", "Client", "DEFAULT_URL", "SERVICE_NAME", "discover_token",
+                                       "discover_url"]
     api_methods = {"submitJob": "submit_job", "getStatus": "get_status", "getLogs": "get_logs",
                    "killJob": "kill_job", "cleanup": "cleanup", "getHistory": "get_history"}
     assert set(api_methods) == set(METHODS)  # a new API method needs a client method (and a CLI command)
