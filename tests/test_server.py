@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from jobforge.models import METHODS, Phase
 from jobforge.pipeline import Policy
 from jobforge.server.app import create_app
+from jobforge.server.guard import Guard
 from jobforge.service import JobService
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
@@ -51,14 +52,14 @@ class Env:
 
 
 @asynccontextmanager
-async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None):
+async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, guard: Guard | None = None):
     backend = backend or FakeBackend()
     store = SqliteStore(db)
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,
                          registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
                          webhooks=WebhookSender(backoff=0.01))
     await service.start()
-    client = TestClient(TestServer(create_app(service)))
+    client = TestClient(TestServer(create_app(service, guard), host="127.0.0.1"))
     await client.start_server()
     try:
         yield Env(service, backend, client)

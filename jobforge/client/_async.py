@@ -109,6 +109,8 @@ class AsyncClient:
             ws = await self._get_session().ws_connect(url, heartbeat=30, headers=_base.ws_headers(self._token),
                                                       timeout=aiohttp.ClientWSTimeout(ws_close=5))
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):  # the handshake loses the error body: ask REST for the precise reason
+                await self.get_status(job_id)
             raise _base.handshake_error(exc.status, job_id) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _base.unreachable(self.url, self.source, exc) from exc
