@@ -234,8 +234,8 @@ def run(argv: list[str]) -> int:
         output.error(exc.message)
         return EXIT_UNREACHABLE
     except Unauthorized as exc:
-        output.error(f"the service refused the request: {exc.message}. Pass a valid token with --token or "
-                     "JOBFORGE_TOKEN (ask the service's operator for one).")
+        output.error(f"the service refused the request: {exc.message}; pass a valid API token with --token or "
+                     "JOBFORGE_TOKEN (the service's operator issues them)")
         return EXIT_NOT_AUTHORISED
     except Forbidden as exc:
         output.error(f"not allowed: {exc.message}")

@@ -107,8 +107,7 @@ def authenticate(entries: Iterable[TokenEntry], authorization: str | None) -> Pr
     """
     token = bearer_token(authorization)
     if token is None:
-        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>' "
-                           "(jobforge --token or JOBFORGE_TOKEN)")
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     presented = _digest(token)
     found: Principal | None = None
     for entry in entries:

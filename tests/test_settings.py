@@ -55,3 +55,17 @@ def test_the_store_follows_the_backend_unless_set(monkeypatch, backend, store, e
     else:
         monkeypatch.delenv("JOBFORGE_STORE", raising=False)
     assert Settings().effective_store == expected
+
+
+def test_access_settings_default_closed_and_lists_are_comma_separated(monkeypatch):
+    for name in ("CORS_ORIGIN", "JOBFORGE_API_TOKENS_FILE", "JOBFORGE_INSECURE_NO_AUTH", "JOBFORGE_ALLOWED_HOSTS"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert (s.cors_origin, s.api_tokens_file, s.insecure_no_auth, s.allowed_hosts) == ((), None, False, ())
+    monkeypatch.setenv("CORS_ORIGIN", "https://ui.example, http://127.0.0.1:3000,")
+    monkeypatch.setenv("JOBFORGE_ALLOWED_HOSTS", "jobs.example,proxy.example:8443")
+    monkeypatch.setenv("JOBFORGE_API_TOKENS_FILE", "/etc/jobforge/tokens")
+    s = Settings()
+    assert s.cors_origin == ("https://ui.example", "http://127.0.0.1:3000")
+    assert s.allowed_hosts == ("jobs.example", "proxy.example:8443")
+    assert str(s.api_tokens_file) == "/etc/jobforge/tokens"

@@ -200,6 +200,7 @@ def guard_middleware(guard: Guard):
                 principal = (auth.EVERYONE if guard.tokens is None
                              else auth.authenticate(guard.tokens(), request.headers.get("Authorization")))
                 request[PRINCIPAL_KEY] = principal
+                log.debug("%s %s by %s", request.method, request.path, principal.label)
         except JobForgeError as exc:
             log.info("refused %s %s from %s: %s", request.method, request.path, request.remote, exc.message)
             return _refusal(exc, cors)
