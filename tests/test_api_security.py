@@ -285,3 +285,19 @@ async def test_loopback_names_and_allowed_hosts_are_accepted(tmp_path):
             assert resp.status == 200, host
         resp = await env.client.get("/health", headers={"Host": "proxy.example:8444"})
         assert resp.status == 421
+
+
+async def test_a_page_of_another_origin_cannot_open_the_streams_or_call(tmp_path):
+    """WebSockets are not covered by CORS: the Origin header browsers add is checked instead."""
+    async with running(tmp_path / "jobs.db", guard=Guard(cors_origins=frozenset({"https://ui.example"}))) as env:
+        job_id = await env.submit()
+        for path in (f"/json/job/{job_id}/watch?logs=true", f"/json/streamLogs?job_id={job_id}"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await env.client.ws_connect(path, headers={"Origin": "http://evil.example"})
+            assert info.value.status == 403
+            for origin in ("https://ui.example", f"http://127.0.0.1:{env.client.port}"):
+                ws = await env.client.ws_connect(path, headers={"Origin": origin})
+                await ws.close()
+        resp = await env.client.post("/json/getHistory", data="{}", headers={
+            "Origin": "null", "Content-Type": "application/json"})
+        assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers

@@ -141,3 +141,16 @@ def test_is_json(value, ok):
 ])
 def test_exposure_problem(host, tokens, insecure, origins, refused):
     assert (guard.exposure_problem(host, tokens, insecure, origins) is not None) is refused
+
+
+@pytest.mark.parametrize("origin, host, ok", [
+    (None, "127.0.0.1:8080", True),
+    ("https://ui.example", "127.0.0.1:8080", True),
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+    ("http://evil.example", "127.0.0.1:8080", False),
+    ("null", "127.0.0.1:8080", False),
+    ("http://127.0.0.1:8081", "127.0.0.1:8080", False),
+    ("http://127.0.0.1:8080", None, False),
+])
+def test_origin_allowed(origin, host, ok):
+    assert guard.origin_allowed(origin, host, frozenset({"https://ui.example"})) is ok

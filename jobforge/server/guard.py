@@ -11,7 +11,9 @@ Per request, in this order:
 3. Routes in `OPEN_ROUTES` (health, readiness, metrics, the OpenAPI document) are served as they are.
 4. A request with a body must say ``Content-Type: application/json`` (415): a browser cannot send that
    cross-origin without a preflight, so a web page cannot forge a call.
-5. ``Authorization: Bearer <token>`` must match a token of the tokens file (401 with ``WWW-Authenticate``);
+5. A request carrying an ``Origin`` header (browsers add it) must come from a listed origin or the service's own
+   (403): this stops what CORS does not cover, above all a page opening the WebSocket streams.
+6. ``Authorization: Bearer <token>`` must match a token of the tokens file (401 with ``WWW-Authenticate``);
    the matched `Principal` is stored on the request (`PRINCIPAL_KEY`) for `jobforge.api.call` to authorise
    per owner. Without a tokens file the service only listens on loopback and every caller is `EVERYONE`.
 
@@ -120,6 +122,13 @@ def cors_headers(origin: str | None, origins: Collection[str]) -> dict[str, str]
             "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS}
 
 
+def origin_allowed(origin: str | None, host: str | None, origins: Collection[str]) -> bool:
+    """No ``Origin`` (not a browser, or a same-origin GET), a listed one, or the service's own address."""
+    if origin is None or origin in origins or "*" in origins:
+        return True
+    return host is not None and origin.lower() in (f"http://{host.lower()}", f"https://{host.lower()}")
+
+
 def preflight_headers(origin: str | None, origins: Collection[str]) -> dict[str, str]:
     allow = cors_headers(origin, origins)
     if allow:
@@ -197,6 +206,9 @@ def guard_middleware(guard: Guard):
                     raise UnsupportedMediaType(
                         f"{request.method} {request.path} needs 'Content-Type: application/json', "
                         f"got {request.headers.get('Content-Type') or 'none'}")
+                if not origin_allowed(origin, request.headers.get("Host"), guard.cors_origins):
+                    raise Forbidden(f"cross-origin request from {origin} refused; list the origin in CORS_ORIGIN "
+                                    "to allow it")
                 principal = (auth.EVERYONE if guard.tokens is None
                              else auth.authenticate(guard.tokens(), request.headers.get("Authorization")))
                 request[PRINCIPAL_KEY] = principal
