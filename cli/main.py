@@ -133,7 +133,8 @@ def cleanup(job_id: JobId, /, *, human: Human = False, ctx: Ctx) -> int:
     """Delete a finished job's temporary image and scratch files (safe to repeat)."""
     with ctx.client() as client:
         result = client.cleanup(job_id)
-    output.show(f"{result.job_id}: cleaned {', '.join(result.cleaned) or 'nothing'}") if human else output.emit_json(result)
+    text = f"{result.job_id}: cleaned {', '.join(result.cleaned) or 'nothing'}"
+    output.show(text) if human else output.emit_json(result)
     return 0
 
 
@@ -222,7 +223,8 @@ def _launcher(
 
 # The reference (Go flag package) spelled long options with one dash; accept those spellings too. A lone "-"
 # (stdin) would parse as an option, so it travels as a token no shell can produce (argv cannot hold NUL).
-_ARGV_ALIASES = {"-global": "--global", "-url": "--url", "-token": "--token", "-watch": "--watch", "-history": "--history",
+_ARGV_ALIASES = {"-global": "--global", "-url": "--url", "-token": "--token", "-watch": "--watch",
+                 "-history": "--history",
                  "-": merge.STDIN}
 
 

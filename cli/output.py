@@ -68,5 +68,6 @@ def health_text(live: HealthResult, ready: HealthResult) -> str:
 
 
 def error(message: str, fields: list[dict[str, str]] | None = None) -> None:
-    lines = [f"error: {message}", *(f"  {item.get('field') or '<config>'}: {item.get('rule')}" for item in fields or [])]
+    lines = [f"error: {message}"]
+    lines += [f"  {item.get('field') or '<config>'}: {item.get('rule')}" for item in fields or []]
     show("\n".join(lines), sys.stderr)

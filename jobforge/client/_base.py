@@ -31,8 +31,8 @@ from jobforge.errors import (
 )
 from jobforge.models import METHODS, HealthResult, JobIdParams, WatchUpdate
 
-__all__ = ["Call", "request_headers", "ws_headers", "build_call", "submit_params", "parse_result", "parse_health", "error_from_response",
-           "unreachable", "watch_url", "parse_watch_message", "handshake_error"]
+__all__ = ["Call", "request_headers", "ws_headers", "build_call", "submit_params", "parse_result", "parse_health",
+           "error_from_response", "unreachable", "watch_url", "parse_watch_message", "handshake_error"]
 
 # Used only when an error body is not a JSON error object (a proxy's HTML page, an empty 404, ...).
 _BY_HTTP_STATUS: dict[int, type[JobForgeError]] = {

@@ -103,7 +103,8 @@ class Client:
 
     def watch(self, job_id: str, logs: bool = False) -> Iterator[WatchUpdate]:
         """Yield pushed updates until the job ends; closing the iterator (or Ctrl-C) stops only the watching."""
-        pump = _WatchPump(AsyncClient(self.url, source=self.source, token=self._token, timeout=self.timeout), job_id, logs)
+        client = AsyncClient(self.url, source=self.source, token=self._token, timeout=self.timeout)
+        pump = _WatchPump(client, job_id, logs)
         pump.start()
         try:
             while True:

@@ -56,8 +56,8 @@ def _parse_args(argv: list[str] | None) -> None:
         prog="jobforge-service",
         description="Serve the Job Forge API (JSON-RPC, REST, WebSocket) and metrics until SIGINT/SIGTERM. "
                     "Configured through environment variables: SERVER_HOST, SERVER_PORT, METRICS_PORT, "
-                    "JOBFORGE_BACKEND (local|nomad), JOBFORGE_DATA_DIR, JOBFORGE_API_TOKENS_FILE, REGISTRY_URL, NOMAD_ADDR, "
-                    "CONSUL_HTTP_ADDR, ... (see README and docs/).")
+                    "JOBFORGE_BACKEND (local|nomad), JOBFORGE_DATA_DIR, JOBFORGE_API_TOKENS_FILE, REGISTRY_URL, "
+                    "NOMAD_ADDR, CONSUL_HTTP_ADDR, ... (see README and docs/).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('jobforge')}")
     parser.parse_args(argv)
 

@@ -59,7 +59,8 @@ def test_token_from_the_option_or_the_environment(service, tmp_path):
     by_env = jf(service, "get-status", job_id, tmp_path=tmp_path, token_env=ANN)
     assert by_env.returncode == 0, by_env.stderr
     by_option_after = jf(service, "get-history", "--token", ANN, tmp_path=tmp_path)
-    assert by_option_after.returncode == 0 and {j["config"]["owner"] for j in json.loads(by_option_after.stdout)["jobs"]} == {"ann"}
+    assert by_option_after.returncode == 0
+    assert {j["config"]["owner"] for j in json.loads(by_option_after.stdout)["jobs"]} == {"ann"}
 
 
 def test_another_owners_job_exits_4_not_allowed(service, tmp_path):
