@@ -107,14 +107,14 @@ def authenticate(entries: Iterable[TokenEntry], authorization: str | None) -> Pr
     """
     token = bearer_token(authorization)
     if token is None:
-        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'", {"reason": "missing_token"})
     presented = _digest(token)
     found: Principal | None = None
     for entry in entries:
         if hmac.compare_digest(entry.digest, presented) and found is None:
             found = entry.principal
     if found is None:
-        raise Unauthorized("invalid bearer token")
+        raise Unauthorized("invalid bearer token", {"reason": "invalid_token"})
     return found
 
 

@@ -86,8 +86,10 @@ async def test_every_api_route_needs_a_valid_token(env, token):
     for method, path, body in requests:
         resp, answer = await call(env, method, path, token, body)
         assert resp.status == 401, (method, path, answer)
-        assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="jobforge"')
+        challenge = 'Bearer realm="jobforge"' + (', error="invalid_token"' if token else "")
+        assert resp.headers["WWW-Authenticate"] == challenge
         assert answer["error"]["code"] == -32001
+        assert answer["error"]["data"] == {"reason": "invalid_token" if token else "missing_token"}
     assert (await env.service.store.list(10, 0))[1] == 1  # only the authorised submission above
     await env.service.idle()
     assert (await env.service.store.get(job_id)).record.status.value == "SUCCEEDED"  # the kill never happened

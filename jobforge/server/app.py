@@ -20,6 +20,7 @@ from jobforge.models import JOB_ID_PATTERN, WatchParams
 from jobforge.server import jsonrpc
 from jobforge.server.guard import PRINCIPAL_KEY, Guard, guard_middleware
 from jobforge.server.openapi import openapi_document
+from jobforge.server.responses import error_response
 from jobforge.service import JobService
 
 log = logging.getLogger("jobforge.server")
@@ -28,21 +29,14 @@ MAX_BODY = 1024 * 1024
 SERVICE_KEY = web.AppKey("service", JobService)
 
 
-def _error_response(exc: JobForgeError) -> web.Response:
-    body: dict[str, Any] = {"code": exc.rpc_code, "message": exc.message}
-    if exc.data is not None:
-        body["data"] = exc.data
-    return web.json_response({"error": body}, status=exc.http_status)
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except JobForgeError as exc:
-        return _error_response(exc)
+        return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        return _error_response(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
+        return error_response(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
 
 
 async def _read_body(request: web.Request) -> bytes:

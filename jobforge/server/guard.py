@@ -17,7 +17,8 @@ Per request, in this order:
    the matched `Principal` is stored on the request (`PRINCIPAL_KEY`) for `jobforge.api.call` to authorise
    per owner. Without a tokens file the service only listens on loopback and every caller is `EVERYONE`.
 
-Any route added later (``/mcp``, SSE streams, ...) is covered by 1, 2, 4 and 5 without doing anything.
+Any route added later (``/mcp``, SSE streams, ...) is covered by all six without doing anything; its handler
+takes ``request[PRINCIPAL_KEY]`` to `jobforge.api.call` / `jobforge.api.authorize_job`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ import ipaddress
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
-
 from aiohttp import web
 
 from jobforge import auth
-from jobforge.errors import Forbidden, JobForgeError, MisdirectedRequest, Unauthorized, UnsupportedMediaType
+from jobforge.errors import Forbidden, JobForgeError, MisdirectedRequest, UnsupportedMediaType
+from jobforge.server.responses import error_response
 
 log = logging.getLogger("jobforge.server.guard")
 
@@ -169,16 +169,6 @@ def exposure_problem(host: str, tokens_configured: bool, insecure_no_auth: bool,
 
 # ---------------------------------------------------------------- the middleware
 
-def _refusal(exc: JobForgeError, headers: dict[str, str]) -> web.Response:
-    body: dict[str, Any] = {"code": exc.rpc_code, "message": exc.message}
-    if exc.data is not None:
-        body["data"] = exc.data
-    if isinstance(exc, Unauthorized):
-        error = ', error="invalid_token"' if "invalid" in exc.message else ""
-        headers = headers | {"WWW-Authenticate": f'Bearer realm="jobforge"{error}'}
-    return web.json_response({"error": body}, status=exc.http_status, headers=headers)
-
-
 def _local_address(request: web.Request) -> tuple[str, int] | None:
     sockname = request.transport.get_extra_info("sockname") if request.transport else None
     if isinstance(sockname, tuple) and len(sockname) >= 2:
@@ -215,7 +205,7 @@ def guard_middleware(guard: Guard):
                 log.debug("%s %s by %s", request.method, request.path, principal.label)
         except JobForgeError as exc:
             log.info("refused %s %s from %s: %s", request.method, request.path, request.remote, exc.message)
-            return _refusal(exc, cors)
+            return error_response(exc, cors)
         response = await handler(request)
         if cors and not response.prepared:
             response.headers.update(cors)
