@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from jobforge.server.guard import Guard
+from jobforge.server.guard import OPEN_ROUTES, Guard
 from jobforge.server.tokens import TokenFile
 from tests.test_server import CONFIG, running
 
@@ -303,3 +303,23 @@ async def test_a_page_of_another_origin_cannot_open_the_streams_or_call(tmp_path
         resp = await env.client.post("/json/getHistory", data="{}", headers={
             "Origin": "null", "Content-Type": "application/json"})
         assert resp.status == 403 and "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_every_registered_route_but_the_open_ones_needs_a_token(env):
+    """Deny by default: walks the router, so a route added later is checked without editing this test."""
+    job_id = await submit(env, "ann")
+    closed = opened = 0
+    for route in env.client.app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter", "")
+        path = path.replace("{job_id}", job_id).replace("{method}", "getHistory")
+        if route.method == "HEAD":
+            continue
+        resp, _ = await call(env, route.method, path, body={} if route.method == "POST" else None)
+        if (route.method, path) in OPEN_ROUTES:
+            assert resp.status == 200, path
+            opened += 1
+        else:
+            assert resp.status == 401, (route.method, path)
+            closed += 1
+    assert closed >= 6 and opened == 4  # JSON-RPC, REST x3, watch, streamLogs; health, ready, metrics, openapi
