@@ -11,8 +11,8 @@ import sys
 from aiohttp import web
 from pydantic import ValidationError
 
-from jobforge.server.app import create_app, create_metrics_app
 from jobforge.errors import ConfigError
+from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_guard, build_service
 from jobforge.settings import Settings
 

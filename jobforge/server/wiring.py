@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from jobforge.backends.base import Backend
-from jobforge.errors import ConfigError
 from jobforge.backends.local import LocalBackend
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
+from jobforge.errors import ConfigError
 from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
 from jobforge.server.guard import Guard, exposure_problem
@@ -28,7 +28,7 @@ def build_guard(settings: Settings) -> Guard:
     problem = exposure_problem(settings.server_host, settings.api_tokens_file is not None,
                                settings.insecure_no_auth, settings.cors_origin)
     if problem:
-        raise ConfigError(problem, [{"field": "JOBFORGE_API_TOKENS_FILE", "rule": "required off loopback"}])
+        raise ConfigError(problem)
     tokens = TokenFile(settings.api_tokens_file).load() if settings.api_tokens_file else None
     if tokens is None:
         log.warning("no API tokens configured (JOBFORGE_API_TOKENS_FILE): %s",
