@@ -1,8 +1,9 @@
 """``jobforge``: submit, watch and inspect Job Forge builds.
 
 Exit codes: 0 success, 1 the job failed (or the service failed the request), 2 usage or validation error
-(nothing was sent), 3 the service is unreachable, 130 interrupted. Options work before and after positionals;
-``--url`` works anywhere. Only `jobforge.client` talks to the service.
+(nothing was sent), 3 the service is unreachable, 4 the service refused the API token (401) or the token may not
+act for that owner (403), 130 interrupted. Options work before and after positionals; ``--url`` and ``--token``
+work anywhere. Only `jobforge.client` talks to the service.
 """
 
 from __future__ import annotations
@@ -18,9 +19,18 @@ from cyclopts import App, Parameter, validators
 from jobforge_cli import merge, output, submit, versioning
 from jobforge_cli.watch import follow_logs, watch_job
 from jobforge.client import Client, discover_url
-from jobforge.errors import ConfigError, Conflict, JobForgeError, NotFound, PayloadTooLarge, ServiceUnavailable
+from jobforge.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    JobForgeError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
 
-EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_AUTHORISED, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 PhaseName = Literal["build", "test", "publish"]
 StatusName = Literal["PENDING", "BUILDING", "TESTING", "PUBLISHING", "SUCCEEDED", "FAILED"]
 
@@ -35,7 +45,8 @@ def _version() -> str:
 app = App(
     name="jobforge",
     help="Build a git repo into a container image, test it and publish it, on a Job Forge service.",
-    help_epilogue="Exit codes: 0 ok, 1 job failed, 2 usage/validation error, 3 service unreachable.",
+    help_epilogue="Exit codes: 0 ok, 1 job failed, 2 usage/validation error, 3 service unreachable, "
+                  "4 API token refused (401) or not allowed for that owner (403).",
     version=_version,
     default_parameter=Parameter(negative=()),
 )
@@ -46,10 +57,11 @@ class Context:
     """Global options, handed to every command by the launcher (cyclopts meta app)."""
 
     url: str | None = None
+    token: str | None = None
 
     def client(self) -> Client:
         url, source = discover_url(self.url)
-        return Client(url, source=source)
+        return Client(url, source=source, token=self.token)
 
 
 Ctx = Annotated[Context, Parameter(parse=False)]
@@ -90,7 +102,7 @@ def get_status(job_id: JobId, /, *, human: Human = False, ctx: Ctx) -> int:
     """Status, phase timings, tags and redacted config of a job (JSON)."""
     with ctx.client() as client:
         job = client.get_status(job_id)
-    print(output.status_text(job)) if human else output.emit_json(job)
+    output.show(output.status_text(job)) if human else output.emit_json(job)
     return 0
 
 
@@ -103,7 +115,7 @@ def get_logs(job_id: JobId, phase: Annotated[PhaseName | None, Parameter(help="O
         if follow:
             return follow_logs(client, job_id, phase, sys.stdout)
         logs = client.get_logs(job_id, phase=phase)
-    print(output.logs_text(logs, phase)) if human else output.emit_json(logs)
+    output.show(output.logs_text(logs, phase)) if human else output.emit_json(logs)
     return 0
 
 
@@ -112,7 +124,7 @@ def kill_job(job_id: JobId, /, *, human: Human = False, ctx: Ctx) -> int:
     """Stop a pending or running job; it ends FAILED with 'killed by user'."""
     with ctx.client() as client:
         result = client.kill_job(job_id)
-    print(f"{result.job_id}: {result.status.value} ({result.message})") if human else output.emit_json(result)
+    output.show(f"{result.job_id}: {result.status.value} ({result.message})") if human else output.emit_json(result)
     return 0
 
 
@@ -121,7 +133,8 @@ def cleanup(job_id: JobId, /, *, human: Human = False, ctx: Ctx) -> int:
     """Delete a finished job's temporary image and scratch files (safe to repeat)."""
     with ctx.client() as client:
         result = client.cleanup(job_id)
-    print(f"{result.job_id}: cleaned {', '.join(result.cleaned) or 'nothing'}") if human else output.emit_json(result)
+    text = f"{result.job_id}: cleaned {', '.join(result.cleaned) or 'nothing'}"
+    output.show(text) if human else output.emit_json(result)
     return 0
 
 
@@ -137,7 +150,7 @@ def get_history(
     """Jobs newest first (JSON: {"jobs", "total", "limit", "offset"})."""
     with ctx.client() as client:
         result = client.get_history(limit, offset, owner=owner, status=status)
-    print(output.history_text(result)) if human else output.emit_json(result)
+    output.show(output.history_text(result)) if human else output.emit_json(result)
     return 0
 
 
@@ -149,7 +162,7 @@ def health(*, json: Json = False, ctx: Ctx) -> int:
     if json:
         print(f'{{"live": {live.model_dump_json()}, "ready": {ready.model_dump_json()}}}')
     else:
-        print(output.health_text(live, ready))
+        output.show(output.health_text(live, ready))
     return 0 if ready.status == "ok" else EXIT_JOB_FAILED
 
 
@@ -199,15 +212,19 @@ def _launcher(
     url: Annotated[str | None, Parameter(name=["--url", "-u"], help="Service URL (else JOB_SERVICE_URL, else "
                                          "Consul service jobforge-service via CONSUL_HTTP_ADDR, else "
                                          "http://localhost:8080).")] = None,
+    token: Annotated[str | None, Parameter(name=["--token"], help="API bearer token (else JOBFORGE_TOKEN). "
+                                           "Prefer JOBFORGE_TOKEN: other local users can read a command "
+                                           "line.")] = None,
 ) -> int:
     command, bound, ignored = app.parse_args(tokens)
-    extra = {name: Context(url=url) for name in ignored}
+    extra = {name: Context(url=url, token=token) for name in ignored}
     return command(*bound.args, **bound.kwargs, **extra)
 
 
 # The reference (Go flag package) spelled long options with one dash; accept those spellings too. A lone "-"
 # (stdin) would parse as an option, so it travels as a token no shell can produce (argv cannot hold NUL).
-_ARGV_ALIASES = {"-global": "--global", "-url": "--url", "-watch": "--watch", "-history": "--history",
+_ARGV_ALIASES = {"-global": "--global", "-url": "--url", "-token": "--token", "-watch": "--watch",
+                 "-history": "--history",
                  "-": merge.STDIN}
 
 
@@ -218,6 +235,13 @@ def run(argv: list[str]) -> int:
     except ServiceUnavailable as exc:
         output.error(exc.message)
         return EXIT_UNREACHABLE
+    except Unauthorized as exc:
+        output.error(f"the service refused the request: {exc.message}; pass a valid API token with --token or "
+                     "JOBFORGE_TOKEN (the service's operator issues them)")
+        return EXIT_NOT_AUTHORISED
+    except Forbidden as exc:
+        output.error(f"not allowed: {exc.message}")
+        return EXIT_NOT_AUTHORISED
     except ConfigError as exc:
         output.error(exc.message, exc.errors)
         return EXIT_USAGE

@@ -1,13 +1,25 @@
-"""What the commands print: JSON where the reference printed JSON, short text where a person reads it."""
+"""What the commands print: JSON where the reference printed JSON, short text where a person reads it.
+
+Text goes through `show`/`error`, which strip terminal control sequences on a terminal (`jobforge_cli.terminal`);
+JSON needs nothing: it escapes every control character.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import TextIO
 
 from pydantic import BaseModel
 
 from jobforge_cli.history import human_duration, iso, phase_statuses
+from jobforge_cli.terminal import for_terminal
 from jobforge.models import HealthResult, HistoryResult, JobStatusResult, LogsResult
+
+
+def show(text: str, out: TextIO | None = None) -> None:
+    """Print human-readable text, made safe for a terminal (build output and configs are untrusted)."""
+    out = out or sys.stdout
+    print(for_terminal(text, out), file=out)
 
 
 def emit_json(model: BaseModel) -> None:
@@ -56,6 +68,6 @@ def health_text(live: HealthResult, ready: HealthResult) -> str:
 
 
 def error(message: str, fields: list[dict[str, str]] | None = None) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    for item in fields or []:
-        print(f"  {item.get('field') or '<config>'}: {item.get('rule')}", file=sys.stderr)
+    lines = [f"error: {message}"]
+    lines += [f"  {item.get('field') or '<config>'}: {item.get('rule')}" for item in fields or []]
+    show("\n".join(lines), sys.stderr)

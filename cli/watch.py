@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from jobforge_cli.history import human_duration, phase_statuses, utc
+from jobforge_cli.terminal import for_terminal, sanitize
 from jobforge.client import Client
 from jobforge.errors import JobForgeError
 from jobforge.models import PHASES, JobStatus, JobStatusResult
@@ -68,6 +69,7 @@ class _Display:
     """Plain lines, plus a spinner line with the live elapsed time when attached to a terminal."""
 
     def __init__(self, out: TextIO, tty: bool) -> None:
+        self.tty = tty
         self.console = Console(file=out, highlight=False, markup=False, soft_wrap=True, force_terminal=tty)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                  console=self.console, transient=True) if tty else None
@@ -83,12 +85,12 @@ class _Display:
             self.progress.stop()
 
     def print(self, line: str) -> None:
-        self.console.print(line)
+        self.console.print(sanitize(line) if self.tty else line)
 
     def status(self, job: JobStatusResult) -> None:
         if self.progress and self.task is not None:
             phase = f" ({job.current_phase.value})" if job.current_phase else ""
-            self.progress.update(self.task, description=f"{job.job_id} {job.status.value}{phase}")
+            self.progress.update(self.task, description=sanitize(f"{job.job_id} {job.status.value}{phase}"))
 
 
 def follow(client: Client, job_id: str, out: TextIO, tty: bool) -> JobStatusResult | None:
@@ -121,10 +123,10 @@ def watch_job(client: Client, job_id: str, *, out: TextIO, tty: bool,
         logs = client.get_logs(job_id, phase=job.failed_phase).logs.get(job.failed_phase.value, [])
         print(f"--- {job.failed_phase.value} logs ---", file=out)
         for line in logs:
-            print(line, file=out)
+            print(for_terminal(line, out), file=out)
     elif job.status == JobStatus.SUCCEEDED:
         for line in published_lines(job):
-            print(line, file=out)
+            print(for_terminal(line, out), file=out)
     if on_finish is not None:
         try:
             on_finish(job)
@@ -141,7 +143,7 @@ def follow_logs(client: Client, job_id: str, phase: str | None, out: TextIO) -> 
     """
     def show(line_phase: str, text: str) -> None:
         if phase is None or line_phase == phase:
-            print(text if phase else f"[{line_phase}] {text}", file=out, flush=True)
+            print(for_terminal(text if phase else f"[{line_phase}] {text}", out), file=out, flush=True)
 
     job, seen = None, None
     try:

@@ -1,4 +1,8 @@
-"""Binds the method table (`models.METHODS`) to the service: one `call` used by every transport."""
+"""Binds the method table (`models.METHODS`) to the service: one `call` used by every transport.
+
+Every call carries the caller's `Principal`; the method's `access` decides which owner it is checked against
+(`jobforge.auth.authorize`), so JSON-RPC, REST, WebSocket, SSE and MCP cannot disagree on who may do what.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from jobforge import auth
 from jobforge.config import validation_error
 from jobforge.errors import ConfigError, UnknownMethod
-from jobforge.models import METHODS, MethodSpec
+from jobforge.models import METHODS, Access, MethodSpec
 from jobforge.service import JobService
 
-Handler = Callable[[JobService, Any], Awaitable[BaseModel]]
+Handler = Callable[..., Awaitable[BaseModel]]  # (service, params[, visible=owners for HISTORY methods])
 
 HANDLERS: dict[str, Handler] = {
     "submitJob": JobService.submit_job,
@@ -44,7 +49,24 @@ def parse_params(model: type[BaseModel], params: Any) -> BaseModel:
         raise validation_error(exc) from None
 
 
-async def call(service: JobService, name: str, params: Any) -> dict:
+async def authorize_job(service: JobService, principal: auth.Principal, job_id: str) -> None:
+    """`NotFound` for an unknown job, `Forbidden` for another owner's; also used by the streams before they
+    open."""
+    auth.authorize(principal, await service.owner_of(job_id), job_id=job_id)
+
+
+async def call(service: JobService, name: str, params: Any, principal: auth.Principal) -> dict:
+    """Parse, authorise, run. `principal` is required: a transport that forgets it fails loudly."""
     method = spec(name)
-    result = await HANDLERS[name](service, parse_params(method.params, params))
+    parsed: Any = parse_params(method.params, params)
+    scope: dict[str, Any] = {}
+    if method.access is Access.JOB:
+        await authorize_job(service, principal, parsed.job_id)
+    elif method.access is Access.SUBMIT:
+        auth.authorize(principal, parsed.job_config.owner)
+    elif method.access is Access.HISTORY:
+        if parsed.owner is not None:
+            auth.authorize(principal, parsed.owner)
+        scope["visible"] = principal.owners
+    result = await HANDLERS[name](service, parsed, **scope)
     return result.model_dump(mode="json")

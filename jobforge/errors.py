@@ -2,11 +2,15 @@
 
     JobForgeError                 http 500, rpc -32603  (base; unexpected failures)
      ├── ConfigError              http 400, rpc -32602  invalid params: carries field errors
+     ├── Unauthorized             http 401, rpc -32001  no or unknown bearer token
+     ├── Forbidden                http 403, rpc -32003  the token may not act for that owner
      ├── NotFound                 http 404, rpc -32004  no such job
      ├── Conflict                 http 409, rpc -32009  the job's state forbids the request
      │    └── IllegalTransition                         the pipeline refused an event
      ├── UnknownMethod            http 404, rpc -32601  no such API method
      ├── PayloadTooLarge          http 413, rpc -32600  request body over the limit
+     ├── UnsupportedMediaType     http 415, rpc -32015  a JSON endpoint got another Content-Type
+     ├── MisdirectedRequest       http 421, rpc -32021  the Host header names no address of this service
      ├── BackendError             http 502, rpc -32010  scheduler / runner failure
      ├── StoreError               http 503, rpc -32011  job store failure (Retry-After: 2)
      ├── QueueFull                http 429, rpc -32029  MAX_QUEUED_JOBS jobs already wait (Retry-After: 10)
@@ -47,6 +51,20 @@ class ConfigError(JobForgeError):
         return self.data
 
 
+class Unauthorized(JobForgeError):
+    """No bearer token, or one the service does not know (HTTP answers carry ``WWW-Authenticate: Bearer``)."""
+
+    http_status = 401
+    rpc_code = -32001
+
+
+class Forbidden(JobForgeError):
+    """A valid token acting on (or submitting as) an owner it was not issued for."""
+
+    http_status = 403
+    rpc_code = -32003
+
+
 class NotFound(JobForgeError):
     http_status = 404
     rpc_code = -32004
@@ -70,6 +88,22 @@ class UnknownMethod(JobForgeError):
 class PayloadTooLarge(JobForgeError):
     http_status = 413
     rpc_code = -32600
+
+
+class UnsupportedMediaType(JobForgeError):
+    """JSON endpoints accept only ``Content-Type: application/json``: browsers cannot send that cross-origin
+    without a CORS preflight, so a web page cannot forge a call."""
+
+    http_status = 415
+    rpc_code = -32015
+
+
+class MisdirectedRequest(JobForgeError):
+    """The ``Host`` header names neither an address the service is bound to nor an allowed host (DNS
+    rebinding)."""
+
+    http_status = 421
+    rpc_code = -32021
 
 
 class BackendError(JobForgeError):
@@ -100,8 +134,8 @@ class ServiceUnavailable(JobForgeError):
 
 _BY_RPC_CODE: dict[int, type[JobForgeError]] = {
     cls.rpc_code: cls
-    for cls in (ConfigError, NotFound, Conflict, UnknownMethod, PayloadTooLarge, BackendError, StoreError,
-                QueueFull, ServiceUnavailable)
+    for cls in (ConfigError, Unauthorized, Forbidden, NotFound, Conflict, UnknownMethod, PayloadTooLarge,
+                UnsupportedMediaType, MisdirectedRequest, BackendError, StoreError, QueueFull, ServiceUnavailable)
 }
 
 

@@ -329,6 +329,14 @@ class WatchUpdate(BaseModel):
 
 # ---------------------------------------------------------------- the method table
 
+class Access(str, Enum):
+    """Whose jobs a method touches, so one authorisation rule (`jobforge.auth`) serves every transport."""
+
+    JOB = "job"          # one existing job (params carry job_id): the token must act for the job's owner
+    SUBMIT = "submit"    # a new job: the token must act for job_config.owner
+    HISTORY = "history"  # a listing: narrowed to the owners the token may act for
+
+
 class MethodSpec(BaseModel):
     """One API method: the single source for JSON-RPC, REST, MCP tools, OpenAPI and the client."""
 
@@ -338,20 +346,21 @@ class MethodSpec(BaseModel):
     params: type[BaseModel]
     result: type[BaseModel]
     summary: str
+    access: Access
     mutates: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (
-    MethodSpec(name="submitJob", params=SubmitJobParams, result=SubmitJobResult, mutates=True,
+    MethodSpec(name="submitJob", params=SubmitJobParams, result=SubmitJobResult, mutates=True, access=Access.SUBMIT,
                summary="Validate a job config and queue a build -> test -> publish job."),
-    MethodSpec(name="getStatus", params=JobIdParams, result=JobStatusResult,
+    MethodSpec(name="getStatus", params=JobIdParams, result=JobStatusResult, access=Access.JOB,
                summary="Status, phase timings and redacted config of one job."),
-    MethodSpec(name="getLogs", params=GetLogsParams, result=LogsResult,
+    MethodSpec(name="getLogs", params=GetLogsParams, result=LogsResult, access=Access.JOB,
                summary="Complete logs of a job, per phase (optionally one phase)."),
-    MethodSpec(name="killJob", params=JobIdParams, result=KillJobResult, mutates=True,
+    MethodSpec(name="killJob", params=JobIdParams, result=KillJobResult, mutates=True, access=Access.JOB,
                summary="Stop a pending or running job; it ends FAILED with 'killed by user'."),
-    MethodSpec(name="cleanup", params=JobIdParams, result=CleanupResult, mutates=True,
+    MethodSpec(name="cleanup", params=JobIdParams, result=CleanupResult, mutates=True, access=Access.JOB,
                summary="Delete a finished job's temporary image and scratch files (idempotent)."),
-    MethodSpec(name="getHistory", params=HistoryParams, result=HistoryResult,
+    MethodSpec(name="getHistory", params=HistoryParams, result=HistoryResult, access=Access.HISTORY,
                summary="Jobs newest first, paged with limit/offset, optionally filtered by owner or status."),
 )}

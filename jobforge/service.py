@@ -124,6 +124,10 @@ class JobService:
         await self._admit()
         return SubmitJobResult(job_id=record.job_id, status=(await self.store.get(record.job_id)).record.status)
 
+    async def owner_of(self, job_id: str) -> str:
+        """The job's owner, for authorisation (`NotFound` for an unknown job)."""
+        return (await self.store.get(job_id)).record.config.owner
+
     async def get_status(self, params: JobIdParams) -> JobStatusResult:
         return JobStatusResult.from_record((await self.store.get(params.job_id)).record)
 
@@ -167,8 +171,12 @@ class JobService:
                 break
         self.metrics.fleet(fleet_snapshot(await self.store.unfinished(), finished, now))
 
-    async def get_history(self, params: HistoryParams) -> HistoryResult:
-        records, total = await self.store.list(params.limit, params.offset, params.owner, params.status)
+    async def get_history(self, params: HistoryParams, visible: frozenset[str] | None = None) -> HistoryResult:
+        """`visible`: the owners the caller may see (None: every owner); `params.owner` narrows further."""
+        owners = visible
+        if params.owner is not None:
+            owners = frozenset({params.owner}) if visible is None else frozenset({params.owner}) & visible
+        records, total = await self.store.list(params.limit, params.offset, owners, params.status)
         jobs = [HistoryItem(id=r.job_id, **JobStatusResult.from_record(r).model_dump()) for r in records]
         return HistoryResult(jobs=jobs, total=total, limit=params.limit, offset=params.offset)
 

@@ -11,12 +11,22 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobforge.config import parse_duration
 from jobforge.rules import KEY_PREFIX_PATTERN
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _comma_list(value: object) -> object:
+    """``a, b,c`` -> ``("a", "b", "c")``: list variables are plain comma-separated text, not JSON."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)]
 
 
 def _default_data_dir() -> Path:
@@ -74,7 +84,18 @@ class Settings(BaseSettings):
     server_port: int = Field(8080, ge=0, le=65535, validation_alias="SERVER_PORT")
     metrics_port: int = Field(9090, ge=0, le=65535, validation_alias="METRICS_PORT",
                               description="0 disables the separate metrics listener (/metrics stays on the API port)")
-    cors_origin: str = Field("*", validation_alias="CORS_ORIGIN")
+    cors_origin: CommaList = Field((), validation_alias="CORS_ORIGIN",
+                                   description="origins (scheme://host[:port]) allowed to call the API from a "
+                                               "browser, comma-separated; none by default; '*' needs API tokens")
+    api_tokens_file: Path | None = Field(None, validation_alias="JOBFORGE_API_TOKENS_FILE",
+                                         description="bearer tokens, one a line: '<token>' or "
+                                                     "'<token> <owner>[,<owner>...]'; re-read when it changes")
+    insecure_no_auth: bool = Field(False, validation_alias="JOBFORGE_INSECURE_NO_AUTH",
+                                   description="serve a non-loopback address without API tokens (anyone who "
+                                               "can connect may run builds)")
+    allowed_hosts: CommaList = Field((), validation_alias="JOBFORGE_ALLOWED_HOSTS",
+                                     description="extra Host header values accepted (name or name:port, "
+                                                 "comma-separated), e.g. the name of a reverse proxy")
     log_level: Literal["debug", "info", "warn", "warning", "error"] = Field("info", validation_alias="LOG_LEVEL")
     log_format: Literal["text", "json"] = Field("text", validation_alias="LOG_FORMAT",
                                                 description="json: one JSON object per line; text: key=value")

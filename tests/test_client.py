@@ -40,7 +40,8 @@ def client(fake):
 def test_public_surface_is_pinned():
     import jobforge.client
 
-    assert jobforge.client.__all__ == ["AsyncClient", "Client", "DEFAULT_URL", "SERVICE_NAME", "discover_url"]
+    assert jobforge.client.__all__ == ["AsyncClient", "Client", "DEFAULT_URL", "SERVICE_NAME", "discover_token",
+                                       "discover_url"]
     api_methods = {"submitJob": "submit_job", "getStatus": "get_status", "getLogs": "get_logs",
                    "killJob": "kill_job", "cleanup": "cleanup", "getHistory": "get_history"}
     assert set(api_methods) == set(METHODS)  # a new API method needs a client method (and a CLI command)
@@ -237,3 +238,43 @@ def test_watch_url_escapes_and_switches_scheme():
     assert _base.watch_url("https://h:1", "a.b-c_d", False) == "wss://h:1/json/job/a.b-c_d/watch"
     with pytest.raises(errors.ConfigError):
         _base.watch_url("http://h", "a/b", False)
+
+
+# ---------------------------------------------------------------- the API token
+
+def test_the_token_travels_on_every_request_and_the_watch(fake, monkeypatch):
+    monkeypatch.delenv("JOBFORGE_TOKEN", raising=False)
+    _script(fake)
+    with Client(fake.url, token="tok-0123456789abcdef") as c:
+        c.get_history()
+        list(c.watch("job-w"))
+    assert [h.get("Authorization") for h in fake.headers] == ["Bearer tok-0123456789abcdef"] * 2
+    assert fake.headers[0]["Content-Type"] == "application/json"
+
+
+async def test_the_async_client_takes_the_token_from_jobforge_token(fake, monkeypatch):
+    monkeypatch.setenv("JOBFORGE_TOKEN", "env-token-0123456789")
+    async with AsyncClient(fake.url) as c:
+        await c.get_history()
+    async with AsyncClient(fake.url, token="explicit-token-0123") as c:  # an explicit token wins
+        await c.get_history()
+    monkeypatch.delenv("JOBFORGE_TOKEN")
+    async with AsyncClient(fake.url) as c:
+        await c.get_history()
+    assert [h.get("Authorization") for h in fake.headers] == [
+        "Bearer env-token-0123456789", "Bearer explicit-token-0123", None]
+
+
+@pytest.mark.parametrize("token", ["two words", "line\nbreak", "tab\there", "ünïcode"])
+def test_a_token_that_cannot_be_a_header_value_is_refused_before_sending(fake, token):
+    with pytest.raises(errors.ConfigError, match="invalid API token"):
+        Client(fake.url, token=token)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("status, cls", [(401, errors.Unauthorized), (403, errors.Forbidden),
+                                         (415, errors.UnsupportedMediaType), (421, errors.MisdirectedRequest)])
+def test_access_refusals_map_back_by_code_and_by_status(status, cls):
+    assert type(_base.error_from_response(status, "<html>no</html>")) is cls
+    exc = _base.error_from_response(status, f'{{"error": {{"code": {cls.rpc_code}, "message": "m"}}}}')
+    assert type(exc) is cls and exc.message == "m"

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from jobforge.models import METHODS, Phase
 from jobforge.pipeline import Policy
 from jobforge.server.app import create_app
+from jobforge.server.guard import Guard
 from jobforge.service import JobService
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
@@ -52,8 +53,8 @@ class Env:
 
 
 @asynccontextmanager
-async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, *, store=None,
-                  allow_hosts=("127.0.0.1",), start_webhooks: bool = True, **webhook_options):
+async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, guard: Guard | None = None, *,
+                  store=None, allow_hosts=("127.0.0.1",), start_webhooks: bool = True, **webhook_options):
     """The service on SQLite at `db` (or on `store`, which it then closes) with the fake backend; its webhook
     worker may send to `allow_hosts`, retries after 10 ms (`webhook_options` override), and is not started with
     `start_webhooks=False`."""
@@ -67,7 +68,7 @@ async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, *, 
     if start_webhooks:
         await worker.start()
     await service.start()
-    client = TestClient(TestServer(create_app(service)))
+    client = TestClient(TestServer(create_app(service, guard), host="127.0.0.1"))
     await client.start_server()
     try:
         yield Env(service, backend, client)

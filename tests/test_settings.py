@@ -68,3 +68,17 @@ def test_nomad_defaults_fit_a_stock_cluster_and_timeouts_are_durations(monkeypat
     assert (Settings().nomad.placement_timeout, Settings().nomad.stream_timeout) == (120, 90)
     monkeypatch.setenv("JOBFORGE_PLACEMENT_TIMEOUT", "30s")
     assert Settings().nomad.placement_timeout == 30
+
+
+def test_access_settings_default_closed_and_lists_are_comma_separated(monkeypatch):
+    for name in ("CORS_ORIGIN", "JOBFORGE_API_TOKENS_FILE", "JOBFORGE_INSECURE_NO_AUTH", "JOBFORGE_ALLOWED_HOSTS"):
+        monkeypatch.delenv(name, raising=False)
+    s = Settings()
+    assert (s.cors_origin, s.api_tokens_file, s.insecure_no_auth, s.allowed_hosts) == ((), None, False, ())
+    monkeypatch.setenv("CORS_ORIGIN", "https://ui.example, http://127.0.0.1:3000,")
+    monkeypatch.setenv("JOBFORGE_ALLOWED_HOSTS", "jobs.example,proxy.example:8443")
+    monkeypatch.setenv("JOBFORGE_API_TOKENS_FILE", "/etc/jobforge/tokens")
+    s = Settings()
+    assert s.cors_origin == ("https://ui.example", "http://127.0.0.1:3000")
+    assert s.allowed_hosts == ("jobs.example", "proxy.example:8443")
+    assert str(s.api_tokens_file) == "/etc/jobforge/tokens"

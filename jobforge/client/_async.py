@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from jobforge.client import _base
-from jobforge.client._discovery import endpoint
+from jobforge.client._discovery import discover_token, endpoint
 from jobforge.config import JobConfig
 from jobforge.errors import ServiceUnavailable
 from jobforge.models import (
@@ -32,11 +32,14 @@ __all__ = ["AsyncClient"]
 
 
 class AsyncClient:
-    """Asynchronous Job Forge client; use as ``async with AsyncClient(url) as client``."""
+    """Asynchronous Job Forge client; use as ``async with AsyncClient(url, token=...) as client`` (the token
+    defaults to ``JOBFORGE_TOKEN``)."""
 
-    def __init__(self, url: str | None = None, *, source: str | None = None,
+    def __init__(self, url: str | None = None, *, source: str | None = None, token: str | None = None,
                  session: aiohttp.ClientSession | None = None, timeout: float = 30.0) -> None:
         self.url, self.source = endpoint(url, source)
+        self._token = discover_token(token)
+        self._headers = _base.request_headers(self._token)
         self.timeout = timeout
         self._session = session
         self._owns_session = session is None
@@ -59,7 +62,8 @@ class AsyncClient:
 
     async def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
         try:
-            async with self._get_session().request(method, self.url + path, json=body) as resp:
+            async with self._get_session().request(method, self.url + path, json=body,
+                                                  headers=self._headers) as resp:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _base.unreachable(self.url, self.source, exc) from exc
@@ -106,8 +110,11 @@ class AsyncClient:
         """Yield the updates the server pushes (current state first) until the ``end`` message."""
         url = _base.watch_url(self.url, job_id, logs)
         try:
-            ws = await self._get_session().ws_connect(url, heartbeat=30, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            ws = await self._get_session().ws_connect(url, heartbeat=30, headers=_base.ws_headers(self._token),
+                                                      timeout=aiohttp.ClientWSTimeout(ws_close=5))
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):  # the handshake loses the error body: ask REST for the precise reason
+                await self.get_status(job_id)
             raise _base.handshake_error(exc.status, job_id) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _base.unreachable(self.url, self.source, exc) from exc

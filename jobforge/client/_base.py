@@ -19,23 +19,45 @@ from jobforge.errors import (
     BackendError,
     ConfigError,
     Conflict,
+    Forbidden,
     JobForgeError,
+    MisdirectedRequest,
     NotFound,
     PayloadTooLarge,
     QueueFull,
     ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
     error_for_rpc_code,
 )
 from jobforge.models import METHODS, HealthResult, JobIdParams, LogsResult, WatchUpdate
 
-__all__ = ["Call", "build_call", "submit_params", "parse_result", "parse_health", "error_from_response",
-           "unreachable", "watch_url", "parse_watch_message", "handshake_error", "logs_params", "merge_logs"]
+__all__ = ["Call", "request_headers", "ws_headers", "build_call", "submit_params", "parse_result", "parse_health",
+           "error_from_response", "unreachable", "watch_url", "parse_watch_message", "handshake_error", "logs_params",
+           "merge_logs"]
 
 # Used only when an error body is not a JSON error object (a proxy's HTML page, an empty 404, ...).
 _BY_HTTP_STATUS: dict[int, type[JobForgeError]] = {
-    400: ConfigError, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: QueueFull, 502: BackendError,
-    503: ServiceUnavailable,
+    400: ConfigError, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
+    415: UnsupportedMediaType, 421: MisdirectedRequest, 429: QueueFull, 502: BackendError, 503: ServiceUnavailable,
 }
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: a header value that cannot be split or folded
+
+
+def request_headers(token: str | None) -> dict[str, str]:
+    """Headers of every request: JSON in and out, and the bearer token when there is one."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token is None:
+        return headers
+    if not _TOKEN.match(token):
+        raise ConfigError("invalid API token: expected visible ASCII characters only (no spaces or newlines)",
+                          [{"field": "token", "rule": "visible ASCII, no whitespace"}])
+    return headers | {"Authorization": f"Bearer {token}"}
+
+
+def ws_headers(token: str | None) -> dict[str, str]:
+    """The WebSocket upgrade carries only the token (it has no body)."""
+    return {k: v for k, v in request_headers(token).items() if k == "Authorization"}
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,10 @@ def watch_url(base_url: str, job_id: str, logs: bool) -> str:
 def handshake_error(status: int, job_id: str) -> JobForgeError:
     if status == 404:
         return NotFound(f"job {job_id} not found")
+    if status == 401:
+        return Unauthorized(f"watch of job {job_id} refused: missing or invalid API token (HTTP 401)")
+    if status == 403:
+        return Forbidden(f"watch of job {job_id} refused: this token may not see that job's owner (HTTP 403)")
     cls = _BY_HTTP_STATUS.get(status, JobForgeError)
     message = f"watch of job {job_id} refused: HTTP {status}"
     return ConfigError(message) if cls is ConfigError else cls(message)

@@ -17,7 +17,7 @@ import requests
 
 from jobforge.errors import ServiceUnavailable
 
-__all__ = ["DEFAULT_URL", "SERVICE_NAME", "consul_service_url", "discover_url", "endpoint"]
+__all__ = ["DEFAULT_URL", "SERVICE_NAME", "consul_service_url", "discover_token", "discover_url", "endpoint"]
 
 DEFAULT_URL = "http://localhost:8080"
 SERVICE_NAME = "jobforge-service"
@@ -94,3 +94,10 @@ def endpoint(url: str | None, source: str | None) -> tuple[str, str]:
     if url is None:
         return discover_url()
     return url.rstrip("/"), source or "explicit URL"
+
+
+def discover_token(explicit: str | None = None, *, env: Mapping[str, str] | None = None) -> str | None:
+    """The API token: the one given (``--token``), else ``JOBFORGE_TOKEN``, else none (a loopback service
+    without tokens needs none)."""
+    env = os.environ if env is None else env
+    return explicit or env.get("JOBFORGE_TOKEN") or None

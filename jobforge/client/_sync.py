@@ -16,7 +16,7 @@ import requests
 
 from jobforge.client import _base
 from jobforge.client._async import AsyncClient
-from jobforge.client._discovery import endpoint
+from jobforge.client._discovery import discover_token, endpoint
 from jobforge.config import JobConfig
 from jobforge.models import (
     CleanupResult,
@@ -35,11 +35,14 @@ __all__ = ["Client"]
 
 
 class Client:
-    """Synchronous Job Forge client; pass `url` (else it is discovered) and optionally your own `session`."""
+    """Synchronous Job Forge client; pass `url` (else it is discovered), `token` (else ``JOBFORGE_TOKEN``) and
+    optionally your own `session`."""
 
-    def __init__(self, url: str | None = None, *, source: str | None = None,
+    def __init__(self, url: str | None = None, *, source: str | None = None, token: str | None = None,
                  session: requests.Session | None = None, timeout: float = 30.0) -> None:
         self.url, self.source = endpoint(url, source)
+        self._token = discover_token(token)
+        self._headers = _base.request_headers(self._token)
         self.timeout = timeout
         self._session = session or requests.Session()
         self._owns_session = session is None
@@ -56,7 +59,8 @@ class Client:
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
         try:
-            resp = self._session.request(method, self.url + path, json=body, timeout=self.timeout)
+            resp = self._session.request(method, self.url + path, json=body, headers=self._headers,
+                                         timeout=self.timeout)
         except requests.RequestException as exc:
             raise _base.unreachable(self.url, self.source, exc) from exc
         return resp.status_code, resp.text
@@ -103,7 +107,8 @@ class Client:
 
     def watch(self, job_id: str, logs: bool = False) -> Iterator[WatchUpdate]:
         """Yield pushed updates until the job ends; closing the iterator (or Ctrl-C) stops only the watching."""
-        pump = _WatchPump(AsyncClient(self.url, source=self.source, timeout=self.timeout), job_id, logs)
+        client = AsyncClient(self.url, source=self.source, token=self._token, timeout=self.timeout)
+        pump = _WatchPump(client, job_id, logs)
         pump.start()
         try:
             while True:

@@ -1,7 +1,8 @@
 """The aiohttp application: JSON-RPC, REST, WebSocket watch, health/readiness, metrics, OpenAPI.
 
-Every route goes through `jobforge.api.call`, so REST, JSON-RPC and the WebSocket share one parser, one handler
-and one error table.
+Every route goes through `jobforge.api.call`, so REST, JSON-RPC and the WebSocket share one parser, one handler,
+one authorisation rule and one error table. `guard.guard_middleware` runs first on every route (Host, CORS,
+Content-Type, bearer token) and leaves the caller's principal on the request.
 """
 
 from __future__ import annotations
@@ -17,21 +18,15 @@ from jobforge import api
 from jobforge.errors import JobForgeError, PayloadTooLarge, StoreError
 from jobforge.models import JOB_ID_PATTERN, WatchParams
 from jobforge.server import jsonio, jsonrpc
+from jobforge.server.guard import PRINCIPAL_KEY, Guard, guard_middleware
 from jobforge.server.openapi import openapi_document
+from jobforge.server.responses import error_response
 from jobforge.service import JobService
 
 log = logging.getLogger("jobforge.server")
 
 MAX_BODY = 1024 * 1024
 SERVICE_KEY = web.AppKey("service", JobService)
-
-
-def _error_response(exc: JobForgeError) -> web.Response:
-    body: dict[str, Any] = {"code": exc.rpc_code, "message": exc.message}
-    if exc.data is not None:
-        body["data"] = exc.data
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return _json({"error": body}, status=exc.http_status, headers=headers)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -44,9 +39,9 @@ async def errors_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except JobForgeError as exc:
-        return _error_response(exc)
+        return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        return _error_response(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
+        return error_response(PayloadTooLarge(f"request body over {MAX_BODY} bytes"))
 
 
 @web.middleware
@@ -67,21 +62,6 @@ async def timing_middleware(request: web.Request, handler):
         request.app[SERVICE_KEY].metrics.request(request.method, route, code, time.perf_counter() - started)
 
 
-def cors_middleware(origin: str):
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        if request.method == "OPTIONS":
-            response = web.Response(status=204)
-        else:
-            response = await handler(request)
-        if not response.prepared:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization, Mcp-Session-Id"
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        return response
-    return middleware
-
-
 async def _read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise PayloadTooLarge(f"request body over {MAX_BODY} bytes")
@@ -89,8 +69,8 @@ async def _read_body(request: web.Request) -> bytes:
 
 
 async def rpc(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    reply = await jsonrpc.handle(await _read_body(request), lambda m, p: api.call(service, m, p))
+    service, principal = request.app[SERVICE_KEY], request[PRINCIPAL_KEY]
+    reply = await jsonrpc.handle(await _read_body(request), lambda m, p: api.call(service, m, p, principal))
     return web.Response(status=204) if reply is None else web.Response(text=reply, content_type="application/json")
 
 
@@ -100,23 +80,25 @@ async def rest_method(request: web.Request) -> web.Response:
         params = jsonio.loads(body) if body.strip() else {}
     except jsonio.BadJson as exc:
         return _json({"error": jsonrpc.parse_error(exc)["error"]}, status=400)
-    return _json(await api.call(request.app[SERVICE_KEY], request.match_info["method"], params))
+    return _json(await api.call(request.app[SERVICE_KEY], request.match_info["method"], params,
+                                request[PRINCIPAL_KEY]))
 
 
 async def rest_status(request: web.Request) -> web.Response:
-    return _json(await api.call(request.app[SERVICE_KEY], "getStatus", {"job_id": request.match_info["job_id"]}))
+    return _json(await api.call(request.app[SERVICE_KEY], "getStatus", {"job_id": request.match_info["job_id"]},
+                                request[PRINCIPAL_KEY]))
 
 
 async def rest_logs(request: web.Request) -> web.Response:
     params: dict[str, Any] = {"job_id": request.match_info["job_id"], **request.query}
     if "structured" in params:
         params["structured"] = params["structured"].lower() in ("1", "true", "yes")
-    return _json(await api.call(request.app[SERVICE_KEY], "getLogs", params))
+    return _json(await api.call(request.app[SERVICE_KEY], "getLogs", params, request[PRINCIPAL_KEY]))
 
 
 async def _websocket(request: web.Request, params: WatchParams, render) -> web.WebSocketResponse:
     service = request.app[SERVICE_KEY]
-    await service.store.get(params.job_id)  # 404 before the upgrade
+    await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before the upgrade
     ws = web.WebSocketResponse(heartbeat=20)
     await ws.prepare(request)
     async for update in service.watch(params.job_id, logs=params.logs):
@@ -181,8 +163,10 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def create_app(service: JobService, cors_origin: str = "*") -> web.Application:
-    app = web.Application(middlewares=[timing_middleware, cors_middleware(cors_origin), errors_middleware],
+def create_app(service: JobService, guard: Guard | None = None) -> web.Application:
+    """`guard` defaults to no tokens and no CORS: right for loopback only (`main.serve` builds it from settings
+    and refuses any other address without tokens)."""
+    app = web.Application(middlewares=[timing_middleware, guard_middleware(guard or Guard()), errors_middleware],
                           client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
     job = "{job_id:" + JOB_ID_PATTERN.strip("^$") + "}"

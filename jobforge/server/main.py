@@ -12,18 +12,20 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from jobforge import logs
+from jobforge.errors import ConfigError
 from jobforge.server.app import create_app, create_metrics_app
-from jobforge.server.wiring import build_service
+from jobforge.server.wiring import build_guard, build_service
 from jobforge.settings import Settings
 
 log = logging.getLogger("jobforge")
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    guard = build_guard(settings)  # before anything is built or bound: refuses unsafe exposure
     service = build_service(settings)
     await service.webhooks.start()
     await service.start()
-    runners = [web.AppRunner(create_app(service, settings.cors_origin), access_log=None)]
+    runners = [web.AppRunner(create_app(service, guard), access_log=None)]
     if settings.metrics_port:
         runners.append(web.AppRunner(create_metrics_app(service), access_log=None))
     ports = [settings.server_port, settings.metrics_port]
@@ -57,8 +59,8 @@ def _parse_args(argv: list[str] | None) -> None:
         prog="jobforge-service",
         description="Serve the Job Forge API (JSON-RPC, REST, WebSocket) and metrics until SIGINT/SIGTERM. "
                     "Configured through environment variables: SERVER_HOST, SERVER_PORT, METRICS_PORT, "
-                    "JOBFORGE_BACKEND (local|nomad), JOBFORGE_DATA_DIR, REGISTRY_URL, NOMAD_ADDR, "
-                    "CONSUL_HTTP_ADDR, ... (see README and docs/).")
+                    "JOBFORGE_BACKEND (local|nomad), JOBFORGE_DATA_DIR, JOBFORGE_API_TOKENS_FILE, REGISTRY_URL, "
+                    "NOMAD_ADDR, CONSUL_HTTP_ADDR, ... (see README and docs/).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('jobforge')}")
     parser.parse_args(argv)
 
@@ -71,7 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"jobforge-service: invalid configuration:\n{exc}", file=sys.stderr)
         sys.exit(2)
     logs.configure(settings.log_level, settings.log_format, sys.stderr)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"jobforge-service: {exc.message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,19 @@ def openapi_document() -> dict:
                 "200": {"description": "result", "content": {"application/json": {
                     "schema": refs[(method.result, "serialization")]}}},
                 **{str(code): {"description": text, "content": {"application/json": {"schema": error}}}
-                   for code, text in ((400, "invalid params"), (404, "unknown job"), (409, "conflict"),
-                                      (413, "body too large"))},
+                   for code, text in ((400, "invalid params"), (401, "missing or unknown bearer token"),
+                                      (403, "the token may not act for that owner"), (404, "unknown job"),
+                                      (409, "conflict"), (413, "body too large"),
+                                      (415, "Content-Type is not application/json"),
+                                      (421, "Host header names no address of this service"))},
             },
         }}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Job Forge", "version": "1"},
         "paths": paths,
-        "components": {"schemas": schema.get("$defs", {})},
+        "security": [{"bearer": []}],
+        "components": {"schemas": schema.get("$defs", {}),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "a token of JOBFORGE_API_TOKENS_FILE"}}},
     }

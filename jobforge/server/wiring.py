@@ -1,13 +1,18 @@
-"""Builds the service from settings: the one place that picks a store and a backend."""
+"""Builds the service from settings: the one place that picks a store, a backend and the API guard."""
 
 from __future__ import annotations
+
+import logging
 
 from jobforge.backends.base import Backend
 from jobforge.backends.local import LocalBackend
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
 from jobforge.logcaps import LogLimits
+from jobforge.errors import ConfigError
 from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
+from jobforge.server.guard import Guard, exposure_problem
+from jobforge.server.tokens import TokenFile
 from jobforge.service import JobService
 from jobforge.settings import Settings
 from jobforge.stores.base import Store
@@ -17,6 +22,24 @@ from jobforge.tasks import RegistryTarget
 from jobforge.delivery import DeliveryWorker
 from jobforge.metrics import Metrics
 from jobforge.outbound import OutboundPolicy
+
+log = logging.getLogger("jobforge.server")
+
+
+def build_guard(settings: Settings) -> Guard:
+    """Who may call the API; `ConfigError` when these settings must not be served (nothing is bound yet)."""
+    problem = exposure_problem(settings.server_host, settings.api_tokens_file is not None,
+                               settings.insecure_no_auth, settings.cors_origin)
+    if problem:
+        raise ConfigError(problem)
+    tokens = TokenFile(settings.api_tokens_file).load() if settings.api_tokens_file else None
+    if tokens is None:
+        log.warning("no API tokens configured (JOBFORGE_API_TOKENS_FILE): %s",
+                    "JOBFORGE_INSECURE_NO_AUTH=true, anyone who can connect may run builds"
+                    if settings.insecure_no_auth else f"serving loopback ({settings.server_host}) only, "
+                    "and every local user and process may call the API")
+    return Guard(tokens=tokens.entries if tokens else None, cors_origins=frozenset(settings.cors_origin),
+                 allowed_hosts=settings.allowed_hosts)
 
 
 def local_secret_env(settings: Settings) -> dict[str, str]:

@@ -9,7 +9,7 @@ delivery by writing a lease with the version it read, so two replicas never send
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple, Protocol
 
 from jobforge.config import SECRETS_CONTEXT
@@ -63,9 +63,9 @@ class Store(Protocol):
     async def put(self, record: JobRecord, expected_version: int) -> int:
         """Compare-and-set; returns the new version. Raises `Conflict`."""
 
-    async def list(self, limit: int, offset: int, owner: str | None = None,
+    async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
-        """Newest first, with the total count matching the filters."""
+        """Newest first, with the total count matching the filters (`owners` None: every owner)."""
 
     async def unfinished(self) -> list[JobRecord]:
         """Jobs not yet SUCCEEDED/FAILED, oldest first (restart recovery and admission)."""

@@ -34,7 +34,7 @@ import base64
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -223,10 +223,10 @@ class ConsulStore:
         op = _kv("cas", job_key(self.prefix, record.job_id), dump_record(record), expected_version)
         return await self._txn([op], f"job {record.job_id}", expected_version)
 
-    async def list(self, limit: int, offset: int, owner: str | None = None,
+    async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
         records = [r for r in await self._all_records()
-                   if (owner is None or r.config.owner == owner) and (status is None or r.status == status)]
+                   if (owners is None or r.config.owner in owners) and (status is None or r.status == status)]
         records.sort(key=lambda r: (r.submitted_at, r.job_id), reverse=True)
         return records[offset:offset + limit], len(records)
 

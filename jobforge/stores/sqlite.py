@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -155,12 +155,13 @@ class SqliteStore:
             raise Conflict(f"job {record.job_id} changed concurrently (expected version {expected_version})")
         return new_version
 
-    async def list(self, limit: int, offset: int, owner: str | None = None,
+    async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
         where, args = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
+        if owners is not None:
+            names = sorted(owners)
+            where.append(f"owner IN ({', '.join('?' * len(names))})" if names else "0")
+            args.extend(names)
         if status is not None:
             where.append("status = ?")
             args.append(status.value)

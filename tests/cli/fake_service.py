@@ -48,6 +48,7 @@ class FakeService:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # the headers of each request in `requests`, same order
         self.jobs: dict[str, dict] = {}
         self.logs: dict[str, dict[str, list[dict]]] = {}
         self.watch_scripts: dict[str, list[dict]] = {}
@@ -67,6 +68,7 @@ class FakeService:
         name = request.match_info["method"]
         body = await request.json()
         self.requests.append(("POST", f"/json/{name}", body))
+        self.headers.append(dict(request.headers))
         handler = getattr(self, f"_do_{name}", None)
         if handler is None:
             return web.json_response(error_doc(-32601, f"method {name!r} not found"), status=404)
@@ -138,6 +140,7 @@ class FakeService:
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
         self.requests.append(("GET", request.path_qs, None))
+        self.headers.append(dict(request.headers))
         if job_id not in self.jobs:
             return web.json_response(error_doc(-32004, f"job {job_id} not found"), status=404)
         ws = web.WebSocketResponse()

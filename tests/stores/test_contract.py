@@ -138,11 +138,13 @@ async def test_list_pages(history):
 async def test_list_filters_by_owner_and_status(history):
     def ids(result):
         return [r.job_id for r in result[0]], result[1]
-    assert ids(await history.list(10, 0, owner="ann")) == (["j5", "j3", "j1"], 3)
-    assert ids(await history.list(1, 1, owner="ann")) == (["j3"], 3)
+    assert ids(await history.list(10, 0, owners={"ann"})) == (["j5", "j3", "j1"], 3)
+    assert ids(await history.list(1, 1, owners={"ann"})) == (["j3"], 3)
     assert ids(await history.list(10, 0, status=JobStatus.SUCCEEDED)) == (["j5", "j1"], 2)
-    assert ids(await history.list(10, 0, owner="bob", status=JobStatus.FAILED)) == (["j2"], 1)
-    assert ids(await history.list(10, 0, owner="carol")) == ([], 0)
+    assert ids(await history.list(10, 0, owners={"bob"}, status=JobStatus.FAILED)) == (["j2"], 1)
+    assert ids(await history.list(10, 0, owners={"carol"})) == ([], 0)
+    assert ids(await history.list(10, 0, owners={"bob", "carol"})) == (["j4", "j2"], 2)
+    assert ids(await history.list(10, 0, owners=set())) == ([], 0)
 
 
 async def test_list_breaks_ties_by_job_id_descending(store):

@@ -12,16 +12,21 @@ from jobforge import devinfra
 
 
 class ServiceProcess(devinfra.ServiceProcess):
+    token: str | None = None  # sent as the bearer token by post/get/rpc when set
+
     def __init__(self, data_dir: Path, registry_host: str, **env: str) -> None:
         super().__init__(data_dir, registry_host, **{"JOBFORGE_KILL_GRACE": "3", **env})
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def post(self, path: str, body) -> tuple[int, object]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         return self._send(urllib.request.Request(self.url + path, data=data,
-                                                 headers={"Content-Type": "application/json"}))
+                                                 headers={"Content-Type": "application/json", **self._auth()}))
 
     def get(self, path: str) -> tuple[int, object]:
-        return self._send(urllib.request.Request(self.url + path))
+        return self._send(urllib.request.Request(self.url + path, headers=self._auth()))
 
     def rpc(self, method: str, params=None, id_=1) -> dict:
         status, body = self.post("/json", {"jsonrpc": "2.0", "method": method, "params": params or {}, "id": id_})
