@@ -256,6 +256,8 @@ class ServiceProcess:
             **inherited,
             "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
             "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(self.data_dir),
+            # Tests, demo and bench build from local repositories; a real service refuses them by default.
+            "JOBFORGE_ALLOW_FILE_REPOS": "true",
             "LOG_LEVEL": "info", **env,
         }
         self.proc: subprocess.Popen | None = None

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 
 from jobforge import pipeline
+from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.errors import BackendError, Conflict, NotFound
 from jobforge.metrics import Metrics
@@ -34,6 +35,7 @@ from jobforge.models import (
     SubmitJobParams,
     SubmitJobResult,
     WatchUpdate,
+    masked_line,
     utcnow,
 )
 from jobforge.stores.base import Store
@@ -47,8 +49,10 @@ log = logging.getLogger("jobforge.service")
 class JobService:
     def __init__(self, store: Store, backend: Backend, *, policy: pipeline.Policy, registry: RegistryTarget,
                  max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: WebhookSender | None = None,
+                 admission: SubmitPolicy = SubmitPolicy(),
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4())):
         self.store = store
+        self._admission = admission
         self.backend = backend
         self._policy = policy
         self._registry = registry
@@ -102,6 +106,7 @@ class JobService:
     # ------------------------------------------------------------ API methods
 
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
+        self._admission.check(params.job_config)  # ConfigError (400) before anything is stored or dispatched
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
         await self.store.put(record, 0)
         self.metrics.submitted()
@@ -233,6 +238,7 @@ class JobService:
                 log.exception("failed to handle backend message for job %s", message.job_id)
 
     async def _store_logs(self, chunk: LogChunk) -> None:
+        chunk = LogChunk(chunk.job_id, chunk.phase, [masked_line(line) for line in chunk.lines])
         await self.store.append_logs(chunk.job_id, chunk.phase, chunk.lines)
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None

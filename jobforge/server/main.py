@@ -11,6 +11,7 @@ import sys
 from aiohttp import web
 from pydantic import ValidationError
 
+from jobforge.rules import mask_url_passwords
 from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_service
 from jobforge.settings import Settings
@@ -46,6 +47,17 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         await service.store.aclose()
 
 
+class RedactingFormatter(logging.Formatter):
+    """Masks URL passwords in every formatted service log record (messages, arguments, tracebacks)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_url_passwords(self._inner.format(record))
+
+
 def _parse_args(argv: list[str] | None) -> None:
     """Only --help and --version: every setting comes from the environment (docs/architecture.md)."""
     from importlib.metadata import version
@@ -69,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     level = {"warn": "WARNING"}.get(settings.log_level, settings.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(RedactingFormatter(handler.formatter))
     asyncio.run(serve(settings))
 
 
