@@ -251,7 +251,8 @@ class ServiceProcess:
         self.port = free_port()
         self.log_path = self.data_dir / "service.log"
         inherited = {k: v for k, v in os.environ.items()
-                     if not k.startswith(("REGISTRY_", "JOBFORGE_", "SERVER_", "METRICS_", "MAX_CONCURRENT"))}
+                     if not k.startswith(("REGISTRY_", "JOBFORGE_", "SERVER_", "METRICS_", "MAX_CONCURRENT"))
+                     and k not in ("GIT_USERNAME", "GIT_PASSWORD")}
         self.env = {
             **inherited,
             "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
