@@ -275,13 +275,15 @@ class Context:
         temp = self.payload.get("temp_image")
         return registry_host(temp).lower() if temp else None
 
+    @property
+    def insecure_hosts(self) -> list[str]:
+        """The service's registry when REGISTRY_TLS_VERIFY=false (payload `tls_verify`), plus the hosts in
+        `insecure_registries` (JOBFORGE_INSECURE_REGISTRIES): the only hosts without TLS verification."""
+        hosts = [self.temp_host] if self.temp_host and self.payload.get("tls_verify", True) is False else []
+        return list(dict.fromkeys(hosts + [h.lower() for h in self.payload.get("insecure_registries") or []]))
+
     def tls_verify_for(self, ref: str) -> bool:
-        """TLS verification is off only for the service's registry (REGISTRY_TLS_VERIFY=false, payload
-        `tls_verify`) and hosts in `insecure_registries` (JOBFORGE_INSECURE_REGISTRIES), never for others."""
-        host = registry_host(ref).lower()
-        if host in {h.lower() for h in self.payload.get("insecure_registries") or []}:
-            return False
-        return not (host == self.temp_host and self.payload.get("tls_verify", True) is False)
+        return registry_host(ref).lower() not in self.insecure_hosts
 
     def buildah(self, *args: str) -> list[str]:
         """`buildah` with the global storage flags for the persistent layer cache."""
@@ -467,6 +469,31 @@ def tls_for(ctx: Context, option: str, ref: str) -> str:
     return tls_flag(option, ctx.tls_verify_for(ref))
 
 
+SYSTEM_REGISTRIES_CONF = "/etc/containers/registries.conf"
+
+
+def registries_conf_text(system_text: str | None, insecure_hosts: Sequence[str]) -> str:
+    """A registries.conf (v2) for `buildah bud`: the runner's own settings plus `insecure = true` for exactly
+    `insecure_hosts`. bud has a single --tls-verify for every registry it talks to, and a Dockerfile's FROM
+    can name any; so TLS is decided per host here and --tls-verify is left unset. A v1-format system file
+    cannot be mixed with v2 tables and is left out (its search list then does not apply to builds)."""
+    base = system_text if system_text and "[registries." not in system_text else ""
+    entries = [f"\n[[registry]]\nlocation = {json.dumps(host)}\ninsecure = true\n" for host in insecure_hosts
+               if f"location = {json.dumps(host)}" not in base]
+    return base + "".join(entries)
+
+
+def registries_conf(ctx: Context) -> str:
+    """Write `registries_conf_text` for this run into the workdir; returns its path."""
+    try:
+        with open(SYSTEM_REGISTRIES_CONF, encoding="utf-8") as fh:
+            system_text = fh.read()
+    except OSError:
+        system_text = None
+    return private_file(os.path.join(ctx.workdir, ".registries.conf"),
+                        registries_conf_text(system_text, ctx.insecure_hosts))
+
+
 def private_file(path: str, text: str) -> str:
     """Write `text` to a new 0600 file (replacing any file or symlink there)."""
     with contextlib.suppress(FileNotFoundError):
@@ -586,7 +613,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
-    registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
+    registries_conf, registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -721,7 +748,9 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
 def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    argv = ctx.buildah("bud", "--layers", "--force-rm", "--isolation", ctx.isolation, "-f", dockerfile)
+    # TLS per registry host (the temp registry, FROM hosts): see registries_conf; no --tls-verify flag.
+    argv = ctx.buildah("--registries-conf", registries_conf(ctx), "bud", "--layers", "--force-rm",
+                       "--isolation", ctx.isolation, "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -731,8 +760,7 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
-    # --tls-verify covers the FROM pulls too: off only when the service's own registry is insecure.
-    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}", tls_for(ctx, "tls-verify", p["temp_image"])]
+    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
     argv += ["--authfile", authfile] if authfile else []
     return argv + ["-t", p["temp_image"], context]
 

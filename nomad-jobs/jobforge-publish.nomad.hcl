@@ -275,13 +275,15 @@ class Context:
         temp = self.payload.get("temp_image")
         return registry_host(temp).lower() if temp else None
 
+    @property
+    def insecure_hosts(self) -> list[str]:
+        """The service's registry when REGISTRY_TLS_VERIFY=false (payload `tls_verify`), plus the hosts in
+        `insecure_registries` (JOBFORGE_INSECURE_REGISTRIES): the only hosts without TLS verification."""
+        hosts = [self.temp_host] if self.temp_host and self.payload.get("tls_verify", True) is False else []
+        return list(dict.fromkeys(hosts + [h.lower() for h in self.payload.get("insecure_registries") or []]))
+
     def tls_verify_for(self, ref: str) -> bool:
-        """TLS verification is off only for the service's registry (REGISTRY_TLS_VERIFY=false, payload
-        `tls_verify`) and hosts in `insecure_registries` (JOBFORGE_INSECURE_REGISTRIES), never for others."""
-        host = registry_host(ref).lower()
-        if host in {h.lower() for h in self.payload.get("insecure_registries") or []}:
-            return False
-        return not (host == self.temp_host and self.payload.get("tls_verify", True) is False)
+        return registry_host(ref).lower() not in self.insecure_hosts
 
     def buildah(self, *args: str) -> list[str]:
         """`buildah` with the global storage flags for the persistent layer cache."""
@@ -465,6 +467,31 @@ def tls_flag(option: str, verify: bool) -> str:
 
 def tls_for(ctx: Context, option: str, ref: str) -> str:
     return tls_flag(option, ctx.tls_verify_for(ref))
+
+
+SYSTEM_REGISTRIES_CONF = "/etc/containers/registries.conf"
+
+
+def registries_conf_text(system_text: str | None, insecure_hosts: Sequence[str]) -> str:
+    """A registries.conf (v2) for `buildah bud`: the runner's own settings plus `insecure = true` for exactly
+    `insecure_hosts`. bud has a single --tls-verify for every registry it talks to, and a Dockerfile's FROM
+    can name any; so TLS is decided per host here and --tls-verify is left unset. A v1-format system file
+    cannot be mixed with v2 tables and is left out (its search list then does not apply to builds)."""
+    base = system_text if system_text and "[registries." not in system_text else ""
+    entries = [f"\n[[registry]]\nlocation = {json.dumps(host)}\ninsecure = true\n" for host in insecure_hosts
+               if f"location = {json.dumps(host)}" not in base]
+    return base + "".join(entries)
+
+
+def registries_conf(ctx: Context) -> str:
+    """Write `registries_conf_text` for this run into the workdir; returns its path."""
+    try:
+        with open(SYSTEM_REGISTRIES_CONF, encoding="utf-8") as fh:
+            system_text = fh.read()
+    except OSError:
+        system_text = None
+    return private_file(os.path.join(ctx.workdir, ".registries.conf"),
+                        registries_conf_text(system_text, ctx.insecure_hosts))
 
 
 def private_file(path: str, text: str) -> str:

@@ -95,3 +95,14 @@ def test_tools_never_inherit_credential_variables(monkeypatch):
     env = c.tool_env()
     assert env["LANG"] == "C.UTF-8"
     assert not {"REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "GIT_PASSWORD", "JOBFORGE_SECRET_X", "DOCKER_CONFIG"} & set(env)
+
+
+def test_build_registries_conf_marks_exactly_the_insecure_hosts():
+    system = 'unqualified-search-registries = ["docker.io"]\n'
+    text = c.registries_conf_text(system, ["127.0.0.1:5000", "mirror.example"])
+    assert text.startswith(system)
+    assert text.count("insecure = true") == 2
+    assert 'location = "127.0.0.1:5000"' in text and 'location = "mirror.example"' in text
+    assert c.registries_conf_text(system, []) == system
+    # v1 files cannot be mixed with v2 tables: left out
+    assert "registries.search" not in c.registries_conf_text("[registries.search]\nregistries = []\n", ["h:1"])

@@ -408,6 +408,19 @@ def test_tls_verification_stays_on_for_a_registry_the_service_did_not_list(built
     assert not auth_registry.has_manifest("hello", built.id)
 
 
+def test_from_images_of_unlisted_registries_are_pulled_with_tls_verification(make_job, tmp_path, auth_registry):
+    """REGISTRY_TLS_VERIFY=false (payload tls_verify) covers the service's registry only, not a FROM host a
+    Dockerfile names: that one is still spoken to over verified TLS unless JOBFORGE_INSECURE_REGISTRIES lists it."""
+    repo = GitRepo.create(tmp_path / "from-elsewhere", {"Dockerfile": f"FROM {auth_registry.host}/busybox:latest\n"})
+    job = make_job(f"file://{repo.path}")
+    refused = job.run("build")
+    assert refused.returncode != 0 and "HTTP response to HTTPS client" in refused.output
+    job.payload["insecure_registries"] = [auth_registry.host]
+    listed = job.run("build")  # now over plain http: the registry answers, and wants credentials
+    assert listed.returncode != 0 and "HTTPS client" not in listed.output
+    assert "unauthorized" in listed.output.lower() or "authentication required" in listed.output.lower()
+
+
 def test_publish_without_credentials_says_they_are_needed(built, auth_registry):
     built.payload.update(publish_targets=[f"{auth_registry.host}/hello:{built.id}"],
                          insecure_registries=[auth_registry.host])

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
-    registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
+    registries_conf, registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -156,7 +156,9 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
 def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    argv = ctx.buildah("bud", "--layers", "--force-rm", "--isolation", ctx.isolation, "-f", dockerfile)
+    # TLS per registry host (the temp registry, FROM hosts): see registries_conf; no --tls-verify flag.
+    argv = ctx.buildah("--registries-conf", registries_conf(ctx), "bud", "--layers", "--force-rm",
+                       "--isolation", ctx.isolation, "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -166,8 +168,7 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
-    # --tls-verify covers the FROM pulls too: off only when the service's own registry is insecure.
-    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}", tls_for(ctx, "tls-verify", p["temp_image"])]
+    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
     argv += ["--authfile", authfile] if authfile else []
     return argv + ["-t", p["temp_image"], context]
 
