@@ -127,6 +127,10 @@ class Settings(BaseSettings):
             raise ValueError("JOBFORGE_GIT_USERNAME/JOBFORGE_GIT_PASSWORD (GIT_USERNAME/GIT_PASSWORD) need "
                              "JOBFORGE_GIT_CREDENTIAL_HOST: a credential is only ever offered to its own host")
         parse_vault_path_rules(self.vault_allowed_paths)  # ValueError names the bad entry
+        for name, path in (("JOBFORGE_GIT_CREDENTIALS", self.git_credentials),
+                           ("REGISTRY_AUTH_FILE", self.registry_auth_file)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
         return self
 
     @property

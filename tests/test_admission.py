@@ -105,6 +105,16 @@ def test_git_credentials_need_their_host(monkeypatch):
     assert Settings().git_username == "bot"
 
 
+def test_credential_files_must_exist(monkeypatch, tmp_path):
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="REGISTRY_AUTH_FILE"):
+        Settings()
+    (tmp_path / "missing.json").write_text('{"auths": {}}')
+    monkeypatch.setenv("JOBFORGE_GIT_CREDENTIALS", str(tmp_path))
+    with pytest.raises(ValueError, match="JOBFORGE_GIT_CREDENTIALS"):
+        Settings()
+
+
 def test_tls_verification_is_off_only_for_the_service_registry_and_listed_hosts(monkeypatch):
     monkeypatch.setenv("REGISTRY_URL", "127.0.0.1:5000/team")
     assert Settings().insecure_registry_hosts == ()

@@ -98,7 +98,7 @@ def test_the_docs_example_template_renders():
     (text,) = re.findall(r"```\n(\{\{ with secret .*?)```", docs, re.DOTALL)
     fake = FakeVault()
     fake.put("aws/transcription", {"access_key_id": "AKIA#1 \"x\""})
-    assert render_env_template(text, fake) == {"AWS_ACCESS_KEY_ID": "AKIA#1 \"x\""}
+    assert render_env_template(text, fake) == {"JOBFORGE_SECRET_AWS_ACCESS_KEY_ID": "AKIA#1 \"x\""}
 
 
 def test_the_policy_decides_which_secrets_a_job_can_render():
