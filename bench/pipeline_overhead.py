@@ -133,7 +133,7 @@ class Direct:
     def context(self, workdir: Path, payload: dict):
         return self.common.Context(payload=payload, workdir=str(workdir), storage_driver="vfs",
                                    root=str(self.storage / "root"), runroot=str(self.storage / "runroot"),
-                                   isolation="chroot", registry_creds=None)
+                                   isolation="chroot")
 
     def sh(self, argv: list[str], *, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
         # Own session, as the local backend starts each phase: with the kernel's autogroup scheduling a session

@@ -32,6 +32,7 @@ BIN = Path(sys.executable).parent  # the venv's bin: jobforge and jobforge-servi
 IMAGE = "hello"
 # Settings from the caller's environment that would point the demo at something other than its own setup.
 UNSET = ("REGISTRY_USERNAME", "REGISTRY_PASSWORD", "JOBFORGE_GIT_USERNAME", "JOBFORGE_GIT_PASSWORD",
+         "GIT_USERNAME", "GIT_PASSWORD",
          "JOB_SERVICE_URL", "JOBFORGE_BACKEND", "REGISTRY_TEMP_PREFIX")
 
 

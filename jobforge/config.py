@@ -88,6 +88,7 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     check_webhook_url,
     fail,
     format_duration,
+    mask_url_passwords,
     no_nul,
     not_blank,
     parse_duration,
@@ -398,15 +399,7 @@ class JobConfig(_Model):
 
 def _redact_url(url: str) -> str:
     """`scheme://user:***@host/...` for a URL with a password in its userinfo; anything else unchanged."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    prefix = url[: url.index("://") + 3]
-    userinfo, _, host_port = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{prefix}{user}:{REDACTED}@{host_port}{url[len(prefix) + len(parts.netloc):]}"
+    return mask_url_passwords(url)
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -251,13 +251,17 @@ class ServiceProcess:
         self.port = free_port()
         self.log_path = self.data_dir / "service.log"
         inherited = {k: v for k, v in os.environ.items()
-                     if not k.startswith(("REGISTRY_", "JOBFORGE_", "SERVER_", "METRICS_", "MAX_CONCURRENT"))}
+                     if not k.startswith(("REGISTRY_", "JOBFORGE_", "SERVER_", "METRICS_", "MAX_CONCURRENT"))
+                     and k not in ("GIT_USERNAME", "GIT_PASSWORD")}
         self.env = {
             **inherited,
             "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
             "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(self.data_dir),
             # webhook receivers of the demo and the tests listen on loopback, which the service refuses otherwise
-            "JOBFORGE_WEBHOOK_ALLOW_HOSTS": "127.0.0.1", "LOG_LEVEL": "info", **env,
+            "JOBFORGE_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+            # Tests, demo and bench build from local repositories; a real service refuses them by default.
+            "JOBFORGE_ALLOW_FILE_REPOS": "true",
+            "LOG_LEVEL": "info", **env,
         }
         self.proc: subprocess.Popen | None = None
 

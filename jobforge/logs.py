@@ -1,7 +1,8 @@
 """The service's own log lines: one JSON object per line (`LOG_FORMAT=json`) or `key=value` text.
 
 Fields every line has: `ts` (UTC, RFC 3339), `level`, `logger`, `msg`; then whatever the call passed in `extra`
-(`job_id` on every line about a job, `phase`, `owner`, ...). Messages keep the reference's wording where one
+(`job_id` on every line about a job, `phase`, `owner`, ...). URL passwords are masked in the whole line
+(messages, fields, tracebacks). Messages keep the reference's wording where one
 exists ("Job submitted successfully"), so operators' existing searches still match.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timezone
+
+from jobforge.rules import mask_url_passwords
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -30,7 +33,7 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(_fields(record), default=str, ensure_ascii=False)
+        return mask_url_passwords(json.dumps(_fields(record), default=str, ensure_ascii=False))
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -43,7 +46,7 @@ class KeyValueFormatter(logging.Formatter):
             if not text or any(c in text for c in ' "=\n\t'):
                 text = json.dumps(text, ensure_ascii=False)
             parts.append(f"{key}={text}")
-        return " ".join(parts)
+        return mask_url_passwords(" ".join(parts))
 
 
 def configure(level: str, fmt: str, stream) -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobforge.config import JobConfig
-from jobforge.rules import OWNER_MAX_LENGTH
+from jobforge.rules import OWNER_MAX_LENGTH, mask_url_passwords
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 MAX_HISTORY_LIMIT = 500
@@ -178,6 +178,16 @@ class WebhookDelivery(_Frozen):
         return self.event.seq
 
 
+def masked_line(line: LogLine) -> LogLine:
+    """The line with URL passwords masked (what the store keeps and watchers see)."""
+    text = mask_url_passwords(line.line)
+    return line if text == line.line else line.model_copy(update={"line": text})
+
+
+def _masked(text: str | None) -> str | None:
+    return None if text is None else mask_url_passwords(text)
+
+
 # ---------------------------------------------------------------- API params
 
 class _Params(BaseModel):
@@ -269,13 +279,13 @@ class JobStatusResult(BaseModel):
             m[f"{phase.value}_duration"] = run.duration_seconds
             phases[phase] = PhaseSummary(
                 status=run.status, attempt=run.attempt, started_at=run.started_at or run.dispatched_at,
-                ended_at=run.ended_at, duration=run.duration_seconds, error=run.error,
+                ended_at=run.ended_at, duration=run.duration_seconds, error=_masked(run.error),
             )
         if record.finished_at is not None:
             m["total_duration"] = (record.finished_at - record.submitted_at).total_seconds()
         return cls(
             job_id=record.job_id, status=record.status, current_phase=record.current_phase,
-            failed_phase=record.failed_phase, error=record.error, config=record.config.redacted(),
+            failed_phase=record.failed_phase, error=_masked(record.error), config=record.config.redacted(),
             metrics=JobMetrics(**m), image_tags=record.image_tags, phases=phases,
             submitted_at=record.submitted_at, finished_at=record.finished_at,
             temp_image_deleted=record.temp_image_deleted,

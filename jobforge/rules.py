@@ -111,6 +111,20 @@ STORED_CONTEXT: Mapping[str, bool] = MappingProxyType({"stored": True})
 # A Consul KV key prefix for the cluster store: empty, or '/'-terminated segments of Consul-safe characters.
 KEY_PREFIX_PATTERN = r"^([A-Za-z0-9_,-][A-Za-z0-9_.,-]*/)*$"
 
+# ------------------------------------------------------------------------------------------------ redaction
+
+# `scheme://user:password@`: the password runs to the authority's last '@' (as urlsplit reads it).
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:]*):[^\s/]*@")
+
+
+def mask_url_passwords(text: str) -> str:
+    """Every `scheme://user:password@` in `text` becomes `scheme://user:***@`: the one redaction used for the
+    config views, stored log lines, errors, webhooks and the service log."""
+    if "://" not in text:
+        return text
+    return _URL_PASSWORD_RE.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+
+
 # ------------------------------------------------------------------------------------------------ rule checks
 
 def fail(rule: str, message: str) -> NoReturn:

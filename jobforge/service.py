@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 from jobforge import pipeline
+from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import BackendError, Conflict, NotFound, QueueFull
@@ -37,6 +38,7 @@ from jobforge.models import (
     SubmitJobParams,
     SubmitJobResult,
     WatchUpdate,
+    masked_line,
     utcnow,
 )
 from jobforge.stores.base import Store
@@ -53,9 +55,11 @@ MAX_LOG_PAGE_CHARS = 4 * 1024 * 1024
 class JobService:
     def __init__(self, store: Store, backend: Backend, *, policy: pipeline.Policy, registry: RegistryTarget,
                  max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: DeliveryWorker | None = None,
+                 admission: SubmitPolicy = SubmitPolicy(),
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
                  max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits()):
         self.store = store
+        self._admission = admission
         self.backend = backend
         self._policy = policy
         self._registry = registry
@@ -111,6 +115,7 @@ class JobService:
     # ------------------------------------------------------------ API methods
 
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
+        self._admission.check(params.job_config)  # ConfigError (400) before anything is stored or dispatched
         if self.webhooks is not None:
             self.webhooks.check_config(params.job_config)
         if len(self._pending) >= self._max_queued:
@@ -281,7 +286,7 @@ class JobService:
         for line in chunk.lines:  # the task script's usage report is a metric, not part of the job's log
             usage = parse_usage_line(line.line) if line.stream is LogStream.STDERR else None
             if usage is None:
-                lines.append(line)
+                lines.append(masked_line(line))
             else:
                 self.metrics.usage(chunk.phase, usage)
         lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps

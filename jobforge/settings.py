@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, SecretStr
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from jobforge.admission import SubmitPolicy, VaultPathRule, parse_vault_path_rules
 from jobforge.config import parse_duration
 from jobforge.rules import KEY_PREFIX_PATTERN
 
@@ -104,9 +105,17 @@ class Settings(BaseSettings):
                               description="registry for intermediate (temp) images")
     registry_temp_prefix: str = Field("temp", pattern=r"^[a-z0-9]+([._-][a-z0-9]+)*$",
                                       validation_alias="REGISTRY_TEMP_PREFIX")
-    registry_username: str | None = Field(None, validation_alias="REGISTRY_USERNAME")
+    registry_username: str | None = Field(None, validation_alias="REGISTRY_USERNAME",
+                                          description="with REGISTRY_PASSWORD: for REGISTRY_URL's host only")
     registry_password: SecretStr | None = Field(None, validation_alias="REGISTRY_PASSWORD")
-    registry_tls_verify: bool = Field(True, validation_alias="REGISTRY_TLS_VERIFY")
+    registry_auth_file: Path | None = Field(
+        None, validation_alias="REGISTRY_AUTH_FILE",
+        description="containers auth.json ({'auths': {'host:port': {'auth': base64(user:pass)}}}); each entry is "
+                    "handed only to commands talking to that exact host")
+    registry_tls_verify: bool = Field(True, validation_alias="REGISTRY_TLS_VERIFY",
+                                      description="false turns TLS verification off for REGISTRY_URL only")
+    insecure_registries: str = Field("", validation_alias="JOBFORGE_INSECURE_REGISTRIES",
+                                     description="comma-separated host[:port] without TLS verification")
 
     build_timeout: Duration = Field(30 * 60, validation_alias="BUILD_TIMEOUT")
     test_timeout: Duration = Field(15 * 60, validation_alias="TEST_TIMEOUT")
@@ -126,8 +135,26 @@ class Settings(BaseSettings):
                                description="log lines kept per job; then one '[log truncated: ...]' line")
     max_line_bytes: int = Field(1024 * 1024, ge=256, validation_alias="JOBFORGE_MAX_LINE_BYTES",
                                 description="longest log line; longer lines are split into marked pieces")
-    git_username: str | None = Field(None, validation_alias="JOBFORGE_GIT_USERNAME")
-    git_password: SecretStr | None = Field(None, validation_alias="JOBFORGE_GIT_PASSWORD")
+    git_username: str | None = Field(None, validation_alias=AliasChoices("JOBFORGE_GIT_USERNAME", "GIT_USERNAME"),
+                                     description="with the password: for JOBFORGE_GIT_CREDENTIAL_HOST only")
+    git_password: SecretStr | None = Field(None, validation_alias=AliasChoices("JOBFORGE_GIT_PASSWORD",
+                                                                                 "GIT_PASSWORD"))
+    git_credential_host: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$",
+        validation_alias="JOBFORGE_GIT_CREDENTIAL_HOST",
+        description="host[:port] the git username/password belong to (https; http only if plain-http listed)")
+    git_credentials: Path | None = Field(
+        None, validation_alias="JOBFORGE_GIT_CREDENTIALS",
+        description="`git credential-store` file: one https://user:pass@host[:port] a line")
+    git_plain_http_hosts: str = Field("", validation_alias="JOBFORGE_GIT_PLAIN_HTTP_HOSTS",
+                                      description="comma-separated host[:port] that may get git credentials "
+                                                  "over plain http")
+    vault_allowed_paths: str = Field(
+        "", validation_alias="JOBFORGE_VAULT_ALLOWED_PATHS",
+        description="comma-separated Vault path prefixes a job may name: 'prefix' for every owner, "
+                    "'owner=prefix' for one owner, '{owner}' in a prefix is the job's owner; empty: none")
+    allow_file_repos: bool = Field(False, validation_alias="JOBFORGE_ALLOW_FILE_REPOS",
+                                   description="accept file:// and local-path repo_url (tests, demo)")
     kill_grace_seconds: float = Field(10.0, gt=0, validation_alias="JOBFORGE_KILL_GRACE")
 
     webhook_allow_hosts: str = Field(
@@ -143,6 +170,37 @@ class Settings(BaseSettings):
                                       description="total time one delivery attempt may take")
 
     nomad: NomadSettings = Field(default_factory=NomadSettings)
+
+    @model_validator(mode="after")
+    def _credentials_bound(self) -> "Settings":
+        if (self.git_username or self.git_password) and not self.git_credential_host:
+            raise ValueError("JOBFORGE_GIT_USERNAME/JOBFORGE_GIT_PASSWORD (GIT_USERNAME/GIT_PASSWORD) need "
+                             "JOBFORGE_GIT_CREDENTIAL_HOST: a credential is only ever offered to its own host")
+        parse_vault_path_rules(self.vault_allowed_paths)  # ValueError names the bad entry
+        for name, path in (("JOBFORGE_GIT_CREDENTIALS", self.git_credentials),
+                           ("REGISTRY_AUTH_FILE", self.registry_auth_file)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
+
+    @property
+    def vault_path_rules(self) -> tuple[VaultPathRule, ...]:
+        return parse_vault_path_rules(self.vault_allowed_paths)
+
+    @property
+    def submit_policy(self) -> SubmitPolicy:
+        return SubmitPolicy(allow_file_repos=self.allow_file_repos, vault_paths=self.vault_path_rules)
+
+    @property
+    def registry_host(self) -> str:
+        """`host[:port]` of REGISTRY_URL (what REGISTRY_USERNAME/REGISTRY_PASSWORD are bound to)."""
+        return self.registry_url.split("/", 1)[0].lower()
+
+    @property
+    def insecure_registry_hosts(self) -> tuple[str, ...]:
+        """Hosts without TLS verification: REGISTRY_URL's when REGISTRY_TLS_VERIFY=false, plus the listed ones."""
+        listed = [h.strip().lower() for h in self.insecure_registries.split(",") if h.strip()]
+        return tuple(dict.fromkeys(([] if self.registry_tls_verify else [self.registry_host]) + listed))
 
     @property
     def effective_store(self) -> Literal["sqlite", "consul"]:

@@ -21,6 +21,7 @@ class RegistryTarget(BaseModel):
     registry_url: str
     temp_prefix: str = "temp"
     tls_verify: bool = True
+    insecure_registries: tuple[str, ...] = ()  # host[:port] without TLS verification besides registry_url
 
 
 def temp_image(record: JobRecord, target: RegistryTarget) -> str:
@@ -48,6 +49,7 @@ def build_payload(record: JobRecord, phase: str, target: RegistryTarget) -> dict
         "clear_cache": cfg.clear_cache,
         "temp_image": temp_image(record, target),
         "tls_verify": target.tls_verify,
+        "insecure_registries": list(target.insecure_registries),
         "test": {
             "entry_point": bool(test and test.entry_point),
             "commands": list(test.commands) if test else [],

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from jobforge.config import JobConfig
 from jobforge.models import JobRecord, WebhookDelivery
 from jobforge.pipeline import FireWebhook
-from jobforge.rules import is_reserved_webhook_header
+from jobforge.rules import is_reserved_webhook_header, mask_url_passwords
 
 SIGNATURE_HEADER = "X-Webhook-Signature"
 EVENT_HEADER = "X-Webhook-Event"
@@ -73,7 +73,7 @@ def payload(command: FireWebhook, record: JobRecord) -> dict:
         "git_ref": cfg.git_ref,
         "image_name": cfg.image_name,
         "image_tags": record.image_tags,
-        "error": command.error,
+        "error": mask_url_passwords(command.error) if command.error else None,
     }
 
 

@@ -85,6 +85,10 @@ job "jobforge-build" {
 Contract (docs/architecture.md, "Task scripts"): inputs come from the environment and the JSON payload,
 output is human-readable lines, and a failure ends with one `ERROR: <message>` line on stderr and a
 non-zero exit. Every external command is an argv list; known secret values are masked in what we print.
+
+Credentials are bound to hosts (docs/security-credentials.md): `git_credential_for` and
+`registry_auths_for` are the pure matching rules; a credential is offered only to its own scheme + host +
+port, git credentials only over https unless the host is listed in JOBFORGE_GIT_PLAIN_HTTP_HOSTS.
 """
 
 from __future__ import annotations
@@ -94,13 +98,15 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
 import sys
+import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 EXIT_FAILED = 1
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a TERM-killed child
@@ -132,9 +138,122 @@ class Result:
     output: str
 
 
+# --- credentials bound to hosts (pure) ------------------------------------------------------------------
+
+DEFAULT_PORTS = {"https": 443, "http": 80}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """scheme + lowercased host + port (the scheme's default when the URL has none)."""
+
+    scheme: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Credential:
+    origin: Origin
+    username: str
+    password: str
+
+
+def origin_of(url: str) -> Origin | None:
+    """The origin of an http(s) URL, None for anything else (ssh, scp-like, file, malformed)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        return None
+    return Origin(scheme, parts.hostname.lower(), port or DEFAULT_PORTS[scheme])
+
+
+def split_hosts(text: str | None) -> list[str]:
+    """A comma-separated `host[:port]` list, lowercased, blanks dropped."""
+    return [h.strip().lower() for h in (text or "").split(",") if h.strip()]
+
+
+def plain_http_allowed(origin: Origin, plain_http_hosts: Iterable[str]) -> bool:
+    """A `host` entry allows every port of that host, `host:port` exactly that port."""
+    return any(entry in (origin.host, f"{origin.host}:{origin.port}") for entry in plain_http_hosts)
+
+
+def parse_credential_store(text: str) -> list[Credential]:
+    """`git credential-store` lines (`https://user:pass@host[:port]`, percent-encoded); others are skipped."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        origin = origin_of(line)
+        parts = urllib.parse.urlsplit(line) if origin else None
+        if origin and parts.username is not None and parts.password is not None:
+            found.append(Credential(origin, urllib.parse.unquote(parts.username),
+                                    urllib.parse.unquote(parts.password)))
+    return found
+
+
+def host_credentials(host_port: str | None, username: str | None, password: str | None) -> list[Credential]:
+    """A username/password bound to `host[:port]`: https on that port (default 443), and http on that port
+    (default 80), which `git_credential_for` allows only for plain-http hosts."""
+    if not host_port or not username or password is None:
+        return []
+    found = []
+    for scheme in ("https", "http"):
+        origin = origin_of(f"{scheme}://{host_port.strip()}")
+        if origin:
+            found.append(Credential(origin, username, password))
+    return found
+
+
+def git_credential_for(url: str, credentials: Sequence[Credential],
+                       plain_http_hosts: Iterable[str] = ()) -> Credential | None:
+    """The first credential whose origin is exactly the URL's (scheme, host, port); over plain http only when
+    the host is listed as plain-http. Never a credential of another host, whatever the job names."""
+    origin = origin_of(url)
+    if origin is None or (origin.scheme == "http" and not plain_http_allowed(origin, plain_http_hosts)):
+        return None
+    return next((c for c in credentials if c.origin == origin), None)
+
+
+def auth_key_host(key: str) -> str:
+    """The `host[:port]` of an auth.json key (`host:port`, `host/ns/repo`, or docker's `https://host/v1/`)."""
+    for prefix in ("https://", "http://"):
+        if key.lower().startswith(prefix):
+            key = key[len(prefix):]
+    return key.split("/", 1)[0].lower()
+
+
+def registry_auths_for(auths: Mapping[str, dict], hosts: Iterable[str]) -> dict[str, dict]:
+    """The entries of a containers auth.json `auths` map whose host is exactly one of `hosts`."""
+    wanted = {h.lower() for h in hosts}
+    return {key: entry for key, entry in auths.items() if auth_key_host(key) in wanted}
+
+
+def auth_entry(username: str, password: str) -> dict:
+    return {"auth": base64.b64encode(f"{username}:{password}".encode()).decode()}
+
+
+def entry_password(entry: dict) -> str | None:
+    """The password in an auth.json entry (for masking), None when it holds none."""
+    try:
+        return base64.b64decode(entry.get("auth", "")).decode().split(":", 1)[1]
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return entry.get("password") or None
+
+
+# --- context --------------------------------------------------------------------------------------------
+
+
 @dataclass
 class Context:
-    """Everything a phase needs, read once from the environment and the payload."""
+    """Everything a phase needs, read once from the environment and the payload.
+
+    `registry_auths`: every registry credential this task holds, as auth.json entries keyed by host; which
+    of them a command gets is decided per command by `registry_authfile`.
+    """
 
     payload: dict
     workdir: str
@@ -142,7 +261,9 @@ class Context:
     root: str | None
     runroot: str | None
     isolation: str
-    registry_creds: tuple[str, str] | None
+    registry_auths: dict[str, dict] = field(default_factory=dict)
+    git_credentials: list[Credential] = field(default_factory=list)
+    git_plain_http_hosts: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
 
     def require(self, key: str):
@@ -151,8 +272,19 @@ class Context:
         return self.payload[key]
 
     @property
-    def tls_verify(self) -> bool:
-        return bool(self.payload.get("tls_verify", True))
+    def temp_host(self) -> str | None:
+        temp = self.payload.get("temp_image")
+        return registry_host(temp).lower() if temp else None
+
+    @property
+    def insecure_hosts(self) -> list[str]:
+        """The service's registry when REGISTRY_TLS_VERIFY=false (payload `tls_verify`), plus the hosts in
+        `insecure_registries` (JOBFORGE_INSECURE_REGISTRIES): the only hosts without TLS verification."""
+        hosts = [self.temp_host] if self.temp_host and self.payload.get("tls_verify", True) is False else []
+        return list(dict.fromkeys(hosts + [h.lower() for h in self.payload.get("insecure_registries") or []]))
+
+    def tls_verify_for(self, ref: str) -> bool:
+        return registry_host(ref).lower() not in self.insecure_hosts
 
     def buildah(self, *args: str) -> list[str]:
         """`buildah` with the global storage flags for the persistent layer cache."""
@@ -177,18 +309,63 @@ def load_context() -> Context:
         raise TaskError("payload must be a JSON object")
     workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
     os.makedirs(workdir, exist_ok=True)
-    user, password = os.environ.get("REGISTRY_USERNAME"), os.environ.get("REGISTRY_PASSWORD")
-    secrets = [os.environ.get(n, "") for n in ("REGISTRY_PASSWORD", "GIT_PASSWORD")]
-    return Context(
+    ctx = Context(
         payload=payload,
         workdir=os.path.abspath(workdir),
         storage_driver=os.environ.get("JOBFORGE_STORAGE_DRIVER") or "vfs",
         root=os.environ.get("JOBFORGE_BUILDAH_ROOT") or None,
         runroot=os.environ.get("JOBFORGE_BUILDAH_RUNROOT") or None,
         isolation=os.environ.get("JOBFORGE_ISOLATION") or "chroot",
-        registry_creds=(user, password or "") if user else None,
-        secrets=[s for s in secrets if s],
     )
+    ctx.registry_auths = _registry_auths(ctx, os.environ)
+    ctx.git_credentials = _git_credentials(ctx, os.environ)
+    ctx.git_plain_http_hosts = split_hosts(os.environ.get("JOBFORGE_GIT_PLAIN_HTTP_HOSTS"))
+    ctx.secrets.extend(p for p in (entry_password(e) for e in ctx.registry_auths.values()) if p)
+    ctx.secrets.extend(c.password for c in ctx.git_credentials if c.password)
+    return ctx
+
+
+def _read_secret_file(what: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise TaskError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _registry_auths(ctx: Context, env: Mapping[str, str]) -> dict[str, dict]:
+    """auth.json entries, most specific source last (so it wins for its host):
+    JOBFORGE_REGISTRY_AUTH_FILE (the service's REGISTRY_AUTH_FILE), REGISTRY_USERNAME/REGISTRY_PASSWORD bound to
+    the service registry (the temp image's host), the job's own Vault credentials bound to its publish host."""
+    auths: dict[str, dict] = {}
+    path = env.get("JOBFORGE_REGISTRY_AUTH_FILE")
+    if path:
+        try:
+            loaded = json.loads(_read_secret_file("registry auth file", path)).get("auths") or {}
+        except (ValueError, AttributeError) as exc:
+            raise TaskError(f"registry auth file {path} is not a containers auth.json") from exc
+        auths.update({k: v for k, v in loaded.items() if isinstance(v, dict)})
+    if env.get("REGISTRY_USERNAME") and ctx.temp_host:
+        auths[ctx.temp_host] = auth_entry(env["REGISTRY_USERNAME"], env.get("REGISTRY_PASSWORD", ""))
+    targets = ctx.payload.get("publish_targets") or []
+    if env.get("JOBFORGE_JOB_REGISTRY_USERNAME") and targets:
+        auths[registry_host(targets[0]).lower()] = auth_entry(env["JOBFORGE_JOB_REGISTRY_USERNAME"],
+                                                              env.get("JOBFORGE_JOB_REGISTRY_PASSWORD", ""))
+    return auths
+
+
+def _git_credentials(ctx: Context, env: Mapping[str, str]) -> list[Credential]:
+    """In order of precedence: the job's own Vault credentials (bound to its repo_url's origin), the
+    JOBFORGE_GIT_CREDENTIALS store file, GIT_USERNAME/GIT_PASSWORD bound to JOBFORGE_GIT_CREDENTIAL_HOST."""
+    found: list[Credential] = []
+    repo = origin_of(ctx.payload.get("repo_url") or "")
+    if repo and env.get("JOBFORGE_JOB_GIT_USERNAME"):
+        found.append(Credential(repo, env["JOBFORGE_JOB_GIT_USERNAME"], env.get("JOBFORGE_JOB_GIT_PASSWORD", "")))
+    if env.get("JOBFORGE_GIT_CREDENTIALS"):
+        found += parse_credential_store(_read_secret_file("git credentials", env["JOBFORGE_GIT_CREDENTIALS"]))
+    found += host_credentials(env.get("JOBFORGE_GIT_CREDENTIAL_HOST"), env.get("GIT_USERNAME"),
+                              env.get("GIT_PASSWORD"))
+    return found
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -225,7 +402,7 @@ def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str 
     """
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, cwd=cwd)
+                            stderr=subprocess.STDOUT, env=tool_env() if env is None else env, cwd=cwd)
     lines: deque[str] = deque(maxlen=None if quiet else KEPT_LINES)
     try:
         assert proc.stdout is not None
@@ -262,7 +439,7 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
     """Run argv for its exact stdout bytes (a manifest, JSON); its stderr goes into CommandFailed."""
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, check=False)
+                          stderr=subprocess.PIPE, check=False, env=tool_env())
     if proc.returncode != 0:
         message = redact(proc.stderr.decode("utf-8", errors="replace"), ctx.secrets)
         raise CommandFailed(argv[0], proc.returncode, message)
@@ -289,24 +466,74 @@ def tls_flag(option: str, verify: bool) -> str:
     return f"--{option}={'true' if verify else 'false'}"
 
 
+def tls_for(ctx: Context, option: str, ref: str) -> str:
+    return tls_flag(option, ctx.tls_verify_for(ref))
+
+
+SYSTEM_REGISTRIES_CONF = "/etc/containers/registries.conf"
+
+
+def registries_conf_text(system_text: str | None, insecure_hosts: Sequence[str]) -> str:
+    """A registries.conf (v2) for `buildah bud`: the runner's own settings plus `insecure = true` for exactly
+    `insecure_hosts`. bud has a single --tls-verify for every registry it talks to, and a Dockerfile's FROM
+    can name any; so TLS is decided per host here and --tls-verify is left unset. A v1-format system file
+    cannot be mixed with v2 tables and is left out (its search list then does not apply to builds)."""
+    base = system_text if system_text and "[registries." not in system_text else ""
+    entries = [f"\n[[registry]]\nlocation = {json.dumps(host)}\ninsecure = true\n" for host in insecure_hosts
+               if f"location = {json.dumps(host)}" not in base]
+    return base + "".join(entries)
+
+
+def registries_conf(ctx: Context) -> str:
+    """Write `registries_conf_text` for this run into the workdir; returns its path."""
+    try:
+        with open(SYSTEM_REGISTRIES_CONF, encoding="utf-8") as fh:
+            system_text = fh.read()
+    except OSError:
+        system_text = None
+    return private_file(os.path.join(ctx.workdir, ".registries.conf"),
+                        registries_conf_text(system_text, ctx.insecure_hosts))
+
+
+def private_file(path: str, text: str) -> str:
+    """Write `text` to a new 0600 file (replacing any file or symlink there)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
 @contextlib.contextmanager
-def registry_authfile(ctx: Context, refs: Sequence[str]) -> Iterator[str | None]:
-    """A 0600 containers auth file scoped to the hosts of `refs`, so credentials never reach argv
-    and are never offered to other registries (e.g. a Dockerfile's FROM host)."""
-    if not ctx.registry_creds:
-        yield None
-        return
-    token = base64.b64encode(":".join(ctx.registry_creds).encode()).decode()
-    auths = {registry_host(ref): {"auth": token} for ref in refs}
-    path = os.path.join(ctx.workdir, f".auth-{os.getpid()}.json")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"auths": auths}, fh)
+def registry_authfile(ctx: Context, refs: Sequence[str]) -> Iterator[str]:
+    """A 0600 containers auth file holding only the credentials of the hosts of `refs`, so credentials never
+    reach argv and are never offered to another registry (a job's publish target, a Dockerfile's FROM host).
+
+    Always written, also when empty: with `--authfile` buildah and skopeo read no other auth file (the
+    runner's ~/.docker/config.json, $REGISTRY_AUTH_FILE, ...)."""
+    auths = registry_auths_for(ctx.registry_auths, [registry_host(ref) for ref in refs])
+    path = private_file(os.path.join(ctx.workdir, f".auth-{os.getpid()}.json"), json.dumps({"auths": auths}))
     try:
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for buildah/skopeo/git: ours minus every credential variable, so a tool can only use
+    what a command hands it explicitly (`--authfile`, the git credential helper)."""
+    return {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV and not k.startswith("JOBFORGE_SECRET_")}
+
+
+# Variables holding credentials or pointing at them; never passed on to the tools.
+CREDENTIAL_ENV = frozenset({
+    "REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "JOBFORGE_REGISTRY_AUTH_FILE",
+    "JOBFORGE_JOB_REGISTRY_USERNAME", "JOBFORGE_JOB_REGISTRY_PASSWORD", "GIT_USERNAME", "GIT_PASSWORD",
+    "JOBFORGE_GIT_CREDENTIALS", "JOBFORGE_JOB_GIT_USERNAME", "JOBFORGE_JOB_GIT_PASSWORD", "GIT_ASKPASS",
+    "SSH_ASKPASS", "DOCKER_CONFIG", "DOCKER_AUTH_CONFIG",
+})
 
 
 def is_unauthorized(output: str) -> bool:
@@ -318,11 +545,11 @@ def unauthorized_error(ctx: Context, output: str, refs: Sequence[str]) -> TaskEr
     hosts = [registry_host(r) for r in refs]
     failing = [line for line in output.splitlines() if is_unauthorized(line)]
     host = next((h for h in hosts for line in failing if h in line), hosts[0])
-    if ctx.registry_creds:
+    if registry_auths_for(ctx.registry_auths, [host]):
         return TaskError(f"registry {host} rejected the credentials (unauthorized): "
-                         "check REGISTRY_USERNAME/REGISTRY_PASSWORD")
-    return TaskError(f"registry {host} requires credentials (unauthorized): "
-                     "set REGISTRY_USERNAME/REGISTRY_PASSWORD")
+                         "check REGISTRY_AUTH_FILE or REGISTRY_USERNAME/REGISTRY_PASSWORD")
+    return TaskError(f"registry {host} requires credentials (unauthorized): no credential is bound to this "
+                     "host (REGISTRY_AUTH_FILE; REGISTRY_USERNAME/REGISTRY_PASSWORD apply to REGISTRY_URL only)")
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -334,7 +561,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def main(phase: Callable[[Context], None]) -> None:
-    """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
+    """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")
@@ -342,15 +569,30 @@ def main(phase: Callable[[Context], None]) -> None:
     try:
         ctx = load_context()
         phase(ctx)
+        _report_usage()
     except TaskError as exc:
-        _error(str(exc), ctx)
-        sys.exit(EXIT_FAILED)
+        _fail(str(exc), ctx, EXIT_FAILED)
     except (Terminated, KeyboardInterrupt):
-        _error("terminated by signal", ctx)
-        sys.exit(EXIT_TERMINATED)
+        _fail("terminated by signal", ctx, EXIT_TERMINATED)
     except Exception as exc:  # noqa: BLE001 - the mapping boundary: any crash becomes the job's error
-        _error(f"internal error: {type(exc).__name__}: {exc}", ctx)
-        sys.exit(EXIT_FAILED)
+        _fail(f"internal error: {type(exc).__name__}: {exc}", ctx, EXIT_FAILED)
+
+
+def _fail(message: str, ctx: Context | None, code: int) -> None:
+    """The usage line, then the contract's last line `ERROR: …`, then exit."""
+    _report_usage()
+    _error(message, ctx)
+    sys.exit(code)
+
+
+USAGE_PREFIX = "::jobforge-usage "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_usage_line
+
+
+def _report_usage() -> None:
+    """A stderr line with what this phase's commands (buildah, the containers, git) consumed."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report = {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "max_rss_bytes": usage.ru_maxrss * 1024}
+    print(USAGE_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
 
 
 def _error(message: str, ctx: Context | None) -> None:
@@ -367,14 +609,17 @@ JOBFORGE_EOF
 #!/usr/bin/env python3
 """Build phase: clone `repo_url` at `git_ref`, `buildah bud` the Dockerfile, push to `temp_image`.
 
-Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git only through a
-GIT_ASKPASS helper that reads GIT_USERNAME/GIT_PASSWORD from the environment.
+Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git only through a credential
+helper written for this run that answers for exactly one origin (scheme + host + port), the one
+`git_credential_for` bound the credential to; its values come from the environment, never from argv. A
+password in `repo_url` itself is taken out of the URL and handled the same way (bound to that URL's origin).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -383,33 +628,64 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, step, tls_flag, unauthorized_error,
+    Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
+    registries_conf, registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
-# Safe-by-default git: no stored credential helpers, no hooks, no prompts.
-GIT = ["git", "-c", "credential.helper=", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false"]
-ASKPASS_SCRIPT = """#!/bin/sh
-# git calls this with a prompt; the answers come from the environment, never from argv or the URL.
-case "$1" in
-  Username*) printf '%s\\n' "$GIT_USERNAME" ;;
-  *) printf '%s\\n' "$GIT_PASSWORD" ;;
-esac
+# Safe-by-default git: no stored credential helpers, no askpass, no hooks, no prompts.
+GIT = ["git", "-c", "credential.helper=", "-c", "core.askPass=", "-c", "core.hooksPath=/dev/null",
+       "-c", "advice.detachedHead=false"]
+# git runs the helper with `get` and the request (protocol=, host=, ...) on stdin; it answers only for the one
+# origin its credential is bound to (a redirect to another host gets nothing). Values come from the environment.
+CREDENTIAL_HELPER = """#!/bin/sh
+[ "$1" = get ] || exit 0
+protocol= host=
+while IFS= read -r line && [ -n "$line" ]; do
+  case "$line" in protocol=*) protocol=$${line#protocol=} ;; host=*) host=$${line#host=} ;; esac
+done
+[ "$protocol" = %(protocol)s ] && [ "$host" = %(host)s ] || exit 0
+printf 'username=%%s\\npassword=%%s\\n' "$JOBFORGE_GIT_CRED_USERNAME" "$JOBFORGE_GIT_CRED_PASSWORD"
 """
 BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def git_env(ctx: Context) -> dict[str, str]:
-    env = dict(os.environ, GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0")
+def split_url_credential(url: str) -> tuple[str, Credential | None]:
+    """(the URL without a password, the credential it carried bound to the URL's own origin).
+
+    A URL without a password is returned unchanged; a password in a non-http(s) URL is dropped (masked)."""
+    parts = urllib.parse.urlsplit(url) if "://" in url else None
+    if parts is None or parts.password is None:
+        return url, None
+    host_port = parts.netloc.rpartition("@")[2]
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host_port))
+    origin = origin_of(clean)
+    if origin is None:
+        return clean, None
+    return clean, Credential(origin, urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password))
+
+
+def git_env(ctx: Context, credential: Credential | None) -> dict[str, str]:
+    """tool_env() (no credential variables) + no system/global git config (it could add helpers, insteadOf
+    rewrites or extra headers) + the one credential bound to this repository's origin, if any."""
+    env = dict(tool_env(), GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0",
+               GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
     env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")  # ssh prompts on /dev/tty otherwise
-    if os.environ.get("GIT_USERNAME") or os.environ.get("GIT_PASSWORD"):
-        helper = os.path.join(ctx.workdir, ".git-askpass")
-        fd = os.open(helper, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(ASKPASS_SCRIPT)
-        os.chmod(helper, 0o700)  # O_CREAT's mode does not apply to an existing file
-        env["GIT_ASKPASS"] = helper
+    if credential is not None:
+        env["JOBFORGE_GIT_CRED_USERNAME"] = credential.username
+        env["JOBFORGE_GIT_CRED_PASSWORD"] = credential.password
     return env
+
+
+def git_argv(ctx: Context, url: str, credential: Credential | None) -> list[str]:
+    """GIT, plus the credential helper for `url`'s origin when a credential is bound to it."""
+    if credential is None:
+        return list(GIT)
+    netloc = urllib.parse.urlsplit(url).netloc.lower()  # git sends host[:port] as written in the URL
+    helper = private_file(os.path.join(ctx.workdir, ".git-credential-helper"), CREDENTIAL_HELPER % {
+        "protocol": shlex.quote(credential.origin.scheme), "host": shlex.quote(netloc)})
+    os.chmod(helper, 0o700)
+    return GIT + ["-c", f"credential.helper=!{shlex.quote(helper)}"]
 
 
 def validate_url(url: str) -> None:
@@ -426,45 +702,48 @@ def validate_ref(ref: str) -> None:
         raise TaskError(f"invalid git_ref {ref!r}: not a branch, tag or commit name")
 
 
-def checkout(ctx: Context, url: str, ref: str, dest: str) -> str:
-    """Shallow-fetch `ref` when the server allows it, else fetch everything and resolve it locally."""
+def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential | None = None) -> str:
+    """Shallow-fetch `ref` when the server allows it, else fetch everything and resolve it locally.
+
+    `url` carries no password (see split_url_credential); `credential` is offered to its origin only."""
     validate_url(url)
     validate_ref(ref)
-    env = git_env(ctx)
+    env = git_env(ctx, credential)
+    git = git_argv(ctx, url, credential)
     if os.path.exists(dest):
         shutil.rmtree(dest)
     step(f"fetching {url} at {ref}")
     for what, argv in (("git init", ["init", "-q", "--", dest]),
                        ("git remote add", ["-C", dest, "remote", "add", "--", "origin", url])):
-        result = run(ctx, GIT + argv, env=env)
+        result = run(ctx, git + argv, env=env)
         if result.returncode != 0:
             raise failure(f"{what} failed", result.output)
-    shallow = run(ctx, GIT + ["-C", dest, "fetch", "--depth", "1", "--no-tags", "--", "origin", ref], env=env)
+    shallow = run(ctx, git + ["-C", dest, "fetch", "--depth", "1", "--no-tags", "--", "origin", ref], env=env)
     if shallow.returncode == 0:
         commit = "FETCH_HEAD"
     else:
         step("shallow fetch not possible for this ref; fetching all branches and tags")
-        full = run(ctx, GIT + ["-C", dest, "fetch", "--tags", "--", "origin",
+        full = run(ctx, git + ["-C", dest, "fetch", "--tags", "--", "origin",
                                "+refs/heads/*:refs/remotes/origin/*"], env=env)
         if full.returncode != 0:
             raise failure(f"git fetch of {url} failed", full.output)
-        commit = resolve_ref(ctx, dest, ref, env)
+        commit = resolve_ref(ctx, dest, ref, env, git)
     step("checking out")
-    result = run(ctx, GIT + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)
+    result = run(ctx, git + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)
     if result.returncode != 0:
         raise failure(f"git checkout of {ref!r} failed", result.output)
-    sha = run(ctx, GIT + ["-C", dest, "rev-parse", "HEAD"], env=env, quiet=True).output.strip()
+    sha = run(ctx, git + ["-C", dest, "rev-parse", "HEAD"], env=env, quiet=True).output.strip()
     print(f"commit: {sha}", flush=True)
     return sha
 
 
-def resolve_ref(ctx: Context, repo: str, ref: str, env: dict[str, str]) -> str:
+def resolve_ref(ctx: Context, repo: str, ref: str, env: dict[str, str], git: list[str]) -> str:
     if ref.startswith("refs/heads/"):
         candidates = ["refs/remotes/origin/" + ref[len("refs/heads/"):]]
     else:
         candidates = [f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref]
     for candidate in candidates:
-        found = run(ctx, GIT + ["-C", repo, "rev-parse", "--verify", "--quiet", candidate + "^{commit}"],
+        found = run(ctx, git + ["-C", repo, "rev-parse", "--verify", "--quiet", candidate + "^{commit}"],
                     env=env, quiet=True)
         if found.returncode == 0:
             return found.output.strip()
@@ -485,7 +764,9 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
 def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    argv = ctx.buildah("bud", "--layers", "--force-rm", "--isolation", ctx.isolation, "-f", dockerfile)
+    # TLS per registry host (the temp registry, FROM hosts): see registries_conf; no --tls-verify flag.
+    argv = ctx.buildah("--registries-conf", registries_conf(ctx), "bud", "--layers", "--force-rm",
+                       "--isolation", ctx.isolation, "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -495,19 +776,20 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
-    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}", tls_flag("tls-verify", ctx.tls_verify)]
-    if authfile:
-        argv += ["--authfile", authfile]
-    return argv + ["-t", ctx.payload["temp_image"], context]
+    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
+    argv += ["--authfile", authfile] if authfile else []
+    return argv + ["-t", p["temp_image"], context]
 
 
 def build(ctx: Context) -> None:
     url, ref, temp = ctx.require("repo_url"), ctx.require("git_ref"), ctx.require("temp_image")
-    url_password = urllib.parse.urlsplit(url).password
+    url_password = urllib.parse.urlsplit(url).password if "://" in url else None
     if url_password:
-        ctx.secrets.append(url_password)
+        ctx.secrets += [url_password, urllib.parse.unquote(url_password)]
+    url, url_credential = split_url_credential(url)
+    credential = url_credential or git_credential_for(url, ctx.git_credentials, ctx.git_plain_http_hosts)
     clone = os.path.join(ctx.workdir, "src")
-    checkout(ctx, url, ref, clone)
+    checkout(ctx, url, ref, clone, credential)
     dockerfile = inside(clone, ctx.payload.get("dockerfile_path") or "Dockerfile", "dockerfile_path", False)
     context = inside(clone, ctx.payload.get("dockerfile_context") or ".", "dockerfile_context", True)
 
@@ -522,8 +804,8 @@ def build(ctx: Context) -> None:
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")
         digest_file = os.path.join(ctx.workdir, "digest")
-        push = ctx.buildah("push", tls_flag("tls-verify", ctx.tls_verify), "--digestfile", digest_file)
-        push += ["--authfile", authfile] if authfile else []
+        push = ctx.buildah("push", tls_for(ctx, "tls-verify", temp), "--digestfile", digest_file,
+                           "--authfile", authfile)
         result = run(ctx, push + [temp, f"docker://{temp}"])
         if result.returncode != 0:
             if is_unauthorized(result.output):

@@ -4,6 +4,7 @@ docker-registry and git on 127.0.0.1. Completion is awaited on the service's Web
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import random
@@ -235,10 +236,15 @@ def test_restart_keeps_jobs_logs_and_history(service, config):
 
 
 @pytest.fixture(scope="module")
-def auth_service(tmp_path_factory, registry, base_image):
+def auth_service(tmp_path_factory, registry, base_image, auth_registry):
+    """A service whose REGISTRY_AUTH_FILE holds `password` for the auth registry (a job's publish target)."""
     def start(password: str) -> ServiceProcess:
-        return ServiceProcess(tmp_path_factory.mktemp("auth-service"), registry.host,
-                              REGISTRY_USERNAME=AUTH_USER, REGISTRY_PASSWORD=password).start()
+        data = tmp_path_factory.mktemp("auth-service")
+        token = base64.b64encode(f"{AUTH_USER}:{password}".encode()).decode()
+        (data / "auth.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+        (data / "auth.json").chmod(0o600)
+        return ServiceProcess(data, registry.host, REGISTRY_AUTH_FILE=str(data / "auth.json"),
+                              JOBFORGE_INSECURE_REGISTRIES=auth_registry.host).start()
     started = []
     yield lambda password: started.append(start(password)) or started[-1]
     for svc in started:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jobforge.admission import SubmitPolicy
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
 from jobforge.models import GetLogsParams, JobIdParams, SubmitJobParams
 from jobforge.nomad import RenderParams
@@ -34,7 +35,8 @@ async def service(tmp_path, registry, buildah_storage):
     store = SqliteStore(tmp_path / "jobs.db")
     backend = NomadBackend(NomadAPI(NomadHTTP(nomad.url)), RenderParams())
     svc = JobService(store, backend, policy=Policy(), max_concurrent_jobs=2,
-                     registry=RegistryTarget(registry_url=registry.host, tls_verify=False))
+                     registry=RegistryTarget(registry_url=registry.host, tls_verify=False),
+                     admission=SubmitPolicy(allow_file_repos=True))  # the test builds from local repositories
     await svc.start()
     try:
         yield svc, nomad

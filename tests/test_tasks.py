@@ -7,11 +7,13 @@ the test phase), and the host filesystem.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,47 +309,121 @@ def test_clone_over_smart_http(make_job, hello_repo, git_http_server):
     assert f"commit: {hello_repo.head()}" in build.stdout
 
 
-def test_clone_over_http_with_credentials_from_the_environment(make_job, hello_repo, tmp_path):
+def test_clone_over_http_with_credentials_bound_to_the_host(make_job, hello_repo, tmp_path):
     password = f"git-pw-{uuid.uuid4().hex[:8]}"
     with GitHttpServer(tmp_path / "private-git", auth=("builder", password)) as server:
         url = server.serve(hello_repo, "hello")
+        host = url.split("/")[2]
         job = make_job(url)
-        good = ok(job.run("build", GIT_USERNAME="builder", GIT_PASSWORD=password))
-        bad = job.run("build", GIT_USERNAME="builder", GIT_PASSWORD="wrong-" + password)
-    assert password not in good.output and password not in bad.output
+        bound = {"GIT_USERNAME": "builder", "JOBFORGE_GIT_CREDENTIAL_HOST": host, "JOBFORGE_GIT_PLAIN_HTTP_HOSTS": host}
+        good = ok(job.run("build", GIT_PASSWORD=password, **bound))
+        bad = job.run("build", GIT_PASSWORD="wrong-" + password, **bound)
+        # The same credential over plain http to a host not listed as plain-http: not offered at all.
+        unlisted = job.run("build", GIT_USERNAME="builder", GIT_PASSWORD=password, JOBFORGE_GIT_CREDENTIAL_HOST=host)
+    assert password not in good.output + bad.output + unlisted.output
     assert bad.returncode != 0 and bad.error.startswith("ERROR: git fetch of")
+    assert unlisted.returncode != 0 and unlisted.error.startswith("ERROR: git fetch of")
+
+
+def test_clone_with_a_git_credential_store_file(make_job, hello_repo, tmp_path):
+    password = f"p@ss/{uuid.uuid4().hex[:8]}"  # percent-encoded in the store, as git writes it
+    with GitHttpServer(tmp_path / "private-git", auth=("builder", password)) as server:
+        url = server.serve(hello_repo, "hello")
+        host = url.split("/")[2]
+        store = tmp_path / "git-credentials"
+        store.write_text(f"https://other:x@{host}\nhttp://builder:{urllib.parse.quote(password, safe='')}@{host}\n")
+        store.chmod(0o600)
+        build = ok(make_job(url).run("build", JOBFORGE_GIT_CREDENTIALS=str(store),
+                                     JOBFORGE_GIT_PLAIN_HTTP_HOSTS="127.0.0.1"))
+    assert f"commit: {hello_repo.head()}" in build.stdout
+    assert password not in build.output and urllib.parse.quote(password, safe="") not in build.output
+
+
+def test_password_in_repo_url_is_used_for_that_host_and_never_printed(make_job, hello_repo, tmp_path):
+    password = f"url-pw-{uuid.uuid4().hex[:8]}"
+    with GitHttpServer(tmp_path / "private-git", auth=("builder", password)) as server:
+        url = server.serve(hello_repo, "hello").replace("http://", f"http://builder:{password}@")
+        good = ok(make_job(url).run("build"))
+        bad = make_job(url.replace(password, "wrong-" + password)).run("build")
+    assert password not in good.output + bad.output
+    assert f"http://127.0.0.1:{url.split(':')[3].split('/')[0]}/hello.git" in good.stdout
+    assert bad.returncode != 0
 
 
 # --- registry credentials -------------------------------------------------------------------------------
 
 
-def test_publish_to_a_registry_with_auth(built, auth_registry, registry):
+def auth_file(tmp_path: Path, auths: dict[str, tuple[str, str]]) -> str:
+    """A containers auth.json as buildah/skopeo read it."""
+    path = tmp_path / f"auth-{uuid.uuid4().hex[:6]}.json"
+    path.write_text(json.dumps({"auths": {host: {"auth": base64.b64encode(f"{u}:{p}".encode()).decode()}
+                                          for host, (u, p) in auths.items()}}))
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_publish_to_a_registry_with_auth(built, auth_registry, registry, tmp_path):
     user, password = auth_registry.auth
     target = f"{auth_registry.host}/hello:{built.id}"
-    built.payload["publish_targets"] = [target]
+    built.payload.update(publish_targets=[target], insecure_registries=[auth_registry.host])
 
-    outcome = ok(built.run("publish", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=password))
+    authfile = auth_file(tmp_path, {auth_registry.host: (user, password), "127.0.0.1:1": ("x", "other-pw")})
+    outcome = ok(built.run("publish", JOBFORGE_REGISTRY_AUTH_FILE=authfile))
     digest = auth_registry.manifest_digest(*repo_name(target))
     assert digest == registry.manifest_digest(*repo_name(built.temp_image))
     assert f"Published: {target}@{digest}" in outcome.stdout
     assert password not in outcome.output
 
 
-def test_publish_with_wrong_credentials_fails_clearly(built, auth_registry):
+def test_publish_with_wrong_credentials_fails_clearly(built, auth_registry, tmp_path):
     user, password = auth_registry.auth
     wrong = f"not-{password}-{uuid.uuid4().hex[:6]}"
     target = f"{auth_registry.host}/hello:{built.id}"
-    built.payload["publish_targets"] = [target]
-    outcome = built.run("publish", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=wrong)
+    built.payload.update(publish_targets=[target], insecure_registries=[auth_registry.host])
+    outcome = built.run("publish", JOBFORGE_REGISTRY_AUTH_FILE=auth_file(tmp_path, {auth_registry.host: (user, wrong)}))
     assert outcome.returncode != 0
     assert outcome.error == (f"ERROR: registry {auth_registry.host} rejected the credentials (unauthorized): "
-                             "check REGISTRY_USERNAME/REGISTRY_PASSWORD")
+                             "check REGISTRY_AUTH_FILE or REGISTRY_USERNAME/REGISTRY_PASSWORD")
     assert wrong not in outcome.output
     assert not auth_registry.has_manifest(*repo_name(target))
 
 
+def test_registry_username_is_for_the_service_registry_only(built, auth_registry):
+    """REGISTRY_USERNAME/REGISTRY_PASSWORD belong to REGISTRY_URL (the temp image's host), not to a job's target."""
+    user, password = auth_registry.auth
+    built.payload.update(publish_targets=[f"{auth_registry.host}/hello:{built.id}"],
+                         insecure_registries=[auth_registry.host])
+    outcome = built.run("publish", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=password)
+    assert outcome.returncode != 0
+    assert f"registry {auth_registry.host} requires credentials" in outcome.error
+    assert password not in outcome.output
+
+
+def test_tls_verification_stays_on_for_a_registry_the_service_did_not_list(built, auth_registry, tmp_path):
+    user, password = auth_registry.auth
+    built.payload["publish_targets"] = [f"{auth_registry.host}/hello:{built.id}"]  # plain http, not listed
+    outcome = built.run("publish", JOBFORGE_REGISTRY_AUTH_FILE=auth_file(tmp_path, {auth_registry.host: (user, password)}))
+    assert outcome.returncode != 0
+    assert "--dest-tls-verify=true" in outcome.stdout
+    assert not auth_registry.has_manifest("hello", built.id)
+
+
+def test_from_images_of_unlisted_registries_are_pulled_with_tls_verification(make_job, tmp_path, auth_registry):
+    """REGISTRY_TLS_VERIFY=false (payload tls_verify) covers the service's registry only, not a FROM host a
+    Dockerfile names: that one is still spoken to over verified TLS unless JOBFORGE_INSECURE_REGISTRIES lists it."""
+    repo = GitRepo.create(tmp_path / "from-elsewhere", {"Dockerfile": f"FROM {auth_registry.host}/busybox:latest\n"})
+    job = make_job(f"file://{repo.path}")
+    refused = job.run("build")
+    assert refused.returncode != 0 and "HTTP response to HTTPS client" in refused.output
+    job.payload["insecure_registries"] = [auth_registry.host]
+    listed = job.run("build")  # now over plain http: the registry answers, and wants credentials
+    assert listed.returncode != 0 and "HTTPS client" not in listed.output
+    assert "unauthorized" in listed.output.lower() or "authentication required" in listed.output.lower()
+
+
 def test_publish_without_credentials_says_they_are_needed(built, auth_registry):
-    built.payload["publish_targets"] = [f"{auth_registry.host}/hello:{built.id}"]
+    built.payload.update(publish_targets=[f"{auth_registry.host}/hello:{built.id}"],
+                         insecure_registries=[auth_registry.host])
     outcome = built.run("publish")
     assert outcome.returncode != 0
     assert f"registry {auth_registry.host} requires credentials" in outcome.error
@@ -397,8 +473,20 @@ def test_secret_env_is_forwarded_but_never_printed(built):
     secret = f"tok-{uuid.uuid4().hex}"
     built.payload["test"] = {"entry_point": False, "commands": ['test "${#API_TOKEN}" = 36', 'echo "$API_TOKEN"'],
                              "env": {}, "secret_env": ["API_TOKEN"]}
-    outcome = ok(built.run("test", API_TOKEN=secret))
+    outcome = ok(built.run("test", JOBFORGE_SECRET_API_TOKEN=secret))
     assert secret not in outcome.output
+
+
+def test_a_secret_mapping_never_copies_the_services_own_variable(built):
+    """test.vault_secrets naming REGISTRY_PASSWORD gets the job's Vault value or nothing, never the service's."""
+    secret = f"service-registry-pw-{uuid.uuid4().hex}"
+    built.payload["test"] = {"entry_point": False, "commands": ['echo "got:$REGISTRY_PASSWORD"'],
+                             "env": {}, "secret_env": ["REGISTRY_PASSWORD"]}
+    outcome = built.run("test", REGISTRY_USERNAME="svc", REGISTRY_PASSWORD=secret)
+    assert outcome.returncode != 0
+    assert outcome.error == ("ERROR: secret REGISTRY_PASSWORD was not fetched for this job "
+                             "(no JOBFORGE_SECRET_REGISTRY_PASSWORD in the task environment)")
+    assert secret not in outcome.output and "got:" not in outcome.output
 
 
 # --- layer cache ----------------------------------------------------------------------------------------

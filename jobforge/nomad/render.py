@@ -45,9 +45,12 @@ META_REQUIRED: dict[str, tuple[str, ...]] = {
 META_OPTIONAL: tuple[str, ...] = ("owner",)
 # Reference client setup: GPU nodes carry `meta.gpu-capable = "true"`; the device block picks the GPUs.
 GPU_CONSTRAINT = {"attribute": "${meta.gpu-capable}", "operator": "=", "value": "true"}
-# Credentials the task scripts read from the environment, as (Vault field, env var) per secret.
-GIT_FIELDS = (("username", "GIT_USERNAME"), ("password", "GIT_PASSWORD"))
-REGISTRY_FIELDS = (("username", "REGISTRY_USERNAME"), ("password", "REGISTRY_PASSWORD"))
+# A job's own Vault credentials, as (Vault field, env var): the task scripts bind them to the job's repo_url origin
+# and publish host only (docs/security-credentials.md). Names distinct from the service-wide variables.
+GIT_FIELDS = (("username", "JOBFORGE_JOB_GIT_USERNAME"), ("password", "JOBFORGE_JOB_GIT_PASSWORD"))
+REGISTRY_FIELDS = (("username", "JOBFORGE_JOB_REGISTRY_USERNAME"), ("password", "JOBFORGE_JOB_REGISTRY_PASSWORD"))
+# test.vault_secrets values reach test.py as JOBFORGE_SECRET_<container variable>: only they can be the source.
+SECRET_ENV_PREFIX = "JOBFORGE_SECRET_"
 _ENV_NAME = re.compile(ENV_NAME_PATTERN)
 
 
@@ -113,8 +116,8 @@ def _env_templates(spec: VariantSpec) -> list[dict[str, str]]:
         templates.append({"destination": "secrets/registry.env",
                           "data": _env_template(spec.registry_credentials_path, REGISTRY_FIELDS)})
     for number, secret in enumerate(spec.vault_secrets, start=1):
-        templates.append({"destination": f"secrets/vault-{number}.env",
-                          "data": _env_template(secret.path, secret.fields)})
+        fields = [(field, SECRET_ENV_PREFIX + env) for field, env in secret.fields]
+        templates.append({"destination": f"secrets/vault-{number}.env", "data": _env_template(secret.path, fields)})
     return templates
 
 

@@ -43,13 +43,25 @@ def build_guard(settings: Settings) -> Guard:
 
 
 def local_secret_env(settings: Settings) -> dict[str, str]:
+    """The service-wide credentials as the task scripts read them, each with the host it is bound to
+    (templates/tasks/_common.py does the matching; docs/security-credentials.md). Test containers never see
+    these: `test.vault_secrets` values come only from JOBFORGE_SECRET_* variables, which the service never sets."""
     env = {}
     if settings.registry_username and settings.registry_password:
+        # Bound by the scripts to the temp image's host, i.e. REGISTRY_URL's.
         env["REGISTRY_USERNAME"] = settings.registry_username
         env["REGISTRY_PASSWORD"] = settings.registry_password.get_secret_value()
-    if settings.git_username and settings.git_password:
+    if settings.registry_auth_file:
+        # Renamed: buildah/skopeo would read REGISTRY_AUTH_FILE themselves, for every host.
+        env["JOBFORGE_REGISTRY_AUTH_FILE"] = str(settings.registry_auth_file)
+    if settings.git_username and settings.git_password and settings.git_credential_host:
         env["GIT_USERNAME"] = settings.git_username
         env["GIT_PASSWORD"] = settings.git_password.get_secret_value()
+        env["JOBFORGE_GIT_CREDENTIAL_HOST"] = settings.git_credential_host
+    if settings.git_credentials:
+        env["JOBFORGE_GIT_CREDENTIALS"] = str(settings.git_credentials)
+    if settings.git_plain_http_hosts:
+        env["JOBFORGE_GIT_PLAIN_HTTP_HOSTS"] = settings.git_plain_http_hosts
     return env
 
 
@@ -92,11 +104,12 @@ def build_service(settings: Settings) -> JobService:
     policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
                     publish_timeout=settings.publish_timeout)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
-                              tls_verify=settings.registry_tls_verify)
+                              tls_verify=settings.registry_tls_verify,
+                              insecure_registries=settings.insecure_registry_hosts)
     log_limits = LogLimits(max_bytes=settings.max_log_bytes, max_lines=settings.max_log_lines,
                            max_line_bytes=settings.max_line_bytes)
     metrics = Metrics()
     return JobService(store, backend, policy=policy, registry=registry, metrics=metrics,
-                      max_concurrent_jobs=settings.max_concurrent_jobs,
+                      admission=settings.submit_policy, max_concurrent_jobs=settings.max_concurrent_jobs,
                       webhooks=build_webhooks(settings, store, metrics),
                       max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits)

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Build phase: clone `repo_url` at `git_ref`, `buildah bud` the Dockerfile, push to `temp_image`.
 
-Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git only through a
-GIT_ASKPASS helper that reads GIT_USERNAME/GIT_PASSWORD from the environment.
+Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git only through a credential
+helper written for this run that answers for exactly one origin (scheme + host + port), the one
+`git_credential_for` bound the credential to; its values come from the environment, never from argv. A
+password in `repo_url` itself is taken out of the URL and handled the same way (bound to that URL's origin).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,33 +20,64 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, step, tls_flag, unauthorized_error,
+    Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
+    registries_conf, registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
-# Safe-by-default git: no stored credential helpers, no hooks, no prompts.
-GIT = ["git", "-c", "credential.helper=", "-c", "core.hooksPath=/dev/null", "-c", "advice.detachedHead=false"]
-ASKPASS_SCRIPT = """#!/bin/sh
-# git calls this with a prompt; the answers come from the environment, never from argv or the URL.
-case "$1" in
-  Username*) printf '%s\\n' "$GIT_USERNAME" ;;
-  *) printf '%s\\n' "$GIT_PASSWORD" ;;
-esac
+# Safe-by-default git: no stored credential helpers, no askpass, no hooks, no prompts.
+GIT = ["git", "-c", "credential.helper=", "-c", "core.askPass=", "-c", "core.hooksPath=/dev/null",
+       "-c", "advice.detachedHead=false"]
+# git runs the helper with `get` and the request (protocol=, host=, ...) on stdin; it answers only for the one
+# origin its credential is bound to (a redirect to another host gets nothing). Values come from the environment.
+CREDENTIAL_HELPER = """#!/bin/sh
+[ "$1" = get ] || exit 0
+protocol= host=
+while IFS= read -r line && [ -n "$line" ]; do
+  case "$line" in protocol=*) protocol=${line#protocol=} ;; host=*) host=${line#host=} ;; esac
+done
+[ "$protocol" = %(protocol)s ] && [ "$host" = %(host)s ] || exit 0
+printf 'username=%%s\\npassword=%%s\\n' "$JOBFORGE_GIT_CRED_USERNAME" "$JOBFORGE_GIT_CRED_PASSWORD"
 """
 BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def git_env(ctx: Context) -> dict[str, str]:
-    env = dict(os.environ, GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0")
+def split_url_credential(url: str) -> tuple[str, Credential | None]:
+    """(the URL without a password, the credential it carried bound to the URL's own origin).
+
+    A URL without a password is returned unchanged; a password in a non-http(s) URL is dropped (masked)."""
+    parts = urllib.parse.urlsplit(url) if "://" in url else None
+    if parts is None or parts.password is None:
+        return url, None
+    host_port = parts.netloc.rpartition("@")[2]
+    clean = urllib.parse.urlunsplit(parts._replace(netloc=host_port))
+    origin = origin_of(clean)
+    if origin is None:
+        return clean, None
+    return clean, Credential(origin, urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password))
+
+
+def git_env(ctx: Context, credential: Credential | None) -> dict[str, str]:
+    """tool_env() (no credential variables) + no system/global git config (it could add helpers, insteadOf
+    rewrites or extra headers) + the one credential bound to this repository's origin, if any."""
+    env = dict(tool_env(), GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0",
+               GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
     env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")  # ssh prompts on /dev/tty otherwise
-    if os.environ.get("GIT_USERNAME") or os.environ.get("GIT_PASSWORD"):
-        helper = os.path.join(ctx.workdir, ".git-askpass")
-        fd = os.open(helper, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(ASKPASS_SCRIPT)
-        os.chmod(helper, 0o700)  # O_CREAT's mode does not apply to an existing file
-        env["GIT_ASKPASS"] = helper
+    if credential is not None:
+        env["JOBFORGE_GIT_CRED_USERNAME"] = credential.username
+        env["JOBFORGE_GIT_CRED_PASSWORD"] = credential.password
     return env
+
+
+def git_argv(ctx: Context, url: str, credential: Credential | None) -> list[str]:
+    """GIT, plus the credential helper for `url`'s origin when a credential is bound to it."""
+    if credential is None:
+        return list(GIT)
+    netloc = urllib.parse.urlsplit(url).netloc.lower()  # git sends host[:port] as written in the URL
+    helper = private_file(os.path.join(ctx.workdir, ".git-credential-helper"), CREDENTIAL_HELPER % {
+        "protocol": shlex.quote(credential.origin.scheme), "host": shlex.quote(netloc)})
+    os.chmod(helper, 0o700)
+    return GIT + ["-c", f"credential.helper=!{shlex.quote(helper)}"]
 
 
 def validate_url(url: str) -> None:
@@ -60,45 +94,48 @@ def validate_ref(ref: str) -> None:
         raise TaskError(f"invalid git_ref {ref!r}: not a branch, tag or commit name")
 
 
-def checkout(ctx: Context, url: str, ref: str, dest: str) -> str:
-    """Shallow-fetch `ref` when the server allows it, else fetch everything and resolve it locally."""
+def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential | None = None) -> str:
+    """Shallow-fetch `ref` when the server allows it, else fetch everything and resolve it locally.
+
+    `url` carries no password (see split_url_credential); `credential` is offered to its origin only."""
     validate_url(url)
     validate_ref(ref)
-    env = git_env(ctx)
+    env = git_env(ctx, credential)
+    git = git_argv(ctx, url, credential)
     if os.path.exists(dest):
         shutil.rmtree(dest)
     step(f"fetching {url} at {ref}")
     for what, argv in (("git init", ["init", "-q", "--", dest]),
                        ("git remote add", ["-C", dest, "remote", "add", "--", "origin", url])):
-        result = run(ctx, GIT + argv, env=env)
+        result = run(ctx, git + argv, env=env)
         if result.returncode != 0:
             raise failure(f"{what} failed", result.output)
-    shallow = run(ctx, GIT + ["-C", dest, "fetch", "--depth", "1", "--no-tags", "--", "origin", ref], env=env)
+    shallow = run(ctx, git + ["-C", dest, "fetch", "--depth", "1", "--no-tags", "--", "origin", ref], env=env)
     if shallow.returncode == 0:
         commit = "FETCH_HEAD"
     else:
         step("shallow fetch not possible for this ref; fetching all branches and tags")
-        full = run(ctx, GIT + ["-C", dest, "fetch", "--tags", "--", "origin",
+        full = run(ctx, git + ["-C", dest, "fetch", "--tags", "--", "origin",
                                "+refs/heads/*:refs/remotes/origin/*"], env=env)
         if full.returncode != 0:
             raise failure(f"git fetch of {url} failed", full.output)
-        commit = resolve_ref(ctx, dest, ref, env)
+        commit = resolve_ref(ctx, dest, ref, env, git)
     step("checking out")
-    result = run(ctx, GIT + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)
+    result = run(ctx, git + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)
     if result.returncode != 0:
         raise failure(f"git checkout of {ref!r} failed", result.output)
-    sha = run(ctx, GIT + ["-C", dest, "rev-parse", "HEAD"], env=env, quiet=True).output.strip()
+    sha = run(ctx, git + ["-C", dest, "rev-parse", "HEAD"], env=env, quiet=True).output.strip()
     print(f"commit: {sha}", flush=True)
     return sha
 
 
-def resolve_ref(ctx: Context, repo: str, ref: str, env: dict[str, str]) -> str:
+def resolve_ref(ctx: Context, repo: str, ref: str, env: dict[str, str], git: list[str]) -> str:
     if ref.startswith("refs/heads/"):
         candidates = ["refs/remotes/origin/" + ref[len("refs/heads/"):]]
     else:
         candidates = [f"refs/remotes/origin/{ref}", f"refs/tags/{ref}", ref]
     for candidate in candidates:
-        found = run(ctx, GIT + ["-C", repo, "rev-parse", "--verify", "--quiet", candidate + "^{commit}"],
+        found = run(ctx, git + ["-C", repo, "rev-parse", "--verify", "--quiet", candidate + "^{commit}"],
                     env=env, quiet=True)
         if found.returncode == 0:
             return found.output.strip()
@@ -119,7 +156,9 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
 def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    argv = ctx.buildah("bud", "--layers", "--force-rm", "--isolation", ctx.isolation, "-f", dockerfile)
+    # TLS per registry host (the temp registry, FROM hosts): see registries_conf; no --tls-verify flag.
+    argv = ctx.buildah("--registries-conf", registries_conf(ctx), "bud", "--layers", "--force-rm",
+                       "--isolation", ctx.isolation, "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -129,19 +168,20 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
-    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}", tls_flag("tls-verify", ctx.tls_verify)]
-    if authfile:
-        argv += ["--authfile", authfile]
-    return argv + ["-t", ctx.payload["temp_image"], context]
+    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
+    argv += ["--authfile", authfile] if authfile else []
+    return argv + ["-t", p["temp_image"], context]
 
 
 def build(ctx: Context) -> None:
     url, ref, temp = ctx.require("repo_url"), ctx.require("git_ref"), ctx.require("temp_image")
-    url_password = urllib.parse.urlsplit(url).password
+    url_password = urllib.parse.urlsplit(url).password if "://" in url else None
     if url_password:
-        ctx.secrets.append(url_password)
+        ctx.secrets += [url_password, urllib.parse.unquote(url_password)]
+    url, url_credential = split_url_credential(url)
+    credential = url_credential or git_credential_for(url, ctx.git_credentials, ctx.git_plain_http_hosts)
     clone = os.path.join(ctx.workdir, "src")
-    checkout(ctx, url, ref, clone)
+    checkout(ctx, url, ref, clone, credential)
     dockerfile = inside(clone, ctx.payload.get("dockerfile_path") or "Dockerfile", "dockerfile_path", False)
     context = inside(clone, ctx.payload.get("dockerfile_context") or ".", "dockerfile_context", True)
 
@@ -156,8 +196,8 @@ def build(ctx: Context) -> None:
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")
         digest_file = os.path.join(ctx.workdir, "digest")
-        push = ctx.buildah("push", tls_flag("tls-verify", ctx.tls_verify), "--digestfile", digest_file)
-        push += ["--authfile", authfile] if authfile else []
+        push = ctx.buildah("push", tls_for(ctx, "tls-verify", temp), "--digestfile", digest_file,
+                           "--authfile", authfile)
         result = run(ctx, push + [temp, f"docker://{temp}"])
         if result.returncode != 0:
             if is_unauthorized(result.output):

@@ -15,15 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     CommandFailed, Context, TaskError, capture, failure, is_unauthorized, main, registry_authfile,
-    repository, run, step, tls_flag, unauthorized_error,
+    repository, run, step, tls_for, unauthorized_error,
 )
 
 GONE = re.compile(r"manifest unknown|name unknown|\b404\b", re.IGNORECASE)
 
 
-def present(ctx: Context, ref: str, authfile: str | None) -> bool:
-    argv = ["skopeo", "inspect", "--raw", tls_flag("tls-verify", ctx.tls_verify)]
-    argv += ["--authfile", authfile] if authfile else []
+def present(ctx: Context, ref: str, authfile: str) -> bool:
+    argv = ["skopeo", "inspect", "--raw", tls_for(ctx, "tls-verify", ref), "--authfile", authfile]
     try:
         capture(ctx, argv + [f"docker://{ref}"])
     except CommandFailed as exc:
@@ -44,8 +43,7 @@ def cleanup(ctx: Context) -> None:
         return
     with registry_authfile(ctx, [temp]) as authfile:
         step(f"deleting {temp}")
-        argv = ["skopeo", "delete", tls_flag("tls-verify", ctx.tls_verify)]
-        argv += ["--authfile", authfile] if authfile else []
+        argv = ["skopeo", "delete", tls_for(ctx, "tls-verify", temp), "--authfile", authfile]
         deleted = run(ctx, argv + [f"docker://{temp}"])
         step("verifying it is gone")
         if present(ctx, temp, authfile):

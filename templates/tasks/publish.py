@@ -15,14 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     CommandFailed, Context, TaskError, capture, failure, is_unauthorized, main, registry_authfile, run,
-    step, tls_flag, unauthorized_error,
+    step, tls_for, unauthorized_error,
 )
 
 
-def manifest_digest(ctx: Context, ref: str, authfile: str | None) -> str:
+def manifest_digest(ctx: Context, ref: str, authfile: str) -> str:
     """sha256 of the manifest bytes the registry serves for `ref` (the digest clients pull by)."""
-    argv = ["skopeo", "inspect", "--raw", tls_flag("tls-verify", ctx.tls_verify)]
-    argv += ["--authfile", authfile] if authfile else []
+    argv = ["skopeo", "inspect", "--raw", tls_for(ctx, "tls-verify", ref), "--authfile", authfile]
     try:
         raw = capture(ctx, argv + [f"docker://{ref}"])
     except CommandFailed as exc:
@@ -32,11 +31,9 @@ def manifest_digest(ctx: Context, ref: str, authfile: str | None) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def copy(ctx: Context, source: str, target: str, authfile: str | None) -> None:
-    argv = ["skopeo", "copy", "--preserve-digests",
-            tls_flag("src-tls-verify", ctx.tls_verify), tls_flag("dest-tls-verify", ctx.tls_verify)]
-    if authfile:
-        argv += ["--src-authfile", authfile, "--dest-authfile", authfile]
+def copy(ctx: Context, source: str, target: str, authfile: str) -> None:
+    argv = ["skopeo", "copy", "--preserve-digests", tls_for(ctx, "src-tls-verify", source),
+            tls_for(ctx, "dest-tls-verify", target), "--src-authfile", authfile, "--dest-authfile", authfile]
     result = run(ctx, argv + [f"docker://{source}", f"docker://{target}"])
     if result.returncode != 0:
         if is_unauthorized(result.output):

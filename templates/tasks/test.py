@@ -2,7 +2,8 @@
 """Test phase: run the image's entry point and/or the configured commands inside a working container.
 
 The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Values of `test.secret_env`
-come from this process's environment by name and are masked in everything we print.
+come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault values) and are masked in
+everything we print.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     Context, TaskError, capture, failure, is_unauthorized, main, redact, registry_authfile, run, step, stop_child,
-    tls_flag, unauthorized_error,
+    tls_for, tool_env, unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRET_ENV_PREFIX = "JOBFORGE_SECRET_"  # test.vault_secrets values: JOBFORGE_SECRET_<container variable name>
 # buildah 1.28's chroot runtime can lose the last pipe-full of a container's output when the process exits
 # (seen here: 5,825 of 20,000 lines gone, intermittently). So the container's shell writes the output into a
 # file on a bind mount, which we follow: nothing is lost, nothing is truncated.
@@ -103,10 +105,13 @@ def container_env(ctx: Context, spec: dict) -> ContainerEnv:
     for name in spec.get("secret_env") or []:
         if not ENV_NAME.match(name):
             raise TaskError(f"invalid secret env name {name!r}")
-        if name not in os.environ:
-            raise TaskError(f"secret {name} is not set in the task environment")
-        ctx.secrets.append(os.environ[name])
-        secrets[name] = os.environ[name]
+        # Only the job's own Vault values, rendered under this prefix, can be the source: never a variable of
+        # the service or the runner (a mapping naming REGISTRY_PASSWORD must not copy the service's).
+        source = SECRET_ENV_PREFIX + name
+        if source not in os.environ:
+            raise TaskError(f"secret {name} was not fetched for this job (no {source} in the task environment)")
+        ctx.secrets.append(os.environ[source])
+        secrets[name] = os.environ[source]
     return ContainerEnv(flags, secrets)
 
 
@@ -147,7 +152,8 @@ def follow(ctx: Context, cmd: list[str], output: str, relay: str) -> int:
     """Run cmd while printing what the container writes to `output` and buildah to `relay`, as it comes."""
     print("+ " + redact(shlex.join(cmd), ctx.secrets), flush=True)
     with open(relay, "wb") as relay_out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=relay_out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=relay_out, stderr=subprocess.STDOUT,
+                                env=tool_env())
     followers = [LineFollower(output), LineFollower(relay)]
     try:
         while True:
@@ -172,8 +178,8 @@ def test(ctx: Context) -> None:
     run(ctx, ctx.buildah("rm", container), quiet=True)
     step(f"pulling {temp}")
     with registry_authfile(ctx, [temp]) as authfile:
-        argv = ctx.buildah("from", "--pull-always", "--name", container, tls_flag("tls-verify", ctx.tls_verify))
-        argv += ["--authfile", authfile] if authfile else []
+        argv = ctx.buildah("from", "--pull-always", "--name", container, tls_for(ctx, "tls-verify", temp),
+                           "--authfile", authfile)
         result = run(ctx, argv + [temp])
     if result.returncode != 0:
         if is_unauthorized(result.output):

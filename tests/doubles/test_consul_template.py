@@ -54,11 +54,13 @@ VAULT_CONFIG = make_config(
         {"path": "secret/data/aws/transcription",
          "fields": {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"}},
         {"path": "secret/data/ml/api-keys", "fields": {"hf-token": "HUGGING_FACE_HUB_TOKEN"}}]})
-REGISTRY_ENV = {"REGISTRY_USERNAME": "ci", "REGISTRY_PASSWORD": 'p@ss "word"\n#1'}
+# The job's own credentials and secrets, under names the service itself never sets (docs/security-credentials.md).
+REGISTRY_ENV = {"JOBFORGE_JOB_REGISTRY_USERNAME": "ci", "JOBFORGE_JOB_REGISTRY_PASSWORD": 'p@ss "word"\n#1'}
 PHASE_ENV = {
-    "build": {"GIT_USERNAME": "git-bot", "GIT_PASSWORD": "tok'en}}{{", **REGISTRY_ENV},
-    "test": {**REGISTRY_ENV, "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s/e+c=r<e>t&",
-             "HUGGING_FACE_HUB_TOKEN": "hf_\u2028x"},
+    "build": {"JOBFORGE_JOB_GIT_USERNAME": "git-bot", "JOBFORGE_JOB_GIT_PASSWORD": "tok'en}}{{", **REGISTRY_ENV},
+    "test": {**REGISTRY_ENV, "JOBFORGE_SECRET_AWS_ACCESS_KEY_ID": "AKIA",
+             "JOBFORGE_SECRET_AWS_SECRET_ACCESS_KEY": "s/e+c=r<e>t&",
+             "JOBFORGE_SECRET_HUGGING_FACE_HUB_TOKEN": "hf_\u2028x"},
     "publish": REGISTRY_ENV, "cleanup": REGISTRY_ENV,
 }
 
@@ -96,7 +98,7 @@ def test_the_docs_example_template_renders():
     (text,) = re.findall(r"```\n(\{\{ with secret .*?)```", docs, re.DOTALL)
     fake = FakeVault()
     fake.put("aws/transcription", {"access_key_id": "AKIA#1 \"x\""})
-    assert render_env_template(text, fake) == {"AWS_ACCESS_KEY_ID": "AKIA#1 \"x\""}
+    assert render_env_template(text, fake) == {"JOBFORGE_SECRET_AWS_ACCESS_KEY_ID": "AKIA#1 \"x\""}
 
 
 def test_the_policy_decides_which_secrets_a_job_can_render():
@@ -105,7 +107,7 @@ def test_the_policy_decides_which_secrets_a_job_can_render():
     aws, ml = env_templates("test")[1:]
     fake.add_token("aws-only", {"secret/data/aws/*": ["read"]})
     assert render_env_template(aws, fake, token="aws-only") == {
-        "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s/e+c=r<e>t&"}
+        "JOBFORGE_SECRET_AWS_ACCESS_KEY_ID": "AKIA", "JOBFORGE_SECRET_AWS_SECRET_ACCESS_KEY": "s/e+c=r<e>t&"}
     with pytest.raises(SecretUnavailable, match="Code: 403"):
         render_env_template(ml, fake, token="aws-only")
     # A policy written on the logical path (no data/) passes the preflight but not the read.
@@ -220,7 +222,8 @@ def test_hostile_field_names_through_the_job_renderer():
     (text,) = env_templates("test", spec)
     fake = FakeVault()
     fake.put("h", {'f"}}\n{{ end }}': "v1", "\\": "v2", "ü\u2028": "v3"})
-    assert render_env_template(text, fake) == {"F1": "v1", "F2": "v2", "F3": "v3"}  # F4: missing field, unset
+    assert render_env_template(text, fake) == {  # F4: missing field, unset
+        "JOBFORGE_SECRET_F1": "v1", "JOBFORGE_SECRET_F2": "v2", "JOBFORGE_SECRET_F3": "v3"}
 
 
 def test_values_that_are_not_strings():

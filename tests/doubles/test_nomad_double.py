@@ -964,9 +964,12 @@ async def test_runner_gets_payload_env_and_rendered_templates():
     assert env["JOBFORGE_PAYLOAD"] == env["NOMAD_TASK_DIR"] + "/payload.json"
     assert env["JOBFORGE_WORKDIR"] == env["NOMAD_ALLOC_DIR"] + "/work"
     assert (env["NOMAD_META_job_id"], env["NOMAD_META_attempt"]) == ("j1", "1")
-    assert (env["REGISTRY_USERNAME"], env["REGISTRY_PASSWORD"], env["HF_TOKEN"]) == ("ci", 'p"w#1', "hf_123")
+    assert (env["JOBFORGE_JOB_REGISTRY_USERNAME"], env["JOBFORGE_JOB_REGISTRY_PASSWORD"],
+            env["JOBFORGE_SECRET_HF_TOKEN"]) == ("ci", 'p"w#1', "hf_123")
+    assert not {"REGISTRY_USERNAME", "REGISTRY_PASSWORD", "HF_TOKEN"} & set(env)
     assert seen["common"] == (ROOT / "templates" / "tasks" / "_common.py").read_text()  # byte for byte
-    assert seen["registry"] == '\nREGISTRY_USERNAME="ci"\nREGISTRY_PASSWORD="p\\"w#1"\n\n'  # Go trim markers
+    assert seen["registry"] == ('\nJOBFORGE_JOB_REGISTRY_USERNAME="ci"\n'  # Go trim markers
+                                'JOBFORGE_JOB_REGISTRY_PASSWORD="p\\"w#1"\n\n')
     assert seen["config"]["args"] == [env["NOMAD_TASK_DIR"] + "/test.py"]
 
 

@@ -176,13 +176,13 @@ def test_secret_templates_read_kv2_fields_into_the_named_variables(gpu_vault_con
         assert template["perms"] == "600"
     registry = secrets["secrets/registry.env"]["data"]
     assert registry.startswith('{{ with secret "secret/nomad/jobs/registry-credentials" }}')
-    assert '{{- with index .Data.data "username" }}\nREGISTRY_USERNAME={{ . | toJSON }}' in registry
-    assert '{{- with index .Data.data "password" }}\nREGISTRY_PASSWORD={{ . | toJSON }}' in registry
+    assert '{{- with index .Data.data "username" }}\nJOBFORGE_JOB_REGISTRY_USERNAME={{ . | toJSON }}' in registry
+    assert '{{- with index .Data.data "password" }}\nJOBFORGE_JOB_REGISTRY_PASSWORD={{ . | toJSON }}' in registry
     aws = secrets["secrets/vault-1.env"]["data"]
     assert '{{ with secret "secret/data/aws/transcription" }}' in aws
-    assert 'index .Data.data "secret_access_key" }}\nAWS_SECRET_ACCESS_KEY={{ . | toJSON }}' in aws
+    assert 'index .Data.data "secret_access_key" }}\nJOBFORGE_SECRET_AWS_SECRET_ACCESS_KEY={{ . | toJSON }}' in aws
     hf = secrets["secrets/vault-2.env"]["data"]
-    assert 'index .Data.data "hf-token" }}\nHUGGING_FACE_HUB_TOKEN=' in hf  # `index`: field names with '-'
+    assert 'index .Data.data "hf-token" }}\nJOBFORGE_SECRET_HUGGING_FACE_HUB_TOKEN=' in hf  # `index`: field names with '-'
 
 
 def test_every_secret_the_payload_names_is_written_by_a_template(gpu_vault_config):
@@ -192,8 +192,10 @@ def test_every_secret_the_payload_names_is_written_by_a_template(gpu_vault_confi
     job = parse_job(render_job("test", variant_spec("test", gpu_vault_config)))
     written = {name for t in job.templates().values() if t.get("env")
                for name in re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", t["data"], re.MULTILINE)}
-    assert set(payload["test"]["secret_env"]) <= written
-    assert {"REGISTRY_USERNAME", "REGISTRY_PASSWORD"} <= written
+    # test.py reads a secret only from JOBFORGE_SECRET_<name>: never from a variable of the service or runner.
+    assert {"JOBFORGE_SECRET_" + name for name in payload["test"]["secret_env"]} <= written
+    assert {"JOBFORGE_JOB_REGISTRY_USERNAME", "JOBFORGE_JOB_REGISTRY_PASSWORD"} <= written
+    assert not written & set(payload["test"]["secret_env"])
 
 
 def test_build_reads_git_and_registry_credentials(gpu_vault_config):
@@ -201,7 +203,7 @@ def test_build_reads_git_and_registry_credentials(gpu_vault_config):
     templates = job.templates()
     git = templates["secrets/git.env"]["data"]
     assert git.startswith('{{ with secret "secret/nomad/jobs/git-credentials" }}')
-    assert "GIT_USERNAME={{ . | toJSON }}" in git and "GIT_PASSWORD={{ . | toJSON }}" in git
+    assert "\nJOBFORGE_JOB_GIT_USERNAME={{ . | toJSON }}" in git and "\nJOBFORGE_JOB_GIT_PASSWORD={{ . | toJSON }}" in git
     assert "secrets/registry.env" in templates
     assert "constraint" not in job.group and "device" not in job.task["resources"][0]
     assert job.task["vault"]
@@ -277,7 +279,7 @@ def test_hostile_vault_path_and_field_stay_inside_go_string_literals():
     job = parse_job(render_job("test", spec))
     data = untemplate(job.templates()["secrets/vault-1.env"]["data"])
     assert data.startswith("{{ with secret " + json.dumps(path) + " }}")
-    assert "{{- with index .Data.data " + json.dumps(field) + " }}\nNAME=" in data
+    assert "{{- with index .Data.data " + json.dumps(field) + " }}\nJOBFORGE_SECRET_NAME=" in data
 
 
 def test_invalid_env_name_is_refused():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
+from jobforge.admission import SubmitPolicy
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
 from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
@@ -44,7 +45,7 @@ async def service_on(db, nomad: FakeNomad, **backend_options):
     options = {"stream_timeout": 2.0, "retry_delay": 0.05, **backend_options}
     backend = NomadBackend(NomadAPI(NomadHTTP(nomad.url)), RenderParams(), **options)
     store = SqliteStore(db)
-    svc = JobService(store, backend, policy=Policy(), max_concurrent_jobs=2,
+    svc = JobService(store, backend, policy=Policy(), max_concurrent_jobs=2, admission=SubmitPolicy.permissive(),
                      registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False))
     await svc.start()
     try:

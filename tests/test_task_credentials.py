@@ -1,0 +1,108 @@
+"""The credential-binding rules of the task scripts (templates/tasks/_common.py, stdlib only): pure functions,
+imported from the scripts' own directory as the scripts import them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "templates" / "tasks"))
+
+import _common as c  # noqa: E402
+from build import split_url_credential  # noqa: E402
+
+STORE = """https://alice:a%40pw@git.example
+https://bob:b-pw@git.example:8443
+http://carol:c-pw@127.0.0.1:9000
+not a url
+https://no-password@git.example
+"""
+
+
+def test_credential_store_lines_are_parsed_like_git():
+    creds = c.parse_credential_store(STORE)
+    assert [(x.origin, x.username, x.password) for x in creds] == [
+        (c.Origin("https", "git.example", 443), "alice", "a@pw"),
+        (c.Origin("https", "git.example", 8443), "bob", "b-pw"),
+        (c.Origin("http", "127.0.0.1", 9000), "carol", "c-pw"),
+    ]
+
+
+@pytest.mark.parametrize(("url", "plain", "user"), [
+    ("https://git.example/org/app.git", [], "alice"),
+    ("https://GIT.example:443/org/app.git", [], "alice"),
+    ("https://git.example:8443/app.git", [], "bob"),
+    ("https://git.example:8444/app.git", [], None),        # another port
+    ("http://git.example/app.git", ["git.example"], None),  # another scheme: the https credential stays home
+    ("https://evil.example/git.example", [], None),
+    ("https://git.example.evil.example/app.git", [], None),
+    ("https://git.example@evil.example/app.git", [], None),
+    ("http://127.0.0.1:9000/r.git", [], None),              # plain http, host not listed
+    ("http://127.0.0.1:9000/r.git", ["127.0.0.1:9001"], None),
+    ("http://127.0.0.1:9000/r.git", ["127.0.0.1:9000"], "carol"),
+    ("http://127.0.0.1:9000/r.git", ["127.0.0.1"], "carol"),
+    ("ssh://git@git.example/app.git", [], None),
+    ("git@git.example:org/app.git", [], None),
+    ("file:///srv/git.example", [], None),
+])
+def test_a_credential_goes_only_to_its_own_origin(url, plain, user):
+    found = c.git_credential_for(url, c.parse_credential_store(STORE), plain)
+    assert (found.username if found else None) == user
+
+
+def test_a_username_password_bound_to_a_host():
+    creds = c.host_credentials("git.example:8443", "svc", "pw")
+    assert c.git_credential_for("https://git.example:8443/a.git", creds).username == "svc"
+    assert c.git_credential_for("https://git.example/a.git", creds) is None
+    assert c.git_credential_for("http://git.example:8443/a.git", creds) is None
+    assert c.git_credential_for("http://git.example:8443/a.git", creds, ["git.example"]).username == "svc"
+    assert c.host_credentials(None, "svc", "pw") == [] and c.host_credentials("h", None, "pw") == []
+
+
+def test_registry_entries_are_chosen_by_exact_host():
+    auths = {"127.0.0.1:5000": {"auth": "a"}, "127.0.0.1:5000/team": {"auth": "b"}, "127.0.0.1": {"auth": "c"},
+             "https://index.docker.io/v1/": {"auth": "d"}, "127.0.0.1:50000": {"auth": "e"}}
+    assert c.registry_auths_for(auths, ["127.0.0.1:5000"]) == {"127.0.0.1:5000": {"auth": "a"},
+                                                               "127.0.0.1:5000/team": {"auth": "b"}}
+    assert c.registry_auths_for(auths, ["index.docker.io"]) == {"https://index.docker.io/v1/": {"auth": "d"}}
+    assert c.registry_auths_for(auths, ["evil.example:5000"]) == {}
+
+
+def test_tls_is_off_only_for_the_service_registry_and_listed_hosts():
+    ctx = c.Context(payload={"temp_image": "127.0.0.1:5000/temp-a:1", "tls_verify": False,
+                             "insecure_registries": ["mirror.example:5001"]},
+                    workdir="/tmp", storage_driver="vfs", root=None, runroot=None, isolation="chroot")
+    assert ctx.tls_verify_for("127.0.0.1:5000/a:1") is False
+    assert ctx.tls_verify_for("mirror.example:5001/a:1") is False
+    assert ctx.tls_verify_for("evil.example:5000/a:1") is True
+    assert ctx.tls_verify_for("127.0.0.1:5001/a:1") is True
+
+
+def test_a_password_in_the_url_is_taken_out_and_bound_to_that_url():
+    url, cred = split_url_credential("https://ci:p%2Fw@git.example:8443/org/app.git")
+    assert url == "https://git.example:8443/org/app.git"
+    assert (cred.origin, cred.username, cred.password) == (c.Origin("https", "git.example", 8443), "ci", "p/w")
+    assert split_url_credential("https://ci@git.example/a.git") == ("https://ci@git.example/a.git", None)
+    assert split_url_credential("ssh://git:pw@git.example/a.git") == ("ssh://git.example/a.git", None)
+
+
+def test_tools_never_inherit_credential_variables(monkeypatch):
+    for name in ("REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "GIT_PASSWORD", "JOBFORGE_SECRET_X", "DOCKER_CONFIG"):
+        monkeypatch.setenv(name, "v")
+    monkeypatch.setenv("LANG", "C.UTF-8")
+    env = c.tool_env()
+    assert env["LANG"] == "C.UTF-8"
+    assert not {"REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "GIT_PASSWORD", "JOBFORGE_SECRET_X", "DOCKER_CONFIG"} & set(env)
+
+
+def test_build_registries_conf_marks_exactly_the_insecure_hosts():
+    system = 'unqualified-search-registries = ["docker.io"]\n'
+    text = c.registries_conf_text(system, ["127.0.0.1:5000", "mirror.example"])
+    assert text.startswith(system)
+    assert text.count("insecure = true") == 2
+    assert 'location = "127.0.0.1:5000"' in text and 'location = "mirror.example"' in text
+    assert c.registries_conf_text(system, []) == system
+    # v1 files cannot be mixed with v2 tables: left out
+    assert "registries.search" not in c.registries_conf_text("[registries.search]\nregistries = []\n", ["h:1"])
