@@ -163,7 +163,7 @@ class JobService:
 
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
-        await self.store.put(record, 0)
+        await self._create(record)
         self.metrics.submitted()
         log.info("job submitted", extra={"job_id": record.job_id, "owner": record.config.owner})
         await self._admit()
@@ -266,13 +266,42 @@ class JobService:
                             exc, attempt, delay)
                 await asyncio.sleep(delay)
 
+    async def _create(self, record: JobRecord) -> None:
+        """Store a new job, retrying like `_commit`; a conflict after a failed try means that try landed."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.store.put(record, 0)
+                return
+            except Conflict:
+                if attempt > 1 and (await self.store.get(record.job_id)).record == record:
+                    return
+                raise
+            except (StoreError, OSError) as exc:
+                delay = pipeline.store_retry_delay(attempt, self._policy)
+                if delay is None:
+                    raise StoreError(_store_failure(exc, "the job")) from exc
+                await asyncio.sleep(delay)
+
     async def _apply_or_fail(self, job_id: str, event: pipeline.Event) -> None:
         """Apply a backend event; if the store stays unusable, fail the job in the background instead."""
         try:
             await self.apply(job_id, event)
         except StoreError as exc:
             log.error("job %s: %s could not be applied: %s", job_id, type(event).__name__, exc.message)
-            self._fail_later(job_id, _store_failure(exc, "the job's state"))
+            await self._fail(job_id, _store_failure(exc, "the job's state"))
+
+    async def _fail(self, job_id: str, error: str) -> None:
+        """Fail the job now (so its later events are stale), or in the background while the store is down."""
+        try:
+            await self.apply(job_id, pipeline.JobFailed(at=self._clock(), error=error))
+        except (StoreError, OSError):
+            self._fail_later(job_id, error)
+        except (NotFound, IllegalTransition):
+            pass
+        else:
+            await self._flush_lost_lines(job_id)
 
     def _fail_later(self, job_id: str, error: str) -> None:
         async def fail() -> None:
@@ -456,7 +485,7 @@ class JobService:
             self._lost_lines[key] = (count + len(chunk.lines), reason)
             if count == 0:
                 log.error("job %s: log lines of %s lost: %s", chunk.job_id, chunk.phase, reason)
-                self._fail_later(chunk.job_id, _store_failure(exc, f"log lines of the {chunk.phase} phase"))
+                await self._fail(chunk.job_id, _store_failure(exc, f"log lines of the {chunk.phase} phase"))
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
         for line in chunk.lines:

@@ -37,6 +37,10 @@ class FakeBackend:
         self.stopped: list[StopPhase] = []
         self.cleaned: list[str] = []
         self.problems: dict[str, str] = {}
+        self.stop_error: Exception | None = None
+        """Raised by `stop` (after recording the command), like a scheduler that is down."""
+        self.cleanup_failures: list[Exception | bool] = []
+        """Outcomes of the next cleanups, in order: an exception to raise or False; then success."""
 
     async def dispatch(self, command: DispatchPhase, payload: dict, config: JobConfig) -> None:
         self.dispatched.append(command)
@@ -59,9 +63,16 @@ class FakeBackend:
 
     async def stop(self, command: StopPhase) -> None:
         self.stopped.append(command)
+        if self.stop_error is not None:
+            raise self.stop_error
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         self.cleaned.append(job_id)
+        if self.cleanup_failures:
+            outcome = self.cleanup_failures.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         return True
 
     async def events(self) -> AsyncIterator[BackendMessage]:
