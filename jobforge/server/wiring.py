@@ -54,8 +54,10 @@ def build_service(settings: Settings) -> JobService:
     store = build_store(settings)
     backend = build_backend(settings)
     policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
-                    publish_timeout=settings.publish_timeout)
+                    publish_timeout=settings.publish_timeout, deadline_grace=settings.deadline_grace,
+                    cleanup_attempts=settings.cleanup_attempts, cleanup_backoff=settings.cleanup_backoff)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
                               tls_verify=settings.registry_tls_verify)
     return JobService(store, backend, policy=policy, registry=registry,
-                      max_concurrent_jobs=settings.max_concurrent_jobs, webhooks=WebhookSender())
+                      max_concurrent_jobs=settings.max_concurrent_jobs, webhooks=WebhookSender(),
+                      tick_seconds=settings.tick_seconds, shutdown_grace=settings.kill_grace_seconds)

@@ -246,8 +246,21 @@ def unauthorized_error(ctx: Context, output: str, refs: Sequence[str]) -> TaskEr
 # --- entry point ----------------------------------------------------------------------------------------
 
 
+_PARENT = os.getppid()
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt our cleanup
+    if os.getppid() != _PARENT:
+        # The service died (its parent-death signal brought us here): nobody reads our output any more and
+        # nobody signalled our group, so silence the pipes and stop the whole group ourselves.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        except OSError:
+            pass
     raise Terminated()
 
 
