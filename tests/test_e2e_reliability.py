@@ -1,0 +1,152 @@
+"""Real faults around real builds (local backend, buildah, skopeo, docker-registry, git on 127.0.0.1): kills at
+any moment, SIGKILL of the service during a phase, and a registry that stops during publish. Every job ends with
+a specific error, and nothing of it is left behind: no process, no buildah container, no workspace, no tag."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jobforge.devinfra import Registry
+from tests.support.gitrepo import GitRepo
+from tests.support.service import ServiceProcess
+from tests.test_e2e import EXAMPLE, submit, watch
+
+pytestmark = pytest.mark.e2e
+
+
+def containers(data_dir: Path) -> list[str]:
+    """Buildah containers in the service's own storage."""
+    storage = data_dir / "buildah"
+    if not (storage / "root").exists():
+        return []
+    out = subprocess.run(["buildah", "--storage-driver", "vfs", "--root", str(storage / "root"), "--runroot",
+                          str(storage / "runroot"), "containers", "--format", "{{.ContainerName}}"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()
+
+
+def job_processes(data_dir: Path, job_id: str) -> list[int]:
+    """Processes still running with one of the job's workspaces (their JOBFORGE_WORKDIR)."""
+    marker = f"JOBFORGE_WORKDIR={data_dir / 'work' / job_id}/".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ:
+            found.append(int(pid))
+    return found
+
+
+def sleeping(naptime: int) -> str:
+    return subprocess.run(["pgrep", "-f", f"sleep {naptime}"], capture_output=True, text=True).stdout.strip()
+
+
+def slow_repo(tmp_path: Path, naptime: int) -> GitRepo:
+    repo = GitRepo.from_dir(tmp_path / f"slow-{naptime}", EXAMPLE)
+    repo.commit("slow build", {"Dockerfile": "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n"
+                                             f"RUN echo slow-step-begins && sleep {naptime}\n"})
+    return repo
+
+
+def config_for(repo: GitRepo, registry_host: str, base_image: str, **changes) -> dict:
+    return {"owner": "e2e", "repo_url": str(repo.path), "image_name": f"rel-{uuid.uuid4().hex[:8]}",
+            "registry_url": registry_host, "build_args": {"BASE_IMAGE": base_image},
+            "test": {"commands": ["true"]}, **changes}
+
+
+def assert_nothing_left(svc: ServiceProcess, job_id: str, naptime: int) -> None:
+    assert sleeping(naptime) == "", "the phase's processes must be gone"
+    left = job_processes(svc.data_dir, job_id)
+    assert left == [], [(Path(f"/proc/{p}/cmdline").read_bytes(), Path(f"/proc/{p}/stat").read_text()) for p in left]
+    assert containers(svc.data_dir) == []
+    assert not (svc.data_dir / "work" / job_id).exists(), "the job's workspace must be removed"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, registry, base_image):
+    with ServiceProcess(tmp_path_factory.mktemp("reliability"), registry.host, MAX_CONCURRENT_JOBS="2") as svc:
+        yield svc
+
+
+# ---------------------------------------------------------------- (2) a kill is honoured at every moment
+
+@pytest.mark.parametrize("delay_ms", [0, 5, 50, 500])
+def test_a_kill_at_any_moment_after_submit_ends_the_job_and_leaves_nothing(service, registry, base_image, tmp_path,
+                                                                           delay_ms):
+    naptime = random.randint(10000, 19999)
+    job_id = submit(service, config_for(slow_repo(tmp_path, naptime), registry.host, base_image))
+    time.sleep(delay_ms / 1000)  # the fault's timing is the test's input, not a synchronisation
+    status, body = service.post("/json/killJob", {"job_id": job_id})
+    assert (status, body["status"]) == (200, "FAILED")
+    final = watch(service.url, job_id)
+    assert (final["status"], final["error"]) == ("FAILED", "killed by user")
+    assert final["temp_image_deleted"] is True
+    assert_nothing_left(service, job_id, naptime)
+
+
+# ---------------------------------------------------------------- (4) SIGKILL of the service during a phase
+
+@pytest.mark.parametrize("phase", ["build", "test"])
+def test_sigkill_of_the_service_during_a_phase_then_restart(tmp_path, registry, base_image, phase):
+    naptime = random.randint(20000, 29999)
+    if phase == "build":
+        repo, marker, test = slow_repo(tmp_path, naptime), "slow-step-begins", {"commands": ["true"]}
+    else:
+        repo = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
+        marker, test = "test-begins", {"commands": [f"echo test-begins; sleep {naptime}"]}
+    with ServiceProcess(tmp_path / "data", registry.host) as svc:
+        cfg = config_for(repo, registry.host, base_image, test=test)
+        job_id = submit(svc, cfg)
+        assert watch(svc.url, job_id, until_line=marker)["current_phase"] == phase
+        svc.proc.send_signal(signal.SIGKILL)
+        svc.proc.wait()
+        svc.start()  # same data dir and port: reaps leftovers before it answers
+        assert sleeping(naptime) == "", "the phase's processes must be gone"
+        final = watch(svc.url, job_id)
+        assert_nothing_left(svc, job_id, naptime)
+        assert (final["status"], final["failed_phase"]) == ("FAILED", phase)
+        assert final["error"] == (f"the server restarted while the {phase} phase was running; "
+                                  "the local backend cannot resume it")
+        assert final["temp_image_deleted"] is True
+        assert not registry.has_manifest(f"temp-{cfg['image_name']}", job_id)
+
+
+# ---------------------------------------------------------------- (1, 8) the registry stops during publish
+
+def test_a_registry_outage_during_publish_fails_the_job_by_tag_and_leaves_no_tag(tmp_path, base_image):
+    with Registry(tmp_path / "registry") as reg, \
+            ServiceProcess(tmp_path / "data", reg.host, JOBFORGE_CLEANUP_BACKOFF="1s") as svc:
+        tags = [f"t{i}" for i in range(8)]
+        cfg = config_for(GitRepo.from_dir(tmp_path / "hello", EXAMPLE), reg.host, base_image, image_tags=tags)
+        job_id = submit(svc, cfg)
+        name, targets = cfg["image_name"], [f"{reg.host}/{cfg['image_name']}:{t}" for t in [job_id, *tags]]
+        watch(svc.url, job_id, until_line=f"copying {reg.host}/temp-{name}:{job_id} -> {targets[1]}")
+        port = reg.port
+        reg.stop()
+        final = watch(svc.url, job_id)  # watchers get their end message while the registry is down
+        assert (final["status"], final["failed_phase"]) == ("FAILED", "publish")
+        stopped_at = final["error"].split("publish phase failed: publish stopped at ", 1)[1].split(":", 2)
+        assert f"{stopped_at[0]}:{stopped_at[1]}:{stopped_at[2].split(':')[0]}" in targets[1:]
+        assert final["temp_image_deleted"] is False and final["cleanup_error"]
+        reg.start(port=port)
+        deadline = time.monotonic() + 120
+        while svc.get(f"/json/job/{job_id}/status")[1]["temp_image_deleted"] is not True:
+            assert time.monotonic() < deadline, "the background cleanup never deleted the temp image"
+            time.sleep(0.5)  # waiting for the service's own retry schedule (JOBFORGE_CLEANUP_BACKOFF)
+        assert reg.tags(name) == [], "no tag of the failed job may stay published"
+        assert not reg.has_manifest(f"temp-{name}", job_id)
+        status = svc.get(f"/json/job/{job_id}/status")[1]
+        assert status["cleanup_error"] is None
+        # The queue goes on: the next job succeeds.
+        nxt = submit(svc, config_for(GitRepo.from_dir(tmp_path / "hello2", EXAMPLE), reg.host, base_image))
+        assert watch(svc.url, nxt)["status"] == "SUCCEEDED"
