@@ -16,6 +16,7 @@ import pytest
 
 from jobforge.devinfra import Registry
 from tests.support.gitrepo import GitRepo
+from tests.support.registry_gate import RegistryGate
 from tests.support.service import ServiceProcess
 from tests.test_e2e import EXAMPLE, submit, watch
 
@@ -124,29 +125,27 @@ def test_sigkill_of_the_service_during_a_phase_then_restart(tmp_path, registry, 
 # ---------------------------------------------------------------- (1, 8) the registry stops during publish
 
 def test_a_registry_outage_during_publish_fails_the_job_by_tag_and_leaves_no_tag(tmp_path, base_image):
-    with Registry(tmp_path / "registry") as reg, \
-            ServiceProcess(tmp_path / "data", reg.host, JOBFORGE_CLEANUP_BACKOFF="1s") as svc:
-        tags = [f"t{i}" for i in range(8)]
-        cfg = config_for(GitRepo.from_dir(tmp_path / "hello", EXAMPLE), reg.host, base_image, image_tags=tags)
+    with Registry(tmp_path / "registry") as reg, RegistryGate(reg.host) as gate, \
+            ServiceProcess(tmp_path / "data", gate.host, JOBFORGE_CLEANUP_BACKOFF="1s") as svc:
+        tags = [f"t{i}" for i in range(4)]
+        cfg = config_for(GitRepo.from_dir(tmp_path / "hello", EXAMPLE), gate.host, base_image, image_tags=tags)
+        name = cfg["image_name"]
+        gate.on("PUT", f"/{name}/manifests/t1", reg.stop)  # the registry goes down while t1 is being pushed
         job_id = submit(svc, cfg)
-        name, targets = cfg["image_name"], [f"{reg.host}/{cfg['image_name']}:{t}" for t in [job_id, *tags]]
-        watch(svc.url, job_id, until_line=f"copying {reg.host}/temp-{name}:{job_id} -> {targets[1]}")
-        port = reg.port
-        reg.stop()
         final = watch(svc.url, job_id)  # watchers get their end message while the registry is down
         assert (final["status"], final["failed_phase"]) == ("FAILED", "publish")
-        stopped_at = final["error"].split("publish phase failed: publish stopped at ", 1)[1].split(":", 2)
-        assert f"{stopped_at[0]}:{stopped_at[1]}:{stopped_at[2].split(':')[0]}" in targets[1:]
+        assert f"publish stopped at {gate.host}/{name}:t1: copy to {gate.host}/{name}:t1 failed" in final["error"]
+        assert f"not rolled back yet (the cleanup removes them once the registry is back): " \
+               f"{gate.host}/{name}:{job_id}, {gate.host}/{name}:t0, {gate.host}/{name}:t1" in final["error"]
         assert final["temp_image_deleted"] is False and final["cleanup_error"]
-        reg.start(port=port)
+        reg.start(port=reg.port)
         deadline = time.monotonic() + 120
         while svc.get(f"/json/job/{job_id}/status")[1]["temp_image_deleted"] is not True:
             assert time.monotonic() < deadline, "the background cleanup never deleted the temp image"
             time.sleep(0.5)  # waiting for the service's own retry schedule (JOBFORGE_CLEANUP_BACKOFF)
         assert reg.tags(name) == [], "no tag of the failed job may stay published"
         assert not reg.has_manifest(f"temp-{name}", job_id)
-        status = svc.get(f"/json/job/{job_id}/status")[1]
-        assert status["cleanup_error"] is None
+        assert svc.get(f"/json/job/{job_id}/status")[1]["cleanup_error"] is None
         # The queue goes on: the next job succeeds.
-        nxt = submit(svc, config_for(GitRepo.from_dir(tmp_path / "hello2", EXAMPLE), reg.host, base_image))
+        nxt = submit(svc, config_for(GitRepo.from_dir(tmp_path / "hello2", EXAMPLE), gate.host, base_image))
         assert watch(svc.url, nxt)["status"] == "SUCCEEDED"
