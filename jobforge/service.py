@@ -104,6 +104,7 @@ class JobService:
         self._cleanups: dict[str, asyncio.Task] = {}  # at most one temp image deletion per job
         self._waiting: set[asyncio.Task] = set()  # cleanups sleeping before a retry (recorded in the store)
         self._lost_lines: dict[tuple[str, str], tuple[int, str]] = {}  # (job, phase) -> (count, reason)
+        self._doomed: dict[str, str] = {}  # job -> why it must fail (its logs are incomplete), until it has
         self._consumer: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self._changed = asyncio.Condition()
@@ -452,7 +453,7 @@ class JobService:
                 if isinstance(message, LogChunk):
                     await self._store_logs(message)
                 elif isinstance(message, JobEvent):
-                    await self._apply_or_fail(message.job_id, message.event)
+                    await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
             except NotFound:
                 log.warning("backend reported on unknown job %s", message.job_id)
             except IllegalTransition as exc:
@@ -485,12 +486,26 @@ class JobService:
             self._lost_lines[key] = (count + len(chunk.lines), reason)
             if count == 0:
                 log.error("job %s: log lines of %s lost: %s", chunk.job_id, chunk.phase, reason)
-                await self._fail(chunk.job_id, _store_failure(exc, f"log lines of the {chunk.phase} phase"))
+                error = _store_failure(exc, f"log lines of the {chunk.phase} phase")
+                self._doomed[chunk.job_id] = error
+                while len(self._doomed) > 10_000:  # bounded: the oldest entries are long finished
+                    self._doomed.pop(next(iter(self._doomed)))
+                await self._fail(chunk.job_id, error)
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
         for line in chunk.lines:
             for queue in queues:
                 queue.put_nowait(WatchUpdate(type="log", phase=phase, log=line))
+
+    def _doom(self, job_id: str, event: pipeline.Event) -> pipeline.Event:
+        """A phase of a job whose log lines were lost cannot end well: its end becomes the job's failure (the
+        failure recorded when the lines were lost may itself not have been storable on a full disk)."""
+        reason = self._doomed.get(job_id)
+        if reason is None or not isinstance(event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+            return event
+        del self._doomed[job_id]
+        error = f"{reason}; {event.error}" if isinstance(event, pipeline.PhaseFailed) else reason
+        return pipeline.JobFailed(at=event.at, error=error)
 
     async def _flush_lost_lines(self, job_id: str) -> None:
         """Write the marker for lines that could not be stored, once the store takes writes again."""

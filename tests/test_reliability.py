@@ -126,6 +126,23 @@ async def test_a_full_disk_fails_the_job_marks_its_log_and_keeps_earlier_jobs(tm
         assert (await env.watch_to_end(await env.submit())).status is JobStatus.SUCCEEDED
 
 
+async def test_when_even_the_failure_cannot_be_stored_the_phase_end_fails_the_job(tmp_path):
+    async with running(tmp_path / "jobs.db") as env:
+        env.backend.outcomes.update({Phase.BUILD: "hold", Phase.TEST: "hold"})
+        job_id = await env.submit()
+        await env.drained()
+        env.store.fail_appends(nth=1, times=1)  # the test phase's first lines
+        # puts: 1 build end + test dispatch, 2 test started, 3-5 the failure after the lost lines
+        env.store.fail_puts(nth=3, times=POLICY.store_attempts, message="sqlite: database or disk is full")
+        env.backend.finish(env.backend.dispatched[-1])
+        await env.drained()
+        env.backend.outcomes.clear()
+        env.backend.finish(env.backend.dispatched[-1])  # the test phase ends "well"
+        final = await env.watch_to_end(job_id)
+        assert (final.status, final.failed_phase) == (JobStatus.FAILED, Phase.TEST)
+        assert final.error == "no space left on device: log lines of the test phase could not be stored"
+
+
 # ---------------------------------------------------------------- backend faults
 
 async def test_kill_answers_200_when_stop_raises_and_the_queue_goes_on(tmp_path):
