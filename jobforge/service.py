@@ -429,6 +429,8 @@ class JobService:
         except (StoreError, OSError) as exc:
             log.warning("tick skipped: the store is unusable (%s)", exc)
             return
+        for job_id in {job for job, _ in self._lost_lines}:
+            await self._flush_lost_lines(job_id)
         for record in records:
             if record.status.terminal:
                 if record.job_id not in self._cleanups:
@@ -453,6 +455,7 @@ class JobService:
                 if isinstance(message, LogChunk):
                     await self._store_logs(message)
                 elif isinstance(message, JobEvent):
+                    await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
                     await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
             except NotFound:
                 log.warning("backend reported on unknown job %s", message.job_id)
@@ -490,12 +493,24 @@ class JobService:
                 self._doomed[chunk.job_id] = error
                 while len(self._doomed) > 10_000:  # bounded: the oldest entries are long finished
                     self._doomed.pop(next(iter(self._doomed)))
+                if disk_full(exc):
+                    self._spawn(self._stop_current_phase(chunk.job_id))  # it holds the space we need
                 await self._fail(chunk.job_id, error)
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
         for line in chunk.lines:
             for queue in queues:
                 queue.put_nowait(WatchUpdate(type="log", phase=phase, log=line))
+
+    async def _stop_current_phase(self, job_id: str) -> None:
+        """Stop a job's running phase before its failure is recorded (a full disk may not take the record yet)."""
+        try:
+            record = (await self.store.get(job_id)).record
+            if record.current_phase is not None:
+                await self.backend.stop(pipeline.StopPhase(job_id=job_id, phase=record.current_phase,
+                                                           attempt=record.phases[record.current_phase].attempt))
+        except Exception:  # noqa: BLE001 - best effort; the recorded failure stops it too
+            log.exception("job %s: could not stop its phase", job_id)
 
     def _doom(self, job_id: str, event: pipeline.Event) -> pipeline.Event:
         """A phase of a job whose log lines were lost cannot end well: its end becomes the job's failure (the
@@ -504,7 +519,8 @@ class JobService:
         if reason is None or not isinstance(event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
             return event
         del self._doomed[job_id]
-        error = f"{reason}; {event.error}" if isinstance(event, pipeline.PhaseFailed) else reason
+        failed = isinstance(event, pipeline.PhaseFailed) and event.error != pipeline.KILLED_BY_USER  # we stopped it
+        error = f"{reason}; {event.error}" if failed else reason
         return pipeline.JobFailed(at=event.at, error=error)
 
     async def _flush_lost_lines(self, job_id: str) -> None:

@@ -149,3 +149,45 @@ def test_a_registry_outage_during_publish_fails_the_job_by_tag_and_leaves_no_tag
         # The queue goes on: the next job succeeds.
         nxt = submit(svc, config_for(GitRepo.from_dir(tmp_path / "hello2", EXAMPLE), gate.host, base_image))
         assert watch(svc.url, nxt)["status"] == "SUCCEEDED"
+
+
+# ---------------------------------------------------------------- (6) a full data disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """The service's data dir on its own tmpfs (we run as root in CI)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(data)], check=True)
+    yield data
+    subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Take all free space of `disk` but `leave` bytes."""
+    stat = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, stat.f_bavail * stat.f_frsize - leave)
+    return filler
+
+
+def test_a_full_data_disk_fails_the_job_keeps_the_service_up_and_loses_nothing_earlier(small_disk, tmp_path,
+                                                                                      registry, base_image):
+    with ServiceProcess(small_disk, registry.host) as svc:
+        repo = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
+        earlier = submit(svc, config_for(repo, registry.host, base_image))
+        assert watch(svc.url, earlier)["status"] == "SUCCEEDED"
+        logs_before = svc.get(f"/json/job/{earlier}/logs")[1]
+        filler = fill(small_disk, leave=60 * 1024 * 1024)  # room for the build and the test container
+        chatty = {"commands": ["i=0; while [ $i -lt 2000000 ]; do echo \"line $i of a test that talks a lot\"; "
+                               "i=$((i+1)); done; sleep 600"]}  # then it holds the space
+        job_id = submit(svc, config_for(repo, registry.host, base_image, test=chatty))
+        final = watch(svc.url, job_id)
+        assert svc.get("/health")[0] == 200
+        assert final["status"] == "FAILED" and "no space left on device" in final["error"].lower(), final["error"]
+        logs = svc.get(f"/json/job/{job_id}/logs")[1]["logs"]
+        assert any(line.startswith("[log lines lost: ") for phase in logs.values() for line in phase), final["error"]
+        assert svc.get(f"/json/job/{earlier}/logs")[1] == logs_before
+        filler.unlink()
+        assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"

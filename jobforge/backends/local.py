@@ -49,6 +49,7 @@ _ERROR_PREFIX = "ERROR: "
 _READ_CHUNK = 64 * 1024
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
 _PGID_FILE = ".pgid"
+_ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
 _PR_SET_PDEATHSIG = 1
 _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
 _REAP_WAIT = 10.0
@@ -103,6 +104,8 @@ class _Outcome:
     returncode: int
     timed_out: bool
     last_error: str | None
+    disk_full: bool = False
+    """The phase's output reported a full disk: the usual, actionable cause of its failure."""
 
 
 class LocalBackend:
@@ -274,6 +277,8 @@ class LocalBackend:
             report(PhaseSucceeded)
         else:
             detail = outcome.last_error or f"task exited with code {outcome.returncode}"
+            if outcome.disk_full and "no space left on device" not in detail.lower():
+                detail = f"no space left on device ({detail})"
             report(PhaseFailed, error=f"{phase.value} phase failed: {detail}")
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
@@ -315,8 +320,9 @@ class LocalBackend:
             done, pending = await asyncio.wait(pumps, timeout=self._kill_grace)
             for task in pending:
                 task.cancel()
+            errors = [e for e in last_error if e != _ENOSPC_SEEN]
             return _Outcome(proc.returncode if proc.returncode is not None else -1, timed_out,
-                            last_error[-1] if last_error else None)
+                            errors[-1] if errors else None, _ENOSPC_SEEN in last_error)
         finally:
             run.done.set()
             shutil.rmtree(workdir, ignore_errors=True)
@@ -342,6 +348,8 @@ class LocalBackend:
             text = raw.decode("utf-8", errors="replace").rstrip("\r")
             if text.startswith(_ERROR_PREFIX):
                 last_error.append(text[len(_ERROR_PREFIX):])
+            elif _ENOSPC_SEEN not in last_error and "no space left on device" in text.lower():
+                last_error.insert(0, _ENOSPC_SEEN)
             lines.append(LogLine(ts=now, stream=kind, line=text))
         self._queue.put_nowait(LogChunk(job_id, phase, lines))
 
