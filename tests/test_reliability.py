@@ -61,13 +61,13 @@ class Env:
 
 
 @asynccontextmanager
-async def running(db, max_jobs: int = 1, backend: FakeBackend | None = None):
+async def running(db, max_jobs: int = 1, backend: FakeBackend | None = None, shutdown_grace: float = 10.0):
     backend = backend or FakeBackend()
     store = FaultyStore(SqliteStore(db))
     clock = Clock()
     service = JobService(store, backend, policy=POLICY, max_concurrent_jobs=max_jobs, clock=clock,
                          registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
-                         tick_seconds=3600)
+                         tick_seconds=3600, shutdown_grace=shutdown_grace)
     await service.start()
     try:
         yield Env(service, backend, store, clock)
@@ -202,6 +202,19 @@ async def test_a_cleanup_interrupted_by_shutdown_is_resumed_at_the_next_start(tm
         job_id = await env.submit()
         await env.watch_to_end(job_id)
         assert [r.job_id for r in await env.service.store.unfinished()] == [job_id]
+    async with running(db) as env:
+        await env.service.idle(cleanups=True)
+        assert (await env.status(job_id)).temp_image_deleted is True
+        assert env.backend.cleaned == [job_id]
+
+
+async def test_a_cleanup_still_running_at_shutdown_is_left_recorded_and_finished_at_the_next_start(tmp_path):
+    db = tmp_path / "jobs.db"
+    async with running(db, shutdown_grace=0.01) as env:
+        env.backend.cleanup_gate = asyncio.Event()  # the deletion hangs (registry stalls) past the shutdown grace
+        job_id = await env.submit()
+        while env.backend.cleaned != [job_id]:
+            await asyncio.sleep(0)
     async with running(db) as env:
         await env.service.idle(cleanups=True)
         assert (await env.status(job_id)).temp_image_deleted is True

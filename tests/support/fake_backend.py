@@ -39,6 +39,8 @@ class FakeBackend:
         self.problems: dict[str, str] = {}
         self.stop_error: Exception | None = None
         """Raised by `stop` (after recording the command), like a scheduler that is down."""
+        self.cleanup_gate: asyncio.Event | None = None
+        """When set, cleanups wait for this event (a deletion still running at shutdown)."""
         self.cleanup_failures: list[Exception | bool] = []
         """Outcomes of the next cleanups, in order: an exception to raise or False; then success."""
 
@@ -68,6 +70,8 @@ class FakeBackend:
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         self.cleaned.append(job_id)
+        if self.cleanup_gate is not None:
+            await self.cleanup_gate.wait()
         if self.cleanup_failures:
             outcome = self.cleanup_failures.pop(0)
             if isinstance(outcome, Exception):
