@@ -124,6 +124,12 @@ def publish(ctx: Context) -> None:
             if wrong:
                 raise TaskError(f"digest mismatch: expected {expected}, got {', '.join(wrong)}")
         except (TaskError, Terminated) as exc:
+            if touched and touched[-1] == current:
+                try:  # did the failed copy change the target at all?
+                    if current_digest(ctx, current, authfile) == before[current]:
+                        touched.pop()
+                except TaskError:
+                    pass  # unknown (registry down): roll it back too, to be sure
             if touched:
                 step(f"publish failed at {current}; rolling back {', '.join(touched)}")
             done, left = rollback(ctx, touched, before, expected, authfile) if touched else ([], [])
