@@ -4,8 +4,8 @@ Each phase is one process group (so a kill or timeout takes buildah and the cont
 stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
 phase's end event. Nothing is retried or stored here.
 
-No orphans, no litter: a task script gets SIGTERM when the service dies (PR_SET_PDEATHSIG; the script then stops
-its whole group, see templates/tasks/_common.py), and each phase records its process group id in its workspace,
+No orphans, no litter: a task script gets SIGTERM when the service dies (it sets PR_SET_PDEATHSIG on itself and
+then stops its whole group, see templates/tasks/_common.py), and each phase records its process group id in its workspace,
 so `reap()` at the next start kills whatever is left and removes leftover buildah containers (the storage is
 this backend's own and nothing runs before `reap()`). A phase's workspace `work/<job_id>/<phase>-*` is removed
 when the phase ends, and `work/<job_id>` with its last phase. A stop that arrives before the process exists
@@ -15,7 +15,6 @@ prevents the start.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import json
 import logging
@@ -50,24 +49,10 @@ _READ_CHUNK = 64 * 1024
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
 _PGID_FILE = ".pgid"
 _ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
-_PR_SET_PDEATHSIG = 1
 _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
 _REAP_WAIT = 10.0
 
 log = logging.getLogger("jobforge.backends.local")
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A preexec function asking the kernel to SIGTERM the child when this process dies (Linux only)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    return preexec
 
 
 def _proc_info(pid: str) -> tuple[int, bytes] | None:
@@ -123,7 +108,6 @@ class LocalBackend:
         self._queue: asyncio.Queue[BackendMessage] = asyncio.Queue()
         self._runs: dict[str, _Run] = {}
         self._early_stops: OrderedDict[str, None] = OrderedDict()
-        self._preexec = _parent_death_signal()
         self._buildah_global = ["--root", str(storage_root), "--runroot", str(storage_runroot), "--storage-driver", "vfs"]
         self._tasks: set[asyncio.Task] = set()
         base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
@@ -294,7 +278,6 @@ class LocalBackend:
             env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
             proc = await asyncio.create_subprocess_exec(
                 self._python, str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
-                preexec_fn=self._preexec,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             run.process = proc
             try:

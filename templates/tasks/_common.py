@@ -264,9 +264,22 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise Terminated()
 
 
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the process that started us dies (Linux PR_SET_PDEATHSIG), so a phase
+    never outlives a crashed runner; `_on_sigterm` then stops our whole process group."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")
     ctx: Context | None = None
