@@ -66,10 +66,11 @@ class Registry:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start on a free port, or on `port` (a restart on the same address, e.g. after an outage test)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):  # the free port can be taken between probing and binding
-            self.port = free_port()
+        for _ in range(1 if port else 3):  # the free port can be taken between probing and binding
+            self.port = port or free_port()
             config = self._write_config()
             log = open(self.dir / "registry.log", "ab")
             self._proc = subprocess.Popen([self.binary, "serve", str(config)], stdin=subprocess.DEVNULL,

@@ -100,11 +100,21 @@ class JobRecord(_Frozen):
     cleanup_pending: bool = False
     """The temp image is being deleted; the job is settled once this is False again."""
     temp_image_deleted: bool | None = None
+    cleanup_retry: bool = False
+    """Deleting the temp image failed and will be retried (in the background, and after a restart)."""
+    cleanup_attempts: int = 0
+    cleanup_error: str | None = None
+    """Why the temp image could not be deleted (last attempt)."""
 
     @property
     def settled(self) -> bool:
         """Finished, and nothing of it is still being cleaned up: watchers get their last message."""
         return self.status.terminal and not self.cleanup_pending
+
+    @property
+    def outstanding(self) -> bool:
+        """The service still owes this job work: running it, or deleting its temp image (restart recovery)."""
+        return not self.status.terminal or self.cleanup_pending or self.cleanup_retry
 
 
 class LogStream(str, Enum):
@@ -268,6 +278,7 @@ class JobStatusResult(BaseModel):
     submitted_at: datetime
     finished_at: datetime | None
     temp_image_deleted: bool | None = None
+    cleanup_error: str | None = Field(None, description="why the temp image could not be deleted (retried)")
 
     @classmethod
     def from_record(cls, record: JobRecord) -> "JobStatusResult":
@@ -288,7 +299,7 @@ class JobStatusResult(BaseModel):
             failed_phase=record.failed_phase, error=_masked(record.error), config=record.config.redacted(),
             metrics=JobMetrics(**m), image_tags=record.image_tags, phases=phases,
             submitted_at=record.submitted_at, finished_at=record.finished_at,
-            temp_image_deleted=record.temp_image_deleted,
+            temp_image_deleted=record.temp_image_deleted, cleanup_error=record.cleanup_error,
         )
 
 

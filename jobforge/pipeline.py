@@ -7,7 +7,12 @@ returned commands and stores the returned record.
 Transitions are data (`_TRANSITIONS[status][event type]`). An event the table does not allow raises
 `IllegalTransition`, except that phase events for another phase or attempt, and any event but a kill for a
 finished job, are dropped: event streams replay and processes report after being killed. A finished job still
-takes `TempImageDeleted`: it is settled once its temp image is gone.
+takes `TempImageDeleted`: it settles after the first attempt to delete its temp image, and a failed deletion
+is retried (`DeleteTempImage.delay_seconds`) a bounded number of times.
+
+The service's own failure policy lives here too, so it is decided in one place: `Tick` (the clock, as an event)
+fails a phase that no backend event finished by its deadline, `JobFailed` ends a job the service cannot carry
+on (its state or logs cannot be stored), and `store_retry_delay` says how often a failed store write is retried.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
-from jobforge.config import JobConfig, Resources
+from jobforge.config import JobConfig, Resources, format_duration
 from jobforge.errors import IllegalTransition
 from jobforge.models import PHASES, JobRecord, JobStatus, Phase, PhaseRun, PhaseStatus, WebhookEvent
 
@@ -37,6 +42,14 @@ class Policy(_Frozen):
     test_timeout: float = 15 * 60
     publish_timeout: float = 15 * 60
     max_attempts: int = 2
+    deadline_grace: float = 5 * 60
+    """A phase not finished by backend events within its timeout plus this is failed by the service itself."""
+    store_attempts: int = 5
+    store_backoff: float = 0.05
+    """Seconds before the first retry of a failed store write; doubled per attempt."""
+    cleanup_attempts: int = 8
+    cleanup_backoff: float = 10.0
+    """Seconds before the first retry of a failed temp image deletion; doubled per attempt, at most an hour."""
 
 
 # ---------------------------------------------------------------- events
@@ -54,9 +67,20 @@ class KillRequested(Event):
 
 
 class TempImageDeleted(Event):
-    """The finished job's temp image was deleted (ok) or could not be."""
+    """The finished job's temp image was deleted (ok) or could not be (`error` says why)."""
 
     ok: bool
+    error: str | None = None
+
+
+class Tick(Event):
+    """The clock: a running phase past its deadline is failed (its backend never reported an end)."""
+
+
+class JobFailed(Event):
+    """The service cannot carry the job on (e.g. its state or logs cannot be stored): fail it with `error`."""
+
+    error: str
 
 
 class PhaseEvent(Event):
@@ -102,7 +126,8 @@ class StopPhase(Command):
 
 
 class DeleteTempImage(Command):
-    pass
+    delay_seconds: float = 0.0
+    """A retry waits this long first."""
 
 
 class FireWebhook(Command):
@@ -134,6 +159,25 @@ def _timeout(config: JobConfig, phase: Phase, policy: Policy) -> float:
     if phase is Phase.TEST:
         return (config.test.timeout_seconds if config.test else None) or policy.test_timeout
     return policy.publish_timeout
+
+
+def deadline_seconds(config: JobConfig, phase: Phase, policy: Policy) -> float:
+    """Seconds after dispatch at which the service fails the phase itself."""
+    return _timeout(config, phase, policy) + policy.deadline_grace
+
+
+def store_retry_delay(attempt: int, policy: Policy) -> float | None:
+    """Seconds to wait before retrying a store write that failed `attempt` times; None: give up."""
+    if attempt >= policy.store_attempts:
+        return None
+    return policy.store_backoff * 2 ** (attempt - 1)
+
+
+def cleanup_retry_delay(attempts: int, policy: Policy) -> float | None:
+    """Seconds before retrying a temp image deletion that failed `attempts` times; None: give up."""
+    if attempts >= policy.cleanup_attempts:
+        return None
+    return min(policy.cleanup_backoff * 2 ** (attempts - 1), 3600.0)
 
 
 def current_dispatch(record: JobRecord, policy: Policy) -> DispatchPhase | None:
@@ -230,24 +274,56 @@ def _failed(record: JobRecord, event: PhaseFailed, policy: Policy):
     return _finish(record, JobStatus.FAILED, event.at, phases, failed_phase=event.phase, error=event.error)
 
 
-def _kill(record: JobRecord, event: KillRequested, policy: Policy):
+def _abort(record: JobRecord, at: datetime, error: str):
+    """Fail the job now; a running phase is failed with it and stopped."""
     phase = record.current_phase
     if phase is None:
-        return _finish(record, JobStatus.FAILED, event.at, dict(record.phases), error=KILLED_BY_USER)
+        return _finish(record, JobStatus.FAILED, at, dict(record.phases), error=error)
     run = record.phases[phase]
-    phases = _with_phase(record, phase, status=PhaseStatus.FAILED, ended_at=event.at, error=KILLED_BY_USER)
-    new, commands = _finish(record, JobStatus.FAILED, event.at, phases, failed_phase=phase, error=KILLED_BY_USER)
+    phases = _with_phase(record, phase, status=PhaseStatus.FAILED, ended_at=at, error=error)
+    new, commands = _finish(record, JobStatus.FAILED, at, phases, failed_phase=phase, error=error)
     return new, [StopPhase(job_id=record.job_id, phase=phase, attempt=run.attempt), *commands]
 
 
+def _kill(record: JobRecord, event: KillRequested, policy: Policy):
+    return _abort(record, event.at, KILLED_BY_USER)
+
+
+def _job_failed(record: JobRecord, event: JobFailed, policy: Policy):
+    return _abort(record, event.at, event.error)
+
+
+def _tick(record: JobRecord, event: Tick, policy: Policy):
+    phase = record.current_phase
+    dispatched = record.phases[phase].dispatched_at if phase else None
+    if phase is None or dispatched is None:
+        return record, []
+    limit = deadline_seconds(record.config, phase, policy)
+    if (event.at - dispatched).total_seconds() < limit:
+        return record, []
+    return _abort(record, event.at, f"{phase.value} phase did not finish within {format_duration(round(limit))} "
+                                    "(its timeout plus grace) and its runner never reported an end")
+
+
 def _temp_deleted(record: JobRecord, event: TempImageDeleted, policy: Policy):
-    return record.model_copy(update={"cleanup_pending": False, "temp_image_deleted": event.ok}), []
+    if record.temp_image_deleted:
+        return record, []
+    if event.ok:
+        return record.model_copy(update={"cleanup_pending": False, "cleanup_retry": False,
+                                         "temp_image_deleted": True, "cleanup_error": None}), []
+    attempts = record.cleanup_attempts + 1
+    delay = cleanup_retry_delay(attempts, policy)
+    new = record.model_copy(update={
+        "cleanup_pending": False, "cleanup_retry": delay is not None, "temp_image_deleted": False,
+        "cleanup_attempts": attempts, "cleanup_error": event.error or "the temp image could not be deleted"})
+    return new, ([DeleteTempImage(job_id=record.job_id, delay_seconds=delay)] if delay is not None else [])
 
 
 Transition = Callable[[JobRecord, Event, Policy], tuple[JobRecord, list[Command]]]
-_RUNNING = {PhaseStarted: _started, PhaseSucceeded: _succeeded, PhaseFailed: _failed, KillRequested: _kill}
+_RUNNING = {PhaseStarted: _started, PhaseSucceeded: _succeeded, PhaseFailed: _failed, KillRequested: _kill,
+            JobFailed: _job_failed, Tick: _tick}
 _TRANSITIONS: dict[JobStatus, dict[type[Event], Transition]] = {
-    JobStatus.PENDING: {Admitted: _admit, KillRequested: _kill},
+    JobStatus.PENDING: {Admitted: _admit, KillRequested: _kill, JobFailed: _job_failed, Tick: _tick},
     JobStatus.BUILDING: _RUNNING,
     JobStatus.TESTING: _RUNNING,
     JobStatus.PUBLISHING: _RUNNING,

@@ -3,11 +3,22 @@
 Every change goes the same way: load the record, `pipeline.step` it, compare-and-set it back, tell watchers,
 then execute the returned commands. Backend messages are consumed by one loop; each job's events are applied
 under a per-job lock so one process never races itself, and the store's CAS protects against other processes.
+
+Failure rules (the numbers come from `pipeline.Policy`):
+- a store conflict or `StoreError` while applying an event is retried with backoff; when the store stays
+  unusable the job is failed (`JobFailed`) in the background, so no event ends silently dropped;
+- each command runs on its own: a failing `stop` or cleanup is logged and recorded, the rest still run;
+- a dispatch runs under the job's lock, so a kill that arrives meanwhile waits until the phase exists;
+- concurrency slots are counted from the stored records at every admission, never from a counter;
+- a periodic `Tick` fails phases past their deadline and re-admits; failed temp image deletions are retried
+  and, being recorded in the store, resumed after a restart;
+- log lines that cannot be stored are counted, the job fails, and its log gets a marker saying so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import uuid
 from collections import defaultdict, deque
@@ -18,7 +29,7 @@ from jobforge import pipeline
 from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.delivery import DeliveryWorker
-from jobforge.errors import BackendError, Conflict, NotFound, QueueFull
+from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
 from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_usage_line
 from jobforge.models import (
@@ -32,6 +43,7 @@ from jobforge.models import (
     JobStatus,
     JobStatusResult,
     KillJobResult,
+    LogLine,
     LogsResult,
     LogStream,
     Phase,
@@ -42,13 +54,35 @@ from jobforge.models import (
     utcnow,
 )
 from jobforge.stores.base import Store
-from jobforge.tasks import RegistryTarget, build_payload
+from jobforge.tasks import RegistryTarget, build_payload, temp_image
 
 log = logging.getLogger("jobforge.service")
 
 DEFAULT_MAX_QUEUED_JOBS = 1000
 MAX_LOG_PAGE_CHARS = 4 * 1024 * 1024
 """A getLogs page ends once its lines hold this many characters (at least one line is always returned)."""
+
+_FAIL_LATER_ATTEMPTS = 20
+_FAIL_LATER_MAX_DELAY = 30.0
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True when `exc` (or what caused it) is the data disk being full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        text = str(seen).lower()
+        if "disk is full" in text or "no space left" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _store_failure(exc: Exception, what: str) -> str:
+    if disk_full(exc):
+        return f"no space left on device: {what} could not be stored"
+    return f"{what} could not be stored: {getattr(exc, 'message', None) or exc}"
 
 
 
@@ -57,77 +91,106 @@ class JobService:
                  max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: DeliveryWorker | None = None,
                  admission: SubmitPolicy = SubmitPolicy(),
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
-                 max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits()):
+                 max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits(),
+                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0):
         self.store = store
-        self._admission = admission
         self.backend = backend
         self._policy = policy
         self._registry = registry
         self._max = max_concurrent_jobs
-        self._max_queued = max_queued_jobs
-        self._log_budgets = LogBudgets(log_limits)
         self.metrics = metrics or Metrics()
         self.webhooks = webhooks
+        self._submit_policy = admission
+        self._max_queued = max_queued_jobs
+        self._log_budgets = LogBudgets(log_limits)
         self._clock = clock
         self._new_id = new_id
+        self._tick_seconds = tick_seconds
+        self._shutdown_grace = shutdown_grace
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._pending: deque[str] = deque()
+        self._admission = asyncio.Lock()
+        self._pending: list[str] = []  # snapshots of the store, refreshed at every admission (idle(), metrics)
         self._active: set[str] = set()
         self._watchers: defaultdict[str, set[asyncio.Queue]] = defaultdict(set)
         self._tasks: set[asyncio.Task] = set()
+        self._cleanups: dict[str, asyncio.Task] = {}  # at most one temp image deletion per job
+        self._waiting: set[asyncio.Task] = set()  # cleanups sleeping before a retry (recorded in the store)
+        self._lost_lines: dict[tuple[str, str], tuple[int, str]] = {}  # (job, phase) -> (count, reason)
+        self._doomed: dict[str, str] = {}  # job -> why it must fail (its logs are incomplete), until it has
         self._consumer: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
         self._changed = asyncio.Condition()
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Recover unfinished jobs, then start consuming backend events and admitting jobs."""
+        """Reap what a previous run left, recover unfinished jobs and cleanups, then consume and admit."""
+        reap = getattr(self.backend, "reap", None)  # non-resumable backends: kill leftovers of a previous run
+        if reap is not None:
+            await reap()
         self._consumer = asyncio.create_task(self._consume())
         resumed = []
         for record in await self.store.unfinished():
-            if record.status is JobStatus.PENDING:
-                self._pending.append(record.job_id)
+            if record.status.terminal:
+                self._schedule_cleanup(record.job_id)
+            elif record.status is JobStatus.PENDING:
+                continue
             elif self.backend.resumable:
-                self._active.add(record.job_id)
                 resumed.append((pipeline.current_dispatch(record, self._policy), record))
             else:
                 phase = record.current_phase
-                await self.apply(record.job_id, pipeline.PhaseFailed(
+                await self._apply_or_fail(record.job_id, pipeline.PhaseFailed(
                     at=self._clock(), phase=phase, attempt=record.phases[phase].attempt,
                     error=f"the server restarted while the {phase.value} phase was running; "
                           "the local backend cannot resume it"))
         if resumed:
             await self.backend.resume(resumed)
         await self._admit()
+        self._ticker = asyncio.create_task(self._tick_loop())
 
     async def aclose(self) -> None:
-        if self._consumer:
-            self._consumer.cancel()
-        for task in list(self._tasks):
+        """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start."""
+        for task in (self._consumer, self._ticker):
+            if task:
+                task.cancel()
+        for task in list(self._waiting):
             task.cancel()
-        await asyncio.gather(*self._tasks, *( [self._consumer] if self._consumer else []), return_exceptions=True)
+        busy = [t for t in self._tasks if not t.done()]
+        if busy:
+            _, late = await asyncio.wait(busy, timeout=self._shutdown_grace)
+            for task in late:
+                task.cancel()
+        background = [t for t in (self._consumer, self._ticker) if t]
+        await asyncio.gather(*self._tasks, *background, return_exceptions=True)
 
-    async def idle(self) -> None:
-        """Wait until no job is pending or running and no side task is in flight (tests, benchmarks, shutdown)."""
+    async def idle(self, cleanups: bool = False) -> None:
+        """Wait until no job is pending or running and no side task is in flight (tests, benchmarks, shutdown);
+        with `cleanups`, also until no temp image deletion waits for a retry."""
+        def quiet() -> bool:
+            busy = self._tasks if cleanups else self._tasks - self._waiting
+            return not self._pending and not self._active and not busy
         async with self._changed:
-            await self._changed.wait_for(lambda: not self._pending and not self._active and not self._tasks)
+            await self._changed.wait_for(quiet)
 
     # ------------------------------------------------------------ API methods
 
     async def submit_job(self, params: SubmitJobParams) -> SubmitJobResult:
-        self._admission.check(params.job_config)  # ConfigError (400) before anything is stored or dispatched
+        self._submit_policy.check(params.job_config)  # ConfigError (400) before anything is stored or dispatched
         if self.webhooks is not None:
             self.webhooks.check_config(params.job_config)
         if len(self._pending) >= self._max_queued:
             raise QueueFull(f"{len(self._pending)} jobs are already waiting for a slot (MAX_QUEUED_JOBS="
                             f"{self._max_queued}); the job was not accepted, submit it again later")
         record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
-        await self.store.put(record, 0)
+        await self._create(record)
+        self._pending.append(record.job_id)  # counted against MAX_QUEUED_JOBS until the next admission
         self.metrics.submitted()
         log.info("Job submitted successfully", extra={"job_id": record.job_id, "owner": record.config.owner})
-        self._pending.append(record.job_id)
         await self._admit()
         return SubmitJobResult(job_id=record.job_id, status=(await self.store.get(record.job_id)).record.status)
+
+    async def get_status(self, params: JobIdParams) -> JobStatusResult:
+        return JobStatusResult.from_record((await self.store.get(params.job_id)).record)
 
     async def owner_of(self, job_id: str) -> str:
         """The job's owner, for authorisation (`NotFound` for an unknown job)."""
@@ -211,25 +274,102 @@ class JobService:
     # ------------------------------------------------------------ the shell
 
     async def apply(self, job_id: str, event: pipeline.Event) -> JobRecord:
-        """Decide (pure), commit once (CAS), then act on the commands."""
+        """Decide (pure), commit once (CAS, retried), then act on the commands.
+
+        Raises `StoreError` when the store stays unusable, `IllegalTransition` for an event the job refuses."""
         async with self._locks[job_id]:
-            record, version = await self.store.get(job_id)
-            new, commands = pipeline.step(record, event, self._policy)
-            if new != record:
-                await self.store.put(new, version)
-                self._on_change(record, new)
-                hooks = [c for c in commands if isinstance(c, pipeline.FireWebhook)]
-                if hooks and self.webhooks is not None:  # queued under the lock: a job's events stay in order
-                    await self.webhooks.enqueue(hooks, new)
+            old, new, commands = await self._commit(job_id, event)
+            for command in commands:  # a kill waits for the lock: it never slips between commit and dispatch
+                if isinstance(command, pipeline.DispatchPhase):
+                    await self._execute(command, new)
         for command in commands:
-            await self._execute(command, new)
-        if new.status.terminal and job_id in self._pending:
-            self._pending.remove(job_id)
-        if new.status.terminal and job_id in self._active:
-            self._active.discard(job_id)
+            if not isinstance(command, pipeline.DispatchPhase):
+                await self._execute(command, new)
+        if new.status.terminal and not old.status.terminal:
             await self._admit()
+        if new.settled and not self._locks[job_id].locked():
+            del self._locks[job_id]
         await self._notify()
         return new
+
+    async def _commit(self, job_id: str, event: pipeline.Event) -> tuple[JobRecord, JobRecord, list]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                record, version = await self.store.get(job_id)
+                new, commands = pipeline.step(record, event, self._policy)
+                if new != record:
+                    await self.store.put(new, version)
+                    self._on_change(record, new)
+                    hooks = [c for c in commands if isinstance(c, pipeline.FireWebhook)]
+                    if hooks and self.webhooks is not None:  # queued under the lock: a job's events stay in order
+                        await self.webhooks.enqueue(hooks, new)
+                return record, new, commands
+            except IllegalTransition:
+                raise
+            except (Conflict, StoreError, OSError) as exc:
+                delay = pipeline.store_retry_delay(attempt, self._policy)
+                if delay is None:
+                    if isinstance(exc, StoreError):
+                        raise
+                    raise StoreError(str(getattr(exc, "message", exc))) from exc
+                log.warning("job %s: applying %s failed (%s); retry %d in %.2fs", job_id, type(event).__name__,
+                            exc, attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def _create(self, record: JobRecord) -> None:
+        """Store a new job, retrying like `_commit`; a conflict after a failed try means that try landed."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.store.put(record, 0)
+                return
+            except Conflict:
+                if attempt > 1 and (await self.store.get(record.job_id)).record == record:
+                    return
+                raise
+            except (StoreError, OSError) as exc:
+                delay = pipeline.store_retry_delay(attempt, self._policy)
+                if delay is None:
+                    raise StoreError(_store_failure(exc, "the job")) from exc
+                await asyncio.sleep(delay)
+
+    async def _apply_or_fail(self, job_id: str, event: pipeline.Event) -> None:
+        """Apply a backend event; if the store stays unusable, fail the job in the background instead."""
+        try:
+            await self.apply(job_id, event)
+        except StoreError as exc:
+            log.error("job %s: %s could not be applied: %s", job_id, type(event).__name__, exc.message)
+            await self._fail(job_id, _store_failure(exc, "the job's state"))
+
+    async def _fail(self, job_id: str, error: str) -> None:
+        """Fail the job now (so its later events are stale), or in the background while the store is down."""
+        try:
+            await self.apply(job_id, pipeline.JobFailed(at=self._clock(), error=error))
+        except (StoreError, OSError):
+            self._fail_later(job_id, error)
+        except (NotFound, IllegalTransition):
+            pass
+        else:
+            await self._flush_lost_lines(job_id)
+
+    def _fail_later(self, job_id: str, error: str) -> None:
+        async def fail() -> None:
+            for attempt in range(1, _FAIL_LATER_ATTEMPTS + 1):
+                try:
+                    await self.apply(job_id, pipeline.JobFailed(at=self._clock(), error=error))
+                    await self._flush_lost_lines(job_id)
+                    return
+                except (StoreError, OSError) as exc:
+                    delay = min(self._policy.store_backoff * 2 ** attempt, _FAIL_LATER_MAX_DELAY)
+                    log.warning("job %s: could not record its failure (%s); retry in %.1fs", job_id, exc, delay)
+                    await asyncio.sleep(delay)
+                except (NotFound, IllegalTransition):
+                    return
+            log.error("job %s: its failure could not be recorded (%s); the phase deadline will end it", job_id, error)
+        self._spawn(fail())
 
     def _on_change(self, old: JobRecord, new: JobRecord) -> None:
         self.metrics.transition(old, new)
@@ -241,32 +381,123 @@ class JobService:
             queue.put_nowait(update)
 
     async def _execute(self, command: pipeline.Command, record: JobRecord) -> None:
-        if isinstance(command, pipeline.DispatchPhase):
+        """Run one command; its failure is logged and recorded on the job, never skips the other commands."""
+        try:
+            if isinstance(command, pipeline.DispatchPhase):
+                await self._dispatch(command, record)
+            elif isinstance(command, pipeline.StopPhase):
+                await self.backend.stop(command)
+            elif isinstance(command, pipeline.DeleteTempImage):
+                self._schedule_cleanup(record.job_id, command.delay_seconds)
+        except Exception as exc:  # noqa: BLE001 - the command boundary: record and go on
+            what = type(command).__name__
+            log.exception("job %s: %s failed", record.job_id, what)
+            phase = getattr(command, "phase", None)
+            await self._system_log(record.job_id, phase.value if phase else "cleanup",
+                                   f"{what} failed: {type(exc).__name__}: {exc}")
+
+    async def _dispatch(self, command: pipeline.DispatchPhase, record: JobRecord) -> None:
+        try:
+            await self.backend.dispatch(command, build_payload(record, command.phase.value, self._registry),
+                                        record.config)
+        except Exception as exc:  # noqa: BLE001 - any dispatch failure fails the phase, with its reason
+            reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            self._spawn(self._apply_or_fail(record.job_id, pipeline.PhaseFailed(
+                at=self._clock(), phase=command.phase, attempt=command.attempt,
+                error=f"{command.phase.value} phase could not be dispatched: {reason}")))
+
+    # ------------------------------------------------------------ temp image cleanup
+
+    def _schedule_cleanup(self, job_id: str, delay: float = 0.0) -> None:
+        running = self._cleanups.get(job_id)
+        if running is not None and not running.done() and running is not asyncio.current_task():
+            return  # one at a time; a failing deletion schedules its own retry from inside its task
+
+        async def clean() -> None:
+            if delay > 0:
+                me = asyncio.current_task()
+                self._waiting.add(me)
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._waiting.discard(me)
             try:
-                await self.backend.dispatch(command, build_payload(record, command.phase.value, self._registry),
-                                            record.config)
-            except BackendError as exc:
-                self._spawn(self.apply(record.job_id, pipeline.PhaseFailed(
-                    at=self._clock(), phase=command.phase, attempt=command.attempt,
-                    error=f"{command.phase.value} phase could not be dispatched: {exc.message}")))
-        elif isinstance(command, pipeline.StopPhase):
-            await self.backend.stop(command)
-        elif isinstance(command, pipeline.DeleteTempImage):
-            self._spawn(self._delete_temp_image(record))
+                record = (await self.store.get(job_id)).record
+                if not record.temp_image_deleted:
+                    await self._delete_temp_image(record)
+            except Exception:  # noqa: BLE001 - recorded in the store: the tick or the next start retries it
+                log.exception("job %s: temp image cleanup could not be completed", job_id)
+            finally:
+                if self._cleanups.get(job_id) is asyncio.current_task():
+                    del self._cleanups[job_id]
+        self._cleanups[job_id] = self._spawn(clean())
 
     async def _delete_temp_image(self, record: JobRecord) -> bool:
-        ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry), record.config)
+        image = temp_image(record, self._registry)
+        try:
+            ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry),
+                                            record.config)
+            error = None if ok else f"temp image {image} could not be deleted (see the cleanup log); retrying"
+        except Exception as exc:  # noqa: BLE001 - a cleanup failure is recorded on the job, not raised
+            ok, error = False, f"deleting temp image {image} failed: {getattr(exc, 'message', None) or exc}; retrying"
         if not ok:
-            log.warning("job %s: temp image could not be deleted (see its cleanup logs)", record.job_id,
-                        extra={"job_id": record.job_id})
-        await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok))
+            log.warning("job %s: %s", record.job_id, error)
+        await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok, error=error))
         return ok
 
+    # ------------------------------------------------------------ admission and the clock
+
     async def _admit(self) -> None:
-        while self._pending and len(self._active) < self._max:
-            job_id = self._pending.popleft()
-            self._active.add(job_id)
-            await self.apply(job_id, pipeline.Admitted(at=self._clock()))
+        """Start pending jobs while fewer than the limit are running, counted from the store."""
+        async with self._admission:
+            try:
+                records = [r for r in await self.store.unfinished() if not r.status.terminal]
+            except (StoreError, OSError) as exc:
+                log.warning("admission postponed: the store is unusable (%s)", exc)
+                return
+            running = {r.job_id for r in records if r.status.running}
+            self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
+            self._active = running
+            self.metrics.concurrent.set(len(running))
+            for job_id in list(self._pending[:max(0, self._max - len(running))]):
+                try:
+                    new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
+                except IllegalTransition:  # killed meanwhile
+                    new = None
+                except (StoreError, NotFound) as exc:
+                    log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
+                    break
+                self._pending.remove(job_id)
+                if new is not None and new.status.running:
+                    self._active.add(job_id)
+        await self._notify()
+
+    async def tick(self) -> None:
+        """One pass of the clock: fail phases past their deadline, resume lost cleanups, re-admit."""
+        try:
+            records = await self.store.unfinished()
+        except (StoreError, OSError) as exc:
+            log.warning("tick skipped: the store is unusable (%s)", exc)
+            return
+        for job_id in {job for job, _ in self._lost_lines}:
+            await self._flush_lost_lines(job_id)
+        for record in records:
+            if record.status.terminal:
+                if record.job_id not in self._cleanups:
+                    self._schedule_cleanup(record.job_id)
+            elif record.current_phase is not None:
+                await self._apply_or_fail(record.job_id, pipeline.Tick(at=self._clock()))
+        await self._admit()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_seconds)
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - the clock must keep going
+                log.exception("tick failed")
+
+    # ------------------------------------------------------------ backend messages and logs
 
     async def _consume(self) -> None:
         async for message in self.backend.events():
@@ -274,12 +505,28 @@ class JobService:
                 if isinstance(message, LogChunk):
                     await self._store_logs(message)
                 elif isinstance(message, JobEvent):
-                    await self.apply(message.job_id, message.event)
+                    await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
+                    await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
             except NotFound:
                 log.warning("backend reported on unknown job %s", message.job_id, extra={"job_id": message.job_id})
+            except IllegalTransition as exc:
+                log.warning("job %s: %s", message.job_id, exc.message)
             except Exception:  # one bad message must not stop the pipeline for every other job
-                log.exception("failed to handle backend message for job %s", message.job_id,
-                              extra={"job_id": message.job_id})
+                log.exception("failed to handle backend message for job %s", message.job_id)
+
+    async def _append(self, job_id: str, phase: str, lines) -> None:
+        """Append with retries; raises the last error when the store stays unusable."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.store.append_logs(job_id, phase, lines)
+                return
+            except (StoreError, OSError) as exc:
+                delay = pipeline.store_retry_delay(attempt, self._policy)
+                if delay is None or disk_full(exc):
+                    raise
+                await asyncio.sleep(delay)
 
     async def _store_logs(self, chunk: LogChunk) -> None:
         lines = []
@@ -292,14 +539,71 @@ class JobService:
         lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps
         if not lines:
             return
-        await self.store.append_logs(chunk.job_id, chunk.phase, lines)
+        chunk = LogChunk(chunk.job_id, chunk.phase, lines)
+        await self._flush_lost_lines(chunk.job_id)
+        try:
+            await self._append(chunk.job_id, chunk.phase, chunk.lines)
+        except (StoreError, OSError) as exc:
+            key = (chunk.job_id, chunk.phase)
+            count, _ = self._lost_lines.get(key, (0, ""))
+            reason = "no space left on device" if disk_full(exc) else str(getattr(exc, "message", exc))
+            self._lost_lines[key] = (count + len(chunk.lines), reason)
+            if count == 0:
+                log.error("job %s: log lines of %s lost: %s", chunk.job_id, chunk.phase, reason)
+                error = _store_failure(exc, f"log lines of the {chunk.phase} phase")
+                self._doomed[chunk.job_id] = error
+                while len(self._doomed) > 10_000:  # bounded: the oldest entries are long finished
+                    self._doomed.pop(next(iter(self._doomed)))
+                if disk_full(exc):
+                    self._spawn(self._stop_current_phase(chunk.job_id))  # it holds the space we need
+                await self._fail(chunk.job_id, error)
         queues = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
-        for line in lines:
+        for line in chunk.lines:
             for queue in queues:
                 queue.put_nowait(WatchUpdate(type="log", phase=phase, log=line))
 
-    def _spawn(self, coro) -> None:
+    async def _stop_current_phase(self, job_id: str) -> None:
+        """Stop a job's running phase before its failure is recorded (a full disk may not take the record yet)."""
+        try:
+            record = (await self.store.get(job_id)).record
+            if record.current_phase is not None:
+                await self.backend.stop(pipeline.StopPhase(job_id=job_id, phase=record.current_phase,
+                                                           attempt=record.phases[record.current_phase].attempt))
+        except Exception:  # noqa: BLE001 - best effort; the recorded failure stops it too
+            log.exception("job %s: could not stop its phase", job_id)
+
+    def _doom(self, job_id: str, event: pipeline.Event) -> pipeline.Event:
+        """A phase of a job whose log lines were lost cannot end well: its end becomes the job's failure (the
+        failure recorded when the lines were lost may itself not have been storable on a full disk)."""
+        reason = self._doomed.get(job_id)
+        if reason is None or not isinstance(event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+            return event
+        del self._doomed[job_id]
+        failed = isinstance(event, pipeline.PhaseFailed) and event.error != pipeline.KILLED_BY_USER  # we stopped it
+        error = f"{reason}; {event.error}" if failed else reason
+        return pipeline.JobFailed(at=event.at, error=error)
+
+    async def _flush_lost_lines(self, job_id: str) -> None:
+        """Write the marker for lines that could not be stored, once the store takes writes again."""
+        for key in [k for k in self._lost_lines if k[0] == job_id]:
+            count, reason = self._lost_lines[key]
+            marker = f"[log lines lost: {count} lines could not be stored ({reason})]"
+            try:
+                await self.store.append_logs(job_id, key[1], [LogLine(ts=self._clock(), stream=LogStream.SYSTEM,
+                                                                      line=marker)])
+            except (StoreError, OSError):
+                return
+            del self._lost_lines[key]
+
+    async def _system_log(self, job_id: str, phase: str, text: str) -> None:
+        """Best effort: a line in the job's log about something the service did (or could not do)."""
+        try:
+            await self.store.append_logs(job_id, phase, [LogLine(ts=self._clock(), stream=LogStream.SYSTEM, line=text)])
+        except (StoreError, OSError):
+            log.warning("job %s: could not log %r", job_id, text)
+
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
 
@@ -307,8 +611,8 @@ class JobService:
             self._tasks.discard(t)
             asyncio.get_running_loop().create_task(self._notify())
         task.add_done_callback(done)
+        return task
 
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
-

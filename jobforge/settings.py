@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     allow_file_repos: bool = Field(False, validation_alias="JOBFORGE_ALLOW_FILE_REPOS",
                                    description="accept file:// and local-path repo_url (tests, demo)")
     kill_grace_seconds: float = Field(10.0, gt=0, validation_alias="JOBFORGE_KILL_GRACE")
+    deadline_grace: Duration = Field(5 * 60, ge=0, validation_alias="JOBFORGE_DEADLINE_GRACE",
+                                     description="a phase no runner event ends within its timeout plus this fails")
+    cleanup_attempts: int = Field(8, ge=1, le=100, validation_alias="JOBFORGE_CLEANUP_ATTEMPTS",
+                                  description="attempts to delete a finished job's temp image before giving up")
+    cleanup_backoff: Duration = Field(10, gt=0, validation_alias="JOBFORGE_CLEANUP_BACKOFF",
+                                      description="wait before the first retry of a failed temp image deletion; "
+                                                  "doubled per attempt, at most 1h")
+    tick_seconds: Duration = Field(5, gt=0, validation_alias="JOBFORGE_TICK",
+                                   description="how often deadlines, lost cleanups and admission are checked")
 
     webhook_allow_hosts: str = Field(
         "", validation_alias="JOBFORGE_WEBHOOK_ALLOW_HOSTS",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from jobforge.models import JobRecord
+from jobforge.models import JobRecord, JobStatus, Phase
 
 
 class RegistryTarget(BaseModel):
@@ -57,6 +57,9 @@ def build_payload(record: JobRecord, phase: str, target: RegistryTarget) -> dict
             "secret_env": sorted({v for s in test.vault_secrets for v in s.fields.values()}) if test else [],
         },
         "publish_targets": publish_targets(record),
+        # A failed publish may have left tags the publish phase could not roll back: cleanup removes them.
+        "rollback_targets": publish_targets(record)
+        if phase == "cleanup" and record.status is JobStatus.FAILED and record.failed_phase is Phase.PUBLISH else [],
     }
 
 

@@ -555,14 +555,40 @@ def unauthorized_error(ctx: Context, output: str, refs: Sequence[str]) -> TaskEr
 # --- entry point ----------------------------------------------------------------------------------------
 
 
+_PARENT = os.getppid()
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt our cleanup
+    if os.getppid() != _PARENT:
+        # The service died (its parent-death signal brought us here): nobody reads our output any more and
+        # nobody signalled our group, so silence the pipes and stop the whole group ourselves.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        except OSError:
+            pass
     raise Terminated()
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the process that started us dies (Linux PR_SET_PDEATHSIG), so a phase
+    never outlives a crashed runner; `_on_sigterm` then stops our whole process group."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")
     ctx: Context | None = None
@@ -648,6 +674,30 @@ done
 printf 'username=%%s\\npassword=%%s\\n' "$JOBFORGE_GIT_CRED_USERNAME" "$JOBFORGE_GIT_CRED_PASSWORD"
 """
 BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What git says when the repository is missing or refuses us (local paths, smart HTTP, ssh).
+UNREADABLE_REPO = re.compile(
+    r"does not appear to be a git repository|repository .*not found|not found|could not read from remote"
+    r"|returned error: 40[134]|\b40[134]\b|could not read (username|password)|terminal prompts disabled"
+    r"|permission denied|access denied", re.IGNORECASE)
+AUTH_FAILED = re.compile(r"authentication failed|invalid username or password", re.IGNORECASE)
+
+
+def public_url(url: str) -> str:
+    """The URL without user info (credentials), for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def fetch_error(url: str, output: str) -> TaskError:
+    """Name the cause in words a user acts on, not git's last line."""
+    if AUTH_FAILED.search(output):
+        return TaskError(f"git fetch of {public_url(url)} failed: authentication failed (check the git "
+                         "credentials configured for this host: JOBFORGE_GIT_CREDENTIALS, JOBFORGE_GIT_USERNAME)")
+    if UNREADABLE_REPO.search(output) or AUTH_FAILED.search(output):
+        return TaskError(f"repository not found or not readable: {public_url(url)}")
+    return failure(f"git fetch of {public_url(url)} failed", output)
 
 
 def split_url_credential(url: str) -> tuple[str, Credential | None]:
@@ -712,7 +762,7 @@ def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential
     git = git_argv(ctx, url, credential)
     if os.path.exists(dest):
         shutil.rmtree(dest)
-    step(f"fetching {url} at {ref}")
+    step(f"fetching {public_url(url)} at {ref}")
     for what, argv in (("git init", ["init", "-q", "--", dest]),
                        ("git remote add", ["-C", dest, "remote", "add", "--", "origin", url])):
         result = run(ctx, git + argv, env=env)
@@ -726,7 +776,7 @@ def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential
         full = run(ctx, git + ["-C", dest, "fetch", "--tags", "--", "origin",
                                "+refs/heads/*:refs/remotes/origin/*"], env=env)
         if full.returncode != 0:
-            raise failure(f"git fetch of {url} failed", full.output)
+            raise fetch_error(url, full.output)
         commit = resolve_ref(ctx, dest, ref, env, git)
     step("checking out")
     result = run(ctx, git + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)

@@ -555,14 +555,40 @@ def unauthorized_error(ctx: Context, output: str, refs: Sequence[str]) -> TaskEr
 # --- entry point ----------------------------------------------------------------------------------------
 
 
+_PARENT = os.getppid()
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt our cleanup
+    if os.getppid() != _PARENT:
+        # The service died (its parent-death signal brought us here): nobody reads our output any more and
+        # nobody signalled our group, so silence the pipes and stop the whole group ourselves.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        except OSError:
+            pass
     raise Terminated()
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the process that started us dies (Linux PR_SET_PDEATHSIG), so a phase
+    never outlives a crashed runner; `_on_sigterm` then stops our whole process group."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")
     ctx: Context | None = None
@@ -611,20 +637,29 @@ JOBFORGE_EOF
 
 `skopeo copy --preserve-digests` refuses to rewrite manifests, so a target's digest equals the temp
 image's; we still re-read every target's manifest and hash it ourselves before printing `Published:`.
+
+All or nothing: each target's digest is read first; a target already at the temp image's digest is kept as it
+is. When publishing fails part-way (or is stopped), what this run changed is rolled back: the job's manifest is
+deleted from each repository it was pushed to and tags it overwrote are pointed back at their old digest. The
+error names the target it stopped at and what was (not) rolled back; what could not be undone (registry down)
+is removed by the cleanup phase once the registry is back (payload `rollback_targets`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    CommandFailed, Context, TaskError, capture, failure, is_unauthorized, main, registry_authfile, run,
-    step, tls_for, unauthorized_error,
+    CommandFailed, Context, TaskError, Terminated, capture, failure, is_unauthorized, main, registry_authfile,
+    repository, run, step, tls_for, unauthorized_error,
 )
+
+GONE = re.compile(r"manifest unknown|name unknown|\b404\b", re.IGNORECASE)
 
 
 def manifest_digest(ctx: Context, ref: str, authfile: str) -> str:
@@ -637,6 +672,51 @@ def manifest_digest(ctx: Context, ref: str, authfile: str) -> str:
             raise unauthorized_error(ctx, exc.output, [ref]) from exc
         raise failure(f"cannot read the manifest of {ref}", exc.output) from exc
     return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def current_digest(ctx: Context, ref: str, authfile: str) -> str | None:
+    """The digest `ref` points at now, None when the tag does not exist."""
+    try:
+        return manifest_digest(ctx, ref, authfile)
+    except TaskError as exc:
+        if GONE.search(str(exc)):
+            return None
+        raise
+
+
+def skopeo_delete(ctx: Context, ref: str, authfile: str) -> bool:
+    argv = ["skopeo", "delete", tls_for(ctx, "tls-verify", ref), "--authfile", authfile]
+    result = run(ctx, argv + [f"docker://{ref}"])
+    return result.returncode == 0 or bool(GONE.search(result.output))
+
+
+def rollback(ctx: Context, touched: list[str], before: dict[str, str | None], digest: str,
+             authfile: str) -> tuple[list[str], list[str]]:
+    """Undo what this run did to `touched` targets; returns (rolled back, not rolled back)."""
+    done, left = [], []
+    for repo in dict.fromkeys(repository(t) for t in touched):
+        mine = [t for t in touched if repository(t) == repo]
+        # Deleting by digest removes every tag of the repository at that digest: skip if one was there before us.
+        keeps = [t for t, d in before.items() if repository(t) == repo and d == digest]
+        if keeps:
+            left += [f"{t} (shares its digest with {', '.join(keeps)})" for t in mine]
+            continue
+        if not skopeo_delete(ctx, f"{repo}@{digest}", authfile):
+            left += mine
+            continue
+        for target in mine:
+            old = before.get(target)
+            if old is None:
+                done.append(target)
+                continue
+            source = f"{repo}@{old}"
+            restore = run(ctx, ["skopeo", "copy", "--preserve-digests", tls_for(ctx, "src-tls-verify", source),
+                                tls_for(ctx, "dest-tls-verify", target),
+                                "--src-authfile", authfile, "--dest-authfile", authfile,
+                                f"docker://{source}", f"docker://{target}"])
+            (done if restore.returncode == 0 else left).append(target if restore.returncode == 0
+                                                              else f"{target} (was {old})")
+    return done, left
 
 
 def copy(ctx: Context, source: str, target: str, authfile: str) -> None:
@@ -655,15 +735,40 @@ def publish(ctx: Context) -> None:
     if not targets:
         raise TaskError("payload has no publish_targets")
     with registry_authfile(ctx, [source, *targets]) as authfile:
-        for target in targets:
-            step(f"copying {source} -> {target}")
-            copy(ctx, source, target, authfile)
-        step("verifying digests")
         expected = manifest_digest(ctx, source, authfile)
-        digests = {target: manifest_digest(ctx, target, authfile) for target in targets}
-    wrong = [f"{target}@{digest}" for target, digest in digests.items() if digest != expected]
-    if wrong:
-        raise TaskError(f"digest mismatch: expected {expected}, got {', '.join(wrong)}")
+        step("reading the current digest of every target")
+        before = {target: current_digest(ctx, target, authfile) for target in targets}
+        touched: list[str] = []
+        current = targets[0]
+        try:
+            for current in targets:
+                if before[current] == expected:
+                    step(f"{current} is already at {expected}; keeping it")
+                    continue
+                step(f"copying {source} -> {current}")
+                touched.append(current)
+                copy(ctx, source, current, authfile)
+            current = "verification"
+            step("verifying digests")
+            digests = {target: manifest_digest(ctx, target, authfile) for target in targets}
+            wrong = [f"{target}@{digest}" for target, digest in digests.items() if digest != expected]
+            if wrong:
+                raise TaskError(f"digest mismatch: expected {expected}, got {', '.join(wrong)}")
+        except (TaskError, Terminated) as exc:
+            if touched and touched[-1] == current:
+                try:  # did the failed copy change the target at all?
+                    if current_digest(ctx, current, authfile) == before[current]:
+                        touched.pop()
+                except TaskError:
+                    pass  # unknown (registry down): roll it back too, to be sure
+            if touched:
+                step(f"publish failed at {current}; rolling back {', '.join(touched)}")
+            done, left = rollback(ctx, touched, before, expected, authfile) if touched else ([], [])
+            cause = str(exc) if isinstance(exc, TaskError) else "terminated by signal"
+            message = f"publish stopped at {current}: {cause}; rolled back: {', '.join(done) or 'nothing'}"
+            if left:
+                message += f"; not rolled back yet (the cleanup removes them once the registry is back): {', '.join(left)}"
+            raise TaskError(message) from None
     for target in targets:
         print(f"Published: {target}@{expected}", flush=True)
 

@@ -555,14 +555,40 @@ def unauthorized_error(ctx: Context, output: str, refs: Sequence[str]) -> TaskEr
 # --- entry point ----------------------------------------------------------------------------------------
 
 
+_PARENT = os.getppid()
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt our cleanup
+    if os.getppid() != _PARENT:
+        # The service died (its parent-death signal brought us here): nobody reads our output any more and
+        # nobody signalled our group, so silence the pipes and stop the whole group ourselves.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        try:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        except OSError:
+            pass
     raise Terminated()
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the process that started us dies (Linux PR_SET_PDEATHSIG), so a phase
+    never outlives a crashed runner; `_on_sigterm` then stops our whole process group."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _PARENT:  # it died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")
     ctx: Context | None = None

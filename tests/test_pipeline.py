@@ -13,7 +13,7 @@ from jobforge.errors import IllegalTransition
 from jobforge.models import JobStatus, Phase, PhaseStatus
 from jobforge.pipeline import (
     Admitted, DeleteTempImage, DispatchPhase, FireWebhook, KillRequested, PhaseFailed, PhaseStarted,
-    PhaseSucceeded, Policy, StopPhase, TempImageDeleted, new_job, step,
+    JobFailed, PhaseSucceeded, Policy, StopPhase, TempImageDeleted, Tick, new_job, step, store_retry_delay,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -261,8 +261,50 @@ def test_image_tags_start_with_the_job_id():
 def test_a_finished_job_is_settled_once_its_temp_image_is_handled(ok):
     record, _ = run(job(), Admitted(at=at(1)), PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(2), error="x"))
     assert record.status is JobStatus.FAILED and record.cleanup_pending and not record.settled
-    record, cmds = run(record, TempImageDeleted(at=at(3), ok=ok))
-    assert record.settled and record.temp_image_deleted is ok and cmds == [[]]
+    record, cmds = run(record, TempImageDeleted(at=at(3), ok=ok, error=None if ok else "registry down"))
+    assert record.settled and record.temp_image_deleted is ok
+    assert cmds == [[] if ok else [DeleteTempImage(job_id="job-1", delay_seconds=POLICY.cleanup_backoff)]]
+    assert record.cleanup_error == (None if ok else "registry down") and record.outstanding is not ok
+
+
+def test_a_failed_cleanup_is_retried_with_backoff_then_given_up_and_success_clears_the_error():
+    policy = POLICY.model_copy(update={"cleanup_attempts": 3, "cleanup_backoff": 2.0})
+    record, _ = run(job(), Admitted(at=at(1)), PhaseFailed(phase=Phase.BUILD, attempt=1, at=at(2), error="x"))
+    delays = []
+    for t in range(3):
+        record, cmds = step(record, TempImageDeleted(at=at(3 + t), ok=False, error=f"down {t}"), policy)
+        delays.append([c.delay_seconds for c in cmds])
+    assert delays == [[2.0], [4.0], []]
+    assert record.cleanup_error == "down 2" and not record.cleanup_retry and not record.outstanding
+    record, cmds = step(record, TempImageDeleted(at=at(9), ok=True), policy)
+    assert record.temp_image_deleted and record.cleanup_error is None and cmds == []
+    assert step(record, TempImageDeleted(at=at(10), ok=False), policy) == (record, [])
+
+
+def test_tick_fails_a_phase_past_its_deadline_and_stops_it():
+    record, _ = run(job(**WITH_TEST), Admitted(at=at(0)), ok(Phase.BUILD, 10))
+    deadline = 10 + POLICY.test_timeout + POLICY.deadline_grace
+    assert step(record, Tick(at=at(deadline - 1)), POLICY) == (record, [])
+    new, cmds = step(record, Tick(at=at(deadline)), POLICY)
+    assert (new.status, new.failed_phase) == (JobStatus.FAILED, Phase.TEST)
+    assert "test phase did not finish within 20m" in new.error and "never reported" in new.error
+    assert cmds[0] == StopPhase(job_id="job-1", phase=Phase.TEST, attempt=1)
+    assert step(job(), Tick(at=at(10**6)), POLICY) == (job(), [])  # pending: nothing to time out
+
+
+def test_job_failed_ends_a_running_or_pending_job_with_its_error_and_is_dropped_when_finished():
+    record, _ = run(job(), Admitted(at=at(1)))
+    new, cmds = step(record, JobFailed(at=at(2), error="no space left on device: x"), POLICY)
+    assert (new.status, new.error, new.failed_phase) == (JobStatus.FAILED, "no space left on device: x", Phase.BUILD)
+    assert isinstance(cmds[0], StopPhase)
+    assert step(new, JobFailed(at=at(3), error="again"), POLICY) == (new, [])
+    pending, cmds = step(job(), JobFailed(at=at(2), error="e"), POLICY)
+    assert pending.status is JobStatus.FAILED and cmds == []
+
+
+def test_store_retry_delays_double_and_are_bounded():
+    policy = POLICY.model_copy(update={"store_attempts": 3, "store_backoff": 0.5})
+    assert [store_retry_delay(n, policy) for n in (1, 2, 3)] == [0.5, 1.0, None]
 
 
 def test_a_job_killed_before_building_is_settled_at_once():
@@ -282,6 +324,8 @@ EVENTS = st.one_of(
     st.builds(lambda t: Admitted(at=at(t)), st.integers(0, 100)),
     st.builds(lambda t: KillRequested(at=at(t)), st.integers(0, 100)),
     st.builds(lambda t, ok: TempImageDeleted(at=at(t), ok=ok), st.integers(0, 100), st.booleans()),
+    st.builds(lambda t: Tick(at=at(t)), st.integers(0, 10**5)),
+    st.builds(lambda t: JobFailed(at=at(t), error="store down"), st.integers(0, 100)),
     st.builds(lambda p, a, t: PhaseStarted(phase=p, attempt=a, at=at(t)), st.sampled_from(Phase), st.integers(1, 3),
               st.integers(0, 100)),
     st.builds(lambda p, a, t: PhaseSucceeded(phase=p, attempt=a, at=at(t)), st.sampled_from(Phase),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from jobforge.devinfra import Registry
 from tests.support.githttp import GitHttpServer
 from tests.support.gitrepo import GitRepo
 
@@ -520,3 +521,59 @@ def test_test_output_is_complete_however_long(built):
     built.payload["test"]["commands"] = ["i=0; while [ $i -lt 30000 ]; do echo \"n $i\"; i=$((i+1)); done"]
     lines = ok(built.run("test")).stdout.splitlines()
     assert [line for line in lines if line.startswith("n ")] == [f"n {i}" for i in range(30000)]
+
+
+# --- all or nothing on publish, and errors a user acts on ---------------------------------------------
+
+
+class ReadOnlyRegistry(Registry):
+    """A registry that serves reads and refuses every push (docker-registry's maintenance read-only mode)."""
+
+    def _write_config(self):
+        path = super()._write_config()
+        path.write_text(path.read_text().replace("  maintenance:\n", "  maintenance:\n    readonly:\n      enabled: true\n"))
+        return path
+
+
+@pytest.fixture
+def readonly_registry(tmp_path):
+    with ReadOnlyRegistry(tmp_path / "ro-registry") as reg:
+        yield reg
+
+
+def test_a_publish_failing_part_way_rolls_back_what_it_changed(built, registry, readonly_registry, base_image):
+    name = f"rollback-{built.id[:8]}"
+    new, overwritten, blocked = (f"{registry.host}/{name}:{built.id}", f"{registry.host}/{name}:latest",
+                                 f"{readonly_registry.host}/{name}:v1")
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    f"docker://{base_image}", f"docker://{overwritten}"], check=True, capture_output=True)
+    old = registry.manifest_digest(name, "latest")
+    built.payload["publish_targets"] = [new, overwritten, blocked]
+    outcome = built.run("publish")
+    assert outcome.returncode != 0
+    assert outcome.error.startswith(f"ERROR: publish stopped at {blocked}: copy to {blocked} failed")
+    assert outcome.error.endswith(f"rolled back: {new}, {overwritten}")
+    assert registry.tags(name) == ["latest"] and registry.manifest_digest(name, "latest") == old
+
+
+def test_a_target_already_at_the_digest_is_kept_and_cleanup_removes_a_failed_publish(built, registry):
+    name = f"kept-{built.id[:8]}"
+    targets = [f"{registry.host}/{name}:{built.id}", f"{registry.host}/{name}:stable"]
+    built.payload["publish_targets"] = targets[:1]
+    ok(built.run("publish"))
+    built.payload["publish_targets"] = targets
+    again = ok(built.run("publish"))
+    assert f"{targets[0]} is already at" in again.stdout
+    # The job failed later on: its cleanup removes what is still published at its digest, then the temp image.
+    built.payload["rollback_targets"] = targets
+    ok(built.run("cleanup"))
+    assert registry.tags(name) == [] and not registry.has_manifest(*repo_name(built.temp_image))
+
+
+def test_a_missing_repository_is_named_without_its_credentials(make_job, tmp_path, git_http_server):
+    missing = make_job(f"file://{tmp_path}/no-such-repo").run("build")
+    assert missing.error == f"ERROR: repository not found or not readable: file://{tmp_path}/no-such-repo"
+    url = git_http_server.url.replace("http://", "http://someone:hunter2@") + "/absent.git"
+    over_http = make_job(url).run("build")
+    assert over_http.error.startswith("ERROR: repository not found or not readable: http://127.0.0.1")
+    assert "hunter2" not in over_http.output and "someone@" not in over_http.error

@@ -7,17 +7,30 @@ event. Nothing is retried or stored here.
 Bounded: a line longer than `max_line_bytes` is split (and marked) while it is read, so an endless line without
 a newline never sits in memory whole; and at most `max_inflight_bytes` of log text wait in the event queue: a
 reader stops reading (the task then blocks on its full pipe) until the consumer has taken earlier lines.
+
+stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
+phase's end event. Nothing is retried or stored here.
+
+No orphans, no litter: a task script gets SIGTERM when the service dies (it sets PR_SET_PDEATHSIG on itself and
+then stops its whole group, see templates/tasks/_common.py), and each phase records its process group id in its workspace,
+so `reap()` at the next start kills whatever is left and removes leftover buildah containers (the storage is
+this backend's own and nothing runs before `reap()`). A phase's workspace `work/<job_id>/<phase>-*` is removed
+when the phase ends, and `work/<job_id>` with its last phase. A stop that arrives before the process exists
+prevents the start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import os
 import shutil
 import signal
 import sys
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,6 +78,33 @@ class _Inflight:
         self.used -= size
         if self.used < self.limit:
             self._room.set()
+_PGID_FILE = ".pgid"
+_ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
+_EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
+_REAP_WAIT = 10.0
+
+log = logging.getLogger("jobforge.backends.local")
+
+
+def _proc_info(pid: str) -> tuple[int, bytes] | None:
+    """(process group id, environment) of a process, None when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environ = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+    return int(fields[2]), environ
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (info := _proc_info(name)) is not None:
+            out[int(name)] = info
+    return out
 
 
 
@@ -80,6 +120,8 @@ class _Outcome:
     returncode: int
     timed_out: bool
     last_error: str | None
+    disk_full: bool = False
+    """The phase's output reported a full disk: the usual, actionable cause of its failure."""
 
 
 class LocalBackend:
@@ -99,6 +141,8 @@ class LocalBackend:
         self._inflight = _Inflight(max_inflight_bytes)
         self._queue: asyncio.Queue[BackendMessage] = asyncio.Queue()
         self._runs: dict[str, _Run] = {}
+        self._early_stops: OrderedDict[str, None] = OrderedDict()
+        self._buildah_global = ["--root", str(storage_root), "--runroot", str(storage_runroot), "--storage-driver", "vfs"]
         self._tasks: set[asyncio.Task] = set()
         base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
         self._env = {
@@ -118,15 +162,62 @@ class LocalBackend:
         if key in self._runs:
             return
         run = self._runs[key] = _Run()
+        if self._early_stops.pop(key, False) is None:
+            run.stopped = True  # killed before it was dispatched: it must not start
         self._spawn(self._run_phase(command, payload, run))
 
     async def stop(self, command: StopPhase) -> None:
-        run = self._runs.get(f"{command.job_id}-{command.phase.value}-{command.attempt}")
-        if run is None or run.done.is_set():
+        key = f"{command.job_id}-{command.phase.value}-{command.attempt}"
+        run = self._runs.get(key)
+        if run is None:
+            self._early_stops[key] = None
+            while len(self._early_stops) > _EARLY_STOPS:
+                self._early_stops.popitem(last=False)
+            return
+        if run.done.is_set():
             return
         run.stopped = True
         if run.process is not None:
             await self._terminate(run.process)
+
+    async def reap(self) -> None:
+        """At start, before anything runs: kill the phase processes a previous server left behind (found by the
+        process group recorded in each workspace, or by their JOBFORGE_WORKDIR), remove leftover buildah
+        containers, and delete the workspaces."""
+        marker = f"JOBFORGE_WORKDIR={self._work_dir}/".encode()
+        procs = _processes()
+        groups = {pgid for pid, (pgid, environ) in procs.items() if pid != os.getpid() and marker in environ}
+        for pgid_file in self._work_dir.glob(f"*/*/{_PGID_FILE}"):
+            try:
+                pgid = int(pgid_file.read_text())
+            except (OSError, ValueError):
+                continue
+            leader = procs.get(pgid)
+            # A recorded group is ours if its leader is gone (ours died; a reused id would lead its own group)
+            # or the leader still carries our workspace.
+            if leader is None or marker in leader[1]:
+                groups.add(pgid)
+        groups.discard(os.getpgrp())
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                log.warning("killed leftover phase processes (process group %d)", pgid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for _ in range(int(_REAP_WAIT / 0.05)):
+            if not any(pgid in groups for pgid, _ in _processes().values()):
+                break
+            await asyncio.sleep(0.05)  # the kernel reaps SIGKILLed processes asynchronously
+        if shutil.which("buildah", path=self._env.get("PATH")) and (self._work_dir.parent / "buildah").exists():
+            proc = await asyncio.create_subprocess_exec(
+                "buildah", *self._buildah_global, "rm", "--all", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self._env)
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                log.warning("could not remove leftover buildah containers: %s", err.decode(errors="replace").strip())
+        if self._work_dir.exists():
+            for leftover in self._work_dir.iterdir():
+                shutil.rmtree(leftover, ignore_errors=True)
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         outcome = await self._execute(job_id, "cleanup", "cleanup", payload, _Run(), timeout=300)
@@ -197,7 +288,8 @@ class LocalBackend:
             outcome = await self._execute(job_id, phase.value, phase.value, payload, run,
                                           timeout=command.timeout_seconds, on_start=lambda: report(PhaseStarted))
         except OSError as exc:
-            report(PhaseFailed, error=f"{phase.value} phase could not start: {exc}")
+            reason = f"no space left on device ({exc})" if exc.errno == errno.ENOSPC else str(exc)
+            report(PhaseFailed, error=f"{phase.value} phase could not start: {reason}")
             return
         finally:
             self._runs.pop(command.dispatch_key, None)
@@ -209,21 +301,31 @@ class LocalBackend:
             report(PhaseSucceeded)
         else:
             detail = outcome.last_error or f"task exited with code {outcome.returncode}"
+            if outcome.disk_full and "no space left on device" not in detail.lower():
+                detail = f"no space left on device ({detail})"
             report(PhaseFailed, error=f"{phase.value} phase failed: {detail}")
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
                        timeout: float, on_start: Callable[[], None] | None = None) -> _Outcome:
         workdir = self._work_dir / job_id / f"{log_phase}-{uuid.uuid4().hex[:8]}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        payload_file = workdir / "payload.json"
-        payload_file.write_text(json.dumps(payload))
-        env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
         last_error: list[str] = []
         try:
+            if run.stopped:  # stopped between dispatch and now: never start
+                return _Outcome(-1, False, None)
+            workdir.mkdir(parents=True, exist_ok=True)
+            payload_file = workdir / "payload.json"
+            payload_file.write_text(json.dumps(payload))
+            env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
             proc = await asyncio.create_subprocess_exec(
                 self._python, str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             run.process = proc
+            try:
+                (workdir / _PGID_FILE).write_text(str(proc.pid))  # for reap() after a crash of this server
+            except OSError:
+                pass
+            if run.stopped:  # the stop came while the process was being created
+                await self._terminate(proc)
             if on_start:
                 on_start()
             pumps = [asyncio.create_task(self._pump(proc.stdout, LogStream.STDOUT, job_id, log_phase, last_error)),
@@ -241,11 +343,16 @@ class LocalBackend:
             done, pending = await asyncio.wait(pumps, timeout=self._kill_grace)
             for task in pending:
                 task.cancel()
+            errors = [e for e in last_error if e != _ENOSPC_SEEN]
             return _Outcome(proc.returncode if proc.returncode is not None else -1, timed_out,
-                            last_error[-1] if last_error else None)
+                            errors[-1] if errors else None, _ENOSPC_SEEN in last_error)
         finally:
             run.done.set()
             shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                workdir.parent.rmdir()  # the job's directory goes with its last workspace
+            except OSError:
+                pass
 
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
                     last_error: list[str]) -> None:
@@ -263,7 +370,10 @@ class LocalBackend:
         for raw, split in pieces:
             text = decode_piece(raw, split, self._max_line_bytes)
             if text.startswith(_ERROR_PREFIX) and not split:
-                last_error[:] = [text[len(_ERROR_PREFIX):][:_MAX_ERROR_CHARS]]
+                error = text[len(_ERROR_PREFIX):][:_MAX_ERROR_CHARS]
+                last_error[:] = [_ENOSPC_SEEN, error] if _ENOSPC_SEEN in last_error else [error]
+            elif _ENOSPC_SEEN not in last_error and "no space left on device" in text.lower():
+                last_error.insert(0, _ENOSPC_SEEN)
             lines.append(LogLine(ts=now, stream=kind, line=text))
         await self._inflight.reserve(_chars(lines))
         self._queue.put_nowait(LogChunk(job_id, phase, lines))

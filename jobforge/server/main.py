@@ -45,8 +45,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     finally:
         for runner in runners:
             await runner.cleanup()
+        await service.aclose()  # first: running cleanups finish (bounded) while the backend still works
         await service.backend.aclose()
-        await service.aclose()
         await service.webhooks.aclose()
         await service.store.aclose()
 

@@ -102,7 +102,8 @@ def build_service(settings: Settings) -> JobService:
     store = build_store(settings)
     backend = build_backend(settings)
     policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
-                    publish_timeout=settings.publish_timeout)
+                    publish_timeout=settings.publish_timeout, deadline_grace=settings.deadline_grace,
+                    cleanup_attempts=settings.cleanup_attempts, cleanup_backoff=settings.cleanup_backoff)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
                               tls_verify=settings.registry_tls_verify,
                               insecure_registries=settings.insecure_registry_hosts)
@@ -112,4 +113,5 @@ def build_service(settings: Settings) -> JobService:
     return JobService(store, backend, policy=policy, registry=registry, metrics=metrics,
                       admission=settings.submit_policy, max_concurrent_jobs=settings.max_concurrent_jobs,
                       webhooks=build_webhooks(settings, store, metrics),
-                      max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits)
+                      max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits,
+                      tick_seconds=settings.tick_seconds, shutdown_grace=settings.kill_grace_seconds)

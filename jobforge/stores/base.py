@@ -68,7 +68,8 @@ class Store(Protocol):
         """Newest first, with the total count matching the filters (`owners` None: every owner)."""
 
     async def unfinished(self) -> list[JobRecord]:
-        """Jobs not yet SUCCEEDED/FAILED, oldest first (restart recovery and admission)."""
+        """Jobs the service still owes work (`JobRecord.outstanding`: not yet SUCCEEDED/FAILED, or a temp image
+        deletion in flight or to retry), oldest first (restart recovery, admission, cleanup retries)."""
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None: ...
 

@@ -231,7 +231,7 @@ class ConsulStore:
         return records[offset:offset + limit], len(records)
 
     async def unfinished(self) -> list[JobRecord]:
-        records = [r for r in await self._all_records() if not r.status.terminal]
+        records = [r for r in await self._all_records() if r.outstanding]
         return sorted(records, key=lambda r: (r.submitted_at, r.job_id))
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:

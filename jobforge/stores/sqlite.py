@@ -178,7 +178,9 @@ class SqliteStore:
     async def unfinished(self) -> list[JobRecord]:
         def read() -> list[JobRecord]:
             rows = self._db.execute(
-                "SELECT record FROM jobs WHERE status NOT IN ('SUCCEEDED', 'FAILED') ORDER BY submitted_at, job_id"
+                "SELECT record FROM jobs WHERE status NOT IN ('SUCCEEDED', 'FAILED') "
+                "OR json_extract(record, '$.cleanup_pending') OR json_extract(record, '$.cleanup_retry') "
+                "ORDER BY submitted_at, job_id"
             ).fetchall()
             return [load_record(r[0]) for r in rows]
         return await self._run("read", read)

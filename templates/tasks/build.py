@@ -40,6 +40,30 @@ done
 printf 'username=%%s\\npassword=%%s\\n' "$JOBFORGE_GIT_CRED_USERNAME" "$JOBFORGE_GIT_CRED_PASSWORD"
 """
 BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What git says when the repository is missing or refuses us (local paths, smart HTTP, ssh).
+UNREADABLE_REPO = re.compile(
+    r"does not appear to be a git repository|repository .*not found|not found|could not read from remote"
+    r"|returned error: 40[134]|\b40[134]\b|could not read (username|password)|terminal prompts disabled"
+    r"|permission denied|access denied", re.IGNORECASE)
+AUTH_FAILED = re.compile(r"authentication failed|invalid username or password", re.IGNORECASE)
+
+
+def public_url(url: str) -> str:
+    """The URL without user info (credentials), for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def fetch_error(url: str, output: str) -> TaskError:
+    """Name the cause in words a user acts on, not git's last line."""
+    if AUTH_FAILED.search(output):
+        return TaskError(f"git fetch of {public_url(url)} failed: authentication failed (check the git "
+                         "credentials configured for this host: JOBFORGE_GIT_CREDENTIALS, JOBFORGE_GIT_USERNAME)")
+    if UNREADABLE_REPO.search(output) or AUTH_FAILED.search(output):
+        return TaskError(f"repository not found or not readable: {public_url(url)}")
+    return failure(f"git fetch of {public_url(url)} failed", output)
 
 
 def split_url_credential(url: str) -> tuple[str, Credential | None]:
@@ -104,7 +128,7 @@ def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential
     git = git_argv(ctx, url, credential)
     if os.path.exists(dest):
         shutil.rmtree(dest)
-    step(f"fetching {url} at {ref}")
+    step(f"fetching {public_url(url)} at {ref}")
     for what, argv in (("git init", ["init", "-q", "--", dest]),
                        ("git remote add", ["-C", dest, "remote", "add", "--", "origin", url])):
         result = run(ctx, git + argv, env=env)
@@ -118,7 +142,7 @@ def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential
         full = run(ctx, git + ["-C", dest, "fetch", "--tags", "--", "origin",
                                "+refs/heads/*:refs/remotes/origin/*"], env=env)
         if full.returncode != 0:
-            raise failure(f"git fetch of {url} failed", full.output)
+            raise fetch_error(url, full.output)
         commit = resolve_ref(ctx, dest, ref, env, git)
     step("checking out")
     result = run(ctx, git + ["-C", dest, "checkout", "-q", "--detach", commit], env=env)

@@ -163,6 +163,17 @@ async def test_unfinished_is_oldest_first(history):
     assert [r.job_id for r in await history.unfinished()] == ["j3", "j4"]
 
 
+async def test_unfinished_includes_finished_jobs_that_still_owe_a_cleanup(store):
+    owing = [job("c1", 10, status=JobStatus.FAILED).model_copy(update={"cleanup_pending": True}),
+             job("c2", 20, status=JobStatus.SUCCEEDED).model_copy(update={"cleanup_retry": True,
+                                                                         "temp_image_deleted": False}),
+             job("c3", 30, status=JobStatus.SUCCEEDED).model_copy(update={"temp_image_deleted": False,
+                                                                         "cleanup_error": "gave up"})]
+    for record in owing:
+        await store.put(record, 0)
+    assert [r.job_id for r in await store.unfinished()] == ["c1", "c2"]
+
+
 async def test_empty_store(store):
     assert await store.list(10, 0) == ([], 0)
     assert await store.unfinished() == []

@@ -37,6 +37,12 @@ class FakeBackend:
         self.stopped: list[StopPhase] = []
         self.cleaned: list[str] = []
         self.problems: dict[str, str] = {}
+        self.stop_error: Exception | None = None
+        """Raised by `stop` (after recording the command), like a scheduler that is down."""
+        self.cleanup_gate: asyncio.Event | None = None
+        """When set, cleanups wait for this event (a deletion still running at shutdown)."""
+        self.cleanup_failures: list[Exception | bool] = []
+        """Outcomes of the next cleanups, in order: an exception to raise or False; then success."""
 
     async def dispatch(self, command: DispatchPhase, payload: dict, config: JobConfig) -> None:
         self.dispatched.append(command)
@@ -59,9 +65,18 @@ class FakeBackend:
 
     async def stop(self, command: StopPhase) -> None:
         self.stopped.append(command)
+        if self.stop_error is not None:
+            raise self.stop_error
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         self.cleaned.append(job_id)
+        if self.cleanup_gate is not None:
+            await self.cleanup_gate.wait()
+        if self.cleanup_failures:
+            outcome = self.cleanup_failures.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
         return True
 
     async def events(self) -> AsyncIterator[BackendMessage]:

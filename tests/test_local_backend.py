@@ -1,0 +1,94 @@
+"""The local backend's process hygiene without buildah: a stop before the process exists prevents the start,
+leftovers of a crashed server are reaped at start, and workspaces do not outlive their phase."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+from jobforge.backends.base import JobEvent
+from jobforge.backends.local import LocalBackend
+from jobforge.config import JobConfig
+from jobforge.models import Phase
+from jobforge.pipeline import KILLED_BY_USER, DispatchPhase, PhaseFailed, PhaseStarted, StopPhase
+
+CONFIG = JobConfig.model_validate({"owner": "t", "repo_url": "https://git.example.invalid/a.git",
+                                   "image_name": "app", "registry_url": "127.0.0.1:5000"})
+
+
+def backend(tmp_path) -> LocalBackend:
+    return LocalBackend(work_dir=tmp_path / "work", storage_root=tmp_path / "nowhere" / "root",
+                        storage_runroot=tmp_path / "nowhere" / "runroot", registry_url="127.0.0.1:5000",
+                        tls_verify=False, kill_grace=2)
+
+
+def command(job_id: str = "job-1") -> DispatchPhase:
+    return DispatchPhase(job_id=job_id, phase=Phase.BUILD, attempt=1, timeout_seconds=60,
+                         resources=CONFIG.resources_for("build"))
+
+
+async def next_event(b: LocalBackend):
+    async for message in b.events():
+        if isinstance(message, JobEvent):
+            return message.event
+
+
+async def test_a_stop_before_dispatch_prevents_the_start(tmp_path):
+    b = backend(tmp_path)
+    cmd = command()
+    await b.stop(StopPhase(job_id=cmd.job_id, phase=cmd.phase, attempt=cmd.attempt))
+    await b.dispatch(cmd, {"job_id": cmd.job_id}, CONFIG)
+    event = await next_event(b)
+    assert isinstance(event, PhaseFailed) and event.error == KILLED_BY_USER  # never PhaseStarted
+    assert not (tmp_path / "work" / cmd.job_id).exists()
+    await b.aclose()
+
+
+async def test_a_stop_right_after_dispatch_prevents_the_start(tmp_path):
+    b = backend(tmp_path)
+    cmd = command()
+    await b.dispatch(cmd, {"job_id": cmd.job_id}, CONFIG)
+    await b.stop(StopPhase(job_id=cmd.job_id, phase=cmd.phase, attempt=cmd.attempt))
+    event = await next_event(b)
+    assert not isinstance(event, PhaseStarted)
+    assert isinstance(event, PhaseFailed) and event.error == KILLED_BY_USER
+    assert not (tmp_path / "work").exists() or list((tmp_path / "work").iterdir()) == []
+    await b.aclose()
+
+
+async def test_a_phase_leaves_no_workspace(tmp_path):
+    b = backend(tmp_path)
+    cmd = command()
+    await b.dispatch(cmd, {}, CONFIG)  # the task script fails at once: its payload lacks everything
+    events = []
+    while not isinstance(events[-1] if events else None, PhaseFailed):
+        events.append(await next_event(b))
+    assert list((tmp_path / "work").iterdir()) == []
+    await b.aclose()
+
+
+async def test_reap_kills_leftover_phase_groups_and_removes_workspaces(tmp_path):
+    workspace = tmp_path / "work" / "job-9" / "build-1234"
+    workspace.mkdir(parents=True)
+    env = {**os.environ, "JOBFORGE_WORKDIR": str(workspace)}
+    # A crashed server's phase: a process group with a child, the leader recorded in the workspace.
+    leftover = subprocess.Popen([sys.executable, "-c", "import subprocess,sys; subprocess.Popen(['sleep', '3333']);"
+                                 "import time; time.sleep(3333)"], env=env, start_new_session=True)
+    (workspace / ".pgid").write_text(str(leftover.pid))
+    stranger = subprocess.Popen(["sleep", "3334"], start_new_session=True)
+    try:
+        await backend(tmp_path).reap()
+        assert leftover.wait(10) == -signal.SIGKILL
+        assert subprocess.run(["pgrep", "-f", "sleep 3333"], capture_output=True).stdout == b""
+        assert stranger.poll() is None, "processes of others are left alone"
+        assert list((tmp_path / "work").iterdir()) == []
+    finally:
+        stranger.kill()
+        stranger.wait()
+        try:
+            os.killpg(leftover.pid, signal.SIGKILL)  # only if reap() failed
+        except ProcessLookupError:
+            pass
