@@ -3,6 +3,10 @@
 
 Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git only through a
 GIT_ASKPASS helper that reads GIT_USERNAME/GIT_PASSWORD from the environment.
+
+The RUN steps run in `sandbox()` namespaces with outbound network but no route to the host's loopback, so the
+images the Dockerfile names are pulled before (out here, with the registry credentials) and the build itself
+never pulls (`--pull=never`) nor sees a credential.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, step, tls_flag, unauthorized_error,
+    NETWORK_OUTBOUND, Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, sandbox, step,
+    tls_flag, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -31,6 +36,8 @@ case "$1" in
 esac
 """
 BUILD_ARG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+_MOUNT_FROM = re.compile(r"(?:^|,)from=([^,]+)")
 
 
 def git_env(ctx: Context) -> dict[str, str]:
@@ -116,10 +123,83 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
     return path
 
 
-def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
+def _instructions(text: str) -> list[list[str]]:
+    """A Dockerfile's instructions as word lists: comments dropped, `\\` continuations joined."""
+    result, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped and not pending:
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        words = (pending + stripped).split()
+        pending = ""
+        if words:
+            result.append(words)
+    return result
+
+
+def _expand(word: str, args: dict[str, str]) -> str:
+    def value(match: re.Match) -> str:
+        name = match.group(1) or match.group(3)
+        return args.get(name) or (match.group(2) or "")
+    return _VARIABLE.sub(value, word)
+
+
+def base_images(text: str, build_args: dict[str, str]) -> list[str]:
+    """The images a Dockerfile takes from registries (FROM, COPY/ADD --from, RUN --mount from=), with the
+    global ARGs and the job's build args substituted; stage names, stage numbers and `scratch` are not images."""
+    args: dict[str, str] = {}
+    stages: set[str] = set()
+    images: list[str] = []
+
+    def add(ref: str) -> None:
+        if ref and ref.lower() not in stages and ref != "scratch" and not ref.isdigit() and ref not in images:
+            images.append(ref)
+
+    for words in _instructions(text):
+        keyword, rest = words[0].upper(), words[1:]
+        if keyword == "ARG" and not stages and not images:
+            for spec in rest:
+                name, has_default, default = spec.partition("=")
+                args[name] = build_args.get(name, default.strip("\"'") if has_default else "")
+        elif keyword == "FROM":
+            plain = [w for w in rest if not w.startswith("--")]
+            if plain:
+                add(_expand(plain[0], args))
+            if len(plain) >= 3 and plain[1].upper() == "AS":
+                stages.add(plain[2].lower())
+        elif keyword in ("COPY", "ADD"):
+            for word in rest:
+                if word.startswith("--from="):
+                    add(_expand(word[len("--from="):], args))
+        elif keyword == "RUN":
+            for word in rest:
+                if word.startswith("--mount="):
+                    add(next((m.group(1) for m in _MOUNT_FROM.finditer(word[len("--mount="):])), ""))
+    return images
+
+
+def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> None:
+    with open(dockerfile, encoding="utf-8", errors="replace") as fh:
+        images = base_images(fh.read(), ctx.payload.get("build_args") or {})
+    for image in images:
+        step(f"pulling {image}")
+        argv = ctx.buildah("pull", tls_flag("tls-verify", ctx.tls_verify))
+        argv += ["--authfile", authfile] if authfile else []
+        result = run(ctx, argv + ["--", image])
+        if result.returncode != 0:
+            if is_unauthorized(result.output):
+                raise unauthorized_error(ctx, result.output, [image])
+            raise failure(f"could not pull {image}", result.output)
+
+
+def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    argv = ctx.buildah("bud", "--layers", "--force-rm", "--isolation", ctx.isolation, "-f", dockerfile)
+    argv = ctx.buildah("bud", "--layers", "--force-rm", "--pull=never", "--isolation", ctx.isolation,
+                       "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -129,9 +209,7 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
-    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}", tls_flag("tls-verify", ctx.tls_verify)]
-    if authfile:
-        argv += ["--authfile", authfile]
+    argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
     return argv + ["-t", ctx.payload["temp_image"], context]
 
 
@@ -150,8 +228,10 @@ def build(ctx: Context) -> None:
             step("clearing the layer cache")
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
+        pull_base_images(ctx, dockerfile, authfile)
         step(f"building {temp}")
-        result = run(ctx, bud_argv(ctx, dockerfile, context, authfile), cwd=clone)
+        with sandbox(NETWORK_OUTBOUND) as prefix:
+            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context), cwd=clone)
         if result.returncode != 0:
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")
