@@ -230,6 +230,16 @@ def remove_tree(path: str | os.PathLike) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def build_network_here() -> str:
+    """`outbound` where an unprivileged build user may open /dev/net/tun for slirp4netns (mode 0666, the
+    distributions' default), else `none` (some container hosts make it 0600)."""
+    try:
+        usable = os.stat("/dev/net/tun").st_mode & 0o006 == 0o006 and shutil.which("slirp4netns") is not None
+    except OSError:
+        usable = False
+    return "outbound" if usable else "none"
+
+
 def service_command() -> list[str]:
     """The installed `jobforge-service` console script of this interpreter's environment: what users run."""
     script = Path(sys.executable).with_name("jobforge-service")
@@ -256,7 +266,7 @@ class ServiceProcess:
             **inherited,
             "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
             "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(self.data_dir),
-            "LOG_LEVEL": "info", **env,
+            "LOG_LEVEL": "info", "JOBFORGE_BUILD_NETWORK": build_network_here(), **env,
         }
         self.proc: subprocess.Popen | None = None
 

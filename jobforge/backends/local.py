@@ -3,6 +3,10 @@
 Each phase is one process group (so a kill or timeout takes buildah and the container with it); stdout and
 stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
 phase's end event. Nothing is retried or stored here.
+
+Run as root, the service runs every phase as the unprivileged build user (rootless buildah with the user's
+sub-uids): a build step's root is that user's sub-uid, the data dir (0711) cannot be listed, the store and the
+service's environment cannot be read, each phase's workspace is the build user's and 0700.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import signal
 import sys
@@ -23,6 +28,7 @@ import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.config import JobConfig, format_duration
+from jobforge.errors import ConfigError
 from jobforge.models import LogLine, LogStream, utcnow
 from jobforge.pipeline import (
     KILLED_BY_USER,
@@ -37,6 +43,22 @@ from jobforge.tasks import task_script
 _ERROR_PREFIX = "ERROR: "
 _READ_CHUNK = 64 * 1024
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
+
+
+def build_account(name: str | None) -> pwd.struct_passwd | None:
+    """The account phases run as: `name` when the service runs as root, else the service's own (None)."""
+    if not name or os.geteuid() != 0:
+        return None
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"JOBFORGE_BUILD_USER {name!r} does not exist: create it with sub-uid and sub-gid "
+                          "ranges (`make build-user`), or set JOBFORGE_BUILD_USER= to run phases as root",
+                          [{"field": "JOBFORGE_BUILD_USER", "rule": "must name an existing user"}]) from None
+    if account.pw_uid == 0:
+        raise ConfigError("JOBFORGE_BUILD_USER must be an unprivileged user",
+                          [{"field": "JOBFORGE_BUILD_USER", "rule": "must not be uid 0"}])
+    return account
 
 
 
@@ -59,7 +81,9 @@ class LocalBackend:
 
     def __init__(self, *, work_dir: Path, storage_root: Path, storage_runroot: Path, registry_url: str,
                  tls_verify: bool, secret_env: dict[str, str] | None = None, kill_grace: float = 10.0,
-                 python: str = sys.executable, clock: Callable[[], datetime] = utcnow) -> None:
+                 python: str = sys.executable, clock: Callable[[], datetime] = utcnow,
+                 build_user: str | None = None, build_network: str = "outbound") -> None:
+        self._account = build_account(build_user)
         self._work_dir = work_dir
         self._registry_url = registry_url
         self._tls_verify = tls_verify
@@ -70,9 +94,17 @@ class LocalBackend:
         self._runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task] = set()
         base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+        if self._account is not None:
+            # The account's own home and name; the build user's storage, never root's layers.
+            base = {**{k: v for k, v in base.items() if k not in ("XDG_RUNTIME_DIR", "TMPDIR")},
+                    "HOME": self._account.pw_dir, "USER": self._account.pw_name}
+            storage_root = storage_root.with_name(f"{storage_root.name}-{self._account.pw_name}")
+            storage_runroot = storage_runroot.with_name(f"{storage_runroot.name}-{self._account.pw_name}")
+            self._prepare_dirs(storage_root, storage_runroot)
         self._env = {
             **base,
             "PYTHONUNBUFFERED": "1",
+            "JOBFORGE_BUILD_NETWORK": build_network,
             "JOBFORGE_BUILDAH_ROOT": str(storage_root),
             "JOBFORGE_BUILDAH_RUNROOT": str(storage_runroot),
             "JOBFORGE_STORAGE_DRIVER": "vfs",
@@ -145,6 +177,23 @@ class LocalBackend:
 
     # ------------------------------------------------------------ internals
 
+    def _prepare_dirs(self, *owned: Path) -> None:
+        """Data dir and work dir traversable (0711) but not listable; the build user's storage is its own."""
+        assert self._account is not None
+        data = self._work_dir.parent
+        for path in (data, self._work_dir):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o711)
+        for path in owned:
+            path.mkdir(parents=True, exist_ok=True)
+            os.chown(path, self._account.pw_uid, self._account.pw_gid)
+            path.chmod(0o700)
+
+    def _own(self, *paths: Path) -> None:
+        if self._account is not None:
+            for path in paths:
+                os.chown(path, self._account.pw_uid, self._account.pw_gid)
+
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -176,16 +225,20 @@ class LocalBackend:
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
                        timeout: float, on_start: Callable[[], None] | None = None) -> _Outcome:
-        workdir = self._work_dir / job_id / f"{log_phase}-{uuid.uuid4().hex[:8]}"
-        workdir.mkdir(parents=True, exist_ok=True)
+        job_dir = self._work_dir / job_id
+        workdir = job_dir / f"{log_phase}-{uuid.uuid4().hex[:8]}"
+        job_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        workdir.mkdir(mode=0o700)
         payload_file = workdir / "payload.json"
         payload_file.write_text(json.dumps(payload))
+        self._own(workdir, payload_file)
         env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
         last_error: list[str] = []
         try:
             proc = await asyncio.create_subprocess_exec(
-                self._python, str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                *self._interpreter(), str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                **self._as_account())
             run.process = proc
             if on_start:
                 on_start()
@@ -209,6 +262,16 @@ class LocalBackend:
         finally:
             run.done.set()
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _interpreter(self) -> list[str]:
+        """The scripts are stdlib-only; the build user runs them with the system python3 (-I: no user site,
+        no environment-driven imports), since the service's venv may not be readable by that user."""
+        return [self._python] if self._account is None else ["/usr/bin/python3", "-I"]
+
+    def _as_account(self) -> dict:
+        if self._account is None:
+            return {}
+        return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
 
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
                     last_error: list[str]) -> None:

@@ -11,6 +11,7 @@ import sys
 from aiohttp import web
 from pydantic import ValidationError
 
+from jobforge.errors import ConfigError
 from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_service
 from jobforge.settings import Settings
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     level = {"warn": "WARNING"}.get(settings.log_level, settings.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"jobforge-service: invalid configuration: {exc.message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def build_backend(settings: Settings) -> Backend:
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
         registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
+        build_user=settings.build_user or None, build_network=settings.build_network,
     )
 
 

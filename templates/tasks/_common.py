@@ -62,6 +62,7 @@ class Context:
     runroot: str | None
     isolation: str
     registry_creds: tuple[str, str] | None
+    build_network: str = "outbound"
     secrets: list[str] = field(default_factory=list)
 
     def require(self, key: str):
@@ -94,6 +95,9 @@ def load_context() -> Context:
         raise TaskError(f"cannot read payload {path}: {exc}") from exc
     if not isinstance(payload, dict):
         raise TaskError("payload must be a JSON object")
+    build_network = os.environ.get("JOBFORGE_BUILD_NETWORK") or NETWORK_OUTBOUND
+    if build_network not in (NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER):
+        raise TaskError(f"JOBFORGE_BUILD_NETWORK must be {NETWORK_OUTBOUND}, {NETWORK_NONE} or {NETWORK_RUNNER}")
     workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
     os.makedirs(workdir, exist_ok=True)
     user, password = os.environ.get("REGISTRY_USERNAME"), os.environ.get("REGISTRY_PASSWORD")
@@ -106,6 +110,7 @@ def load_context() -> Context:
         runroot=os.environ.get("JOBFORGE_BUILDAH_RUNROOT") or None,
         isolation=os.environ.get("JOBFORGE_ISOLATION") or "chroot",
         registry_creds=(user, password or "") if user else None,
+        build_network=build_network,
         secrets=[s for s in secrets if s],
     )
 
@@ -190,7 +195,9 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
 
 # --- sandbox ------------------------------------------------------------------------------------------
 
-NETWORK_NONE, NETWORK_OUTBOUND = "none", "outbound"
+# `runner`: no namespace of our own; the runner's network is the boundary (a Nomad docker task's bridge).
+NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER = "none", "outbound", "runner"
+TUN = "/dev/net/tun"
 # The only variables buildah (and so anything a build step or test command could read of its process) gets:
 # never the service's or the runner's credentials.
 TOOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_RUNTIME_DIR",
@@ -212,6 +219,14 @@ def sandbox(network: str) -> Iterator[list[str]]:
     has no route to the host's loopback, where the service, the registry and other local daemons listen.
     `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
     """
+    pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+    if network == NETWORK_RUNNER:
+        yield pid_ns
+        return
+    if network == NETWORK_OUTBOUND and not os.access(TUN, os.R_OK | os.W_OK):
+        raise TaskError(f"network 'outbound' needs slirp4netns and {TUN} readable and writable by uid "
+                        f"{os.getuid()} (mode 0666, the distributions' default); set JOBFORGE_BUILD_NETWORK=none "
+                        "to build without network")
     holder = subprocess.Popen(_NETNS_HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=tool_env())
     slirp, exit_w = None, -1
@@ -222,8 +237,7 @@ def sandbox(network: str) -> Iterator[list[str]]:
             raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
         if network == NETWORK_OUTBOUND:
             slirp, exit_w = _slirp(holder.pid)
-        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--",
-               "unshare", "--pid", "--fork", "--mount-proc", "--"]
+        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
     finally:
         if exit_w >= 0:
             os.close(exit_w)  # slirp4netns exits when this end closes
@@ -326,8 +340,18 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     raise Terminated()
 
 
+def enter_user_namespace() -> None:
+    """As an unprivileged user, re-run this script as root of a user namespace mapping the user's sub-uids
+    (`buildah unshare`), where rootless buildah works and `sandbox()` may create namespaces; root on the
+    host (container root mapped to the user) is never gained."""
+    if os.geteuid() != 0 and not os.environ.get("_CONTAINERS_USERNS_CONFIGURED"):
+        argv = ["buildah", "unshare", "--", sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+        os.execvp(argv[0], argv)
+
+
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
+    enter_user_namespace()
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")

@@ -21,7 +21,7 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    NETWORK_OUTBOUND, Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, sandbox, step,
+    Context, TaskError, failure, is_unauthorized, main, registry_authfile, run, sandbox, step,
     tls_flag, unauthorized_error,
 )
 
@@ -230,7 +230,7 @@ def build(ctx: Context) -> None:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
         pull_base_images(ctx, dockerfile, authfile)
         step(f"building {temp}")
-        with sandbox(NETWORK_OUTBOUND) as prefix:
+        with sandbox(ctx.build_network) as prefix:
             result = run(ctx, prefix + bud_argv(ctx, dockerfile, context), cwd=clone)
         if result.returncode != 0:
             raise failure(f"image build failed (exit {result.returncode})", result.output)

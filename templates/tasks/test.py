@@ -21,7 +21,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    NETWORK_NONE, NETWORK_OUTBOUND, Context, TaskError, capture, failure, is_unauthorized, main, redact,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, Context, TaskError, capture, failure, is_unauthorized, main, redact,
     registry_authfile, run, sandbox, step, stop_child, tls_flag, tool_env, unauthorized_error,
 )
 
@@ -163,6 +163,8 @@ def test(ctx: Context) -> None:
     network = spec.get("network") or NETWORK_NONE
     if network not in (NETWORK_NONE, NETWORK_OUTBOUND):
         raise TaskError(f"invalid test.network {network!r}: must be '{NETWORK_NONE}' or '{NETWORK_OUTBOUND}'")
+    if network == NETWORK_OUTBOUND and ctx.build_network == NETWORK_RUNNER:
+        network = NETWORK_RUNNER  # where the runner's own network is the boundary, it is the outbound one
     container = f"jobforge-test-{ctx.require('job_id')}"
     # A container left by a killed earlier attempt would block the name.
     run(ctx, ctx.buildah("rm", container), quiet=True)
