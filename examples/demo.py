@@ -147,6 +147,7 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="jobforge-demo-"))
+    work.chmod(0o755)  # run as root, the service's build user clones the repository in here
     code = 1
     try:
         code = run_demo(work)

@@ -5,8 +5,9 @@ stderr are read in chunks and split into lines of any length, timestamped on arr
 phase's end event. Nothing is retried or stored here.
 
 Run as root, the service runs every phase as the unprivileged build user (rootless buildah with the user's
-sub-uids): a build step's root is that user's sub-uid, the data dir (0711) cannot be listed, the store and the
-service's environment cannot be read, each phase's workspace is the build user's and 0700.
+sub-uids): a build step's root is that user's uid, the data dir (0700 root) and the service's environment are out
+of reach. That user's workspaces and layer cache live in its own home (`~/.local/share/jobforge`), which the
+service never writes into as root: the payload goes through the script's stdin.
 """
 
 from __future__ import annotations
@@ -95,12 +96,13 @@ class LocalBackend:
         self._tasks: set[asyncio.Task] = set()
         base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
         if self._account is not None:
-            # The account's own home and name; the build user's storage, never root's layers.
+            # The account's own home, name and layer cache; the data dir is root's alone.
             base = {**{k: v for k, v in base.items() if k not in ("XDG_RUNTIME_DIR", "TMPDIR")},
                     "HOME": self._account.pw_dir, "USER": self._account.pw_name}
-            storage_root = storage_root.with_name(f"{storage_root.name}-{self._account.pw_name}")
-            storage_runroot = storage_runroot.with_name(f"{storage_runroot.name}-{self._account.pw_name}")
-            self._prepare_dirs(storage_root, storage_runroot)
+            own = Path(self._account.pw_dir) / ".local" / "share" / "jobforge"
+            self._work_dir, storage_root, storage_runroot = own / "work", own / "buildah", own / "buildah-run"
+            work_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            work_dir.parent.chmod(0o700)
         self._env = {
             **base,
             "PYTHONUNBUFFERED": "1",
@@ -177,23 +179,6 @@ class LocalBackend:
 
     # ------------------------------------------------------------ internals
 
-    def _prepare_dirs(self, *owned: Path) -> None:
-        """Data dir and work dir traversable (0711) but not listable; the build user's storage is its own."""
-        assert self._account is not None
-        data = self._work_dir.parent
-        for path in (data, self._work_dir):
-            path.mkdir(parents=True, exist_ok=True)
-            path.chmod(0o711)
-        for path in owned:
-            path.mkdir(parents=True, exist_ok=True)
-            os.chown(path, self._account.pw_uid, self._account.pw_gid)
-            path.chmod(0o700)
-
-    def _own(self, *paths: Path) -> None:
-        if self._account is not None:
-            for path in paths:
-                os.chown(path, self._account.pw_uid, self._account.pw_gid)
-
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -225,21 +210,21 @@ class LocalBackend:
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
                        timeout: float, on_start: Callable[[], None] | None = None) -> _Outcome:
-        job_dir = self._work_dir / job_id
-        workdir = job_dir / f"{log_phase}-{uuid.uuid4().hex[:8]}"
-        job_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-        workdir.mkdir(mode=0o700)
-        payload_file = workdir / "payload.json"
-        payload_file.write_text(json.dumps(payload))
-        self._own(workdir, payload_file)
-        env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
+        workdir = self._work_dir / job_id / f"{log_phase}-{uuid.uuid4().hex[:8]}"
+        if self._account is None:
+            workdir.mkdir(mode=0o700, parents=True)
+        # else the build user's script creates its workdir in its own home: root never writes there.
+        env = {**self._env, "JOBFORGE_PAYLOAD": "-", "JOBFORGE_WORKDIR": str(workdir)}
         last_error: list[str] = []
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._interpreter(), str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *self._interpreter(), str(task_script(script)), cwd="/", env=env, start_new_session=True,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 **self._as_account())
             run.process = proc
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(payload).encode())
+            proc.stdin.close()
             if on_start:
                 on_start()
             pumps = [asyncio.create_task(self._pump(proc.stdout, LogStream.STDOUT, job_id, log_phase, last_error)),
@@ -261,7 +246,18 @@ class LocalBackend:
                             last_error[-1] if last_error else None)
         finally:
             run.done.set()
+            await self._remove(workdir)
+
+    async def _remove(self, workdir: Path) -> None:
+        """The build user's workspace is removed by that user (in its user namespace: files of its sub-uids)."""
+        if self._account is None:
             shutil.rmtree(workdir, ignore_errors=True)
+            return
+        proc = await asyncio.create_subprocess_exec(
+            "buildah", "unshare", "--", "rm", "-rf", "--", str(workdir), cwd="/", env=self._env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            **self._as_account())
+        await proc.wait()
 
     def _interpreter(self) -> list[str]:
         """The scripts are stdlib-only; the build user runs them with the system python3 (-I: no user site,

@@ -89,8 +89,11 @@ def load_context() -> Context:
     if not path:
         raise TaskError("JOBFORGE_PAYLOAD is not set")
     try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        if path == "-":  # the local backend hands it over on stdin
+            payload = json.load(sys.stdin)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                payload = json.load(fh)
     except (OSError, ValueError) as exc:
         raise TaskError(f"cannot read payload {path}: {exc}") from exc
     if not isinstance(payload, dict):
@@ -99,7 +102,8 @@ def load_context() -> Context:
     if build_network not in (NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER):
         raise TaskError(f"JOBFORGE_BUILD_NETWORK must be {NETWORK_OUTBOUND}, {NETWORK_NONE} or {NETWORK_RUNNER}")
     workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    os.chdir(workdir)
     user, password = os.environ.get("REGISTRY_USERNAME"), os.environ.get("REGISTRY_PASSWORD")
     secrets = [os.environ.get(n, "") for n in ("REGISTRY_PASSWORD", "GIT_PASSWORD")]
     return Context(

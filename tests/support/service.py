@@ -12,8 +12,11 @@ from jobforge import devinfra
 
 
 class ServiceProcess(devinfra.ServiceProcess):
+    """Phases run as the service's user unless a test sets JOBFORGE_BUILD_USER: the suites' repositories live
+    in pytest's root-private temp dirs, which a build user cannot read (tests/test_isolation.py runs as one)."""
+
     def __init__(self, data_dir: Path, registry_host: str, **env: str) -> None:
-        super().__init__(data_dir, registry_host, **{"JOBFORGE_KILL_GRACE": "3", **env})
+        super().__init__(data_dir, registry_host, **{"JOBFORGE_KILL_GRACE": "3", "JOBFORGE_BUILD_USER": "", **env})
 
     def post(self, path: str, body) -> tuple[int, object]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
