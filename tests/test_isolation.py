@@ -174,3 +174,11 @@ def test_a_hostile_job_reaches_nothing_of_the_host(service, shared_dir, host_fil
     for secret in [HOST_MARKER, DATA_MARKER, SECRETS["REGISTRY_PASSWORD"], SECRETS["JOBFORGE_GIT_PASSWORD"]]:
         assert secret not in everything
     assert workspace_marker not in text_b  # A's own log has it; B never read it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the build user applies to a service run as root")
+def test_a_root_service_without_its_build_user_refuses_to_start(tmp_path):
+    svc = ServiceProcess(tmp_path / "service", "127.0.0.1:1", JOBFORGE_BUILD_USER="jobforge-no-such-user")
+    with pytest.raises(RuntimeError, match="exited with code 2") as refused:
+        svc.start()
+    assert "JOBFORGE_BUILD_USER 'jobforge-no-such-user' does not exist" in str(refused.value)
