@@ -88,9 +88,10 @@ def shared_dir():
 
 @pytest.fixture(scope="module")
 def host_file(shared_dir) -> Path:
-    """A host file any user could read: only the isolation keeps it out of the job."""
+    """A host file any user could read: only the isolation keeps it out of the job. The marker is repeated, so
+    a read from any offset (a follower's position in the file it replaced) still holds it whole."""
     path = shared_dir / "host-secret.txt"
-    path.write_text(HOST_MARKER + "\n")
+    path.write_text((HOST_MARKER + "\n") * 2000)
     path.chmod(0o644)
     return path
 
@@ -163,6 +164,9 @@ def test_a_hostile_job_reaches_nothing_of_the_host(service, shared_dir, host_fil
     _, history = svc.post("/json/getHistory", {"limit": 100})
     everything = "\n".join([text_a, text_b, json.dumps(history)])
 
+    for secret in [HOST_MARKER, DATA_MARKER, SECRETS["REGISTRY_PASSWORD"], SECRETS["JOBFORGE_GIT_PASSWORD"]]:
+        assert secret not in everything
+    assert workspace_marker not in text_b  # A's own log has it; B never read it
     assert final_b["status"] == "SUCCEEDED", (final_b, logs_b)
     build, test = "\n".join(logs_b["build"]), "\n".join(logs_b["test"])
     for phase, log in (("build", build), ("test", test)):
@@ -171,9 +175,6 @@ def test_a_hostile_job_reaches_nothing_of_the_host(service, shared_dir, host_fil
         assert "kill42" not in log.splitlines() and "reach42" not in log.splitlines()
     assert "linked /.jobforge-out/output" in test and "links-42" in test, test
     assert host_process.poll() is None, "a build step killed a host process"
-    for secret in [HOST_MARKER, DATA_MARKER, SECRETS["REGISTRY_PASSWORD"], SECRETS["JOBFORGE_GIT_PASSWORD"]]:
-        assert secret not in everything
-    assert workspace_marker not in text_b  # A's own log has it; B never read it
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the build user applies to a service run as root")
