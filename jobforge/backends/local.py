@@ -150,8 +150,10 @@ class LocalBackend:
 
     async def check(self) -> dict[str, str]:
         problems = {}
-        for tool in ("buildah", "skopeo", "git"):
-            if shutil.which(tool, path=self._env.get("PATH")) is None:
+        tools = ["buildah", "skopeo", "git", "unshare", "nsenter", "ip"]
+        tools += ["slirp4netns"] if self._env["JOBFORGE_BUILD_NETWORK"] == "outbound" else []
+        for tool in tools:
+            if shutil.which(tool, path=f"{self._env.get('PATH', '')}:/usr/sbin:/sbin") is None:
                 problems[tool] = f"{tool} not found on PATH"
         try:
             task_script("build")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -206,8 +207,9 @@ TUN = "/dev/net/tun"
 # never the service's or the runner's credentials.
 TOOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_RUNTIME_DIR",
             "_CONTAINERS_USERNS_CONFIGURED", "_CONTAINERS_ROOTLESS_UID", "_CONTAINERS_ROOTLESS_GID")
-# Keeps a network namespace alive (with its loopback up) until our end of its stdin closes.
-_NETNS_HOLDER = ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && echo ready && exec cat >/dev/null"]
+# Keeps a network namespace alive (with its loopback up) until our end of its stdin closes; $1 is `ip`.
+_NETNS_HOLDER = ["unshare", "--net", "--", "sh", "-c", '"$1" link set lo up && echo ready && exec cat >/dev/null',
+                 "netns"]
 
 
 def tool_env() -> dict[str, str]:
@@ -229,9 +231,10 @@ def sandbox(network: str) -> Iterator[list[str]]:
         return
     if network == NETWORK_OUTBOUND and not os.access(TUN, os.R_OK | os.W_OK):
         raise TaskError(f"network 'outbound' needs slirp4netns and {TUN} readable and writable by uid "
-                        f"{os.getuid()} (mode 0666, the distributions' default); set JOBFORGE_BUILD_NETWORK=none "
-                        "to build without network")
-    holder = subprocess.Popen(_NETNS_HOLDER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        f"{os.getuid()} (mode 0666, the distributions' default); without it, use "
+                        "JOBFORGE_BUILD_NETWORK=none for builds and test.network: none for tests")
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"  # often not on a user's PATH
+    holder = subprocess.Popen([*_NETNS_HOLDER, ip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=tool_env())
     slirp, exit_w = None, -1
     try:
@@ -349,7 +352,8 @@ def enter_user_namespace() -> None:
     (`buildah unshare`), where rootless buildah works and `sandbox()` may create namespaces; root on the
     host (container root mapped to the user) is never gained."""
     if os.geteuid() != 0 and not os.environ.get("_CONTAINERS_USERNS_CONFIGURED"):
-        argv = ["buildah", "unshare", "--", sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+        flags = ["-I"] if sys.flags.isolated else []
+        argv = ["buildah", "unshare", "--", sys.executable, *flags, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
         os.execvp(argv[0], argv)
 
 
