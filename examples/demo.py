@@ -111,7 +111,10 @@ def run_demo(work: Path) -> int:
         say(f"Rendered the job config: {config}")
 
         say("Starting jobforge-service")
-        service = ServiceProcess(work / "data", registry.host).start()
+        # The demo's repository is the working copy the CLI tags, owned by whoever runs the demo; git lets only
+        # its owner fetch it, so the phases run as that user, not as a separate build user
+        # (docs/security-isolation.md: a real root service uses JOBFORGE_BUILD_USER).
+        service = ServiceProcess(work / "data", registry.host, JOBFORGE_BUILD_USER="").start()
         detail(f"{service.url} (data dir {service.data_dir}, log {service.log_path})")
 
         say(f"Submitting the job: jobforge --url {service.url} submit-job {config.name} --watch")
@@ -147,7 +150,6 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="jobforge-demo-"))
-    work.chmod(0o755)  # run as root, the service's build user clones the repository in here
     code = 1
     try:
         code = run_demo(work)
