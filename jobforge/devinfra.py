@@ -230,11 +230,13 @@ def remove_tree(path: str | os.PathLike) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def build_network_here() -> str:
-    """`outbound` where an unprivileged build user may open /dev/net/tun for slirp4netns (mode 0666, the
-    distributions' default), else `none` (some container hosts make it 0600)."""
+def build_network_here(as_root: bool = False) -> str:
+    """`outbound` where slirp4netns can give the phases' user a tap: root always, any other user only when
+    /dev/net/tun is open to it (mode 0666, the distributions' default; some container hosts make it 0600)."""
+    if shutil.which("slirp4netns") is None:
+        return "none"
     try:
-        usable = os.stat("/dev/net/tun").st_mode & 0o006 == 0o006 and shutil.which("slirp4netns") is not None
+        usable = as_root or os.stat("/dev/net/tun").st_mode & 0o006 == 0o006
     except OSError:
         usable = False
     return "outbound" if usable else "none"
@@ -266,8 +268,11 @@ class ServiceProcess:
             **inherited,
             "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(self.port), "METRICS_PORT": str(free_port()),
             "REGISTRY_URL": registry_host, "REGISTRY_TLS_VERIFY": "false", "JOBFORGE_DATA_DIR": str(self.data_dir),
-            "LOG_LEVEL": "info", "JOBFORGE_BUILD_NETWORK": build_network_here(), **env,
+            "LOG_LEVEL": "info", **env,
         }
+        # Phases run as root only when the service is root and has no build user (JOBFORGE_BUILD_USER=).
+        as_root = os.geteuid() == 0 and self.env.get("JOBFORGE_BUILD_USER", "jobforge-build") == ""
+        self.env.setdefault("JOBFORGE_BUILD_NETWORK", build_network_here(as_root))
         self.proc: subprocess.Popen | None = None
 
     @property
