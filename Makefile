@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap apache2-utils ca-certificates python3-venv procps prometheus
+APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap slirp4netns iproute2 apache2-utils ca-certificates python3-venv procps prometheus
 # Locked, hashed dependency sets (pip-compile; `make lock` regenerates them). Each includes the build backend,
 # so the project itself is built offline from the locked hatchling.
 RUNTIME_LOCK := requirements/runtime.lock
@@ -12,7 +12,7 @@ TEST_LOCK := requirements/test.lock
 # and what the tests and the demo run is what a user installs. Any source change reinstalls it.
 SOURCES := pyproject.toml README.md $(shell find jobforge cli templates -type f ! -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test deps system-deps clean lock nomad-jobs
+.PHONY: demo test deps system-deps clean lock nomad-jobs build-user
 
 demo: system-deps $(VENV)/.runtime $(VENV)/.project
 	$(PY) examples/demo.py
@@ -30,6 +30,7 @@ system-deps:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+	@[ "$$(id -u)" != 0 ] || $(MAKE) -s build-user
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -63,3 +64,11 @@ lock:
 # Re-render the default Nomad jobs in nomad-jobs/ (tests/nomad checks they match a fresh render).
 nomad-jobs: $(VENV)/.project
 	$(PY) -m jobforge.nomad nomad-jobs
+
+# The unprivileged user a root service runs build and test steps as (JOBFORGE_BUILD_USER), with sub-uid and
+# sub-gid ranges for rootless buildah. Needs root; an existing user or range is left as it is.
+BUILD_USER ?= jobforge-build
+SUBID_RANGE ?= 300000:65536
+build-user:
+	@id -u $(BUILD_USER) >/dev/null 2>&1 || useradd --system --create-home --shell /usr/sbin/nologin $(BUILD_USER)
+	@for f in /etc/subuid /etc/subgid; do grep -q "^$(BUILD_USER):" $$f 2>/dev/null || echo "$(BUILD_USER):$(SUBID_RANGE)" >> $$f; done

@@ -242,7 +242,8 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
         config = yaml.safe_load(text.replace("__REGISTRY__", registry.host))
         config["owner"] = "bench"
         config["image_tags"] = [f"t{i}" for i in range(1, tags)]  # + the job id = `tags` tags
-        service = ServiceProcess(data, registry.host, LOG_LEVEL="warning").start()
+        # Phases as this user, like the direct run (the repository is this user's; git lets only its owner fetch).
+        service = ServiceProcess(data, registry.host, LOG_LEVEL="warning", JOBFORGE_BUILD_USER="").start()
         direct = Direct(work / "direct", storage, registry.host, repo_url, config)
 
         def run_jobforge() -> dict:

@@ -14,6 +14,7 @@ Shape::
 
     JobConfig                                    (owner, repo_url, git_ref, image_name, registry_url, ...)
     ├── test: TestConfig | None
+    │   ├── network: TestNetwork                 (none | outbound)
     │   ├── vault_secrets: list[VaultSecret]     (path, fields: vault field -> env var name)
     │   ├── constraints: list[Constraint]        (attribute, operand, value)
     │   └── resource_limits: PhaseResources | None
@@ -103,8 +104,8 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
 __all__ = [
     "COMMIT_SHA_PATTERN", "CONSTRAINT_OPERANDS", "DEFAULT_RESOURCES", "ENV_NAME_PATTERN", "HEADER_NAME_PATTERN",
     "IMAGE_NAME_PATTERN", "IMAGE_TAG_PATTERN", "PHASES", "REDACTED", "SECRETS_CONTEXT", "STAGE_NAME_PATTERN",
-    "Constraint", "JobConfig", "PhaseResources", "ResourceLimits", "Resources", "TestConfig", "VaultSecret",
-    "format_duration", "format_validation_errors", "parse_duration", "validation_error",
+    "Constraint", "JobConfig", "PhaseResources", "ResourceLimits", "Resources", "TestConfig", "TestNetwork",
+    "VaultSecret", "format_duration", "format_validation_errors", "parse_duration", "validation_error",
 ]
 
 # ------------------------------------------------------------------------------------------------ field types
@@ -247,6 +248,15 @@ class Constraint(_Model):
         return value
 
 
+class TestNetwork(str, Enum):
+    """What the test container's network namespace holds: only its own loopback, or also outbound access
+    (through slirp4netns, without a route to the host's loopback)."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    NONE = "none"
+    OUTBOUND = "outbound"
+
+
 class TestConfig(_Model):
     """The optional test phase: run the image's entry point and/or commands inside the built image."""
 
@@ -255,6 +265,8 @@ class TestConfig(_Model):
     entry_point: bool = Field(False, description="run the image's entry point as the test")
     commands: list[Command] = Field(default_factory=list, description="commands run in the built image")
     env: dict[EnvName, FreeText] = Field(default_factory=dict)
+    network: TestNetwork = Field(TestNetwork.NONE, description="'none' (default): only the container's own "
+                                 "loopback; 'outbound': also outbound access, never the host's loopback")
     vault_secrets: list[VaultSecret] = Field(default_factory=list)
     vault_policies: list[VaultName] = Field(default_factory=list, validate_default=True,
                                             description="required when vault_secrets are given")

@@ -231,6 +231,18 @@ def remove_tree(path: str | os.PathLike) -> None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def build_network_here(as_root: bool = False) -> str:
+    """`outbound` where slirp4netns can give the phases' user a tap: root always, any other user only when
+    /dev/net/tun is open to it (mode 0666, the distributions' default; some container hosts make it 0600)."""
+    if shutil.which("slirp4netns") is None:
+        return "none"
+    try:
+        usable = as_root or os.stat("/dev/net/tun").st_mode & 0o006 == 0o006
+    except OSError:
+        usable = False
+    return "outbound" if usable else "none"
+
+
 def service_command() -> list[str]:
     """The installed `jobforge-service` console script of this interpreter's environment: what users run."""
     script = Path(sys.executable).with_name("jobforge-service")
@@ -264,6 +276,9 @@ class ServiceProcess:
             "JOBFORGE_ALLOW_FILE_REPOS": "true",
             "LOG_LEVEL": "info", **env,
         }
+        # Phases run as root only when the service is root and has no build user (JOBFORGE_BUILD_USER=).
+        as_root = os.geteuid() == 0 and self.env.get("JOBFORGE_BUILD_USER", "jobforge-build") == ""
+        self.env.setdefault("JOBFORGE_BUILD_NETWORK", build_network_here(as_root))
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -178,6 +178,15 @@ class Settings(BaseSettings):
     webhook_timeout: Duration = Field(10.0, gt=0, validation_alias="JOBFORGE_WEBHOOK_TIMEOUT",
                                       description="total time one delivery attempt may take")
 
+    build_user: str = Field("jobforge-build", pattern=r"^([a-z_][a-z0-9_-]*)?$", validation_alias="JOBFORGE_BUILD_USER",
+                            description="local backend run as root: the unprivileged user (with /etc/subuid and "
+                                        "/etc/subgid ranges, `make build-user`) that runs every phase; "
+                                        "empty: phases run as root")
+    build_network: Literal["outbound", "none"] = Field(
+        "outbound", validation_alias="JOBFORGE_BUILD_NETWORK",
+        description="local backend: network of RUN steps; outbound through slirp4netns without the host's "
+                    "loopback, or none (only the step's own loopback)")
+
     nomad: NomadSettings = Field(default_factory=NomadSettings)
 
     @model_validator(mode="after")

@@ -54,6 +54,7 @@ def build_payload(record: JobRecord, phase: str, target: RegistryTarget) -> dict
             "entry_point": bool(test and test.entry_point),
             "commands": list(test.commands) if test else [],
             "env": dict(test.env) if test else {},
+            "network": test.network.value if test else "none",
             "secret_env": sorted({v for s in test.vault_secrets for v in s.fields.values()}) if test else [],
         },
         "publish_targets": publish_targets(record),

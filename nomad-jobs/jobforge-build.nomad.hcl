@@ -73,6 +73,7 @@ job "jobforge-build" {
         JOBFORGE_BUILDAH_RUNROOT = "/var/lib/jobforge/buildah/runroot"
         JOBFORGE_STORAGE_DRIVER  = "vfs"
         JOBFORGE_ISOLATION       = "chroot"
+        JOBFORGE_BUILD_NETWORK   = "runner"
         PYTHONUNBUFFERED         = "1"
       }
 
@@ -100,9 +101,11 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
@@ -264,6 +267,7 @@ class Context:
     registry_auths: dict[str, dict] = field(default_factory=dict)
     git_credentials: list[Credential] = field(default_factory=list)
     git_plain_http_hosts: list[str] = field(default_factory=list)
+    build_network: str = "outbound"
     secrets: list[str] = field(default_factory=list)
 
     def require(self, key: str):
@@ -301,14 +305,21 @@ def load_context() -> Context:
     if not path:
         raise TaskError("JOBFORGE_PAYLOAD is not set")
     try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        if path == "-":  # the local backend hands it over on stdin
+            payload = json.load(sys.stdin)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                payload = json.load(fh)
     except (OSError, ValueError) as exc:
         raise TaskError(f"cannot read payload {path}: {exc}") from exc
     if not isinstance(payload, dict):
         raise TaskError("payload must be a JSON object")
+    build_network = os.environ.get("JOBFORGE_BUILD_NETWORK") or NETWORK_OUTBOUND
+    if build_network not in (NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER):
+        raise TaskError(f"JOBFORGE_BUILD_NETWORK must be {NETWORK_OUTBOUND}, {NETWORK_NONE} or {NETWORK_RUNNER}")
     workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    os.chdir(workdir)
     ctx = Context(
         payload=payload,
         workdir=os.path.abspath(workdir),
@@ -316,6 +327,7 @@ def load_context() -> Context:
         root=os.environ.get("JOBFORGE_BUILDAH_ROOT") or None,
         runroot=os.environ.get("JOBFORGE_BUILDAH_RUNROOT") or None,
         isolation=os.environ.get("JOBFORGE_ISOLATION") or "chroot",
+        build_network=build_network,
     )
     ctx.registry_auths = _registry_auths(ctx, os.environ)
     ctx.git_credentials = _git_credentials(ctx, os.environ)
@@ -397,8 +409,8 @@ def failure(what: str, output: str) -> TaskError:
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
         quiet: bool = False) -> Result:
-    """Run argv, forwarding its merged stdout/stderr line by line (masked) while keeping the tail
-    for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
+    """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
+    while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -444,6 +456,91 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
         message = redact(proc.stderr.decode("utf-8", errors="replace"), ctx.secrets)
         raise CommandFailed(argv[0], proc.returncode, message)
     return proc.stdout
+
+
+# --- sandbox ------------------------------------------------------------------------------------------
+
+# `runner`: no namespace of our own; the runner's network is the boundary (a Nomad docker task's bridge).
+NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER = "none", "outbound", "runner"
+TUN = "/dev/net/tun"
+# The only variables buildah (and so anything a build step or test command could read of its process) gets:
+# never the service's or the runner's credentials.
+TOOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_RUNTIME_DIR",
+            "_CONTAINERS_USERNS_CONFIGURED", "_CONTAINERS_ROOTLESS_UID", "_CONTAINERS_ROOTLESS_GID")
+# Keeps a network namespace alive (with its loopback up) until our end of its stdin closes; $1 is `ip`.
+_NETNS_HOLDER = ["unshare", "--net", "--", "sh", "-c", '"$1" link set lo up && echo ready && exec cat >/dev/null',
+                 "netns"]
+
+
+def tool_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in TOOL_ENV if name in os.environ}
+
+
+@contextlib.contextmanager
+def sandbox(network: str) -> Iterator[list[str]]:
+    """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
+
+    Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
+    network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
+    has no route to the host's loopback, where the service, the registry and other local daemons listen.
+    `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    """
+    pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+    if network == NETWORK_RUNNER:
+        yield pid_ns
+        return
+    if network == NETWORK_OUTBOUND and not os.access(TUN, os.R_OK | os.W_OK):
+        raise TaskError(f"network 'outbound' needs slirp4netns and {TUN} readable and writable by uid "
+                        f"{os.getuid()} (mode 0666, the distributions' default); without it, use "
+                        "JOBFORGE_BUILD_NETWORK=none for builds and test.network: none for tests")
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"  # often not on a user's PATH
+    holder = subprocess.Popen([*_NETNS_HOLDER, ip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=tool_env())
+    slirp, exit_w = None, -1
+    try:
+        assert holder.stdout is not None and holder.stderr is not None
+        if holder.stdout.readline() != b"ready\n":
+            holder.wait()
+            raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
+        if network == NETWORK_OUTBOUND:
+            slirp, exit_w = _slirp(holder.pid)
+        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+    finally:
+        if exit_w >= 0:
+            os.close(exit_w)  # slirp4netns exits when this end closes
+        with contextlib.suppress(OSError):
+            holder.stdin.close()  # type: ignore[union-attr]
+        for proc in (slirp, holder):
+            if proc is not None:
+                stop_child(proc, grace=2.0)
+
+
+def _slirp(pid: int) -> tuple[subprocess.Popen, int]:
+    """Outbound network for the namespace of `pid`, without the host's loopback; returns (process, exit fd)."""
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    errors = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            ["slirp4netns", "--configure", "--disable-host-loopback", "--enable-sandbox",
+             f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", str(pid), "tap0"],
+            pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errors, env=tool_env())
+    except OSError as exc:
+        os.close(exit_w)
+        raise TaskError(f"could not start slirp4netns for outbound network: {exc}") from exc
+    finally:
+        os.close(ready_w)
+        os.close(exit_r)
+    with os.fdopen(ready_r, "rb") as ready:
+        if ready.read(1) != b"1":
+            os.close(exit_w)
+            proc.wait()
+            errors.seek(0)
+            raise failure("could not give the namespace outbound network (slirp4netns)",
+                          errors.read().decode(errors="replace"))
+    errors.close()
+    return proc, exit_w
 
 
 # --- registries -----------------------------------------------------------------------------------------
@@ -585,8 +682,19 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def enter_user_namespace() -> None:
+    """As an unprivileged user, re-run this script as root of a user namespace mapping the user's sub-uids
+    (`buildah unshare`), where rootless buildah works and `sandbox()` may create namespaces; root on the
+    host (container root mapped to the user) is never gained."""
+    if os.geteuid() != 0 and not os.environ.get("_CONTAINERS_USERNS_CONFIGURED"):
+        flags = ["-I"] if sys.flags.isolated else []
+        argv = ["buildah", "unshare", "--", sys.executable, *flags, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+        os.execvp(argv[0], argv)
+
+
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
+    enter_user_namespace()
     signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
@@ -639,6 +747,10 @@ Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git 
 helper written for this run that answers for exactly one origin (scheme + host + port), the one
 `git_credential_for` bound the credential to; its values come from the environment, never from argv. A
 password in `repo_url` itself is taken out of the URL and handled the same way (bound to that URL's origin).
+
+The RUN steps run in `sandbox()` namespaces with outbound network but no route to the host's loopback, so the
+images the Dockerfile names are pulled before (out here, with the registry credentials) and the build itself
+never pulls (`--pull=never`) nor sees a credential.
 """
 
 from __future__ import annotations
@@ -655,7 +767,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
-    registries_conf, registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
+    registries_conf, registry_authfile, run, sandbox, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -680,6 +792,8 @@ UNREADABLE_REPO = re.compile(
     r"|returned error: 40[134]|\b40[134]\b|could not read (username|password)|terminal prompts disabled"
     r"|permission denied|access denied", re.IGNORECASE)
 AUTH_FAILED = re.compile(r"authentication failed|invalid username or password", re.IGNORECASE)
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+_MOUNT_FROM = re.compile(r"(?:^|,)from=([^,]+)")
 
 
 def public_url(url: str) -> str:
@@ -811,12 +925,83 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
     return path
 
 
-def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
+def _instructions(text: str) -> list[list[str]]:
+    """A Dockerfile's instructions as word lists: comments dropped, `\\` continuations joined."""
+    result, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped and not pending:
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        words = (pending + stripped).split()
+        pending = ""
+        if words:
+            result.append(words)
+    return result
+
+
+def _expand(word: str, args: dict[str, str]) -> str:
+    def value(match: re.Match) -> str:
+        name = match.group(1) or match.group(3)
+        return args.get(name) or (match.group(2) or "")
+    return _VARIABLE.sub(value, word)
+
+
+def base_images(text: str, build_args: dict[str, str]) -> list[str]:
+    """The images a Dockerfile takes from registries (FROM, COPY/ADD --from, RUN --mount from=), with the
+    global ARGs and the job's build args substituted; stage names, stage numbers and `scratch` are not images."""
+    args: dict[str, str] = {}
+    stages: set[str] = set()
+    images: list[str] = []
+
+    def add(ref: str) -> None:
+        if ref and ref.lower() not in stages and ref != "scratch" and not ref.isdigit() and ref not in images:
+            images.append(ref)
+
+    for words in _instructions(text):
+        keyword, rest = words[0].upper(), words[1:]
+        if keyword == "ARG" and not stages and not images:
+            for spec in rest:
+                name, has_default, default = spec.partition("=")
+                args[name] = build_args.get(name, default.strip("\"'") if has_default else "")
+        elif keyword == "FROM":
+            plain = [w for w in rest if not w.startswith("--")]
+            if plain:
+                add(_expand(plain[0], args))
+            if len(plain) >= 3 and plain[1].upper() == "AS":
+                stages.add(plain[2].lower())
+        elif keyword in ("COPY", "ADD"):
+            for word in rest:
+                if word.startswith("--from="):
+                    add(_expand(word[len("--from="):], args))
+        elif keyword == "RUN":
+            for word in rest:
+                if word.startswith("--mount="):
+                    add(next((m.group(1) for m in _MOUNT_FROM.finditer(word[len("--mount="):])), ""))
+    return images
+
+
+def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> None:
+    with open(dockerfile, encoding="utf-8", errors="replace") as fh:
+        images = base_images(fh.read(), ctx.payload.get("build_args") or {})
+    for image in images:
+        step(f"pulling {image}")
+        argv = ctx.buildah("pull", tls_for(ctx, "tls-verify", image))
+        argv += ["--authfile", authfile] if authfile else []
+        result = run(ctx, argv + ["--", image])
+        if result.returncode != 0:
+            if is_unauthorized(result.output):
+                raise unauthorized_error(ctx, result.output, [image])
+            raise failure(f"could not pull {image}", result.output)
+
+
+def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    # TLS per registry host (the temp registry, FROM hosts): see registries_conf; no --tls-verify flag.
-    argv = ctx.buildah("--registries-conf", registries_conf(ctx), "bud", "--layers", "--force-rm",
-                       "--isolation", ctx.isolation, "-f", dockerfile)
+    argv = ctx.buildah("bud", "--layers", "--force-rm", "--pull=never", "--isolation", ctx.isolation,
+                       "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -827,8 +1012,7 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
     argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
-    argv += ["--authfile", authfile] if authfile else []
-    return argv + ["-t", p["temp_image"], context]
+    return argv + ["-t", ctx.payload["temp_image"], context]
 
 
 def build(ctx: Context) -> None:
@@ -848,8 +1032,10 @@ def build(ctx: Context) -> None:
             step("clearing the layer cache")
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
+        pull_base_images(ctx, dockerfile, authfile)
         step(f"building {temp}")
-        result = run(ctx, bud_argv(ctx, dockerfile, context, authfile), cwd=clone)
+        with sandbox(ctx.build_network) as prefix:
+            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context), cwd=clone)
         if result.returncode != 0:
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")

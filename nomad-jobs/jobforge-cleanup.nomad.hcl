@@ -73,6 +73,7 @@ job "jobforge-cleanup" {
         JOBFORGE_BUILDAH_RUNROOT = "/var/lib/jobforge/buildah/runroot"
         JOBFORGE_STORAGE_DRIVER  = "vfs"
         JOBFORGE_ISOLATION       = "chroot"
+        JOBFORGE_BUILD_NETWORK   = "runner"
         PYTHONUNBUFFERED         = "1"
       }
 
@@ -100,9 +101,11 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
@@ -264,6 +267,7 @@ class Context:
     registry_auths: dict[str, dict] = field(default_factory=dict)
     git_credentials: list[Credential] = field(default_factory=list)
     git_plain_http_hosts: list[str] = field(default_factory=list)
+    build_network: str = "outbound"
     secrets: list[str] = field(default_factory=list)
 
     def require(self, key: str):
@@ -301,14 +305,21 @@ def load_context() -> Context:
     if not path:
         raise TaskError("JOBFORGE_PAYLOAD is not set")
     try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        if path == "-":  # the local backend hands it over on stdin
+            payload = json.load(sys.stdin)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                payload = json.load(fh)
     except (OSError, ValueError) as exc:
         raise TaskError(f"cannot read payload {path}: {exc}") from exc
     if not isinstance(payload, dict):
         raise TaskError("payload must be a JSON object")
+    build_network = os.environ.get("JOBFORGE_BUILD_NETWORK") or NETWORK_OUTBOUND
+    if build_network not in (NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER):
+        raise TaskError(f"JOBFORGE_BUILD_NETWORK must be {NETWORK_OUTBOUND}, {NETWORK_NONE} or {NETWORK_RUNNER}")
     workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    os.chdir(workdir)
     ctx = Context(
         payload=payload,
         workdir=os.path.abspath(workdir),
@@ -316,6 +327,7 @@ def load_context() -> Context:
         root=os.environ.get("JOBFORGE_BUILDAH_ROOT") or None,
         runroot=os.environ.get("JOBFORGE_BUILDAH_RUNROOT") or None,
         isolation=os.environ.get("JOBFORGE_ISOLATION") or "chroot",
+        build_network=build_network,
     )
     ctx.registry_auths = _registry_auths(ctx, os.environ)
     ctx.git_credentials = _git_credentials(ctx, os.environ)
@@ -397,8 +409,8 @@ def failure(what: str, output: str) -> TaskError:
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
         quiet: bool = False) -> Result:
-    """Run argv, forwarding its merged stdout/stderr line by line (masked) while keeping the tail
-    for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
+    """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
+    while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -444,6 +456,91 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
         message = redact(proc.stderr.decode("utf-8", errors="replace"), ctx.secrets)
         raise CommandFailed(argv[0], proc.returncode, message)
     return proc.stdout
+
+
+# --- sandbox ------------------------------------------------------------------------------------------
+
+# `runner`: no namespace of our own; the runner's network is the boundary (a Nomad docker task's bridge).
+NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER = "none", "outbound", "runner"
+TUN = "/dev/net/tun"
+# The only variables buildah (and so anything a build step or test command could read of its process) gets:
+# never the service's or the runner's credentials.
+TOOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_RUNTIME_DIR",
+            "_CONTAINERS_USERNS_CONFIGURED", "_CONTAINERS_ROOTLESS_UID", "_CONTAINERS_ROOTLESS_GID")
+# Keeps a network namespace alive (with its loopback up) until our end of its stdin closes; $1 is `ip`.
+_NETNS_HOLDER = ["unshare", "--net", "--", "sh", "-c", '"$1" link set lo up && echo ready && exec cat >/dev/null',
+                 "netns"]
+
+
+def tool_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in TOOL_ENV if name in os.environ}
+
+
+@contextlib.contextmanager
+def sandbox(network: str) -> Iterator[list[str]]:
+    """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
+
+    Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
+    network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
+    has no route to the host's loopback, where the service, the registry and other local daemons listen.
+    `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    """
+    pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+    if network == NETWORK_RUNNER:
+        yield pid_ns
+        return
+    if network == NETWORK_OUTBOUND and not os.access(TUN, os.R_OK | os.W_OK):
+        raise TaskError(f"network 'outbound' needs slirp4netns and {TUN} readable and writable by uid "
+                        f"{os.getuid()} (mode 0666, the distributions' default); without it, use "
+                        "JOBFORGE_BUILD_NETWORK=none for builds and test.network: none for tests")
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"  # often not on a user's PATH
+    holder = subprocess.Popen([*_NETNS_HOLDER, ip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=tool_env())
+    slirp, exit_w = None, -1
+    try:
+        assert holder.stdout is not None and holder.stderr is not None
+        if holder.stdout.readline() != b"ready\n":
+            holder.wait()
+            raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
+        if network == NETWORK_OUTBOUND:
+            slirp, exit_w = _slirp(holder.pid)
+        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+    finally:
+        if exit_w >= 0:
+            os.close(exit_w)  # slirp4netns exits when this end closes
+        with contextlib.suppress(OSError):
+            holder.stdin.close()  # type: ignore[union-attr]
+        for proc in (slirp, holder):
+            if proc is not None:
+                stop_child(proc, grace=2.0)
+
+
+def _slirp(pid: int) -> tuple[subprocess.Popen, int]:
+    """Outbound network for the namespace of `pid`, without the host's loopback; returns (process, exit fd)."""
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    errors = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            ["slirp4netns", "--configure", "--disable-host-loopback", "--enable-sandbox",
+             f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", str(pid), "tap0"],
+            pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errors, env=tool_env())
+    except OSError as exc:
+        os.close(exit_w)
+        raise TaskError(f"could not start slirp4netns for outbound network: {exc}") from exc
+    finally:
+        os.close(ready_w)
+        os.close(exit_r)
+    with os.fdopen(ready_r, "rb") as ready:
+        if ready.read(1) != b"1":
+            os.close(exit_w)
+            proc.wait()
+            errors.seek(0)
+            raise failure("could not give the namespace outbound network (slirp4netns)",
+                          errors.read().decode(errors="replace"))
+    errors.close()
+    return proc, exit_w
 
 
 # --- registries -----------------------------------------------------------------------------------------
@@ -585,8 +682,19 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def enter_user_namespace() -> None:
+    """As an unprivileged user, re-run this script as root of a user namespace mapping the user's sub-uids
+    (`buildah unshare`), where rootless buildah works and `sandbox()` may create namespaces; root on the
+    host (container root mapped to the user) is never gained."""
+    if os.geteuid() != 0 and not os.environ.get("_CONTAINERS_USERNS_CONFIGURED"):
+        flags = ["-I"] if sys.flags.isolated else []
+        argv = ["buildah", "unshare", "--", sys.executable, *flags, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+        os.execvp(argv[0], argv)
+
+
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
+    enter_user_namespace()
     signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")

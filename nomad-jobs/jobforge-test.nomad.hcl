@@ -73,6 +73,7 @@ job "jobforge-test" {
         JOBFORGE_BUILDAH_RUNROOT = "/var/lib/jobforge/buildah/runroot"
         JOBFORGE_STORAGE_DRIVER  = "vfs"
         JOBFORGE_ISOLATION       = "chroot"
+        JOBFORGE_BUILD_NETWORK   = "runner"
         PYTHONUNBUFFERED         = "1"
       }
 
@@ -100,9 +101,11 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.parse
 from collections import deque
 from dataclasses import dataclass, field
@@ -264,6 +267,7 @@ class Context:
     registry_auths: dict[str, dict] = field(default_factory=dict)
     git_credentials: list[Credential] = field(default_factory=list)
     git_plain_http_hosts: list[str] = field(default_factory=list)
+    build_network: str = "outbound"
     secrets: list[str] = field(default_factory=list)
 
     def require(self, key: str):
@@ -301,14 +305,21 @@ def load_context() -> Context:
     if not path:
         raise TaskError("JOBFORGE_PAYLOAD is not set")
     try:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
+        if path == "-":  # the local backend hands it over on stdin
+            payload = json.load(sys.stdin)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                payload = json.load(fh)
     except (OSError, ValueError) as exc:
         raise TaskError(f"cannot read payload {path}: {exc}") from exc
     if not isinstance(payload, dict):
         raise TaskError("payload must be a JSON object")
+    build_network = os.environ.get("JOBFORGE_BUILD_NETWORK") or NETWORK_OUTBOUND
+    if build_network not in (NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER):
+        raise TaskError(f"JOBFORGE_BUILD_NETWORK must be {NETWORK_OUTBOUND}, {NETWORK_NONE} or {NETWORK_RUNNER}")
     workdir = os.environ.get("JOBFORGE_WORKDIR") or os.getcwd()
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    os.chdir(workdir)
     ctx = Context(
         payload=payload,
         workdir=os.path.abspath(workdir),
@@ -316,6 +327,7 @@ def load_context() -> Context:
         root=os.environ.get("JOBFORGE_BUILDAH_ROOT") or None,
         runroot=os.environ.get("JOBFORGE_BUILDAH_RUNROOT") or None,
         isolation=os.environ.get("JOBFORGE_ISOLATION") or "chroot",
+        build_network=build_network,
     )
     ctx.registry_auths = _registry_auths(ctx, os.environ)
     ctx.git_credentials = _git_credentials(ctx, os.environ)
@@ -397,8 +409,8 @@ def failure(what: str, output: str) -> TaskError:
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
         quiet: bool = False) -> Result:
-    """Run argv, forwarding its merged stdout/stderr line by line (masked) while keeping the tail
-    for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
+    """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
+    while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
     print("+ " + redact(shlex.join(argv), ctx.secrets), flush=True)
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -444,6 +456,91 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
         message = redact(proc.stderr.decode("utf-8", errors="replace"), ctx.secrets)
         raise CommandFailed(argv[0], proc.returncode, message)
     return proc.stdout
+
+
+# --- sandbox ------------------------------------------------------------------------------------------
+
+# `runner`: no namespace of our own; the runner's network is the boundary (a Nomad docker task's bridge).
+NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER = "none", "outbound", "runner"
+TUN = "/dev/net/tun"
+# The only variables buildah (and so anything a build step or test command could read of its process) gets:
+# never the service's or the runner's credentials.
+TOOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_RUNTIME_DIR",
+            "_CONTAINERS_USERNS_CONFIGURED", "_CONTAINERS_ROOTLESS_UID", "_CONTAINERS_ROOTLESS_GID")
+# Keeps a network namespace alive (with its loopback up) until our end of its stdin closes; $1 is `ip`.
+_NETNS_HOLDER = ["unshare", "--net", "--", "sh", "-c", '"$1" link set lo up && echo ready && exec cat >/dev/null',
+                 "netns"]
+
+
+def tool_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in TOOL_ENV if name in os.environ}
+
+
+@contextlib.contextmanager
+def sandbox(network: str) -> Iterator[list[str]]:
+    """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
+
+    Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
+    network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
+    has no route to the host's loopback, where the service, the registry and other local daemons listen.
+    `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    """
+    pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
+    if network == NETWORK_RUNNER:
+        yield pid_ns
+        return
+    if network == NETWORK_OUTBOUND and not os.access(TUN, os.R_OK | os.W_OK):
+        raise TaskError(f"network 'outbound' needs slirp4netns and {TUN} readable and writable by uid "
+                        f"{os.getuid()} (mode 0666, the distributions' default); without it, use "
+                        "JOBFORGE_BUILD_NETWORK=none for builds and test.network: none for tests")
+    ip = shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin") or "ip"  # often not on a user's PATH
+    holder = subprocess.Popen([*_NETNS_HOLDER, ip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=tool_env())
+    slirp, exit_w = None, -1
+    try:
+        assert holder.stdout is not None and holder.stderr is not None
+        if holder.stdout.readline() != b"ready\n":
+            holder.wait()
+            raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
+        if network == NETWORK_OUTBOUND:
+            slirp, exit_w = _slirp(holder.pid)
+        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+    finally:
+        if exit_w >= 0:
+            os.close(exit_w)  # slirp4netns exits when this end closes
+        with contextlib.suppress(OSError):
+            holder.stdin.close()  # type: ignore[union-attr]
+        for proc in (slirp, holder):
+            if proc is not None:
+                stop_child(proc, grace=2.0)
+
+
+def _slirp(pid: int) -> tuple[subprocess.Popen, int]:
+    """Outbound network for the namespace of `pid`, without the host's loopback; returns (process, exit fd)."""
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    errors = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            ["slirp4netns", "--configure", "--disable-host-loopback", "--enable-sandbox",
+             f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", str(pid), "tap0"],
+            pass_fds=(ready_w, exit_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=errors, env=tool_env())
+    except OSError as exc:
+        os.close(exit_w)
+        raise TaskError(f"could not start slirp4netns for outbound network: {exc}") from exc
+    finally:
+        os.close(ready_w)
+        os.close(exit_r)
+    with os.fdopen(ready_r, "rb") as ready:
+        if ready.read(1) != b"1":
+            os.close(exit_w)
+            proc.wait()
+            errors.seek(0)
+            raise failure("could not give the namespace outbound network (slirp4netns)",
+                          errors.read().decode(errors="replace"))
+    errors.close()
+    return proc, exit_w
 
 
 # --- registries -----------------------------------------------------------------------------------------
@@ -585,8 +682,19 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def enter_user_namespace() -> None:
+    """As an unprivileged user, re-run this script as root of a user namespace mapping the user's sub-uids
+    (`buildah unshare`), where rootless buildah works and `sandbox()` may create namespaces; root on the
+    host (container root mapped to the user) is never gained."""
+    if os.geteuid() != 0 and not os.environ.get("_CONTAINERS_USERNS_CONFIGURED"):
+        flags = ["-I"] if sys.flags.isolated else []
+        argv = ["buildah", "unshare", "--", sys.executable, *flags, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+        os.execvp(argv[0], argv)
+
+
 def main(phase: Callable[[Context], None]) -> None:
     """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
+    enter_user_namespace()
     signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
@@ -635,9 +743,10 @@ JOBFORGE_EOF
 #!/usr/bin/env python3
 """Test phase: run the image's entry point and/or the configured commands inside a working container.
 
-The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Values of `test.secret_env`
-come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault values) and are masked in
-everything we print.
+The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Each command runs in its own
+PID and network namespaces (`sandbox()`): no network but its own loopback unless `test.network` is `outbound`.
+Values of `test.secret_env` come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault
+values) and are masked in everything we print.
 """
 
 from __future__ import annotations
@@ -656,17 +765,22 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, TaskError, capture, failure, is_unauthorized, main, redact, registry_authfile, run, step, stop_child,
-    tls_for, tool_env, unauthorized_error,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, Context, TaskError, capture, failure, is_unauthorized, main,
+    redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env, unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_ENV_PREFIX = "JOBFORGE_SECRET_"  # test.vault_secrets values: JOBFORGE_SECRET_<container variable name>
 # buildah 1.28's chroot runtime can lose the last pipe-full of a container's output when the process exits
 # (seen here: 5,825 of 20,000 lines gone, intermittently). So the container's shell writes the output into a
-# file on a bind mount, which we follow: nothing is lost, nothing is truncated.
+# file on a bind mount: nothing is lost, nothing is truncated. That mount is the container's to change, so
+# we open the file before the container exists and only ever read through that descriptor: replacing the
+# path with a symlink to a host file gets nothing of that file read.
 OUT_MOUNT = "/.jobforge-out"
-REDIRECT = f'exec >>{OUT_MOUNT}/output 2>&1; exec "$@"'
+STARTED = "started"  # created by the container's shell: proof that the image has /bin/sh
+REDIRECT = f': >{OUT_MOUNT}/{STARTED}; exec >>{OUT_MOUNT}/output 2>&1; exec "$@"'
+SECRETS_REDIRECT = (f': >{OUT_MOUNT}/{STARTED}; exec >>{OUT_MOUNT}/output 2>&1; . {OUT_MOUNT}/secrets.env; '
+                    f'rm -f {OUT_MOUNT}/secrets.env; exec "$@"')
 POLL_SECONDS = 0.02
 
 
@@ -675,36 +789,33 @@ SPLIT_MARKER = f" [line split: longer than {MAX_LINE_BYTES} bytes, continued on 
 READ_BYTES = 1024 * 1024
 
 
+def create_private(path: str, mode: int = 0o600) -> int:
+    """A new file at `path`, never an existing one or the target of a link someone put there."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 class LineFollower:
-    """Reads whatever a growing file has gained since the last call, as complete lines.
+    """Reads whatever a growing file has gained since the last call, as complete lines, through a descriptor
+    opened once (so the path may change under it).
 
     Bounded whatever the output: the file is read in `READ_BYTES` pieces and a line longer than `MAX_LINE_BYTES`
     is passed on in marked pieces, so a 100 MB line without a newline never sits in memory whole.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.offset = 0
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.partial = bytearray()
 
     def lines(self, final: bool = False) -> Iterator[str]:
-        try:
-            fh = open(self.path, "rb")
-        except FileNotFoundError:
-            fh = None
-        if fh is not None:
-            with fh:
-                fh.seek(self.offset)
-                while data := fh.read(READ_BYTES):
-                    self.offset += len(data)
-                    *complete, rest = data.split(b"\n")
-                    for segment in complete:
-                        self.partial += segment
-                        yield from self._pieces()
-                        yield self.partial.decode("utf-8", errors="replace")
-                        self.partial.clear()
-                    self.partial += rest
-                    yield from self._pieces()
+        while data := os.read(self.fd, READ_BYTES):
+            *complete, rest = data.split(b"\n")
+            for segment in complete:
+                self.partial += segment
+                yield from self._pieces()
+                yield self.partial.decode("utf-8", errors="replace")
+                self.partial.clear()
+            self.partial += rest
+            yield from self._pieces()
         if final and self.partial:
             yield self.partial.decode("utf-8", errors="replace")
             self.partial.clear()
@@ -758,36 +869,46 @@ def entry_argv(ctx: Context, container: str) -> list[str]:
     return argv
 
 
-def run_in(ctx: Context, container: str, env: ContainerEnv, argv: list[str]) -> int:
-    """Run argv in the container, its output followed through the bind-mounted file.
+def run_in(ctx: Context, container: str, env: ContainerEnv, argv: list[str], network: str) -> int:
+    """Run argv in the container, in its own namespaces, its output followed through the bind-mounted file.
 
-    The file is created by the container's shell; if it never appears the image has no /bin/sh, and the
-    command is run again directly, with buildah's own relay as the only output channel.
+    If the container's shell never starts, the image has no /bin/sh, and the command is run again directly,
+    with buildah's own relay as the only output channel.
     """
     outdir = tempfile.mkdtemp(prefix="out-", dir=ctx.workdir)
-    output = os.path.join(outdir, "output")
+    os.chmod(outdir, 0o700)
+    output = create_private(os.path.join(outdir, "output"))
     script = REDIRECT
     if env.secrets:
-        with open(os.open(os.path.join(outdir, "secrets.env"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+        with open(create_private(os.path.join(outdir, "secrets.env")), "w", encoding="utf-8") as fh:
             fh.writelines(f"export {name}={shlex.quote(value)}\n" for name, value in env.secrets.items())
-        script = f"exec >>{OUT_MOUNT}/output 2>&1; . {OUT_MOUNT}/secrets.env; rm -f {OUT_MOUNT}/secrets.env; " \
-                 'exec "$@"'
-    cmd = ctx.buildah("run", "--isolation", ctx.isolation, "--volume", f"{outdir}:{OUT_MOUNT}", *env.flags,
-                      container, "--", "/bin/sh", "-c", script, "jobforge", *argv)
-    code = follow(ctx, cmd, output, os.path.join(outdir, "buildah.log"))
-    if code != 0 and not os.path.exists(output):
-        step("the image has no /bin/sh: running the command without output capture")
-        direct = ctx.buildah("run", "--isolation", ctx.isolation, *env.flags, *env.secret_flags(), container, "--")
-        return run(ctx, direct + argv).returncode
-    return code
+        script = SECRETS_REDIRECT
+    try:
+        with sandbox(network) as prefix:
+            cmd = ctx.buildah("run", "--isolation", ctx.isolation, "--volume", f"{outdir}:{OUT_MOUNT}", *env.flags,
+                              container, "--", "/bin/sh", "-c", script, "jobforge", *argv)
+            code = follow(ctx, prefix + cmd, output)
+            if code != 0 and not os.path.lexists(os.path.join(outdir, STARTED)):
+                step("the image has no /bin/sh: running the command without output capture")
+                direct = ctx.buildah("run", "--isolation", ctx.isolation, *env.flags, *env.secret_flags(),
+                                     container, "--")
+                code = run(ctx, prefix + direct + argv).returncode
+        return code
+    finally:
+        os.close(output)
 
 
-def follow(ctx: Context, cmd: list[str], output: str, relay: str) -> int:
-    """Run cmd while printing what the container writes to `output` and buildah to `relay`, as it comes."""
+def follow(ctx: Context, cmd: list[str], output: int) -> int:
+    """Run cmd while printing what the container writes to `output` and buildah to its relay, as it comes."""
     print("+ " + redact(shlex.join(cmd), ctx.secrets), flush=True)
-    with open(relay, "wb") as relay_out:
+    relay, relay_path = tempfile.mkstemp(prefix="relay-", dir=ctx.workdir)
+    relay_out = os.open(relay_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    os.unlink(relay_path)
+    try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=relay_out, stderr=subprocess.STDOUT,
                                 env=tool_env())
+    finally:
+        os.close(relay_out)
     followers = [LineFollower(output), LineFollower(relay)]
     try:
         while True:
@@ -801,12 +922,19 @@ def follow(ctx: Context, cmd: list[str], output: str, relay: str) -> int:
     except BaseException:
         stop_child(proc)
         raise
+    finally:
+        os.close(relay)
 
 
 def test(ctx: Context) -> None:
     temp = ctx.require("temp_image")
     spec = ctx.payload.get("test") or {}
     env = container_env(ctx, spec)
+    network = spec.get("network") or NETWORK_NONE
+    if network not in (NETWORK_NONE, NETWORK_OUTBOUND):
+        raise TaskError(f"invalid test.network {network!r}: must be '{NETWORK_NONE}' or '{NETWORK_OUTBOUND}'")
+    if network == NETWORK_OUTBOUND and ctx.build_network == NETWORK_RUNNER:
+        network = NETWORK_RUNNER  # where the runner's own network is the boundary, it is the outbound one
     container = f"jobforge-test-{ctx.require('job_id')}"
     # A container left by a killed earlier attempt would block the name.
     run(ctx, ctx.buildah("rm", container), quiet=True)
@@ -823,12 +951,12 @@ def test(ctx: Context) -> None:
         if spec.get("entry_point"):
             argv = entry_argv(ctx, container)
             step("running the image entry point")
-            code = run_in(ctx, container, env, argv)
+            code = run_in(ctx, container, env, argv, network)
             if code != 0:
                 raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
         for number, command in enumerate(spec.get("commands") or [], start=1):
             step(f"test command {number}: {command}")
-            code = run_in(ctx, container, env, ["sh", "-c", command])
+            code = run_in(ctx, container, env, ["sh", "-c", command], network)
             if code != 0:
                 raise TaskError(f"test command {number} exited with code {code}: {command}")
         step("tests passed")

@@ -19,6 +19,7 @@ from jobforge import config
 from jobforge.config import (
     JobConfig,
     Resources,
+    TestNetwork,
     format_duration,
     format_validation_errors,
     parse_duration,
@@ -456,6 +457,13 @@ def test_field_paths_use_dots_and_list_indexes():
                        "rule": "must be a variable name: letters, digits and '_', not starting with a digit"}]
 
 
+def test_test_network_defaults_to_none_and_accepts_only_none_or_outbound():
+    assert JobConfig.model_validate(with_test()).test.network is TestNetwork.NONE
+    assert JobConfig.model_validate(with_test(network="outbound")).test.network is TestNetwork.OUTBOUND
+    errors = errors_of(with_test(network="host"))
+    assert [e["field"] for e in errors] == ["test.network"] and "'none' or 'outbound'" in errors[0]["rule"]
+
+
 def test_odd_mapping_keys_are_quoted():
     errors = errors_of(with_test(env={"": "x", "A.B": "y"}))
     assert [e["field"] for e in errors] == ['test.env[""]', 'test.env["A.B"]']
@@ -530,7 +538,7 @@ def test_public_api_is_pinned():
     assert set(config.__all__) == {
         "COMMIT_SHA_PATTERN", "CONSTRAINT_OPERANDS", "DEFAULT_RESOURCES", "ENV_NAME_PATTERN", "HEADER_NAME_PATTERN",
         "IMAGE_NAME_PATTERN", "IMAGE_TAG_PATTERN", "PHASES", "REDACTED", "SECRETS_CONTEXT", "STAGE_NAME_PATTERN",
-        "Constraint", "JobConfig", "PhaseResources", "ResourceLimits", "Resources", "TestConfig", "VaultSecret",
-        "format_duration", "format_validation_errors", "parse_duration", "validation_error",
+        "Constraint", "JobConfig", "PhaseResources", "ResourceLimits", "Resources", "TestConfig", "TestNetwork",
+        "VaultSecret", "format_duration", "format_validation_errors", "parse_duration", "validation_error",
     }
     assert all(hasattr(config, name) for name in config.__all__)

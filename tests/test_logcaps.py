@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,9 +110,10 @@ def test_the_test_task_relays_a_long_line_in_bounded_pieces(tmp_path):
         sys.path.remove(str(TASKS))
         sys.modules.pop(spec.name, None)
     output = tmp_path / "output"
-    follower = task.LineFollower(str(output))
-    assert list(follower.lines()) == []  # no file yet
-    with output.open("wb") as fh:
+    fd = task.create_private(str(output))  # opened before the container writes, as the test phase does
+    follower = task.LineFollower(fd)
+    assert list(follower.lines()) == []  # nothing written yet
+    with output.open("ab") as fh:
         fh.write(b"first\n" + "é".encode() * (3 * 1024 * 1024) + b"x")  # 6 MiB + 1 byte, no newline yet
     pieces = list(follower.lines())
     assert pieces[0] == "first" and len(pieces) == 7
@@ -121,6 +123,7 @@ def test_the_test_task_relays_a_long_line_in_bounded_pieces(tmp_path):
         fh.write(b"y\nlast")
     assert list(follower.lines()) == ["xy"]  # the rest of the long line, once its newline came
     assert list(follower.lines(final=True)) == ["last"]
+    os.close(fd)
 
 
 def test_the_services_own_notes_pass_after_truncation():

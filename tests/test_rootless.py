@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from jobforge.devinfra import build_network_here
 from tests.support.gitrepo import GitRepo
 
 pytestmark = pytest.mark.e2e
@@ -75,6 +76,7 @@ def run_phase(user: pwd.struct_passwd, workspace: Path, phase: str, payload: dic
         "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": user.pw_dir, "LANG": "C.UTF-8",
         "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir),
         "JOBFORGE_BUILDAH_ROOT": str(workspace / "storage"), "JOBFORGE_BUILDAH_RUNROOT": str(workspace / "runroot"),
+        "JOBFORGE_BUILD_NETWORK": build_network_here(),
     }
     return subprocess.run(["/usr/bin/python3", str(workspace / "tasks" / f"{phase}.py")], env=env, cwd=workspace,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, **as_user(user))

@@ -490,6 +490,18 @@ def test_a_secret_mapping_never_copies_the_services_own_variable(built):
     assert secret not in outcome.output and "got:" not in outcome.output
 
 
+@pytest.mark.skipif(os.geteuid() != 0 and not os.access("/dev/net/tun", os.R_OK | os.W_OK),
+                    reason="slirp4netns needs /dev/net/tun")
+@pytest.mark.parametrize("network, interfaces", [("none", "lo"), ("outbound", "lo tap0")])
+def test_test_commands_have_their_own_network_never_the_hosts_loopback(built, registry, network, interfaces):
+    port = registry.host.rsplit(":", 1)[1]
+    built.payload["test"] = {"entry_point": False, "env": {}, "secret_env": [], "network": network, "commands": [
+        "echo interfaces: $(awk -F: 'NR > 2 {gsub(/ /, \"\", $1); print $1}' /proc/net/dev | sort)",
+        f"wget -q -T 5 -O /dev/null http://127.0.0.1:{port}/v2/ && echo reach$((40+2)) || echo noreach$((40+2))"]}
+    lines = ok(built.run("test")).stdout.splitlines()
+    assert f"interfaces: {interfaces}" in lines and "noreach42" in lines  # the registry listens there
+
+
 # --- layer cache ----------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,11 @@ so `reap()` at the next start kills whatever is left and removes leftover builda
 this backend's own and nothing runs before `reap()`). A phase's workspace `work/<job_id>/<phase>-*` is removed
 when the phase ends, and `work/<job_id>` with its last phase. A stop that arrives before the process exists
 prevents the start.
+
+Run as root, the service runs every phase as the unprivileged build user (rootless buildah with the user's
+sub-uids): a build step's root is that user's uid, the data dir (0700 root) and the service's environment are out
+of reach. That user's workspaces and layer cache live in its own home (`~/.local/share/jobforge`), which the
+service never writes into as root: the payload goes through the script's stdin.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import errno
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import sys
@@ -40,6 +46,7 @@ import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.config import JobConfig, format_duration
+from jobforge.errors import ConfigError
 from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import LogLine, LogStream, utcnow
 from jobforge.pipeline import (
@@ -107,6 +114,22 @@ def _processes() -> dict[int, tuple[int, bytes]]:
     return out
 
 
+def build_account(name: str | None) -> pwd.struct_passwd | None:
+    """The account phases run as: `name` when the service runs as root, else the service's own (None)."""
+    if not name or os.geteuid() != 0:
+        return None
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"JOBFORGE_BUILD_USER {name!r} does not exist: create it with sub-uid and sub-gid "
+                          "ranges (`make build-user`), or set JOBFORGE_BUILD_USER= to run phases as root",
+                          [{"field": "JOBFORGE_BUILD_USER", "rule": "must name an existing user"}]) from None
+    if account.pw_uid == 0:
+        raise ConfigError("JOBFORGE_BUILD_USER must be an unprivileged user",
+                          [{"field": "JOBFORGE_BUILD_USER", "rule": "must not be uid 0"}])
+    return account
+
+
 
 @dataclass
 class _Run:
@@ -130,7 +153,9 @@ class LocalBackend:
     def __init__(self, *, work_dir: Path, storage_root: Path, storage_runroot: Path, registry_url: str,
                  tls_verify: bool, secret_env: dict[str, str] | None = None, kill_grace: float = 10.0,
                  python: str = sys.executable, clock: Callable[[], datetime] = utcnow,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_inflight_bytes: int = _MAX_INFLIGHT_BYTES) -> None:
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_inflight_bytes: int = _MAX_INFLIGHT_BYTES,
+                 build_user: str | None = None, build_network: str = "outbound") -> None:
+        self._account = build_account(build_user)
         self._work_dir = work_dir
         self._registry_url = registry_url
         self._tls_verify = tls_verify
@@ -145,9 +170,18 @@ class LocalBackend:
         self._buildah_global = ["--root", str(storage_root), "--runroot", str(storage_runroot), "--storage-driver", "vfs"]
         self._tasks: set[asyncio.Task] = set()
         base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
+        if self._account is not None:
+            # The account's own home, name and layer cache; the data dir is root's alone.
+            base = {**{k: v for k, v in base.items() if k not in ("XDG_RUNTIME_DIR", "TMPDIR")},
+                    "HOME": self._account.pw_dir, "USER": self._account.pw_name}
+            own = Path(self._account.pw_dir) / ".local" / "share" / "jobforge"
+            self._work_dir, storage_root, storage_runroot = own / "work", own / "buildah", own / "buildah-run"
+            work_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            work_dir.parent.chmod(0o700)
         self._env = {
             **base,
             "PYTHONUNBUFFERED": "1",
+            "JOBFORGE_BUILD_NETWORK": build_network,
             "JOBFORGE_BUILDAH_ROOT": str(storage_root),
             "JOBFORGE_BUILDAH_RUNROOT": str(storage_runroot),
             "JOBFORGE_STORAGE_DRIVER": "vfs",
@@ -244,8 +278,10 @@ class LocalBackend:
 
     async def check(self) -> dict[str, str]:
         problems = {}
-        for tool in ("buildah", "skopeo", "git"):
-            if shutil.which(tool, path=self._env.get("PATH")) is None:
+        tools = ["buildah", "skopeo", "git", "unshare", "nsenter", "ip"]
+        tools += ["slirp4netns"] if self._env["JOBFORGE_BUILD_NETWORK"] == "outbound" else []
+        for tool in tools:
+            if shutil.which(tool, path=f"{self._env.get('PATH', '')}:/usr/sbin:/sbin") is None:
                 problems[tool] = f"{tool} not found on PATH"
         try:
             task_script("build")
@@ -312,18 +348,23 @@ class LocalBackend:
         try:
             if run.stopped:  # stopped between dispatch and now: never start
                 return _Outcome(-1, False, None)
-            workdir.mkdir(parents=True, exist_ok=True)
-            payload_file = workdir / "payload.json"
-            payload_file.write_text(json.dumps(payload))
-            env = {**self._env, "JOBFORGE_PAYLOAD": str(payload_file), "JOBFORGE_WORKDIR": str(workdir)}
+            if self._account is None:
+                workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # else the build user's script creates its workdir in its own home: root never writes there.
+            env = {**self._env, "JOBFORGE_PAYLOAD": "-", "JOBFORGE_WORKDIR": str(workdir)}
             proc = await asyncio.create_subprocess_exec(
-                self._python, str(task_script(script)), cwd=workdir, env=env, start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                *self._interpreter(), str(task_script(script)), cwd="/", env=env, start_new_session=True,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                **self._as_account())
             run.process = proc
-            try:
-                (workdir / _PGID_FILE).write_text(str(proc.pid))  # for reap() after a crash of this server
-            except OSError:
-                pass
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(payload).encode())
+            proc.stdin.close()
+            if self._account is None:  # root never writes into the build user's home
+                try:
+                    (workdir / _PGID_FILE).write_text(str(proc.pid))  # for reap() after a crash of this server
+                except OSError:
+                    pass
             if run.stopped:  # the stop came while the process was being created
                 await self._terminate(proc)
             if on_start:
@@ -348,11 +389,32 @@ class LocalBackend:
                             errors[-1] if errors else None, _ENOSPC_SEEN in last_error)
         finally:
             run.done.set()
+            await self._remove(workdir)
+
+    async def _remove(self, workdir: Path) -> None:
+        """The build user's workspace is removed by that user (in its user namespace: files of its sub-uids)."""
+        if self._account is None:
             shutil.rmtree(workdir, ignore_errors=True)
             try:
                 workdir.parent.rmdir()  # the job's directory goes with its last workspace
             except OSError:
                 pass
+            return
+        proc = await asyncio.create_subprocess_exec(
+            "buildah", "unshare", "--", "rm", "-rf", "--", str(workdir), cwd="/", env=self._env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            **self._as_account())
+        await proc.wait()
+
+    def _interpreter(self) -> list[str]:
+        """The scripts are stdlib-only; the build user runs them with the system python3 (-I: no user site,
+        no environment-driven imports), since the service's venv may not be readable by that user."""
+        return [self._python] if self._account is None else ["/usr/bin/python3", "-I"]
+
+    def _as_account(self) -> dict:
+        if self._account is None:
+            return {}
+        return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
 
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
                     last_error: list[str]) -> None:

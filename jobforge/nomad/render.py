@@ -165,6 +165,9 @@ def _context(phase: str, spec: VariantSpec, params: RenderParams) -> dict[str, A
             "JOBFORGE_BUILDAH_RUNROOT": f"{params.cache_mount}/runroot",
             "JOBFORGE_STORAGE_DRIVER": params.storage_driver,
             "JOBFORGE_ISOLATION": params.isolation,
+            # The runner container's own network (Nomad's bridge, no route to the client's loopback) is the
+            # build steps' boundary; test commands still get a namespace without network unless `outbound`.
+            "JOBFORGE_BUILD_NETWORK": "runner",
         },
     }
 

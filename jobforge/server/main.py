@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:
-        print(f"jobforge-service: {exc.message}", file=sys.stderr)
+        print(f"jobforge-service: invalid configuration: {exc.message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -87,6 +87,7 @@ def build_backend(settings: Settings) -> Backend:
         registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
         max_line_bytes=settings.max_line_bytes,
+        build_user=settings.build_user or None, build_network=settings.build_network,
     )
 
 

@@ -5,6 +5,10 @@ Prints `digest: sha256:…` of the pushed temp image. Git credentials reach git 
 helper written for this run that answers for exactly one origin (scheme + host + port), the one
 `git_credential_for` bound the credential to; its values come from the environment, never from argv. A
 password in `repo_url` itself is taken out of the URL and handled the same way (bound to that URL's origin).
+
+The RUN steps run in `sandbox()` namespaces with outbound network but no route to the host's loopback, so the
+images the Dockerfile names are pulled before (out here, with the registry credentials) and the build itself
+never pulls (`--pull=never`) nor sees a credential.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
-    registries_conf, registry_authfile, run, step, tls_for, tool_env, unauthorized_error,
+    registries_conf, registry_authfile, run, sandbox, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -46,6 +50,8 @@ UNREADABLE_REPO = re.compile(
     r"|returned error: 40[134]|\b40[134]\b|could not read (username|password)|terminal prompts disabled"
     r"|permission denied|access denied", re.IGNORECASE)
 AUTH_FAILED = re.compile(r"authentication failed|invalid username or password", re.IGNORECASE)
+_VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+_MOUNT_FROM = re.compile(r"(?:^|,)from=([^,]+)")
 
 
 def public_url(url: str) -> str:
@@ -177,12 +183,83 @@ def inside(root: str, relative: str, field: str, want_dir: bool) -> str:
     return path
 
 
-def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) -> list[str]:
+def _instructions(text: str) -> list[list[str]]:
+    """A Dockerfile's instructions as word lists: comments dropped, `\\` continuations joined."""
+    result, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped and not pending:
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        words = (pending + stripped).split()
+        pending = ""
+        if words:
+            result.append(words)
+    return result
+
+
+def _expand(word: str, args: dict[str, str]) -> str:
+    def value(match: re.Match) -> str:
+        name = match.group(1) or match.group(3)
+        return args.get(name) or (match.group(2) or "")
+    return _VARIABLE.sub(value, word)
+
+
+def base_images(text: str, build_args: dict[str, str]) -> list[str]:
+    """The images a Dockerfile takes from registries (FROM, COPY/ADD --from, RUN --mount from=), with the
+    global ARGs and the job's build args substituted; stage names, stage numbers and `scratch` are not images."""
+    args: dict[str, str] = {}
+    stages: set[str] = set()
+    images: list[str] = []
+
+    def add(ref: str) -> None:
+        if ref and ref.lower() not in stages and ref != "scratch" and not ref.isdigit() and ref not in images:
+            images.append(ref)
+
+    for words in _instructions(text):
+        keyword, rest = words[0].upper(), words[1:]
+        if keyword == "ARG" and not stages and not images:
+            for spec in rest:
+                name, has_default, default = spec.partition("=")
+                args[name] = build_args.get(name, default.strip("\"'") if has_default else "")
+        elif keyword == "FROM":
+            plain = [w for w in rest if not w.startswith("--")]
+            if plain:
+                add(_expand(plain[0], args))
+            if len(plain) >= 3 and plain[1].upper() == "AS":
+                stages.add(plain[2].lower())
+        elif keyword in ("COPY", "ADD"):
+            for word in rest:
+                if word.startswith("--from="):
+                    add(_expand(word[len("--from="):], args))
+        elif keyword == "RUN":
+            for word in rest:
+                if word.startswith("--mount="):
+                    add(next((m.group(1) for m in _MOUNT_FROM.finditer(word[len("--mount="):])), ""))
+    return images
+
+
+def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> None:
+    with open(dockerfile, encoding="utf-8", errors="replace") as fh:
+        images = base_images(fh.read(), ctx.payload.get("build_args") or {})
+    for image in images:
+        step(f"pulling {image}")
+        argv = ctx.buildah("pull", tls_for(ctx, "tls-verify", image))
+        argv += ["--authfile", authfile] if authfile else []
+        result = run(ctx, argv + ["--", image])
+        if result.returncode != 0:
+            if is_unauthorized(result.output):
+                raise unauthorized_error(ctx, result.output, [image])
+            raise failure(f"could not pull {image}", result.output)
+
+
+def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
-    # TLS per registry host (the temp registry, FROM hosts): see registries_conf; no --tls-verify flag.
-    argv = ctx.buildah("--registries-conf", registries_conf(ctx), "bud", "--layers", "--force-rm",
-                       "--isolation", ctx.isolation, "-f", dockerfile)
+    argv = ctx.buildah("bud", "--layers", "--force-rm", "--pull=never", "--isolation", ctx.isolation,
+                       "-f", dockerfile)
     for name, value in (p.get("build_args") or {}).items():
         if not BUILD_ARG_NAME.match(name):
             raise TaskError(f"invalid build arg name {name!r}")
@@ -193,8 +270,7 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None) 
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
     argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
-    argv += ["--authfile", authfile] if authfile else []
-    return argv + ["-t", p["temp_image"], context]
+    return argv + ["-t", ctx.payload["temp_image"], context]
 
 
 def build(ctx: Context) -> None:
@@ -214,8 +290,10 @@ def build(ctx: Context) -> None:
             step("clearing the layer cache")
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
+        pull_base_images(ctx, dockerfile, authfile)
         step(f"building {temp}")
-        result = run(ctx, bud_argv(ctx, dockerfile, context, authfile), cwd=clone)
+        with sandbox(ctx.build_network) as prefix:
+            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context), cwd=clone)
         if result.returncode != 0:
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Test phase: run the image's entry point and/or the configured commands inside a working container.
 
-The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Values of `test.secret_env`
-come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault values) and are masked in
-everything we print.
+The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Each command runs in its own
+PID and network namespaces (`sandbox()`): no network but its own loopback unless `test.network` is `outbound`.
+Values of `test.secret_env` come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault
+values) and are masked in everything we print.
 """
 
 from __future__ import annotations
@@ -22,17 +23,22 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, TaskError, capture, failure, is_unauthorized, main, redact, registry_authfile, run, step, stop_child,
-    tls_for, tool_env, unauthorized_error,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, Context, TaskError, capture, failure, is_unauthorized, main,
+    redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env, unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_ENV_PREFIX = "JOBFORGE_SECRET_"  # test.vault_secrets values: JOBFORGE_SECRET_<container variable name>
 # buildah 1.28's chroot runtime can lose the last pipe-full of a container's output when the process exits
 # (seen here: 5,825 of 20,000 lines gone, intermittently). So the container's shell writes the output into a
-# file on a bind mount, which we follow: nothing is lost, nothing is truncated.
+# file on a bind mount: nothing is lost, nothing is truncated. That mount is the container's to change, so
+# we open the file before the container exists and only ever read through that descriptor: replacing the
+# path with a symlink to a host file gets nothing of that file read.
 OUT_MOUNT = "/.jobforge-out"
-REDIRECT = f'exec >>{OUT_MOUNT}/output 2>&1; exec "$@"'
+STARTED = "started"  # created by the container's shell: proof that the image has /bin/sh
+REDIRECT = f': >{OUT_MOUNT}/{STARTED}; exec >>{OUT_MOUNT}/output 2>&1; exec "$@"'
+SECRETS_REDIRECT = (f': >{OUT_MOUNT}/{STARTED}; exec >>{OUT_MOUNT}/output 2>&1; . {OUT_MOUNT}/secrets.env; '
+                    f'rm -f {OUT_MOUNT}/secrets.env; exec "$@"')
 POLL_SECONDS = 0.02
 
 
@@ -41,36 +47,33 @@ SPLIT_MARKER = f" [line split: longer than {MAX_LINE_BYTES} bytes, continued on 
 READ_BYTES = 1024 * 1024
 
 
+def create_private(path: str, mode: int = 0o600) -> int:
+    """A new file at `path`, never an existing one or the target of a link someone put there."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 class LineFollower:
-    """Reads whatever a growing file has gained since the last call, as complete lines.
+    """Reads whatever a growing file has gained since the last call, as complete lines, through a descriptor
+    opened once (so the path may change under it).
 
     Bounded whatever the output: the file is read in `READ_BYTES` pieces and a line longer than `MAX_LINE_BYTES`
     is passed on in marked pieces, so a 100 MB line without a newline never sits in memory whole.
     """
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.offset = 0
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.partial = bytearray()
 
     def lines(self, final: bool = False) -> Iterator[str]:
-        try:
-            fh = open(self.path, "rb")
-        except FileNotFoundError:
-            fh = None
-        if fh is not None:
-            with fh:
-                fh.seek(self.offset)
-                while data := fh.read(READ_BYTES):
-                    self.offset += len(data)
-                    *complete, rest = data.split(b"\n")
-                    for segment in complete:
-                        self.partial += segment
-                        yield from self._pieces()
-                        yield self.partial.decode("utf-8", errors="replace")
-                        self.partial.clear()
-                    self.partial += rest
-                    yield from self._pieces()
+        while data := os.read(self.fd, READ_BYTES):
+            *complete, rest = data.split(b"\n")
+            for segment in complete:
+                self.partial += segment
+                yield from self._pieces()
+                yield self.partial.decode("utf-8", errors="replace")
+                self.partial.clear()
+            self.partial += rest
+            yield from self._pieces()
         if final and self.partial:
             yield self.partial.decode("utf-8", errors="replace")
             self.partial.clear()
@@ -124,36 +127,46 @@ def entry_argv(ctx: Context, container: str) -> list[str]:
     return argv
 
 
-def run_in(ctx: Context, container: str, env: ContainerEnv, argv: list[str]) -> int:
-    """Run argv in the container, its output followed through the bind-mounted file.
+def run_in(ctx: Context, container: str, env: ContainerEnv, argv: list[str], network: str) -> int:
+    """Run argv in the container, in its own namespaces, its output followed through the bind-mounted file.
 
-    The file is created by the container's shell; if it never appears the image has no /bin/sh, and the
-    command is run again directly, with buildah's own relay as the only output channel.
+    If the container's shell never starts, the image has no /bin/sh, and the command is run again directly,
+    with buildah's own relay as the only output channel.
     """
     outdir = tempfile.mkdtemp(prefix="out-", dir=ctx.workdir)
-    output = os.path.join(outdir, "output")
+    os.chmod(outdir, 0o700)
+    output = create_private(os.path.join(outdir, "output"))
     script = REDIRECT
     if env.secrets:
-        with open(os.open(os.path.join(outdir, "secrets.env"), os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+        with open(create_private(os.path.join(outdir, "secrets.env")), "w", encoding="utf-8") as fh:
             fh.writelines(f"export {name}={shlex.quote(value)}\n" for name, value in env.secrets.items())
-        script = f"exec >>{OUT_MOUNT}/output 2>&1; . {OUT_MOUNT}/secrets.env; rm -f {OUT_MOUNT}/secrets.env; " \
-                 'exec "$@"'
-    cmd = ctx.buildah("run", "--isolation", ctx.isolation, "--volume", f"{outdir}:{OUT_MOUNT}", *env.flags,
-                      container, "--", "/bin/sh", "-c", script, "jobforge", *argv)
-    code = follow(ctx, cmd, output, os.path.join(outdir, "buildah.log"))
-    if code != 0 and not os.path.exists(output):
-        step("the image has no /bin/sh: running the command without output capture")
-        direct = ctx.buildah("run", "--isolation", ctx.isolation, *env.flags, *env.secret_flags(), container, "--")
-        return run(ctx, direct + argv).returncode
-    return code
+        script = SECRETS_REDIRECT
+    try:
+        with sandbox(network) as prefix:
+            cmd = ctx.buildah("run", "--isolation", ctx.isolation, "--volume", f"{outdir}:{OUT_MOUNT}", *env.flags,
+                              container, "--", "/bin/sh", "-c", script, "jobforge", *argv)
+            code = follow(ctx, prefix + cmd, output)
+            if code != 0 and not os.path.lexists(os.path.join(outdir, STARTED)):
+                step("the image has no /bin/sh: running the command without output capture")
+                direct = ctx.buildah("run", "--isolation", ctx.isolation, *env.flags, *env.secret_flags(),
+                                     container, "--")
+                code = run(ctx, prefix + direct + argv).returncode
+        return code
+    finally:
+        os.close(output)
 
 
-def follow(ctx: Context, cmd: list[str], output: str, relay: str) -> int:
-    """Run cmd while printing what the container writes to `output` and buildah to `relay`, as it comes."""
+def follow(ctx: Context, cmd: list[str], output: int) -> int:
+    """Run cmd while printing what the container writes to `output` and buildah to its relay, as it comes."""
     print("+ " + redact(shlex.join(cmd), ctx.secrets), flush=True)
-    with open(relay, "wb") as relay_out:
+    relay, relay_path = tempfile.mkstemp(prefix="relay-", dir=ctx.workdir)
+    relay_out = os.open(relay_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    os.unlink(relay_path)
+    try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=relay_out, stderr=subprocess.STDOUT,
                                 env=tool_env())
+    finally:
+        os.close(relay_out)
     followers = [LineFollower(output), LineFollower(relay)]
     try:
         while True:
@@ -167,12 +180,19 @@ def follow(ctx: Context, cmd: list[str], output: str, relay: str) -> int:
     except BaseException:
         stop_child(proc)
         raise
+    finally:
+        os.close(relay)
 
 
 def test(ctx: Context) -> None:
     temp = ctx.require("temp_image")
     spec = ctx.payload.get("test") or {}
     env = container_env(ctx, spec)
+    network = spec.get("network") or NETWORK_NONE
+    if network not in (NETWORK_NONE, NETWORK_OUTBOUND):
+        raise TaskError(f"invalid test.network {network!r}: must be '{NETWORK_NONE}' or '{NETWORK_OUTBOUND}'")
+    if network == NETWORK_OUTBOUND and ctx.build_network == NETWORK_RUNNER:
+        network = NETWORK_RUNNER  # where the runner's own network is the boundary, it is the outbound one
     container = f"jobforge-test-{ctx.require('job_id')}"
     # A container left by a killed earlier attempt would block the name.
     run(ctx, ctx.buildah("rm", container), quiet=True)
@@ -189,12 +209,12 @@ def test(ctx: Context) -> None:
         if spec.get("entry_point"):
             argv = entry_argv(ctx, container)
             step("running the image entry point")
-            code = run_in(ctx, container, env, argv)
+            code = run_in(ctx, container, env, argv, network)
             if code != 0:
                 raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
         for number, command in enumerate(spec.get("commands") or [], start=1):
             step(f"test command {number}: {command}")
-            code = run_in(ctx, container, env, ["sh", "-c", command])
+            code = run_in(ctx, container, env, ["sh", "-c", command], network)
             if code != 0:
                 raise TaskError(f"test command {number} exited with code {code}: {command}")
         step("tests passed")

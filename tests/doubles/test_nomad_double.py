@@ -836,7 +836,7 @@ async def test_acl_token():
 ENV = {"JOBFORGE_PAYLOAD": "${NOMAD_TASK_DIR}/payload.json", "JOBFORGE_WORKDIR": "${NOMAD_ALLOC_DIR}/work",
        "JOBFORGE_BUILDAH_ROOT": "/var/lib/jobforge/buildah/root",
        "JOBFORGE_BUILDAH_RUNROOT": "/var/lib/jobforge/buildah/runroot", "JOBFORGE_STORAGE_DRIVER": "vfs",
-       "JOBFORGE_ISOLATION": "chroot", "PYTHONUNBUFFERED": "1"}
+       "JOBFORGE_ISOLATION": "chroot", "JOBFORGE_BUILD_NETWORK": "runner", "PYTHONUNBUFFERED": "1"}
 RESOURCES = {"build": (1000, 2048), "test": (500, 1024), "publish": (500, 1024), "cleanup": (200, 256)}
 
 

@@ -12,10 +12,12 @@ from jobforge import devinfra
 
 
 class ServiceProcess(devinfra.ServiceProcess):
+    """Phases run as the service's user unless a test sets JOBFORGE_BUILD_USER: the suites' repositories live
+    in pytest's root-private temp dirs, which a build user cannot read (tests/test_isolation.py runs as one)."""
     token: str | None = None  # sent as the bearer token by post/get/rpc when set
 
     def __init__(self, data_dir: Path, registry_host: str, **env: str) -> None:
-        super().__init__(data_dir, registry_host, **{"JOBFORGE_KILL_GRACE": "3", **env})
+        super().__init__(data_dir, registry_host, **{"JOBFORGE_KILL_GRACE": "3", "JOBFORGE_BUILD_USER": "", **env})
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
