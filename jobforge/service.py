@@ -16,7 +16,7 @@ from datetime import datetime
 
 from jobforge import pipeline
 from jobforge.backends.base import Backend, JobEvent, LogChunk
-from jobforge.errors import BackendError, Conflict, NotFound
+from jobforge.errors import BackendError, Conflict, NotFound, SlowConsumer
 from jobforge.metrics import Metrics
 from jobforge.models import (
     CleanupResult,
@@ -31,23 +31,47 @@ from jobforge.models import (
     KillJobResult,
     LogsResult,
     Phase,
+    StreamStatus,
     SubmitJobParams,
     SubmitJobResult,
+    LogMessage,
     WatchUpdate,
     utcnow,
 )
 from jobforge.stores.base import Store
+from jobforge.streams import Pulse, follow_logs
 from jobforge.tasks import RegistryTarget, build_payload
 from jobforge.webhooks import WebhookSender
 
 log = logging.getLogger("jobforge.service")
 
 
+class _Watcher:
+    """One watcher's bounded queue. When it is full the watcher is dropped (its stream ends with
+    `SlowConsumer`), so a stalled client never holds more than `limit` updates nor slows anyone else."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.queue: asyncio.Queue[WatchUpdate | None] = asyncio.Queue()  # bounded by `offer`
+        self.dropped = False
+
+    def offer(self, update: WatchUpdate) -> None:
+        if self.dropped:
+            return
+        if self.queue.qsize() >= self.limit:
+            self.dropped = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)  # the drop marker
+            return
+        self.queue.put_nowait(update)
+
 
 class JobService:
     def __init__(self, store: Store, backend: Backend, *, policy: pipeline.Policy, registry: RegistryTarget,
                  max_concurrent_jobs: int, metrics: Metrics | None = None, webhooks: WebhookSender | None = None,
-                 clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4())):
+                 clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+                 watch_buffer: int = 1000):
         self.store = store
         self.backend = backend
         self._policy = policy
@@ -60,7 +84,9 @@ class JobService:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._pending: deque[str] = deque()
         self._active: set[str] = set()
-        self._watchers: defaultdict[str, set[asyncio.Queue]] = defaultdict(set)
+        self._watchers: defaultdict[str, set[_Watcher]] = defaultdict(set)
+        self._watch_buffer = watch_buffer
+        self.pulse = Pulse()
         self._tasks: set[asyncio.Task] = set()
         self._consumer: asyncio.Task | None = None
         self._changed = asyncio.Condition()
@@ -141,9 +167,10 @@ class JobService:
         return HistoryResult(jobs=jobs, total=total, limit=params.limit, offset=params.offset)
 
     async def watch(self, job_id: str, logs: bool = False) -> AsyncIterator[WatchUpdate]:
-        """Current state first, then every change (and log line when asked), until the job ends."""
-        queue: asyncio.Queue[WatchUpdate] = asyncio.Queue()
-        self._watchers[job_id].add(queue)
+        """Current state first, then every change (and log line when asked), until the job ends. Raises
+        `SlowConsumer` when the consumer fell `watch_buffer` updates behind."""
+        watcher = _Watcher(self._watch_buffer)
+        self._watchers[job_id].add(watcher)
         try:
             record = (await self.store.get(job_id)).record
             current = JobStatusResult.from_record(record)
@@ -152,16 +179,23 @@ class JobService:
                 return
             yield WatchUpdate(type="status", job=current)
             while True:
-                update = await queue.get()
+                update = await watcher.queue.get()
+                if update is None:
+                    raise SlowConsumer(f"watcher fell {watcher.limit} updates behind and was dropped")
                 if update.type == "log" and not logs:
                     continue
                 yield update
                 if update.type == "end":
                     return
         finally:
-            self._watchers[job_id].discard(queue)
+            self._watchers[job_id].discard(watcher)
             if not self._watchers[job_id]:
                 del self._watchers[job_id]
+
+    def follow_logs(self, job_id: str, phase: Phase | None = None, after: int = 0,
+                    poll_interval: float = 1.0) -> AsyncIterator[LogMessage | StreamStatus]:
+        """The log stream of a job, read from the store (see `jobforge.streams`)."""
+        return follow_logs(self.store, self.pulse, job_id, phase=phase, after=after, poll_interval=poll_interval)
 
     # ------------------------------------------------------------ the shell
 
@@ -188,8 +222,9 @@ class JobService:
         if old.status is not new.status:
             log.info("job %s: %s -> %s", new.job_id, old.status.value, new.status.value)
         update = WatchUpdate(type="end" if new.settled else "status", job=JobStatusResult.from_record(new))
-        for queue in self._watchers.get(new.job_id, ()):
-            queue.put_nowait(update)
+        for watcher in self._watchers.get(new.job_id, ()):
+            watcher.offer(update)
+        self.pulse.fire(new.job_id)
 
     async def _execute(self, command: pipeline.Command, record: JobRecord) -> None:
         if isinstance(command, pipeline.DispatchPhase):
@@ -234,11 +269,13 @@ class JobService:
 
     async def _store_logs(self, chunk: LogChunk) -> None:
         await self.store.append_logs(chunk.job_id, chunk.phase, chunk.lines)
-        queues = self._watchers.get(chunk.job_id, ())
+        self.pulse.fire(chunk.job_id)
+        watchers = self._watchers.get(chunk.job_id, ())
         phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
-        for line in chunk.lines:
-            for queue in queues:
-                queue.put_nowait(WatchUpdate(type="log", phase=phase, log=line))
+        for line in chunk.lines if watchers else ():
+            update = WatchUpdate(type="log", phase=phase, log=line)
+            for watcher in watchers:
+                watcher.offer(update)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -302,7 +302,10 @@ async def test_stream_logs_reference_endpoint(env):
     env.backend.outcomes.clear()
     env.backend.finish(env.backend.dispatched[0])
     messages = [json.loads(m.data) async for m in ws]
-    assert {"phase": "test", "message": "test line 0"}.items() <= messages[0].items()
+    assert {"type": "log", "job_id": job_id, "phase": "build", "message": "build line 0", "level": "info",
+            "stream": "stdout"}.items() <= messages[0].items()
+    assert messages[-1] == {"type": "status", "job_id": job_id, "status": "SUCCEEDED", "failed_phase": None,
+                            "error": None}
 
 
 # ---------------------------------------------------------------- health, readiness, metrics, OpenAPI

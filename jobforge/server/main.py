@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from jobforge.server.app import create_app, create_metrics_app
-from jobforge.server.wiring import build_service
+from jobforge.server.wiring import build_service, stream_limits
 from jobforge.settings import Settings
 
 log = logging.getLogger("jobforge")
@@ -21,7 +21,9 @@ log = logging.getLogger("jobforge")
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     service = build_service(settings)
     await service.start()
-    runners = [web.AppRunner(create_app(service, settings.cors_origin), access_log=None)]
+    app = create_app(service, settings.cors_origin, stream_limits=stream_limits(settings),
+                     mcp_log_level=settings.mcp_log_level)
+    runners = [web.AppRunner(app, access_log=None)]
     if settings.metrics_port:
         runners.append(web.AppRunner(create_metrics_app(service), access_log=None))
     ports = [settings.server_port, settings.metrics_port]

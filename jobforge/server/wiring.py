@@ -7,6 +7,7 @@ from jobforge.backends.local import LocalBackend
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
 from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
+from jobforge.server.streaming import StreamLimits
 from jobforge.service import JobService
 from jobforge.settings import Settings
 from jobforge.stores.base import Store
@@ -58,4 +59,10 @@ def build_service(settings: Settings) -> JobService:
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
                               tls_verify=settings.registry_tls_verify)
     return JobService(store, backend, policy=policy, registry=registry,
-                      max_concurrent_jobs=settings.max_concurrent_jobs, webhooks=WebhookSender())
+                      max_concurrent_jobs=settings.max_concurrent_jobs, webhooks=WebhookSender(),
+                      watch_buffer=settings.stream_client_buffer)
+
+
+def stream_limits(settings: Settings) -> StreamLimits:
+    return StreamLimits(client_buffer=settings.stream_client_buffer, stall_timeout=settings.stream_stall_timeout,
+                        close_timeout=settings.stream_close_timeout, poll_interval=settings.stream_poll_interval)

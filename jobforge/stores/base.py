@@ -19,6 +19,14 @@ class Versioned(NamedTuple):
     version: int
 
 
+class SeqLine(NamedTuple):
+    """A stored log line with its position: `seq` increases with every line of a job, in write order."""
+
+    seq: int
+    phase: str
+    line: LogLine
+
+
 class Store(Protocol):
     async def get(self, job_id: str) -> Versioned:
         """Raises `NotFound`."""
@@ -37,6 +45,10 @@ class Store(Protocol):
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         """Complete logs per phase, in write order."""
+
+    async def read_logs(self, job_id: str, after: int = 0, limit: int = 500,
+                        phase: str | None = None) -> list[SeqLine]:
+        """Up to `limit` lines with `seq > after`, in write order: the cursor of log streams (any replica)."""
 
     async def ping(self) -> None:
         """Raises `StoreError` when the store is not usable (readiness)."""

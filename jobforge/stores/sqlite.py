@@ -13,7 +13,7 @@ from pathlib import Path
 
 from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import JobRecord, JobStatus, LogLine
-from jobforge.stores.base import Versioned, dump_record, load_record
+from jobforge.stores.base import SeqLine, Versioned, dump_record, load_record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS logs (
     line TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_job ON logs (job_id, phase, seq);
+CREATE INDEX IF NOT EXISTS logs_job_seq ON logs (job_id, seq);
 """
 
 
@@ -112,6 +113,17 @@ class SqliteStore:
         for ph, ts, stream, line in self._db.execute(sql + " ORDER BY seq", args):
             out.setdefault(ph, []).append(LogLine(ts=datetime.fromisoformat(ts), stream=stream, line=line))
         return out
+
+    async def read_logs(self, job_id: str, after: int = 0, limit: int = 500,
+                        phase: str | None = None) -> list[SeqLine]:
+        """`seq` is the AUTOINCREMENT row id: it only grows, so it orders a job's lines across phases."""
+        sql, args = "SELECT seq, phase, ts, stream, line FROM logs WHERE job_id = ? AND seq > ?", [job_id, after]
+        if phase is not None:
+            sql += " AND phase = ?"
+            args.append(phase)
+        rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()
+        return [SeqLine(seq, ph, LogLine(ts=datetime.fromisoformat(ts), stream=stream, line=line))
+                for seq, ph, ts, stream, line in rows]
 
     async def ping(self) -> None:
         try:
