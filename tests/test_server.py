@@ -51,14 +51,15 @@ class Env:
 
 
 @asynccontextmanager
-async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None):
+async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, watch_buffer: int = 1000,
+                  **app_options):
     backend = backend or FakeBackend()
     store = SqliteStore(db)
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,
                          registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
-                         webhooks=WebhookSender(backoff=0.01))
+                         webhooks=WebhookSender(backoff=0.01), watch_buffer=watch_buffer)
     await service.start()
-    client = TestClient(TestServer(create_app(service)))
+    client = TestClient(TestServer(create_app(service, **app_options)))
     await client.start_server()
     try:
         yield Env(service, backend, client)
