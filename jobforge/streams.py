@@ -81,4 +81,5 @@ async def follow_logs(store: Store, pulse: Pulse, job_id: str, *, phase: Phase |
             yield status_message(record)
             return
         with suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), poll_interval)
+            async with asyncio.timeout(poll_interval):
+                await wake.wait()

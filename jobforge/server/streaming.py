@@ -62,7 +62,8 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
             buffer.put_nowait(item)
         except asyncio.QueueFull:
             try:
-                await asyncio.wait_for(buffer.put(item), limits.stall_timeout)
+                async with asyncio.timeout(limits.stall_timeout):
+                    await buffer.put(item)
             except TimeoutError:
                 raise SlowConsumer(f"client too slow: {limits.client_buffer} messages unsent for "
                                    f"{limits.stall_timeout:g}s") from None
@@ -83,7 +84,8 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
                 item = await buffer.get()
             else:
                 try:
-                    item = await asyncio.wait_for(buffer.get(), limits.keepalive)
+                    async with asyncio.timeout(limits.keepalive):
+                        item = await buffer.get()
                 except TimeoutError:
                     await idle()
                     continue
@@ -108,7 +110,7 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
             if consumer in done:
                 exc = consumer.exception()
                 if exc is None:
-                    return Outcome.DONE, "done"
+                    return Outcome.DONE, "end of stream"
                 if isinstance(exc, (ConnectionError, RuntimeError)):  # a write to a closed connection
                     return Outcome.GONE, "client went away"
                 raise exc
@@ -120,30 +122,50 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
 
 # ---------------------------------------------------------------- shutdown registry
 
-STREAMS_KEY = web.AppKey("streams", weakref.WeakSet)
+class _OpenStreams:
+    """Every open stream's shutdown future; once the app shuts down, new ones resolve at once."""
+
+    def __init__(self) -> None:
+        self.futures: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()
+        self.closing = False
+
+    def register(self) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        if self.closing:
+            future.set_result(Outcome.SHUTDOWN)
+        else:
+            self.futures.add(future)
+        return future
+
+    def close_all(self) -> None:
+        self.closing = True
+        for future in list(self.futures):
+            if not future.done():
+                future.set_result(Outcome.SHUTDOWN)
 
 
-def _shutdown_future(request: web.Request) -> asyncio.Future:
-    """Resolves with `Outcome.SHUTDOWN` when the app shuts down."""
-    future = asyncio.get_running_loop().create_future()
-    request.app[STREAMS_KEY].add(future)
-    return future
+STREAMS_KEY = web.AppKey("streams", _OpenStreams)
 
 
 async def on_shutdown(app: web.Application) -> None:
-    for future in list(app[STREAMS_KEY]):
-        if not future.done():
-            future.set_result(Outcome.SHUTDOWN)
+    app[STREAMS_KEY].close_all()
 
 
 def setup(app: web.Application) -> None:
-    app[STREAMS_KEY] = weakref.WeakSet()
+    app[STREAMS_KEY] = _OpenStreams()
     app.on_shutdown.append(on_shutdown)
 
 
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
+def _hang_up(request: web.Request, outcome: Outcome, close_timeout: float) -> None:
+    """Flush what is buffered (the close reason included), but never wait for a stalled peer forever."""
+    transport = request.transport
+    if transport is None:
+        return
+    if outcome is Outcome.GONE:
+        transport.abort()
+        return
+    transport.close()
+    asyncio.get_running_loop().call_later(close_timeout, transport.abort)
 
 
 def _json(message: Any) -> str:
@@ -157,9 +179,9 @@ def _json(message: Any) -> str:
 async def serve_websocket(request: web.Request, source: AsyncIterator[Any], limits: StreamLimits,
                           render: Callable[[Any], Any] = lambda m: m) -> web.WebSocketResponse:
     """Stream `source` over a WebSocket; the caller has already checked that the job exists."""
-    ws = web.WebSocketResponse(heartbeat=20)
+    shutdown = request.app[STREAMS_KEY].register()  # before the first await: no shutdown slips past it
+    ws = web.WebSocketResponse(heartbeat=20, timeout=limits.close_timeout, max_msg_size=64 * 1024)
     await ws.prepare(request)
-    shutdown = _shutdown_future(request)
 
     async def client_gone() -> Outcome:
         async for _ in ws:  # client messages are ignored; reading notices its close at once
@@ -173,6 +195,7 @@ async def serve_websocket(request: web.Request, source: AsyncIterator[Any], limi
             return next(iter(done)).result()
         finally:
             gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
 
     async def send(message: Any) -> None:
         rendered = render(message)
@@ -186,12 +209,11 @@ async def serve_websocket(request: web.Request, source: AsyncIterator[Any], limi
         log.warning("dropping slow stream client %s %s: %s", request.remote, request.path, reason)
     if code is not None and not ws.closed:
         try:
-            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120], drain=False),
-                                   limits.close_timeout)
+            async with asyncio.timeout(limits.close_timeout):
+                await ws.close(code=code, message=reason.encode()[:120], drain=False)
         except (TimeoutError, ConnectionError):
             pass
-    if outcome is not Outcome.DONE:
-        _abort(request)
+    _hang_up(request, outcome, limits.close_timeout)
     return ws
 
 
@@ -207,8 +229,8 @@ async def serve_sse(request: web.Request, source: AsyncIterator[Any], limits: St
     """Stream `source` as `text/event-stream`; a dropped client gets a last `error` event."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
+    shutdown = request.app[STREAMS_KEY].register()
     await response.prepare(request)
-    shutdown = _shutdown_future(request)
 
     async def idle() -> None:
         if request.transport is None or request.transport.is_closing():
@@ -220,12 +242,14 @@ async def serve_sse(request: web.Request, source: AsyncIterator[Any], limits: St
         log.warning("dropping slow stream client %s %s: %s", request.remote, request.path, reason)
     if outcome in (Outcome.SLOW, Outcome.SHUTDOWN):
         try:
-            await asyncio.wait_for(response.write(sse_event("error", {"type": "error", "reason": reason})),
-                                   limits.close_timeout)
-            await asyncio.wait_for(response.write_eof(), limits.close_timeout)
+            async with asyncio.timeout(limits.close_timeout):
+                await response.write(sse_event("error", {"type": "error", "reason": reason}))
+                await response.write_eof()
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
-        _abort(request)
-    elif outcome is Outcome.DONE:
+        _hang_up(request, outcome, limits.close_timeout)
+    elif outcome is Outcome.GONE:
+        _hang_up(request, outcome, limits.close_timeout)
+    else:
         await response.write_eof()
     return response
