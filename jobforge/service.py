@@ -29,12 +29,12 @@ from jobforge.models import (
     JobStatus,
     JobStatusResult,
     KillJobResult,
+    LogMessage,
     LogsResult,
     Phase,
     StreamStatus,
     SubmitJobParams,
     SubmitJobResult,
-    LogMessage,
     WatchUpdate,
     utcnow,
 )

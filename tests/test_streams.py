@@ -235,3 +235,20 @@ async def test_followers_read_the_store_not_this_process(tmp_path):
     assert [m.message for m in got[:-1]] == [t for _, t in EXPECTED_BACKLOG] + ["from the other replica"] + [
         f"publish line {i}" for i in range(3)]
     assert got[-1].status.value == "SUCCEEDED"
+
+
+async def test_a_store_failure_ends_the_stream_with_its_reason(tmp_path, monkeypatch):
+    from jobforge.errors import StoreError
+
+    async with running(tmp_path / "jobs.db") as env:
+        job_id = await held_in_test(env)
+
+        async def unreachable(*args, **kwargs):
+            raise StoreError("consul at 127.0.0.1:8500 unreachable")
+        monkeypatch.setattr(env.service.store, "read_logs", unreachable)  # fault injection at the store seam
+        ws = await env.client.ws_connect(f"/json/streamLogs?job_id={job_id}")
+        assert [m async for m in ws] == []
+        assert ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR
+        resp = await env.client.get(f"/json/job/{job_id}/logs/stream")
+        assert sse_events(await resp.text()) == [
+            {"id": None, "event": "error", "data": {"type": "error", "reason": "consul at 127.0.0.1:8500 unreachable"}}]

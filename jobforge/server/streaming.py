@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from pydantic import BaseModel
 
-from jobforge.errors import SlowConsumer
+from jobforge.errors import JobForgeError, SlowConsumer
 
 log = logging.getLogger("jobforge.streams")
 
@@ -47,6 +47,7 @@ class Outcome(Enum):
     GONE = "gone"  # the client went away
     SLOW = "slow"  # the client fell behind and is dropped
     SHUTDOWN = "shutdown"  # the server is stopping
+    FAILED = "failed"  # the source failed (e.g. the store is unreachable)
 
 
 _END = object()
@@ -106,6 +107,8 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
                 exc = producer.exception()
                 if isinstance(exc, SlowConsumer):
                     return Outcome.SLOW, exc.message
+                if isinstance(exc, JobForgeError):
+                    return Outcome.FAILED, exc.message
                 raise exc
             if consumer in done:
                 exc = consumer.exception()
@@ -168,6 +171,11 @@ def _hang_up(request: web.Request, outcome: Outcome, close_timeout: float) -> No
     asyncio.get_running_loop().call_later(close_timeout, transport.abort)
 
 
+def _close_reason(reason: str) -> bytes:
+    """A WebSocket close reason is at most 123 bytes of valid UTF-8."""
+    return reason.encode()[:120].decode(errors="ignore").encode()
+
+
 def _json(message: Any) -> str:
     if isinstance(message, BaseModel):
         return message.model_dump_json()
@@ -204,13 +212,13 @@ async def serve_websocket(request: web.Request, source: AsyncIterator[Any], limi
 
     outcome, reason = await pump(source, send, limits, stop())
     code = {Outcome.DONE: WSCloseCode.OK, Outcome.SLOW: WSCloseCode.TRY_AGAIN_LATER,
-            Outcome.SHUTDOWN: WSCloseCode.GOING_AWAY}.get(outcome)
+            Outcome.SHUTDOWN: WSCloseCode.GOING_AWAY, Outcome.FAILED: WSCloseCode.INTERNAL_ERROR}.get(outcome)
     if outcome is Outcome.SLOW:
         log.warning("dropping slow stream client %s %s: %s", request.remote, request.path, reason)
     if code is not None and not ws.closed:
         try:
             async with asyncio.timeout(limits.close_timeout):
-                await ws.close(code=code, message=reason.encode()[:120], drain=False)
+                await ws.close(code=code, message=_close_reason(reason), drain=False)
         except (TimeoutError, ConnectionError):
             pass
     _hang_up(request, outcome, limits.close_timeout)
@@ -240,7 +248,7 @@ async def serve_sse(request: web.Request, source: AsyncIterator[Any], limits: St
     outcome, reason = await pump(source, lambda m: response.write(frame(m)), limits, shutdown, idle)
     if outcome is Outcome.SLOW:
         log.warning("dropping slow stream client %s %s: %s", request.remote, request.path, reason)
-    if outcome in (Outcome.SLOW, Outcome.SHUTDOWN):
+    if outcome in (Outcome.SLOW, Outcome.SHUTDOWN, Outcome.FAILED):
         try:
             async with asyncio.timeout(limits.close_timeout):
                 await response.write(sse_event("error", {"type": "error", "reason": reason}))
