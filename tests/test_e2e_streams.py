@@ -85,14 +85,16 @@ def test_mcp_sdk_client_runs_a_real_build(service, config, registry):  # noqa: F
 
 # ---------------------------------------------------------------- streams: many clients, two stalled
 
-async def ws_follow(session: aiohttp.ClientSession, url: str, seen_test: asyncio.Event | None = None):
+async def ws_follow(session: aiohttp.ClientSession, url: str, seen: asyncio.Event | None = None,
+                    marker: str = "start-of-test"):
+    """All messages of a WebSocket stream and its close code; `seen` is set once a line equals `marker`."""
     messages = []
     async with session.ws_connect(url, max_msg_size=0) as ws:
         async for msg in ws:
             message = json.loads(msg.data)
             messages.append(message)
-            if seen_test is not None and message.get("message") == "start-of-test":
-                seen_test.set()
+            if seen is not None and message.get("message") == marker:
+                seen.set()
         return messages, ws.close_code
 
 
@@ -169,3 +171,26 @@ def test_stream_clients_see_everything_and_stalled_clients_are_dropped(service, 
     print(f"service RSS: {baseline / 2**20:.0f} MiB before the job, {peak / 2**20:.0f} MiB after the flood")
     assert peak < RSS_LIMIT and peak - baseline < 40 * 2**20, (baseline, peak)  # ~8 MiB measured; the flood is ~20 MB
     assert "dropping slow stream client" in service.log_path.read_text(errors="replace")
+
+
+def test_sigterm_closes_open_streams_and_the_service_exits_by_itself(tmp_path, registry, base_image, config):  # noqa: F811
+    cfg = config(test={"commands": ["echo waiting-for-sigterm; sleep 600"]})
+    with ServiceProcess(tmp_path / "service", registry.host) as svc:
+        status, body = svc.post("/json/submitJob", {"job_config": cfg})
+        assert status == 200, body
+        job_id = body["job_id"]
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                seen = asyncio.Event()
+                stream = asyncio.ensure_future(ws_follow(session, f"{svc.url}/json/streamLogs?job_id={job_id}",
+                                                         seen, marker="waiting-for-sigterm"))
+                watch = asyncio.ensure_future(ws_follow(session, f"{svc.url}/json/job/{job_id}/watch"))
+                await seen.wait()  # the test phase is running, both clients are connected
+                svc.proc.terminate()
+                return await asyncio.gather(stream, watch)
+
+        (_, stream_code), (_, watch_code) = asyncio.run(asyncio.wait_for(scenario(), 600))
+        returncode = svc.proc.wait(60)  # ServiceProcess.stop would SIGKILL after 30 s; this must not be needed
+    assert stream_code == watch_code == aiohttp.WSCloseCode.GOING_AWAY
+    assert returncode == 0
