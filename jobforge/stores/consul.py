@@ -246,12 +246,13 @@ class ConsulStore:
         """Reads only the chunks at or after the cursor's. Phases are ranked in `STREAM_PHASES` order: a job
         writes them one after the other, so the position only grows; other phase names are not streamed."""
         out: list[SeqLine] = []
+        chunks = await self._chunks_by_phase(job_id)  # one listing for every phase
         for rank, name in enumerate(STREAM_PHASES):
             if (phase is not None and name != phase) or stream_seq(rank + 1, 0, 0) <= after:
                 continue
             first_chunk = max(0, (after - stream_seq(rank, 0, 0)) // _CHUNK_SPAN)
             pieces: list[dict[str, Any]] = []
-            for chunk in await self._chunk_seqs(job_id, name):
+            for chunk in chunks.get(name, []):
                 if chunk < first_chunk:
                     continue
                 key = log_key(self.prefix, job_id, name, chunk)
@@ -318,6 +319,19 @@ class ConsulStore:
 
     async def _first_free_seq(self, job_id: str, phase: str) -> int:
         return max(await self._chunk_seqs(job_id, phase), default=-1) + 1
+
+    async def _chunks_by_phase(self, job_id: str) -> dict[str, list[int]]:
+        prefix = logs_prefix(self.prefix, job_id)
+        status, body = await self._http.request("GET", f"/v1/kv/{prefix}", "keys", ok=(200, 404))
+        out: dict[str, list[int]] = {}
+        if status == 404:
+            return out
+        with _answer(prefix):
+            for key in json.loads(body):
+                name, _, seq = key[len(prefix):].partition("/")
+                if seq.isdigit():
+                    out.setdefault(unsegment(name), []).append(int(seq))
+        return {name: sorted(seqs) for name, seqs in out.items()}
 
     async def _chunk_seqs(self, job_id: str, phase: str) -> list[int]:
         prefix = logs_prefix(self.prefix, job_id, phase)
