@@ -39,7 +39,7 @@ from jobforge.models import (
     utcnow,
 )
 from jobforge.stores.base import Store
-from jobforge.streams import Pulse, follow_logs
+from jobforge.streams import BATCH, Pulse, follow_logs
 from jobforge.tasks import RegistryTarget, build_payload
 from jobforge.webhooks import WebhookSender
 
@@ -47,15 +47,18 @@ log = logging.getLogger("jobforge.service")
 
 
 class _Watcher:
-    """One watcher's bounded queue. When it is full the watcher is dropped (its stream ends with
-    `SlowConsumer`), so a stalled client never holds more than `limit` updates nor slows anyone else."""
+    """One watcher's bounded queue: status updates, and for each stored log chunk only its line count — the
+    lines themselves are read back from the store when the watcher gets to them. When `limit` entries are
+    waiting, the watcher is dropped (its stream ends with `SlowConsumer`): a stalled client holds a few
+    thousand small objects at most, however much the job prints."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, logs: bool) -> None:
         self.limit = limit
-        self.queue: asyncio.Queue[WatchUpdate | None] = asyncio.Queue()  # bounded by `offer`
+        self.logs = logs
+        self.queue: asyncio.Queue[WatchUpdate | int | None] = asyncio.Queue()  # bounded by `offer`
         self.dropped = False
 
-    def offer(self, update: WatchUpdate) -> None:
+    def offer(self, item: WatchUpdate | int) -> None:
         if self.dropped:
             return
         if self.queue.qsize() >= self.limit:
@@ -64,7 +67,7 @@ class _Watcher:
                 self.queue.get_nowait()
             self.queue.put_nowait(None)  # the drop marker
             return
-        self.queue.put_nowait(update)
+        self.queue.put_nowait(item)
 
 
 class JobService:
@@ -167,10 +170,26 @@ class JobService:
         return HistoryResult(jobs=jobs, total=total, limit=params.limit, offset=params.offset)
 
     async def watch(self, job_id: str, logs: bool = False) -> AsyncIterator[WatchUpdate]:
-        """Current state first, then every change (and log line when asked), until the job ends. Raises
-        `SlowConsumer` when the consumer fell `watch_buffer` updates behind."""
-        watcher = _Watcher(self._watch_buffer)
+        """Current state first, then every change (and, with `logs`, every log line — those already stored
+        first), until the job ends. Raises `SlowConsumer` when the consumer fell `watch_buffer` entries behind."""
+        watcher = _Watcher(self._watch_buffer, logs)
         self._watchers[job_id].add(watcher)
+        cursor = 0
+
+        async def lines(count: int | None) -> AsyncIterator[WatchUpdate]:
+            """The next `count` stored lines (None: all there are), read in batches."""
+            nonlocal cursor
+            while count is None or count > 0:
+                batch = await self.store.read_logs(job_id, after=cursor, limit=min(count or BATCH, BATCH))
+                if not batch:
+                    return
+                for item in batch:
+                    cursor = item.seq
+                    phase = Phase(item.phase) if item.phase in Phase._value2member_map_ else None
+                    yield WatchUpdate(type="log", phase=phase, log=item.line)
+                if count is not None:
+                    count -= len(batch)
+
         try:
             record = (await self.store.get(job_id)).record
             current = JobStatusResult.from_record(record)
@@ -178,14 +197,19 @@ class JobService:
                 yield WatchUpdate(type="end", job=current)
                 return
             yield WatchUpdate(type="status", job=current)
+            if logs:
+                async for update in lines(None):
+                    yield update
             while True:
-                update = await watcher.queue.get()
-                if update is None:
-                    raise SlowConsumer(f"watcher fell {watcher.limit} updates behind and was dropped")
-                if update.type == "log" and not logs:
+                item = await watcher.queue.get()
+                if item is None:
+                    raise SlowConsumer(f"client too slow: {watcher.limit} updates unsent")
+                if isinstance(item, int):
+                    async for update in lines(item):
+                        yield update
                     continue
-                yield update
-                if update.type == "end":
+                yield item
+                if item.type == "end":
                     return
         finally:
             self._watchers[job_id].discard(watcher)
@@ -270,12 +294,9 @@ class JobService:
     async def _store_logs(self, chunk: LogChunk) -> None:
         await self.store.append_logs(chunk.job_id, chunk.phase, chunk.lines)
         self.pulse.fire(chunk.job_id)
-        watchers = self._watchers.get(chunk.job_id, ())
-        phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
-        for line in chunk.lines if watchers else ():
-            update = WatchUpdate(type="log", phase=phase, log=line)
-            for watcher in watchers:
-                watcher.offer(update)
+        for watcher in self._watchers.get(chunk.job_id, ()):
+            if watcher.logs:
+                watcher.offer(len(chunk.lines))  # a count: the watcher reads the lines back from the store
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -252,3 +252,16 @@ async def test_a_store_failure_ends_the_stream_with_its_reason(tmp_path, monkeyp
         resp = await env.client.get(f"/json/job/{job_id}/logs/stream")
         assert sse_events(await resp.text()) == [
             {"id": None, "event": "error", "data": {"type": "error", "reason": "consul at 127.0.0.1:8500 unreachable"}}]
+
+
+async def test_a_watch_that_keeps_up_gets_a_burst_larger_than_its_buffer(tmp_path):
+    async with running(tmp_path / "jobs.db", stream_limits=TIGHT, watch_buffer=TIGHT.client_buffer) as env:
+        job_id = await held_in_test(env)
+        ws = await env.client.ws_connect(f"/json/job/{job_id}/watch?logs=true")
+        assert (await ws.receive_json())["type"] == "status"
+        env.backend.queue.put_nowait(chunk(job_id, "test", [f"burst {i}" for i in range(50 * TIGHT.client_buffer)]))
+        release(env)
+        messages, code = await ws_messages(ws)
+    lines = [m["log"]["line"] for m in messages if m["type"] == "log"]
+    assert [ln for ln in lines if ln.startswith("burst")] == [f"burst {i}" for i in range(50 * TIGHT.client_buffer)]
+    assert messages[-1]["type"] == "end" and code == aiohttp.WSCloseCode.OK
