@@ -14,7 +14,8 @@
      ├── BackendError             http 502, rpc -32010  scheduler / runner failure
      ├── StoreError               http 503, rpc -32011  job store failure (Retry-After: 2)
      ├── QueueFull                http 429, rpc -32029  MAX_QUEUED_JOBS jobs already wait (Retry-After: 10)
-     └── ServiceUnavailable       http 503, rpc -32012  the client could not reach the service
+     ├── ServiceUnavailable       http 503, rpc -32012  the client could not reach the service
+     └── SlowConsumer             http 503, rpc -32013  a stream's client fell too far behind; it is dropped
 
 Each class carries its HTTP status and JSON-RPC code, so the server maps errors from one table and the client
 maps them back (`error_for_rpc_code`); `retry_after` (seconds) becomes a `Retry-After` header for errors that
@@ -132,10 +133,18 @@ class ServiceUnavailable(JobForgeError):
     rpc_code = -32012
 
 
+class SlowConsumer(JobForgeError):
+    """A watcher's or stream client's bounded buffer was full: the server drops that client, nobody else."""
+
+    http_status = 503
+    rpc_code = -32013
+
+
 _BY_RPC_CODE: dict[int, type[JobForgeError]] = {
     cls.rpc_code: cls
     for cls in (ConfigError, Unauthorized, Forbidden, NotFound, Conflict, UnknownMethod, PayloadTooLarge,
-                UnsupportedMediaType, MisdirectedRequest, BackendError, StoreError, QueueFull, ServiceUnavailable)
+                UnsupportedMediaType, MisdirectedRequest, BackendError, StoreError, QueueFull, ServiceUnavailable,
+                SlowConsumer)
 }
 
 

@@ -234,6 +234,11 @@ class WatchParams(JobIdParams):
     logs: bool = Field(False, description="also stream log lines as they are written")
 
 
+class StreamLogsParams(JobIdParams):
+    phase: Phase | None = Field(None, description="only this phase's lines")
+    after: int = Field(0, ge=0, le=2**62, description="resume after this line sequence number (an SSE event id)")
+
+
 # ---------------------------------------------------------------- API results
 
 class SubmitJobResult(BaseModel):
@@ -346,6 +351,30 @@ class WatchUpdate(BaseModel):
     job: JobStatusResult | None = None
     phase: Phase | None = None
     log: LogLine | None = None
+
+
+class LogMessage(BaseModel):
+    """One line of a log stream: the reference's `{job_id, phase, timestamp, level, message}` plus `stream` and
+    `seq`, the line's position in the store (increasing per job; an SSE event id, a resume point)."""
+
+    type: Literal["log"] = "log"
+    job_id: str
+    seq: int
+    phase: str
+    timestamp: datetime
+    level: Literal["info", "error"]
+    stream: LogStream
+    message: str
+
+
+class StreamStatus(BaseModel):
+    """The last message of a log stream: how the job ended."""
+
+    type: Literal["status"] = "status"
+    job_id: str
+    status: JobStatus
+    failed_phase: Phase | None
+    error: str | None
 
 
 # ---------------------------------------------------------------- the method table

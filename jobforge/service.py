@@ -29,7 +29,7 @@ from jobforge import pipeline
 from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.delivery import DeliveryWorker
-from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, StoreError
+from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
 from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_usage_line
 from jobforge.models import (
@@ -44,9 +44,11 @@ from jobforge.models import (
     JobStatusResult,
     KillJobResult,
     LogLine,
+    LogMessage,
     LogsResult,
     LogStream,
     Phase,
+    StreamStatus,
     SubmitJobParams,
     SubmitJobResult,
     WatchUpdate,
@@ -54,6 +56,7 @@ from jobforge.models import (
     utcnow,
 )
 from jobforge.stores.base import Store
+from jobforge.streams import BATCH, Pulse, follow_logs
 from jobforge.tasks import RegistryTarget, build_payload, temp_image
 
 log = logging.getLogger("jobforge.service")
@@ -85,6 +88,29 @@ def _store_failure(exc: Exception, what: str) -> str:
     return f"{what} could not be stored: {getattr(exc, 'message', None) or exc}"
 
 
+class _Watcher:
+    """One watcher's bounded queue: status updates, and for each stored log chunk only its line count — the
+    lines themselves are read back from the store when the watcher gets to them. When `limit` entries are
+    waiting, the watcher is dropped (its stream ends with `SlowConsumer`): a stalled client holds a few
+    thousand small objects at most, however much the job prints."""
+
+    def __init__(self, limit: int, logs: bool) -> None:
+        self.limit = limit
+        self.logs = logs
+        self.queue: asyncio.Queue[WatchUpdate | int | None] = asyncio.Queue()  # bounded by `offer`
+        self.dropped = False
+
+    def offer(self, item: WatchUpdate | int) -> None:
+        if self.dropped:
+            return
+        if self.queue.qsize() >= self.limit:
+            self.dropped = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(None)  # the drop marker
+            return
+        self.queue.put_nowait(item)
+
 
 class JobService:
     def __init__(self, store: Store, backend: Backend, *, policy: pipeline.Policy, registry: RegistryTarget,
@@ -92,7 +118,7 @@ class JobService:
                  admission: SubmitPolicy = SubmitPolicy(),
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
                  max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits(),
-                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0):
+                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0, watch_buffer: int = 1000):
         self.store = store
         self.backend = backend
         self._policy = policy
@@ -111,7 +137,9 @@ class JobService:
         self._admission = asyncio.Lock()
         self._pending: list[str] = []  # snapshots of the store, refreshed at every admission (idle(), metrics)
         self._active: set[str] = set()
-        self._watchers: defaultdict[str, set[asyncio.Queue]] = defaultdict(set)
+        self._watchers: defaultdict[str, set[_Watcher]] = defaultdict(set)
+        self._watch_buffer = watch_buffer
+        self.pulse = Pulse()
         self._tasks: set[asyncio.Task] = set()
         self._cleanups: dict[str, asyncio.Task] = {}  # at most one temp image deletion per job
         self._waiting: set[asyncio.Task] = set()  # cleanups sleeping before a retry (recorded in the store)
@@ -249,9 +277,26 @@ class JobService:
         return HistoryResult(jobs=jobs, total=total, limit=params.limit, offset=params.offset)
 
     async def watch(self, job_id: str, logs: bool = False) -> AsyncIterator[WatchUpdate]:
-        """Current state first, then every change (and log line when asked), until the job ends."""
-        queue: asyncio.Queue[WatchUpdate] = asyncio.Queue()
-        self._watchers[job_id].add(queue)
+        """Current state first, then every change (and, with `logs`, every log line — those already stored
+        first), until the job ends. Raises `SlowConsumer` when the consumer fell `watch_buffer` entries behind."""
+        watcher = _Watcher(self._watch_buffer, logs)
+        self._watchers[job_id].add(watcher)
+        cursor = 0
+
+        async def lines(count: int | None) -> AsyncIterator[WatchUpdate]:
+            """The next `count` stored lines (None: all there are), read in batches."""
+            nonlocal cursor
+            while count is None or count > 0:
+                batch = await self.store.read_logs(job_id, after=cursor, limit=min(count or BATCH, BATCH))
+                if not batch:
+                    return
+                for item in batch:
+                    cursor = item.seq
+                    phase = Phase(item.phase) if item.phase in Phase._value2member_map_ else None
+                    yield WatchUpdate(type="log", phase=phase, log=item.line)
+                if count is not None:
+                    count -= len(batch)
+
         try:
             record = (await self.store.get(job_id)).record
             current = JobStatusResult.from_record(record)
@@ -259,17 +304,29 @@ class JobService:
                 yield WatchUpdate(type="end", job=current)
                 return
             yield WatchUpdate(type="status", job=current)
+            if logs:
+                async for update in lines(None):
+                    yield update
             while True:
-                update = await queue.get()
-                if update.type == "log" and not logs:
+                item = await watcher.queue.get()
+                if item is None:
+                    raise SlowConsumer(f"client too slow: {watcher.limit} updates unsent")
+                if isinstance(item, int):
+                    async for update in lines(item):
+                        yield update
                     continue
-                yield update
-                if update.type == "end":
+                yield item
+                if item.type == "end":
                     return
         finally:
-            self._watchers[job_id].discard(queue)
+            self._watchers[job_id].discard(watcher)
             if not self._watchers[job_id]:
                 del self._watchers[job_id]
+
+    def follow_logs(self, job_id: str, phase: Phase | None = None, after: int = 0,
+                    poll_interval: float = 1.0) -> AsyncIterator[LogMessage | StreamStatus]:
+        """The log stream of a job, read from the store (see `jobforge.streams`)."""
+        return follow_logs(self.store, self.pulse, job_id, phase=phase, after=after, poll_interval=poll_interval)
 
     # ------------------------------------------------------------ the shell
 
@@ -377,8 +434,9 @@ class JobService:
             log.info("job %s: %s -> %s", new.job_id, old.status.value, new.status.value,
                      extra={"job_id": new.job_id, "status": new.status.value})
         update = WatchUpdate(type="end" if new.settled else "status", job=JobStatusResult.from_record(new))
-        for queue in self._watchers.get(new.job_id, ()):
-            queue.put_nowait(update)
+        for watcher in self._watchers.get(new.job_id, ()):
+            watcher.offer(update)
+        self.pulse.fire(new.job_id)
 
     async def _execute(self, command: pipeline.Command, record: JobRecord) -> None:
         """Run one command; its failure is logged and recorded on the job, never skips the other commands."""
@@ -557,11 +615,10 @@ class JobService:
                 if disk_full(exc):
                     self._spawn(self._stop_current_phase(chunk.job_id))  # it holds the space we need
                 await self._fail(chunk.job_id, error)
-        queues = self._watchers.get(chunk.job_id, ())
-        phase = Phase(chunk.phase) if chunk.phase in Phase._value2member_map_ else None
-        for line in chunk.lines:
-            for queue in queues:
-                queue.put_nowait(WatchUpdate(type="log", phase=phase, log=line))
+        self.pulse.fire(chunk.job_id)
+        for watcher in self._watchers.get(chunk.job_id, ()):
+            if watcher.logs:
+                watcher.offer(len(chunk.lines))  # a count: the watcher reads the lines back from the store
 
     async def _stop_current_phase(self, job_id: str) -> None:
         """Stop a job's running phase before its failure is recorded (a full disk may not take the record yet)."""

@@ -187,6 +187,17 @@ class Settings(BaseSettings):
         description="local backend: network of RUN steps; outbound through slirp4netns without the host's "
                     "loopback, or none (only the step's own loopback)")
 
+    mcp_log_level: int = Field(0, ge=0, le=1, validation_alias="MCP_LOG_LEVEL",
+                               description="1: log every MCP request and response (secrets redacted)")
+    stream_client_buffer: int = Field(1000, ge=1, le=100_000, validation_alias="JOBFORGE_STREAM_CLIENT_BUFFER",
+                                      description="messages buffered per stream/watch client before it is dropped")
+    stream_stall_timeout: Duration = Field(30.0, gt=0, validation_alias="JOBFORGE_STREAM_STALL_TIMEOUT",
+                                           description="how long a client's full buffer is tolerated")
+    stream_close_timeout: Duration = Field(5.0, gt=0, validation_alias="JOBFORGE_STREAM_CLOSE_TIMEOUT",
+                                           description="how long a dropped client gets to read its close reason")
+    stream_poll_interval: Duration = Field(1.0, gt=0, validation_alias="JOBFORGE_STREAM_POLL_INTERVAL",
+                                           description="log streams re-read the store this often (other replicas)")
+
     nomad: NomadSettings = Field(default_factory=NomadSettings)
 
     @model_validator(mode="after")

@@ -54,21 +54,22 @@ class Env:
 
 @asynccontextmanager
 async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, guard: Guard | None = None, *,
-                  store=None, allow_hosts=("127.0.0.1",), start_webhooks: bool = True, **webhook_options):
+                  store=None, allow_hosts=("127.0.0.1",), start_webhooks: bool = True, watch_buffer: int = 1000,
+                  stream_limits=None, mcp_log_level: int = 0, **webhook_options):
     """The service on SQLite at `db` (or on `store`, which it then closes) with the fake backend; its webhook
     worker may send to `allow_hosts`, retries after 10 ms (`webhook_options` override), and is not started with
-    `start_webhooks=False`."""
+    `start_webhooks=False`; `stream_limits` and `mcp_log_level` go to `create_app`."""
     backend = backend or FakeBackend()
     store = store or SqliteStore(db)
     worker = DeliveryWorker(store, OutboundPolicy(allow_hosts),
                             **{"backoff": 0.01, "backoff_max": 0.05, "timeout": 5.0, **webhook_options})
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,
                          registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
-                         webhooks=worker)
+                         webhooks=worker, watch_buffer=watch_buffer)
     if start_webhooks:
         await worker.start()
     await service.start()
-    client = TestClient(TestServer(create_app(service, guard), host="127.0.0.1"))
+    client = TestClient(TestServer(create_app(service, guard, stream_limits=stream_limits, mcp_log_level=mcp_log_level), host="127.0.0.1"))
     await client.start_server()
     try:
         yield Env(service, backend, client)
@@ -313,8 +314,10 @@ async def test_stream_logs_reference_endpoint(env):
     env.backend.outcomes.clear()
     env.backend.finish(env.backend.dispatched[0])
     messages = [json.loads(m.data) async for m in ws]
-    first_test = next(m for m in messages if m["phase"] == "test")  # build lines may still be arriving
-    assert {"phase": "test", "message": "test line 0"}.items() <= first_test.items()
+    assert {"type": "log", "job_id": job_id, "phase": "build", "message": "build line 0", "level": "info",
+            "stream": "stdout"}.items() <= messages[0].items()
+    assert messages[-1] == {"type": "status", "job_id": job_id, "status": "SUCCEEDED", "failed_phase": None,
+                            "error": None}
 
 
 # ---------------------------------------------------------------- health, readiness, metrics, OpenAPI

@@ -1,8 +1,8 @@
-"""The aiohttp application: JSON-RPC, REST, WebSocket watch, health/readiness, metrics, OpenAPI.
+"""The aiohttp application: JSON-RPC, REST, MCP, WebSocket/SSE streams, health/readiness, metrics, OpenAPI.
 
-Every route goes through `jobforge.api.call`, so REST, JSON-RPC and the WebSocket share one parser, one handler,
-one authorisation rule and one error table. `guard.guard_middleware` runs first on every route (Host, CORS,
-Content-Type, bearer token) and leaves the caller's principal on the request.
+Every route goes through `jobforge.api.call` (or `api.parse_params` for streams), so REST, JSON-RPC, MCP and the
+streams share one parser, one handler, one authorisation rule and one error table. `guard.guard_middleware` runs
+first on every route (Host, CORS, Content-Type, bearer token) and leaves the caller's principal on the request.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jobforge import api
 from jobforge.errors import JobForgeError, PayloadTooLarge, StoreError
-from jobforge.models import JOB_ID_PATTERN, WatchParams
-from jobforge.server import jsonio, jsonrpc
+from jobforge.models import JOB_ID_PATTERN, LogMessage, StreamLogsParams, WatchParams
+from jobforge.server import jsonio, jsonrpc, mcp, streaming
 from jobforge.server.guard import PRINCIPAL_KEY, Guard, guard_middleware
+from jobforge.server.streaming import StreamLimits
 from jobforge.server.openapi import openapi_document
 from jobforge.server.responses import error_response
 from jobforge.service import JobService
@@ -27,6 +28,8 @@ log = logging.getLogger("jobforge.server")
 
 MAX_BODY = 1024 * 1024
 SERVICE_KEY = web.AppKey("service", JobService)
+LIMITS_KEY = web.AppKey("stream_limits", StreamLimits)
+MCP_LOG_KEY = web.AppKey("mcp_log_level", int)
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -96,39 +99,54 @@ async def rest_logs(request: web.Request) -> web.Response:
     return _json(await api.call(request.app[SERVICE_KEY], "getLogs", params, request[PRINCIPAL_KEY]))
 
 
-async def _websocket(request: web.Request, params: WatchParams, render) -> web.WebSocketResponse:
-    service = request.app[SERVICE_KEY]
-    await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before the upgrade
-    ws = web.WebSocketResponse(heartbeat=20)
-    await ws.prepare(request)
-    async for update in service.watch(params.job_id, logs=params.logs):
-        message = render(update)
-        if message is not None:
-            await ws.send_json(message)
-        if ws.closed:
-            break
-    await ws.close()
-    return ws
-
-
-async def watch(request: web.Request) -> web.WebSocketResponse:
+async def watch(request: web.Request) -> web.StreamResponse:
     query = {"job_id": request.match_info["job_id"], "logs": request.query.get("logs", "false").lower() == "true"}
     params = api.parse_params(WatchParams, query)
+    service = request.app[SERVICE_KEY]
+    await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before the upgrade
     # Drop absent members of the envelope only: `job` keeps the exact getStatus shape, nulls included.
-    return await _websocket(request, params,
-                            lambda u: {k: v for k, v in u.model_dump(mode="json").items() if v is not None})
+    return await streaming.serve_websocket(
+        request, service.watch(params.job_id, logs=params.logs), request.app[LIMITS_KEY],
+        lambda u: {k: v for k, v in u.model_dump(mode="json").items() if v is not None})
 
 
-async def stream_logs(request: web.Request) -> web.WebSocketResponse:
-    """The reference's log stream: one `{phase, message, ts, stream}` object per line."""
-    params = api.parse_params(WatchParams, {"job_id": request.query.get("job_id", ""), "logs": True})
+async def _log_stream(request: web.Request, query: dict[str, Any]):
+    """Parse the stream's params and check the job exists (404 before any upgrade); returns the follower."""
+    params = api.parse_params(StreamLogsParams, query)
+    service = request.app[SERVICE_KEY]
+    await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before any upgrade
+    return service.follow_logs(params.job_id, params.phase, params.after, request.app[LIMITS_KEY].poll_interval)
 
-    def render(update):
-        if update.type != "log" or update.log is None:
-            return None
-        return {"phase": update.phase.value if update.phase else None, "message": update.log.line,
-                "ts": update.log.ts.isoformat(), "stream": update.log.stream.value}
-    return await _websocket(request, params, render)
+
+async def stream_logs(request: web.Request) -> web.StreamResponse:
+    """The reference's WebSocket log stream: `LogMessage` per line, then one `StreamStatus`, then close 1000."""
+    source = await _log_stream(request, dict(request.query))
+    return await streaming.serve_websocket(request, source, request.app[LIMITS_KEY])
+
+
+async def stream_logs_sse(request: web.Request) -> web.StreamResponse:
+    """The same stream as Server-Sent Events; `id:` is the line's `seq`, so `Last-Event-ID` resumes."""
+    query: dict[str, Any] = {**request.query, "job_id": request.match_info["job_id"]}
+    if "Last-Event-ID" in request.headers:
+        query["after"] = request.headers["Last-Event-ID"].strip() or "0"
+    source = await _log_stream(request, query)
+
+    def frame(message) -> bytes:
+        if isinstance(message, LogMessage):
+            return streaming.sse_event("log", message, message.seq)
+        return streaming.sse_event("status", message)
+    return await streaming.serve_sse(request, source, request.app[LIMITS_KEY], frame)
+
+
+async def mcp_endpoint(request: web.Request) -> web.StreamResponse:
+    # Origin, Host and the bearer token were checked by the guard, as for every route.
+    service, principal = request.app[SERVICE_KEY], request[PRINCIPAL_KEY]
+    return await mcp.handle(request, lambda m, p: api.call(service, m, p, principal), await _read_body(request),
+                            request.app[MCP_LOG_KEY])
+
+
+async def mcp_not_allowed(request: web.Request) -> web.Response:
+    return mcp.not_allowed(request)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -163,20 +181,29 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def create_app(service: JobService, guard: Guard | None = None) -> web.Application:
+def create_app(service: JobService, guard: Guard | None = None, *, stream_limits: StreamLimits | None = None,
+               mcp_log_level: int = 0) -> web.Application:
     """`guard` defaults to no tokens and no CORS: right for loopback only (`main.serve` builds it from settings
     and refuses any other address without tokens)."""
     app = web.Application(middlewares=[timing_middleware, guard_middleware(guard or Guard()), errors_middleware],
                           client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
+    app[LIMITS_KEY] = stream_limits or StreamLimits()
+    app[MCP_LOG_KEY] = mcp_log_level
+    streaming.setup(app)
     job = "{job_id:" + JOB_ID_PATTERN.strip("^$") + "}"
     app.add_routes([
         web.post("/json", rpc),
         web.get(f"/json/job/{job}/status", rest_status),
         web.get(f"/json/job/{job}/logs", rest_logs),
         web.get(f"/json/job/{job}/watch", watch),
+        web.get(f"/json/job/{job}/logs/stream", stream_logs_sse),
         web.get("/json/streamLogs", stream_logs),
         web.post("/json/{method}", rest_method),
+        web.post("/mcp", mcp_endpoint),
+        web.get("/mcp", mcp_not_allowed),
+        web.delete("/mcp", mcp_not_allowed),
+        web.post("/mcp/{method}", rest_method),
         web.get("/health", health),
         web.get("/ready", ready),
         web.get("/metrics", metrics),

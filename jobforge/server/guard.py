@@ -192,7 +192,8 @@ def guard_middleware(guard: Guard):
                                     "(CORS_ORIGIN)")
                 return web.Response(status=204, headers=allow)
             if (request.method, request.path) not in OPEN_ROUTES:
-                if request.method in BODY_METHODS and not is_json(request.headers.get("Content-Type")):
+                has_body = request.method == "POST" or request.can_read_body  # a bodiless DELETE says nothing
+                if request.method in BODY_METHODS and has_body and not is_json(request.headers.get("Content-Type")):
                     raise UnsupportedMediaType(
                         f"{request.method} {request.path} needs 'Content-Type: application/json', "
                         f"got {request.headers.get('Content-Type') or 'none'}")

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from jobforge import logs
 from jobforge.errors import ConfigError
 from jobforge.server.app import create_app, create_metrics_app
-from jobforge.server.wiring import build_guard, build_service
+from jobforge.server.wiring import build_guard, build_service, stream_limits
 from jobforge.settings import Settings
 
 log = logging.getLogger("jobforge")
@@ -25,7 +25,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     service = build_service(settings)
     await service.webhooks.start()
     await service.start()
-    runners = [web.AppRunner(create_app(service, guard), access_log=None)]
+    app = create_app(service, guard, stream_limits=stream_limits(settings), mcp_log_level=settings.mcp_log_level)
+    runners = [web.AppRunner(app, access_log=None)]
     if settings.metrics_port:
         runners.append(web.AppRunner(create_metrics_app(service), access_log=None))
     ports = [settings.server_port, settings.metrics_port]

@@ -13,6 +13,7 @@ from jobforge.nomad import RenderParams
 from jobforge.pipeline import Policy
 from jobforge.server.guard import Guard, exposure_problem
 from jobforge.server.tokens import TokenFile
+from jobforge.server.streaming import StreamLimits
 from jobforge.service import JobService
 from jobforge.settings import Settings
 from jobforge.stores.base import Store
@@ -115,4 +116,10 @@ def build_service(settings: Settings) -> JobService:
                       admission=settings.submit_policy, max_concurrent_jobs=settings.max_concurrent_jobs,
                       webhooks=build_webhooks(settings, store, metrics),
                       max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits,
-                      tick_seconds=settings.tick_seconds, shutdown_grace=settings.kill_grace_seconds)
+                      tick_seconds=settings.tick_seconds, shutdown_grace=settings.kill_grace_seconds,
+                      watch_buffer=settings.stream_client_buffer)
+
+
+def stream_limits(settings: Settings) -> StreamLimits:
+    return StreamLimits(client_buffer=settings.stream_client_buffer, stall_timeout=settings.stream_stall_timeout,
+                        close_timeout=settings.stream_close_timeout, poll_interval=settings.stream_poll_interval)

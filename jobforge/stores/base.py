@@ -56,6 +56,14 @@ def page_of(logs: dict[str, list[LogLine]], offset: int, limit: int, max_chars: 
     return LogPage(lines, sum(map(len, logs.values())))
 
 
+class SeqLine(NamedTuple):
+    """A stored log line with its position: `seq` increases with every line of a job, in write order."""
+
+    seq: int
+    phase: str
+    line: LogLine
+
+
 class Store(Protocol):
     async def get(self, job_id: str) -> Versioned:
         """Raises `NotFound`."""
@@ -90,6 +98,10 @@ class Store(Protocol):
     async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
         """At most `limit` lines from `offset` (over the phases in `phase_order`), ending early once the lines
         hold more than `max_chars` characters (at least one line is returned when any is left)."""
+
+    async def read_logs(self, job_id: str, after: int = 0, limit: int = 500,
+                        phase: str | None = None) -> list[SeqLine]:
+        """Up to `limit` lines with `seq > after`, in write order: the cursor of log streams (any replica)."""
 
     async def ping(self) -> None:
         """Raises `StoreError` when the store is not usable (readiness)."""

@@ -48,6 +48,7 @@ from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, Webhoo
 from jobforge.rules import KEY_PREFIX_PATTERN
 from jobforge.stores.base import (
     LogPage,
+    SeqLine,
     Versioned,
     VersionedDelivery,
     dump_delivery,
@@ -70,6 +71,10 @@ PIECE_CHARS = 32 * 1024  # <= 6 bytes per char once JSON-encoded (\u00XX), so a 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _ESCAPED = re.compile(r"_([0-9A-F]{2})")
 _CAS_ATTEMPTS = 20
+STREAM_PHASES = ("build", "test", "publish", "cleanup")
+"""The phases `read_logs` serves, in the order a job writes them."""
+_PHASE_SPAN = 10**15
+_CHUNK_SPAN = 10**5  # > entries per chunk: CHUNK_BYTES / the smallest entry
 _SEQ_CACHE_SIZE = 1024
 
 
@@ -193,6 +198,11 @@ def _chunks(lines: Sequence[LogLine]) -> Iterator[bytes]:
         yield b"[" + b",".join(batch) + b"]"
 
 
+def stream_seq(rank: int, chunk: int, index: int) -> int:
+    """A line's position for `read_logs`: phase rank, chunk key, entry index; it grows as a job writes."""
+    return (rank + 1) * _PHASE_SPAN + chunk * _CHUNK_SPAN + index
+
+
 def _joined(pieces: list[dict[str, Any]]) -> LogLine:
     first = pieces[0]
     return LogLine(ts=datetime.fromisoformat(first["ts"]), stream=first["stream"],
@@ -286,6 +296,40 @@ class ConsulStore:
         with _answer(f"webhook deliveries of {job_id}"):
             return sorted((load_delivery(_value(e)) for e in entries), key=lambda d: d.seq)
 
+    async def read_logs(self, job_id: str, after: int = 0, limit: int = 500,
+                        phase: str | None = None) -> list[SeqLine]:
+        """Reads only the chunks at or after the cursor's. Phases are ranked in `STREAM_PHASES` order: a job
+        writes them one after the other, so the position only grows; other phase names are not streamed."""
+        out: list[SeqLine] = []
+        chunks = await self._chunks_by_phase(job_id)  # one listing for every phase
+        for rank, name in enumerate(STREAM_PHASES):
+            if (phase is not None and name != phase) or stream_seq(rank + 1, 0, 0) <= after:
+                continue
+            first_chunk = max(0, (after - stream_seq(rank, 0, 0)) // _CHUNK_SPAN)
+            pieces: list[dict[str, Any]] = []
+            for chunk in chunks.get(name, []):
+                if chunk < first_chunk:
+                    continue
+                key = log_key(self.prefix, job_id, name, chunk)
+                status, body = await self._http.request("GET", f"/v1/kv/{key}", "raw", ok=(200, 404))
+                if status == 404:
+                    continue
+                with _answer(key):
+                    items = json.loads(body)
+                for index, item in enumerate(items):
+                    pieces.append(item)
+                    if item.get("more"):
+                        continue
+                    with _answer(key):
+                        line = _joined(pieces)
+                    pieces = []
+                    seq = stream_seq(rank, chunk, index)
+                    if seq > after:
+                        out.append(SeqLine(seq, name, line))
+                        if len(out) >= limit:
+                            return out
+        return out
+
     async def ping(self) -> None:
         _, body = await self._http.request("GET", "/v1/status/leader")
         with _answer("/v1/status/leader"):
@@ -342,10 +386,25 @@ class ConsulStore:
         raise StoreError(f"could not append logs of job {job_id} ({phase}): another writer kept taking the slot")
 
     async def _first_free_seq(self, job_id: str, phase: str) -> int:
+        return max(await self._chunk_seqs(job_id, phase), default=-1) + 1
+
+    async def _chunks_by_phase(self, job_id: str) -> dict[str, list[int]]:
+        prefix = logs_prefix(self.prefix, job_id)
+        status, body = await self._http.request("GET", f"/v1/kv/{prefix}", "keys", ok=(200, 404))
+        out: dict[str, list[int]] = {}
+        if status == 404:
+            return out
+        with _answer(prefix):
+            for key in json.loads(body):
+                name, _, seq = key[len(prefix):].partition("/")
+                if seq.isdigit():
+                    out.setdefault(unsegment(name), []).append(int(seq))
+        return {name: sorted(seqs) for name, seqs in out.items()}
+
+    async def _chunk_seqs(self, job_id: str, phase: str) -> list[int]:
         prefix = logs_prefix(self.prefix, job_id, phase)
         status, body = await self._http.request("GET", f"/v1/kv/{prefix}", "keys", ok=(200, 404))
         if status == 404:
-            return 0
+            return []
         with _answer(prefix):
-            seqs = [int(k[len(prefix):]) for k in json.loads(body) if k[len(prefix):].isdigit()]
-        return max(seqs, default=-1) + 1
+            return sorted(int(k[len(prefix):]) for k in json.loads(body) if k[len(prefix):].isdigit())

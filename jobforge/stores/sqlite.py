@@ -26,6 +26,7 @@ from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
 from jobforge.stores.base import (
     LogPage,
+    SeqLine,
     Versioned,
     VersionedDelivery,
     dump_delivery,
@@ -69,6 +70,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries (state, created_at, job_id, seq);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, seq);
+CREATE INDEX IF NOT EXISTS logs_job_seq ON logs (job_id, seq);
 """
 
 
@@ -270,6 +272,19 @@ class SqliteStore:
                                     (job_id,)).fetchall()
             return [load_delivery(r[0]) for r in rows]
         return await self._run("delivery read", read)
+
+    async def read_logs(self, job_id: str, after: int = 0, limit: int = 500,
+                        phase: str | None = None) -> list[SeqLine]:
+        """`seq` is the AUTOINCREMENT row id: it only grows, so it orders a job's lines across phases."""
+        sql, args = "SELECT seq, phase, ts, stream, line FROM logs WHERE job_id = ? AND seq > ?", [job_id, after]
+        if phase is not None:
+            sql += " AND phase = ?"
+            args.append(phase)
+
+        def read() -> list[SeqLine]:
+            rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()
+            return [SeqLine(seq, ph, _line(ts, stream, line)) for seq, ph, ts, stream, line in rows]
+        return await self._run("log read", read)
 
     async def ping(self) -> None:
         await self._run("ping", lambda: self._db.execute("SELECT 1").fetchone())

@@ -337,3 +337,39 @@ async def test_a_record_stored_before_a_newer_rule_stays_readable(store):
     legacy = record.model_copy(update={"config": record.config.model_copy(update={"webhook_headers": {"Host": "x"}})})
     await store.put(legacy, 0)
     assert (await store.get("job-1")).record.config.webhook_headers == {"Host": "x"}
+
+
+# ---------------------------------------------------------------- log cursor (streams)
+
+async def read_all(store, job_id: str, after: int = 0, limit: int = 7, phase: str | None = None):
+    """Every line after `after`, read in pages of `limit` the way a stream follower does."""
+    out = []
+    while page := await store.read_logs(job_id, after=after, limit=limit, phase=phase):
+        assert len(page) <= limit
+        out += page
+        after = page[-1].seq
+    return out
+
+
+async def test_read_logs_is_a_cursor_in_write_order_across_phases(store):
+    build, test, publish = lines(*(f"b{i}" for i in range(20))), lines("t0", "t1"), lines("p0")
+    long_line = lines("y" * 100_000, "x" * 300_000, "z")  # split into pieces, across two Consul chunks
+    await store.append_logs("job-1", "build", build[:12])
+    await store.append_logs("job-1", "build", build[12:] + long_line)
+    await store.append_logs("job-2", "build", lines("other job"))
+    await store.append_logs("job-1", "test", test)
+    got = await read_all(store, "job-1")
+    assert [(s.phase, s.line) for s in got] == [("build", ln) for ln in build + long_line] + [("test", ln) for ln in test]
+    seqs = [s.seq for s in got]
+    assert seqs == sorted(set(seqs)) and seqs[0] > 0
+    # Resuming from any line gives exactly the rest; lines written later follow.
+    for cut in (0, 5, 11, 12, 20, 21, 23):
+        assert await read_all(store, "job-1", after=seqs[cut]) == got[cut + 1:]
+    await store.append_logs("job-1", "publish", publish)
+    await store.append_logs("job-1", "cleanup", lines("deleted"))
+    rest = await read_all(store, "job-1", after=seqs[-1])
+    assert [(s.phase, s.line.line) for s in rest] == [("publish", "p0"), ("cleanup", "deleted")]
+    assert rest[0].seq > seqs[-1]
+    only_test = await read_all(store, "job-1", phase="test")
+    assert [s.line for s in only_test] == test and [s.seq for s in only_test] == seqs[-2:]
+    assert await store.read_logs("job-3") == []
