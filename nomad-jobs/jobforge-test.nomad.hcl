@@ -94,6 +94,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shlex
 import signal
 import subprocess
@@ -334,7 +335,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def main(phase: Callable[[Context], None]) -> None:
-    """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
+    """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(errors="replace")
@@ -342,15 +343,30 @@ def main(phase: Callable[[Context], None]) -> None:
     try:
         ctx = load_context()
         phase(ctx)
+        _report_usage()
     except TaskError as exc:
-        _error(str(exc), ctx)
-        sys.exit(EXIT_FAILED)
+        _fail(str(exc), ctx, EXIT_FAILED)
     except (Terminated, KeyboardInterrupt):
-        _error("terminated by signal", ctx)
-        sys.exit(EXIT_TERMINATED)
+        _fail("terminated by signal", ctx, EXIT_TERMINATED)
     except Exception as exc:  # noqa: BLE001 - the mapping boundary: any crash becomes the job's error
-        _error(f"internal error: {type(exc).__name__}: {exc}", ctx)
-        sys.exit(EXIT_FAILED)
+        _fail(f"internal error: {type(exc).__name__}: {exc}", ctx, EXIT_FAILED)
+
+
+def _fail(message: str, ctx: Context | None, code: int) -> None:
+    """The usage line, then the contract's last line `ERROR: …`, then exit."""
+    _report_usage()
+    _error(message, ctx)
+    sys.exit(code)
+
+
+USAGE_PREFIX = "::jobforge-usage "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_usage_line
+
+
+def _report_usage() -> None:
+    """A stderr line with what this phase's commands (buildah, the containers, git) consumed."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report = {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "max_rss_bytes": usage.ru_maxrss * 1024}
+    print(USAGE_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
 
 
 def _error(message: str, ctx: Context | None) -> None:
