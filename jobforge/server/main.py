@@ -12,6 +12,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from jobforge import logs
+from jobforge.consul_agent import ConsulAgent, register_replica
+from jobforge.errors import ServiceUnavailable
 from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_service
 from jobforge.settings import Settings
@@ -27,12 +29,15 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     if settings.metrics_port:
         runners.append(web.AppRunner(create_metrics_app(service), access_log=None))
     ports = [settings.server_port, settings.metrics_port]
+    consul: ConsulAgent | None = None
     try:
         for runner, port in zip(runners, ports):
             await runner.setup()
             await web.TCPSite(runner, settings.server_host, port).start()
         log.info("jobforge-service listening on http://%s:%d (backend=%s, metrics port %s)",
                  settings.server_host, settings.server_port, settings.backend, settings.metrics_port or "off")
+        if settings.consul.register:
+            consul = await register_replica(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -41,6 +46,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             ready.set()
         await stop.wait()
     finally:
+        if consul is not None:  # first: clients stop finding this replica before it stops answering
+            await consul.deregister()
         for runner in runners:
             await runner.cleanup()
         await service.backend.aclose()
@@ -71,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"jobforge-service: invalid configuration:\n{exc}", file=sys.stderr)
         sys.exit(2)
     logs.configure(settings.log_level, settings.log_format, sys.stderr)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ServiceUnavailable as exc:  # e.g. Consul refused the registration (JOBFORGE_CONSUL_REGISTER)
+        log.error("jobforge-service stopped: %s", exc.message)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
