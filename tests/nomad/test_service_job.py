@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from jobforge.client._discovery import SERVICE_NAME as CLI_SERVICE_NAME
-from jobforge.nomad.render import render_service_job
+from jobforge.nomad.render import DEFAULT_IMAGE, render_service_job
 from jobforge.nomad.service_job import ServiceJobParams
 from jobforge.registration import CHECKS, METRICS_PATH, METRICS_SERVICE_NAME
 from tests.doubles.nomad import FakeNomad
@@ -37,6 +37,7 @@ def test_python_hcl2_reads_replicas_ports_services_and_env():
     assert env["JOBFORGE_BACKEND"] == "nomad" and env["JOBFORGE_STORE"] == "consul"
     assert env["SERVER_PORT"] == "${NOMAD_PORT_http}" and env["METRICS_PORT"] == "${NOMAD_PORT_metrics}"
     assert env["CONSUL_HTTP_ADDR"] == "${attr.unique.network.ip-address}:8500"
+    assert env["JOBFORGE_NOMAD_IMAGE"] == DEFAULT_IMAGE  # the phase jobs' runner image
     templates = {t["destination"]: t for t in task["template"]}
     assert 'keyOrDefault "jobforge-service/config/registry_url"' in templates["local/consul.env"]["data"]
     assert templates["secrets/service.env"]["perms"] == "600"
