@@ -19,7 +19,7 @@ from jobforge.errors import ServiceUnavailable
 from jobforge.registration import AgentService, agent_services
 from jobforge.settings import Settings
 
-__all__ = ["ConsulAgent", "register_replica"]
+__all__ = ["ConsulAgent", "replica_agent"]
 
 log = logging.getLogger("jobforge.consul")
 
@@ -66,11 +66,11 @@ class ConsulAgent:
                 log.warning("could not deregister %s: %s", service_id, exc.message)
 
 
-async def register_replica(settings: Settings) -> ConsulAgent:
-    """Register this replica's services as the settings describe it; the caller deregisters on shutdown."""
+def replica_agent(settings: Settings) -> tuple[ConsulAgent, list[AgentService]]:
+    """The agent of CONSUL_HTTP_ADDR and this replica's registrations as the settings describe it. The caller
+    holds the agent before registering, so a half-done registration is undone on shutdown too."""
     consul = settings.consul
     agent = ConsulAgent(consul.http_addr, token=consul.token.get_secret_value() if consul.token else None)
-    await agent.register(agent_services(node=socket.gethostname(), server_host=settings.server_host,
-                                        server_port=settings.server_port, metrics_port=settings.metrics_port,
-                                        advertise=consul.service_address))
-    return agent
+    return agent, agent_services(node=socket.gethostname(), server_host=settings.server_host,
+                                 server_port=settings.server_port, metrics_port=settings.metrics_port,
+                                 advertise=consul.service_address)

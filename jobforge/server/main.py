@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from jobforge import logs
-from jobforge.consul_agent import ConsulAgent, register_replica
+from jobforge.consul_agent import ConsulAgent, replica_agent
 from jobforge.errors import ServiceUnavailable
 from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_service
@@ -31,13 +31,14 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     ports = [settings.server_port, settings.metrics_port]
     consul: ConsulAgent | None = None
     try:
+        if settings.consul.self_register:  # before listening: once /health answers, the replica is findable
+            consul, registrations = replica_agent(settings)
+            await consul.register(registrations)
         for runner, port in zip(runners, ports):
             await runner.setup()
             await web.TCPSite(runner, settings.server_host, port).start()
         log.info("jobforge-service listening on http://%s:%d (backend=%s, metrics port %s)",
                  settings.server_host, settings.server_port, settings.backend, settings.metrics_port or "off")
-        if settings.consul.register:
-            consul = await register_replica(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
