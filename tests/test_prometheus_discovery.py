@@ -3,13 +3,16 @@ path of the registration's `metrics_path` meta.
 
 Debian's prometheus 2.42 package is built without Consul SD ("Disable Consul SD until its Debian package is back
 in shape", its changelog): its promtool refuses `consul_sd_configs` as an unknown field. The two tests that need
-Consul SD therefore skip, saying so, when the installed binaries lack it; the file's shape is checked regardless.
+Consul SD therefore skip, saying so, when the installed binaries lack it; the file's shape is checked regardless,
+and a real Prometheus applies the file's relabelling to what its Consul SD would make of the double's answer.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +81,61 @@ def test_a_real_prometheus_discovers_and_scrapes_a_registered_replica(tmp_path, 
                 urls = sorted(t["scrapeUrl"] for t in targets)
                 port = svc.env["METRICS_PORT"]
                 assert urls == [f"http://127.0.0.1:{port}{METRICS_PATH}", f"http://127.0.0.1:{port}/not-metrics"]
+                assert prom.wait_for('concurrent_jobs{job="jobforge-service"}', "a Job Forge gauge") == [0.0]
+            finally:
+                prom.close()
+
+
+def consul_sd_target_groups(consul_addr: str, service: str) -> list[dict]:
+    """What Prometheus' Consul SD makes of `/v1/health/service/<service>` (discovery/consul/consul.go): one target
+    per instance with the `__meta_consul_*` labels, so that the real Prometheus below applies docs/prometheus.yml's
+    relabelling to them through `file_sd_configs` when its Consul SD is compiled out."""
+    with urllib.request.urlopen(f"http://{consul_addr}/v1/health/service/{service}", timeout=10) as resp:
+        entries = json.load(resp)
+    groups = []
+    for entry in entries:
+        node, svc = entry["Node"], entry["Service"]
+        statuses = {c["Status"] for c in entry["Checks"]}
+        health = next((s for s in ("critical", "warning", "maintenance") if s in statuses), "passing")
+        labels = {"__meta_consul_address": node["Address"], "__meta_consul_dc": node["Datacenter"],
+                  "__meta_consul_health": health, "__meta_consul_node": node["Node"],
+                  "__meta_consul_service": svc["Service"], "__meta_consul_service_address": svc["Address"],
+                  "__meta_consul_service_id": svc["ID"], "__meta_consul_service_port": str(svc["Port"]),
+                  "__meta_consul_tags": "," + ",".join(svc["Tags"]) + ","}
+        labels |= {f"__meta_consul_service_metadata_{k}": v for k, v in svc["Meta"].items()}
+        groups.append({"targets": [f"{svc['Address'] or node['Address']}:{svc['Port']}"], "labels": labels})
+    return groups
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian package prometheus missing")
+def test_the_relabelling_scrapes_the_announced_path_with_the_consul_labels(tmp_path, registry):
+    """The same as above with Consul SD's output fed through file SD: the relabel rules of docs/prometheus.yml
+    and the double's health answer, in a real Prometheus."""
+    consul = FakeConsul()
+    with consul.in_thread() as addr:
+        with ServiceProcess(tmp_path / "svc", registry.host, JOBFORGE_CONSUL_REGISTER="true",
+                            CONSUL_HTTP_ADDR=addr) as svc:
+            port = svc.env["METRICS_PORT"]
+            consul.register_service(METRICS_SERVICE_NAME, int(port), address="127.0.0.1", service_id="elsewhere",
+                                    meta={"metrics_path": "/not-metrics"})
+            targets_file = tmp_path / "targets.json"
+            targets_file.write_text(json.dumps(consul_sd_target_groups(addr, METRICS_SERVICE_NAME)))
+            config = yaml.safe_load(CONFIG.read_text())
+            config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+            job = config["scrape_configs"][0]
+            del job["consul_sd_configs"]
+            job["file_sd_configs"] = [{"files": [str(targets_file)], "refresh_interval": "1s"}]
+            prom = Prometheus(tmp_path, config=config)
+            try:
+                prom.wait_for('up{job="jobforge-service", replica!="elsewhere"} == 1', "a scrape of the replica")
+                prom.wait_for('up{job="jobforge-service", replica="elsewhere"} == 0', "the failing instance")
+                targets = prom.api("/api/v1/targets")["data"]["activeTargets"]
+                assert sorted(t["scrapeUrl"] for t in targets) == [
+                    f"http://127.0.0.1:{port}{METRICS_PATH}", f"http://127.0.0.1:{port}/not-metrics"]
+                replica = next(t for t in targets if t["labels"]["replica"] != "elsewhere")
+                assert replica["labels"]["replica"].startswith(f"{METRICS_SERVICE_NAME}-")
+                assert replica["labels"]["consul_node"] == "node-1"
                 assert prom.wait_for('concurrent_jobs{job="jobforge-service"}', "a Job Forge gauge") == [0.0]
             finally:
                 prom.close()
