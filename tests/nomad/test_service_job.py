@@ -13,7 +13,9 @@ from jobforge.client._discovery import SERVICE_NAME as CLI_SERVICE_NAME
 from jobforge.nomad.render import DEFAULT_IMAGE, render_service_job
 from jobforge.nomad.service_job import ServiceJobParams
 from jobforge.registration import CHECKS, METRICS_PATH, METRICS_SERVICE_NAME
+from tests.doubles.consul_template import render_env_template
 from tests.doubles.nomad import FakeNomad
+from tests.doubles.vault import FakeVault
 from tests.nomad.helpers import labeled, load_hcl, untemplate
 
 JOB_FILE = Path(__file__).resolve().parents[2] / "nomad-jobs" / "jobforge-service.nomad.hcl"
@@ -56,6 +58,19 @@ def test_params_change_the_render():
     assert "team-a/jobforge/config/log_level" in json.dumps(task["template"])
     with pytest.raises(ValueError):
         ServiceJobParams(count=0)
+
+
+def test_the_vault_template_puts_the_service_secrets_into_its_environment():
+    _, job = labeled(load_hcl(JOB_FILE.read_text())["job"])
+    _, group = labeled(job["group"])
+    _, task = labeled(group["task"])
+    template = next(t for t in task["template"] if t["destination"] == "secrets/service.env")
+    assert template["env"] is True and template["perms"] == "600"
+    vault = FakeVault()
+    vault.put("jobforge/service", {"registry_username": "ci", "registry_password": 'p@ss "w"\n#1',
+                                   "nomad_token": "n-tok", "unrelated": "x"})
+    assert render_env_template(untemplate(template["data"]) + "\n", vault) == {
+        "REGISTRY_USERNAME": "ci", "REGISTRY_PASSWORD": 'p@ss "w"\n#1', "NOMAD_TOKEN": "n-tok"}
 
 
 @pytest.fixture
