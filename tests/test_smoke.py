@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.doubles.consul import FakeConsul
+from tests.doubles.nomad import FakeNomad, subprocess_runner
 from tests.support.gitrepo import GitRepo
 from tests.support.service import ServiceProcess
 
@@ -80,3 +81,26 @@ def test_no_service_registered_is_an_error_with_a_record(tmp_path):
                                    "127.0.0.1:1")
     assert result.returncode == 2 and "not registered" in result.stderr
     assert summary["status"] == "ERROR" and "jobforge-service is not registered" in summary["error"]
+
+
+def test_smoke_through_the_nomad_backend_and_the_consul_store(tmp_path, registry, base_image, buildah_storage):
+    """The cluster shape: the service on the Nomad double (whose client runs the jobs' own task scripts) with its
+    state in Consul KV, registered in that Consul; the smoke tool finds it there."""
+    repo = GitRepo.from_dir(tmp_path / "hello", ROOT / "examples" / "hello")
+    runner = subprocess_runner(extra_env={"JOBFORGE_BUILDAH_ROOT": str(buildah_storage.root),
+                                          "JOBFORGE_BUILDAH_RUNROOT": str(buildah_storage.runroot)})
+    nomad, consul = FakeNomad(runner=runner, event_heartbeat=0.5, log_heartbeat=0.5), FakeConsul()
+    with nomad.in_thread() as nomad_url, consul.in_thread() as addr:
+        with ServiceProcess(tmp_path / "service", registry.host, JOBFORGE_BACKEND="nomad", NOMAD_ADDR=nomad_url,
+                            JOBFORGE_STORE="consul", CONSUL_HTTP_ADDR=addr, JOBFORGE_CONSUL_REGISTER="true") as svc:
+            result, summary, run_dir = smoke(tmp_path, addr, "--repo", str(repo.path), "--image", "smoke/nomad",
+                                             "--registry", registry.host, "--build-arg", f"BASE_IMAGE={base_image}",
+                                             "--no-registry-tls-verify")
+            dispatched = sorted(jid.split("/")[0] for (_, jid) in nomad.cluster.jobs if "/dispatch-" in jid)
+        assert any(key.startswith("jobforge/jobs/") for key in consul.table.entries)  # the state was in Consul
+    assert result.returncode == 0, result.stdout + result.stderr + svc.log_tail()
+    assert summary["status"] == "SUCCEEDED" and summary["service_url"] == svc.url
+    assert {"jobforge-build", "jobforge-test", "jobforge-publish"} <= set(dispatched)
+    assert "Hello, world!" in (run_dir / "logs" / "test.log").read_text()
+    ((reference, digest),) = [(i["reference"], i["digest"]) for i in summary["images"]]
+    assert digest == registry.manifest_digest("smoke/nomad", reference.rsplit(":", 1)[1])
