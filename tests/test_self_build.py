@@ -1,7 +1,7 @@
 """Job Forge builds, tests and publishes its own service image through its own pipeline, and the image serves.
 
-1. A Debian base with python3 is bootstrapped with `debootstrap` (tests/support/debian_base.py) and pushed to the
-   test registry: no public base image is reachable here.
+1. A Debian base with python3 is bootstrapped with `debootstrap` (tests/support/debian_base.py; the result is
+   cached per machine) and pushed to the test registry: no public base image is reachable here.
 2. A git copy of this checkout, plus its wheels (`make image-context`: the build itself needs no network), is
    submitted to a real `jobforge-service` (local backend): build from ./Containerfile with BASE_IMAGE = that base,
    test by running `jobforge-service --version` inside the built image, publish to the test registry.
@@ -41,11 +41,11 @@ IMAGE = "jobforge-service"
 def debian_base_image(tmp_path_factory, registry, buildah_storage) -> str:
     """debootstrap'ed bookworm + python3, pushed to the test registry (once per session)."""
     base = tmp_path_factory.mktemp("debian")
-    tar = bootstrap_rootfs(base / "rootfs")
+    tar = bootstrap_rootfs(base / "rootfs")  # cached across runs (tests/support/debian_base.py)
     try:
         return push_base_image(tar, registry.host, buildah_storage.root, buildah_storage.runroot)
     finally:
-        subprocess.run(["rm", "-rf", str(base / "rootfs"), str(tar)], check=False)
+        subprocess.run(["rm", "-rf", str(base / "rootfs")], check=False)
 
 
 def checkout_copy(dest: Path) -> GitRepo:

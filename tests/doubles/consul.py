@@ -188,10 +188,10 @@ def _agent_check(raw: Any, number: int, service_id: str, service_name: str, node
                             "GRPC/AliasNode/AliasService interval")
     interval = _field(raw, "Interval")
     if kinds[0] != "TTL" and (not interval or parse_wait(str(interval)) <= 0):
-        raise _Refused(400, f"Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks")
+        raise _Refused(400, "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks")
     status = _field(raw, "Status") or "critical"
     if status not in _HEALTH:
-        raise _Refused(400, f"Status for checks must 'passing', 'warning', 'critical'")
+        raise _Refused(400, "Status for checks must 'passing', 'warning', 'critical'")
     check_id = _field(raw, "CheckID") or _field(raw, "ID") or f"service:{service_id}" + (f":{number}" if number else "")
     definition = {"Interval": interval or "", "Timeout": _field(raw, "Timeout") or ""}
     for kind in ("HTTP", "TCP"):

@@ -1,13 +1,15 @@
 """A minimal Debian base image with python3, made with `debootstrap` (no public base image is reachable here).
 
-The packages come from the Debian mirror apt is configured with (the only network the machine reaches); the
-downloaded .debs are kept in a cache directory across runs (`JOBFORGE_DEBOOTSTRAP_CACHE`, default
-~/.cache/jobforge/debootstrap), so only the first run waits for the mirror. The root filesystem is imported into
-buildah as one tar layer (ownership and modes kept) and pushed to a registry.
+The packages come from the Debian mirror apt is configured with (the only network the machine reaches). A cache
+directory (`JOBFORGE_DEBOOTSTRAP_CACHE`, default ~/.cache/jobforge/debootstrap) keeps the downloaded .debs and the
+finished root filesystem tar (named after suite, packages and mirror) across runs, so only a machine's first run
+waits for the mirror and dpkg (minutes); `JOBFORGE_DEBOOTSTRAP_FRESH=1` bootstraps anew. The root filesystem is
+imported into buildah as one tar layer (ownership and modes kept) and pushed to a registry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -49,11 +51,16 @@ def cache_dir() -> Path:
 
 
 def bootstrap_rootfs(target: Path) -> Path:
-    """`debootstrap --variant=minbase` of SUITE with PACKAGES into `target`, pruned; returns a tar of it."""
+    """A tar of `debootstrap --variant=minbase` of SUITE with PACKAGES (in `target`, pruned), or the cached one."""
     cache = cache_dir().resolve()
     cache.mkdir(parents=True, exist_ok=True)
+    mirror = apt_mirror()
+    key = hashlib.sha256(f"{SUITE} {','.join(PACKAGES)} {mirror} {','.join(PRUNE)}".encode()).hexdigest()[:16]
+    cached = cache / f"rootfs-{SUITE}-{key}.tar"
+    if cached.exists() and not os.environ.get("JOBFORGE_DEBOOTSTRAP_FRESH"):
+        return cached
     argv = ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", f"--cache-dir={cache}",
-            SUITE, str(target), apt_mirror()]
+            SUITE, str(target), mirror]
     if os.geteuid() != 0:  # rootless: debootstrap needs root in a user namespace
         argv = ["buildah", "unshare", *argv]
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
@@ -61,10 +68,11 @@ def bootstrap_rootfs(target: Path) -> Path:
         raise RuntimeError(f"debootstrap failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-2000:]}")
     for rel in PRUNE:
         shutil.rmtree(target / rel, ignore_errors=True)
-    tar = target.with_suffix(".tar")
-    with tarfile.open(tar, "w") as archive:
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
+    with tarfile.open(partial, "w") as archive:
         archive.add(target, arcname=".")
-    return tar
+    partial.replace(cached)  # atomic: a concurrent run sees a whole tar or none
+    return cached
 
 
 def push_base_image(rootfs_tar: Path, registry_host: str, storage_root: Path, runroot: Path,
