@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap slirp4netns iproute2 apache2-utils ca-certificates python3-venv procps prometheus
+APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap slirp4netns iproute2 apache2-utils ca-certificates python3-venv procps prometheus debootstrap
 # Locked, hashed dependency sets (pip-compile; `make lock` regenerates them). Each includes the build backend,
 # so the project itself is built offline from the locked hatchling.
 RUNTIME_LOCK := requirements/runtime.lock
@@ -12,7 +12,7 @@ TEST_LOCK := requirements/test.lock
 # and what the tests and the demo run is what a user installs. Any source change reinstalls it.
 SOURCES := pyproject.toml README.md $(shell find jobforge cli templates -type f ! -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test deps system-deps clean lock nomad-jobs build-user
+.PHONY: demo test deps system-deps clean lock nomad-jobs build-user image-context smoke
 
 demo: system-deps $(VENV)/.runtime $(VENV)/.project
 	$(PY) examples/demo.py
@@ -49,7 +49,7 @@ $(VENV)/.project: $(SOURCES) | $(VENV)/.runtime
 	touch $@
 
 clean:
-	rm -rf $(VENV) .jobforge build dist *.egg-info
+	rm -rf $(VENV) .jobforge build dist *.egg-info wheels
 
 # Regenerates both lock files from pyproject.toml with a pinned pip-tools in a throw-away venv.
 lock:
@@ -72,3 +72,15 @@ SUBID_RANGE ?= 300000:65536
 build-user:
 	@id -u $(BUILD_USER) >/dev/null 2>&1 || useradd --system --create-home --shell /usr/sbin/nologin $(BUILD_USER)
 	@for f in /etc/subuid /etc/subgid; do grep -q "^$(BUILD_USER):" $$f 2>/dev/null || echo "$(BUILD_USER):$(SUBID_RANGE)" >> $$f; done
+
+# The build context of the service image (Containerfile): the project's wheel and the locked runtime wheels in
+# wheels/, so the image build itself needs no network and installs exactly the hash-checked lock.
+image-context: | $(PY)
+	rm -rf wheels && mkdir wheels
+	$(PIP) wheel -q --no-deps --no-build-isolation --no-index -w wheels .
+	$(PIP) download -q --no-deps --require-hashes --only-binary=:all: -d wheels -r $(RUNTIME_LOCK)
+
+# The cluster smoke test: discovers the service (JOB_SERVICE_URL or CONSUL_HTTP_ADDR), builds SMOKE_ARGS' repo and
+# writes test_results/<UTC timestamp>/. E.g. make smoke SMOKE_ARGS="--repo URL --image NAME --registry HOST".
+smoke: $(VENV)/.runtime $(VENV)/.project
+	$(PY) -m jobforge.smoke $(SMOKE_ARGS)

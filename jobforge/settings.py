@@ -69,6 +69,12 @@ class ConsulSettings(BaseSettings):
     token: SecretStr | None = Field(None, validation_alias="CONSUL_HTTP_TOKEN")
     prefix: str = Field("jobforge/", pattern=KEY_PREFIX_PATTERN, validation_alias="JOBFORGE_CONSUL_PREFIX",
                         description="KV prefix of the consul store; '/'-terminated segments of A-Za-z0-9,-_.")
+    self_register: bool = Field(False, validation_alias="JOBFORGE_CONSUL_REGISTER",
+                           description="register jobforge-service and jobforge-service-metrics in the local Consul "
+                                       "agent at start, deregister on shutdown (outside Nomad; Nomad does it itself)")
+    service_address: str | None = Field(None, validation_alias="JOBFORGE_CONSUL_SERVICE_ADDRESS",
+                                        description="address registered for the replica; default SERVER_HOST, or "
+                                                    "the Consul node's address when listening on 0.0.0.0")
 
 
 class VaultSettings(BaseSettings):

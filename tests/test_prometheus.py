@@ -7,16 +7,14 @@ import json
 import math
 import shutil
 import subprocess
-import time
-import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from jobforge.devinfra import free_port
 from tests.support.gitrepo import GitRepo
+from tests.support.prometheus import Prometheus
 from tests.support.service import ServiceProcess
 from tests.test_e2e import watch
 
@@ -27,51 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "jobforge.json"
 # What Grafana substitutes for its interval variables, at a 1 s scrape interval.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "1h"}
-
-
-class Prometheus:
-    """`prometheus` on loopback scraping one target every second, in its own data directory."""
-
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.port = free_port()
-        config = workdir / "prometheus.yml"
-        config.write_text(json.dumps({  # JSON is YAML
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "jobforge", "static_configs": [{"targets": [target]}]}],
-        }))
-        self.log = (workdir / "prometheus.log").open("wb")
-        self.proc = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
-
-    def api(self, path: str, **params: str) -> dict:
-        url = f"http://127.0.0.1:{self.port}{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.load(resp)
-
-    def query(self, expr: str) -> dict:
-        return self.api("/api/v1/query", query=expr)
-
-    def values(self, expr: str) -> list[float]:
-        return [float(r["value"][1]) for r in self.query(expr)["data"]["result"]]
-
-    def wait_for(self, expr: str, what: str, timeout: float = 120) -> list[float]:
-        """Poll a query until it returns a sample: Prometheus itself offers no event to wait on."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                found = self.values(expr)
-                if found:
-                    return found
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"Prometheus never had {what} ({expr})")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,18 @@ from jobforge.nomad.escape import (
     hcl_heredoc,
     hcl_literal,
 )
+from jobforge.nomad.service_job import (
+    SERVICE_JOB_FILE,
+    SERVICE_TEMPLATE,
+    VAULT_FIELDS,
+    ServiceJobParams,
+    service_context,
+)
 from jobforge.nomad.variants import NOMAD_PHASES, VariantSpec, default_spec, variant_id
 from jobforge.tasks import task_script, templates_dir
 
 __all__ = ["DEFAULT_IMAGE", "META_OPTIONAL", "META_REQUIRED", "RenderParams", "default_job_files", "environment",
-           "finalize", "render_job", "write_default_jobs"]
+           "finalize", "render_job", "render_service_job", "write_default_jobs"]
 
 # A runner image with python3, buildah, skopeo and git: templates/nomad/runner.Containerfile, pushed by the operator.
 DEFAULT_IMAGE = "localhost:5000/jobforge-runner:latest"
@@ -213,9 +220,18 @@ def render_job(phase: str, spec: VariantSpec | None = None, params: RenderParams
     return environment().get_template(TEMPLATE).render(job=_context(phase, spec, params), params=params)
 
 
+def render_service_job(params: ServiceJobParams | None = None) -> str:
+    """HCL of the service's own job (`jobforge-service`, N replicas); see jobforge/nomad/service_job.py."""
+    params = ServiceJobParams() if params is None else params
+    svc = {**service_context(params), "vault_template": _env_template(params.secrets_path, VAULT_FIELDS)}
+    return environment().get_template(SERVICE_TEMPLATE).render(svc=svc)
+
+
 def default_job_files(params: RenderParams | None = None) -> dict[str, str]:
-    """`{"jobforge-build.nomad.hcl": <hcl>, ...}`: the default job of every phase."""
-    return {f"jobforge-{phase}.nomad.hcl": render_job(phase, params=params) for phase in NOMAD_PHASES}
+    """`{"jobforge-build.nomad.hcl": <hcl>, ...}`: the default job of every phase, and the service's job."""
+    files = {f"jobforge-{phase}.nomad.hcl": render_job(phase, params=params) for phase in NOMAD_PHASES}
+    runner = {"runner_image": params.image, "datacenters": params.datacenters} if params else {}
+    return {**files, SERVICE_JOB_FILE: render_service_job(ServiceJobParams(**runner))}
 
 
 def write_default_jobs(out_dir: Path, params: RenderParams | None = None) -> list[Path]:

@@ -12,7 +12,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from jobforge import logs
-from jobforge.errors import ConfigError
+from jobforge.consul_agent import ConsulAgent, replica_agent
+from jobforge.errors import ConfigError, ServiceUnavailable
 from jobforge.server.app import create_app, create_metrics_app
 from jobforge.server.wiring import build_guard, build_service, stream_limits
 from jobforge.settings import Settings
@@ -30,7 +31,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     if settings.metrics_port:
         runners.append(web.AppRunner(create_metrics_app(service), access_log=None))
     ports = [settings.server_port, settings.metrics_port]
+    consul: ConsulAgent | None = None
     try:
+        if settings.consul.self_register:  # before listening: once /health answers, the replica is findable
+            consul, registrations = replica_agent(settings)
+            await consul.register(registrations)
         for runner, port in zip(runners, ports):
             await runner.setup()
             await web.TCPSite(runner, settings.server_host, port).start()
@@ -44,6 +49,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             ready.set()
         await stop.wait()
     finally:
+        if consul is not None:  # first: clients stop finding this replica before it stops answering
+            await consul.deregister()
         for runner in runners:
             await runner.cleanup()
         await service.aclose()  # first: running cleanups finish (bounded) while the backend still works
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"jobforge-service: invalid configuration: {exc.message}", file=sys.stderr)
         sys.exit(2)
+    except ServiceUnavailable as exc:  # e.g. Consul refused the registration (JOBFORGE_CONSUL_REGISTER)
+        log.error("jobforge-service stopped: %s", exc.message)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """A fake Consul agent on 127.0.0.1, shaped from shared/reference/consul-kv.md and its samples.
 
 Covers what Job Forge talks to: KV (`GET` with `recurse`/`keys`/`separator`/`raw` and blocking `index`/`wait`,
-`PUT` with `cas`/`flags`, `DELETE` with `recurse`/`cas`), `PUT /v1/txn` (KV verbs), `GET /v1/status/leader` and
-`GET /v1/catalog/service/:name`. One Raft-like index is bumped by every write; `X-Consul-Index` follows the
+`PUT` with `cas`/`flags`, `DELETE` with `recurse`/`cas`), `PUT /v1/txn` (KV verbs), `GET /v1/status/leader`,
+the catalog as service discovery reads it (`GET /v1/catalog/service/:name`, `GET /v1/catalog/services`,
+`GET /v1/health/service/:name`, all blocking on `index`/`wait`), the agent's own service registration
+(`PUT /v1/agent/service/register`, `PUT /v1/agent/service/deregister/:id`) and `GET /v1/agent/self` (which
+Prometheus' Consul SD asks for the datacenter). Checks of agent-registered services are kept as registered and
+start `critical`, as Consul's do until they first run; the double never runs them (`set_check_status`). One Raft-like index is bumped by every write; `X-Consul-Index` follows the
 reference's §4 rules; errors are plain text with Consul's status codes. Key names are checked like the newest
 Consul does (`strict_keys=False` accepts the older, anything-goes keys of the docs' samples).
 
@@ -160,9 +164,146 @@ def _uint(params, name: str) -> int:
     return int(raw)
 
 
+# ---------------------------------------------------------------- agent services, catalog and health
+
+_HEALTH = {"passing", "warning", "critical"}
+
+
+def _field(body: dict[str, Any], name: str) -> Any:
+    """A JSON field matched case-insensitively, as Consul's decoder does."""
+    for key, value in body.items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def _agent_check(raw: Any, number: int, service_id: str, service_name: str, node: str) -> dict[str, Any]:
+    """An agent check definition -> the HealthCheck the catalog shows; refused like CheckType.Validate."""
+    if not isinstance(raw, dict):
+        raise _Refused(400, "Request decode failed: checks must be objects")
+    kinds = [k for k in ("HTTP", "TCP", "GRPC", "TTL", "Args", "DockerContainerID", "H2PING", "UDP")
+             if _field(raw, k)]
+    if not kinds:
+        raise _Refused(400, "Invalid check: Must provide TTL or Script/DockerContainerID/HTTP/TCP/UDP/H2PING/"
+                            "GRPC/AliasNode/AliasService interval")
+    interval = _field(raw, "Interval")
+    if kinds[0] != "TTL" and (not interval or parse_wait(str(interval)) <= 0):
+        raise _Refused(400, "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP or UDP checks")
+    status = _field(raw, "Status") or "critical"
+    if status not in _HEALTH:
+        raise _Refused(400, "Status for checks must 'passing', 'warning', 'critical'")
+    check_id = _field(raw, "CheckID") or _field(raw, "ID") or f"service:{service_id}" + (f":{number}" if number else "")
+    definition = {"Interval": interval or "", "Timeout": _field(raw, "Timeout") or ""}
+    for kind in ("HTTP", "TCP"):
+        if _field(raw, kind):
+            definition[kind] = _field(raw, kind)
+    return {"Node": node, "CheckID": check_id, "Name": _field(raw, "Name") or f"Service '{service_name}' check",
+            "Status": status, "Notes": _field(raw, "Notes") or "", "Output": "", "ServiceID": service_id,
+            "ServiceName": service_name, "ServiceTags": [], "Type": kinds[0].lower(), "Definition": definition}
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read() or b"null")
+    except ValueError as exc:
+        raise _Refused(400, f"Request decode failed: {exc}") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "Request decode failed: json: cannot unmarshal into Go value of type "
+                            "structs.ServiceDefinition")
+    return body
+
+
+class _AgentMixin:
+    """The agent's service endpoints and the catalog/health reads that service discovery makes."""
+
+    async def _agent_register(self, request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "PUT"})
+        if not self._authorize(request):
+            raise _Refused(403, "Permission denied")
+        body = await _json_body(request)
+        name = _field(body, "Name")
+        if not isinstance(name, str) or not name:
+            raise _Refused(400, "Missing service name")
+        port = _field(body, "Port") or 0
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise _Refused(400, "Request decode failed: invalid port")
+        service_id = _field(body, "ID") or name
+        meta = _field(body, "Meta") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _Refused(400, "Invalid Service Meta: values must be strings")
+        raw_checks = list(_field(body, "Checks") or []) + ([_field(body, "Check")] if _field(body, "Check") else [])
+        checks = [_agent_check(raw, i + 1 if len(raw_checks) > 1 else 0, service_id, name, "node-1")
+                  for i, raw in enumerate(raw_checks)]
+        self.register_service(name, port, address=_field(body, "Address") or "", service_id=service_id,
+                              tags=list(_field(body, "Tags") or []), meta=meta)
+        self.checks[service_id] = checks
+        return web.Response(status=200)
+
+    async def _agent_deregister(self, request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "PUT"})
+        if not self._authorize(request):
+            raise _Refused(403, "Permission denied")
+        service_id = request.match_info["service_id"]
+        if not self.deregister_service(service_id):
+            raise _Refused(404, f'Unknown service ID "{service_id}". Ensure that the service ID is passed, '
+                                "not the service name.")
+        return web.Response(status=200)
+
+    async def _agent_self(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "GET"})
+        return web.json_response({"Config": {"Datacenter": self.datacenter, "NodeName": "node-1",
+                                             "NodeID": "40e4a748-2192-161a-0510-9bf59fe950b5",
+                                             "Server": True, "Version": "1.16.0"},
+                                  "Member": {"Name": "node-1", "Addr": "127.0.0.1", "Port": 8301}})
+
+    async def _catalog_services(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "GET"})
+        index = await self._block(request, lambda: self.catalog_index)
+        names: dict[str, list[str]] = {"consul": []}
+        for entry in self.services:
+            tags = names.setdefault(entry["ServiceName"], [])
+            tags.extend(t for t in entry["ServiceTags"] if t not in tags)
+        return web.json_response(dict(sorted(names.items())), headers=self._read_headers(index))
+
+    async def _health_service(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "GET"})
+        name = request.match_info["name"]
+        if not name:
+            raise _Refused(400, "Missing service name")
+        index = await self._block(request, lambda: self.catalog_index)
+        wanted_tags = request.query.getall("tag", [])
+        passing_only = "passing" in request.query
+        out = []
+        for entry in self.services:
+            if entry["ServiceName"] != name or not set(wanted_tags) <= set(entry["ServiceTags"]):
+                continue
+            checks = [dict(c, ServiceTags=list(entry["ServiceTags"])) for c in self.checks.get(entry["ServiceID"], [])]
+            if passing_only and any(c["Status"] != "passing" for c in checks):
+                continue
+            out.append({
+                "Node": {"ID": entry["ID"], "Node": entry["Node"], "Address": entry["Address"],
+                         "Datacenter": entry["Datacenter"], "TaggedAddresses": entry["TaggedAddresses"],
+                         "Meta": entry["NodeMeta"], "CreateIndex": entry["CreateIndex"],
+                         "ModifyIndex": entry["ModifyIndex"]},
+                "Service": {"ID": entry["ServiceID"], "Service": name, "Tags": entry["ServiceTags"],
+                            "Address": entry["ServiceAddress"], "TaggedAddresses": entry["ServiceTaggedAddresses"],
+                            "Meta": entry["ServiceMeta"], "Port": entry["ServicePort"], "Weights":
+                            {"Passing": 1, "Warning": 1}, "EnableTagOverride": False, "Proxy": entry["ServiceProxy"],
+                            "Connect": {}, "Namespace": "default", "Datacenter": entry["Datacenter"],
+                            "CreateIndex": entry["CreateIndex"], "ModifyIndex": entry["ModifyIndex"]},
+                "Checks": checks,
+            })
+        return web.json_response(out, headers=self._read_headers(index))
+
+
 # ---------------------------------------------------------------- the agent
 
-class FakeConsul:
+class FakeConsul(_AgentMixin):
     def __init__(self, *, datacenter: str = "dc1", leader: str = "127.0.0.1:8300", acl_token: str | None = None,
                  strict_keys: bool = True, kv_max_value_size: int = KV_MAX_VALUE_SIZE) -> None:
         self.datacenter, self.leader, self.acl_token = datacenter, leader, acl_token
@@ -170,6 +311,8 @@ class FakeConsul:
         self.table = Table()
         self.index = 0
         self.services: list[dict[str, Any]] = []
+        self.checks: dict[str, list[dict[str, Any]]] = {}  # service ID -> health checks (HealthCheck JSON)
+        self.catalog_index = 0
         self.outage: tuple[int, str] | None = None
         self.seen: list[Seen] = []
         self.port: int | None = None
@@ -191,6 +334,11 @@ class FakeConsul:
         app.router.add_route("*", "/v1/txn", self._txn)
         app.router.add_route("*", "/v1/status/leader", self._leader)
         app.router.add_route("*", "/v1/catalog/service/{name:.*}", self._catalog)
+        app.router.add_route("*", "/v1/catalog/services", self._catalog_services)
+        app.router.add_route("*", "/v1/health/service/{name:.*}", self._health_service)
+        app.router.add_route("*", "/v1/agent/service/register", self._agent_register)
+        app.router.add_route("*", "/v1/agent/service/deregister/{service_id:.*}", self._agent_deregister)
+        app.router.add_route("*", "/v1/agent/self", self._agent_self)
         self._runner = web.AppRunner(app, access_log=None)
         self.port = await serve_on_loopback(self._runner)
         return self.addr
@@ -213,6 +361,8 @@ class FakeConsul:
                          node: str = "node-1", node_address: str = "127.0.0.1") -> dict[str, Any]:
         """Add a catalog entry with exactly the fields of catalog-service-response.json."""
         self.index += 1
+        self.catalog_index = self.index
+        self.services = [e for e in self.services if e["ServiceID"] != (service_id or name)]
         effective = address or node_address
         entry = {
             "ID": "40e4a748-2192-161a-0510-9bf59fe950b5", "Node": node, "Address": node_address,
@@ -228,7 +378,28 @@ class FakeConsul:
             "ServiceConnect": {"Native": False, "Proxy": None}, "Namespace": "default",
         }
         self.services.append(entry)
+        self._wake()
         return entry
+
+    def deregister_service(self, service_id: str) -> bool:
+        """Remove a service instance (and its checks); False if there was none."""
+        before = len(self.services)
+        self.services = [e for e in self.services if e["ServiceID"] != service_id]
+        self.checks.pop(service_id, None)
+        if len(self.services) == before:
+            return False
+        self.index += 1
+        self.catalog_index = self.index
+        self._wake()
+        return True
+
+    def set_check_status(self, service_id: str, status: str) -> None:
+        """What a check run would do: every check of `service_id` becomes `status` (passing/warning/critical)."""
+        for check in self.checks.get(service_id, []):
+            check["Status"] = status
+        self.index += 1
+        self.catalog_index = self.index
+        self._wake()
 
     def hold_lock(self, key: str, session: str) -> None:
         """Mark an existing key as locked by `session` (what `?acquire=` would do), to show the `Session` field."""
@@ -427,8 +598,8 @@ class FakeConsul:
         name = request.match_info["name"]
         if not name:
             raise _Refused(400, "Missing service name")
+        index = await self._block(request, lambda: self.catalog_index)
         entries = [e for e in self.services if e["ServiceName"] == name]
-        index = max([e["ModifyIndex"] for e in self.services] + [1])
         return web.json_response(entries, headers=self._read_headers(index))
 
 

@@ -10,7 +10,8 @@
   Template and Vault defaults, device Count. Update/Migrate strategies of service jobs are not filled.
 - `parse_hcl(text)` converts the HCL2 blocks of nomad-jobs/*.hcl (job, meta, parameterized, periodic, group,
   restart, reschedule, ephemeral_disk, volume, constraint, task, config, dispatch_payload, volume_mount, env,
-  template, resources, device, vault, logs, lifecycle) with python-hcl2, decoding string escapes the way
+  template, resources, device, vault, logs, lifecycle; and for the service's own job: update, migrate, network,
+  port, service, check) with python-hcl2, decoding string escapes the way
   HashiCorp's HCL does (`$${` -> `${`, `%%{` -> `%{`, heredocs keep their final newline, `<<-` is dedented).
   `${...}` interpolations stay literal, as Nomad leaves runtime variables for the client. Not supported (400):
   HCL variables/locals/functions and blocks outside that list.
@@ -44,17 +45,18 @@ _ = None  # a plain field: any JSON value, kept as given
 SCHEMA: dict[str, dict[str, Any]] = {
     "Job": {"Region": _, "Namespace": _, "ID": _, "Name": _, "Type": _, "Priority": _, "AllAtOnce": _,
             "Datacenters": _, "NodePool": _, "Constraints": ListOf("Constraint"), "Affinities": _,
-            "TaskGroups": ListOf("TaskGroup"), "Update": _, "Multiregion": _, "Spreads": _,
+            "TaskGroups": ListOf("TaskGroup"), "Update": Struct("UpdateStrategy"), "Multiregion": _, "Spreads": _,
             "Periodic": Struct("PeriodicConfig"), "ParameterizedJob": Struct("ParameterizedJobConfig"),
-            "Reschedule": Struct("ReschedulePolicy"), "Migrate": _, "Meta": _, "ConsulToken": _, "VaultToken": _,
+            "Reschedule": Struct("ReschedulePolicy"), "Migrate": Struct("MigrateStrategy"), "Meta": _, "ConsulToken": _, "VaultToken": _,
             "Stop": _, "ParentID": _, "Dispatched": _, "DispatchIdempotencyToken": _, "Payload": _,
             "ConsulNamespace": _, "VaultNamespace": _, "NomadTokenID": _, "Status": _, "StatusDescription": _,
             "Stable": _, "Version": _, "SubmitTime": _, "CreateIndex": _, "ModifyIndex": _, "JobModifyIndex": _},
     "TaskGroup": {"Name": _, "Count": _, "Constraints": ListOf("Constraint"), "Affinities": _,
                   "Tasks": ListOf("Task"), "Spreads": _, "Volumes": MapOf("VolumeRequest"),
                   "RestartPolicy": Struct("RestartPolicy"), "ReschedulePolicy": Struct("ReschedulePolicy"),
-                  "EphemeralDisk": Struct("EphemeralDisk"), "Update": _, "Migrate": _, "Networks": _, "Meta": _,
-                  "Services": _, "ShutdownDelay": _, "StopAfterClientDisconnect": _, "MaxClientDisconnect": _,
+                  "EphemeralDisk": Struct("EphemeralDisk"), "Update": Struct("UpdateStrategy"),
+                  "Migrate": Struct("MigrateStrategy"), "Networks": ListOf("NetworkResource"), "Meta": _,
+                  "Services": ListOf("Service"), "ShutdownDelay": _, "StopAfterClientDisconnect": _, "MaxClientDisconnect": _,
                   "Scaling": _, "Consul": _},
     "Task": {"Name": _, "Driver": _, "User": _, "Lifecycle": _, "Config": _, "Constraints": ListOf("Constraint"),
              "Affinities": _, "Env": _, "Services": _, "Resources": Struct("Resources"),
@@ -83,6 +85,22 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "ParameterizedJobConfig": {"Payload": _, "MetaRequired": _, "MetaOptional": _},
     "PeriodicConfig": {"Enabled": _, "Spec": _, "Specs": _, "SpecType": _, "ProhibitOverlap": _, "TimeZone": _},
     "LogConfig": {"MaxFiles": _, "MaxFileSizeMB": _, "Disabled": _},
+    "UpdateStrategy": {"Stagger": _, "MaxParallel": _, "HealthCheck": _, "MinHealthyTime": _,
+                       "HealthyDeadline": _, "ProgressDeadline": _, "Canary": _, "AutoRevert": _,
+                       "AutoPromote": _},
+    "MigrateStrategy": {"MaxParallel": _, "HealthCheck": _, "MinHealthyTime": _, "HealthyDeadline": _},
+    "NetworkResource": {"Mode": _, "Device": _, "CIDR": _, "IP": _, "DNS": _, "ReservedPorts": ListOf("Port"),
+                        "DynamicPorts": ListOf("Port"), "Hostname": _, "MBits": _},
+    "Port": {"Label": _, "Value": _, "To": _, "HostNetwork": _},
+    "Service": {"Name": _, "Tags": _, "CanaryTags": _, "EnableTagOverride": _, "PortLabel": _,
+                "AddressMode": _, "Address": _, "Checks": ListOf("ServiceCheck"), "CheckRestart": _,
+                "Connect": _, "Meta": _, "CanaryMeta": _, "TaggedAddresses": _, "TaskName": _, "OnUpdate": _,
+                "Identity": _, "Provider": _, "Cluster": _},
+    "ServiceCheck": {"Name": _, "Type": _, "Command": _, "Args": _, "Path": _, "Protocol": _, "PortLabel": _,
+                     "Expose": _, "AddressMode": _, "Interval": _, "Timeout": _, "InitialStatus": _,
+                     "TLSServerName": _, "TLSSkipVerify": _, "Header": _, "Method": _, "CheckRestart": _,
+                     "GRPCService": _, "GRPCUseTLS": _, "TaskName": _, "SuccessBeforePassing": _,
+                     "FailuresBeforeCritical": _, "FailuresBeforeWarning": _, "Body": _, "OnUpdate": _},
 }
 # Fields that are not pointers in the api structs: Go encodes their zero value, never null.
 ZERO: dict[str, dict[str, Any]] = {
@@ -95,6 +113,15 @@ ZERO: dict[str, dict[str, Any]] = {
                       "AttachmentMode": "", "PerAlloc": False},
     "RequestedDevice": {"Name": ""},
     "Vault": {"Role": "", "Cluster": ""},
+    "Port": {"Label": "", "Value": 0, "To": 0, "HostNetwork": ""},
+    "NetworkResource": {"Mode": "", "Device": "", "CIDR": "", "IP": "", "Hostname": "", "MBits": 0},
+    "Service": {"Name": "", "EnableTagOverride": False, "PortLabel": "", "AddressMode": "", "Address": "",
+                "TaskName": "", "OnUpdate": "", "Provider": "", "Cluster": ""},
+    "ServiceCheck": {"Name": "", "Type": "", "Command": "", "Path": "", "Protocol": "", "PortLabel": "",
+                     "Expose": False, "AddressMode": "", "Interval": 0, "Timeout": 0, "InitialStatus": "",
+                     "TLSServerName": "", "TLSSkipVerify": False, "Method": "", "GRPCService": "",
+                     "GRPCUseTLS": False, "TaskName": "", "SuccessBeforePassing": 0, "FailuresBeforeCritical": 0,
+                     "FailuresBeforeWarning": 0, "Body": "", "OnUpdate": ""},
 }
 _TYPE_NAMES = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
 
@@ -260,13 +287,30 @@ _ATTRS: dict[str, dict[str, Any]] = {
               "change_signal": "ChangeSignal", "allow_token_expiration": "AllowTokenExpiration"},
     "logs": {"max_files": "MaxFiles", "max_file_size": "MaxFileSizeMB", "disabled": "Disabled"},
     "lifecycle": {"hook": "Hook", "sidecar": "Sidecar"},
+    "update": {"stagger": ("Stagger", DURATION), "max_parallel": "MaxParallel", "health_check": "HealthCheck",
+               "min_healthy_time": ("MinHealthyTime", DURATION), "healthy_deadline": ("HealthyDeadline", DURATION),
+               "progress_deadline": ("ProgressDeadline", DURATION), "canary": "Canary", "auto_revert": "AutoRevert",
+               "auto_promote": "AutoPromote"},
+    "migrate": {"max_parallel": "MaxParallel", "health_check": "HealthCheck",
+                "min_healthy_time": ("MinHealthyTime", DURATION), "healthy_deadline": ("HealthyDeadline", DURATION)},
+    "network": {"mode": "Mode", "hostname": "Hostname"},
+    "port": {"static": "Value", "to": "To", "host_network": "HostNetwork"},
+    "service": {"name": "Name", "port": "PortLabel", "tags": "Tags", "canary_tags": "CanaryTags",
+                "provider": "Provider", "address_mode": "AddressMode", "address": "Address", "task": "TaskName",
+                "enable_tag_override": "EnableTagOverride", "on_update": "OnUpdate"},
+    "check": {"name": "Name", "type": "Type", "path": "Path", "port": "PortLabel", "protocol": "Protocol",
+              "interval": ("Interval", DURATION), "timeout": ("Timeout", DURATION), "method": "Method",
+              "command": "Command", "args": "Args", "initial_status": "InitialStatus", "body": "Body",
+              "address_mode": "AddressMode", "tls_skip_verify": "TLSSkipVerify", "on_update": "OnUpdate"},
 }
 # block name -> {child block -> (api field, how)}: "one" = a struct, "list" = appended, "map" = a string map
 _BLOCKS: dict[str, dict[str, tuple[str, str]]] = {
     "job": {"meta": ("Meta", "map"), "parameterized": ("ParameterizedJob", "one"), "periodic": ("Periodic", "one"),
             "group": ("TaskGroups", "list"), "constraint": ("Constraints", "list"),
-            "reschedule": ("Reschedule", "one"), "vault": ("Vault", "inherit")},
-    "group": {"meta": ("Meta", "map"), "restart": ("RestartPolicy", "one"),
+            "reschedule": ("Reschedule", "one"), "vault": ("Vault", "inherit"), "update": ("Update", "one"),
+            "migrate": ("Migrate", "one")},
+    "group": {"meta": ("Meta", "map"), "restart": ("RestartPolicy", "one"), "update": ("Update", "one"),
+              "migrate": ("Migrate", "one"), "network": ("Networks", "list"), "service": ("Services", "list"),
               "reschedule": ("ReschedulePolicy", "one"), "ephemeral_disk": ("EphemeralDisk", "one"),
               "volume": ("Volumes", "labeled"), "constraint": ("Constraints", "list"), "task": ("Tasks", "list"),
               "vault": ("Vault", "inherit")},
@@ -276,9 +320,11 @@ _BLOCKS: dict[str, dict[str, tuple[str, str]]] = {
              "vault": ("Vault", "one"), "constraint": ("Constraints", "list"), "logs": ("LogConfig", "one"),
              "restart": ("RestartPolicy", "one"), "lifecycle": ("Lifecycle", "one")},
     "resources": {"device": ("Devices", "list")},
+    "network": {"port": ("DynamicPorts", "port")},
+    "service": {"check": ("Checks", "list"), "meta": ("Meta", "map")},
     "device": {"constraint": ("Constraints", "list")},
 }
-_LABELS = {"job": "ID", "group": "Name", "task": "Name", "device": "Name", "volume": "Name"}
+_LABELS = {"job": "ID", "group": "Name", "task": "Name", "device": "Name", "volume": "Name", "port": "Label"}
 
 
 def _bad(message: str) -> Refused:
@@ -388,6 +434,10 @@ def _child(out: dict[str, Any], kind: str, name: str, raw: Any) -> None:
             raise _bad(f'Unsupported argument; "{name}" must be a block here.')
         if how in ("map", "raw"):
             out[field] = {**(out.get(field) or {}), **_value(block)}
+        elif how == "port":  # jobspec2: a `static` port is reserved, any other one dynamic
+            label, body = _labeled(block, name)
+            port = _convert(name, body, label)
+            out.setdefault("ReservedPorts" if "Value" in port else "DynamicPorts", []).append(port)
         elif how == "labeled":
             label, body = _labeled(block, name)
             out.setdefault(field, {})[label] = _convert(name, body, label)

@@ -16,6 +16,7 @@ from jobforge.nomad.escape import hcl_string
 from jobforge.nomad.render import (META_OPTIONAL, META_REQUIRED, TEMPLATE, RenderParams, environment, finalize,
                                    render_job)
 from jobforge.nomad.variants import NOMAD_PHASES, ConstraintSpec, SecretSpec, VariantSpec, default_spec, variant_spec
+from jobforge.nomad.service_job import SERVICE_TEMPLATE
 from jobforge.tasks import RegistryTarget, build_payload, task_script, templates_dir
 from tests.nomad.helpers import parse_job, untemplate
 
@@ -305,7 +306,7 @@ def test_every_template_expression_is_finalized_through_the_hcl_escape():
     assert env.autoescape is False and env.undefined is jinja2.StrictUndefined
     assert set(env.filters) == {"heredoc"}
     sources = sorted((templates_dir() / "nomad").glob("*.j2"))
-    assert [p.name for p in sources] == [TEMPLATE]
+    assert [p.name for p in sources] == [TEMPLATE, SERVICE_TEMPLATE]
     for path in sources:
         tokens = list(env.lex(path.read_text()))
         filters, inside, previous = set(), False, None
