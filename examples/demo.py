@@ -114,7 +114,7 @@ def run_demo(work: Path) -> int:
         say("Starting jobforge-service")
         # The demo's repository is the working copy the CLI tags, owned by whoever runs the demo; git lets only
         # its owner fetch it, so the phases run as that user, not as a separate build user
-        # (docs/security-isolation.md: a real root service uses JOBFORGE_BUILD_USER).
+        # (docs/security.md: a real root service uses JOBFORGE_BUILD_USER).
         service = ServiceProcess(work / "data", registry.host, JOBFORGE_BUILD_USER="").start()
         detail(f"{service.url} (data dir {service.data_dir}, log {service.log_path})")
 

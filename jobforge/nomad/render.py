@@ -53,7 +53,7 @@ META_OPTIONAL: tuple[str, ...] = ("owner",)
 # Reference client setup: GPU nodes carry `meta.gpu-capable = "true"`; the device block picks the GPUs.
 GPU_CONSTRAINT = {"attribute": "${meta.gpu-capable}", "operator": "=", "value": "true"}
 # A job's own Vault credentials, as (Vault field, env var): the task scripts bind them to the job's repo_url origin
-# and publish host only (docs/security-credentials.md). Names distinct from the service-wide variables.
+# and publish host only (docs/security.md). Names distinct from the service-wide variables.
 GIT_FIELDS = (("username", "JOBFORGE_JOB_GIT_USERNAME"), ("password", "JOBFORGE_JOB_GIT_PASSWORD"))
 REGISTRY_FIELDS = (("username", "JOBFORGE_JOB_REGISTRY_USERNAME"), ("password", "JOBFORGE_JOB_REGISTRY_PASSWORD"))
 # test.vault_secrets values reach test.py as JOBFORGE_SECRET_<container variable>: only they can be the source.

@@ -159,7 +159,7 @@ def exposure_problem(host: str, tokens_configured: bool, insecure_no_auth: bool,
         return None
     if not is_loopback(host):
         return (f"refusing to serve {host or 'every address'} without authentication: set "
-                "JOBFORGE_API_TOKENS_FILE (see docs/security-api.md), bind SERVER_HOST=127.0.0.1, or set "
+                "JOBFORGE_API_TOKENS_FILE (see docs/security.md), bind SERVER_HOST=127.0.0.1, or set "
                 "JOBFORGE_INSECURE_NO_AUTH=true to let anyone who can connect run builds")
     if "*" in cors_origins:
         return ("CORS_ORIGIN=* without JOBFORGE_API_TOKENS_FILE would let every web page drive the API: "

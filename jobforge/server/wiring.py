@@ -45,7 +45,7 @@ def build_guard(settings: Settings) -> Guard:
 
 def local_secret_env(settings: Settings) -> dict[str, str]:
     """The service-wide credentials as the task scripts read them, each with the host it is bound to
-    (templates/tasks/_common.py does the matching; docs/security-credentials.md). Test containers never see
+    (templates/tasks/_common.py does the matching; docs/security.md). Test containers never see
     these: `test.vault_secrets` values come only from JOBFORGE_SECRET_* variables, which the service never sets."""
     env = {}
     if settings.registry_username and settings.registry_password:

@@ -56,7 +56,7 @@ VAULT_CONFIG = make_config(
         {"path": "secret/data/aws/transcription",
          "fields": {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"}},
         {"path": "secret/data/ml/api-keys", "fields": {"hf-token": "HUGGING_FACE_HUB_TOKEN"}}]})
-# The job's own credentials and secrets, under names the service itself never sets (docs/security-credentials.md).
+# The job's own credentials and secrets, under names the service itself never sets (docs/security.md).
 REGISTRY_ENV = {"JOBFORGE_JOB_REGISTRY_USERNAME": "ci", "JOBFORGE_JOB_REGISTRY_PASSWORD": 'p@ss "word"\n#1'}
 PHASE_ENV = {
     "build": {"JOBFORGE_JOB_GIT_USERNAME": "git-bot", "JOBFORGE_JOB_GIT_PASSWORD": "tok'en}}{{", **REGISTRY_ENV},
