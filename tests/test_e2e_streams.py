@@ -80,7 +80,7 @@ def test_mcp_sdk_client_runs_a_real_build(service, config, registry):  # noqa: F
     job_id = asyncio.run(asyncio.wait_for(scenario(), 600))
     assert sorted(registry.tags(cfg["image_name"])) == sorted([job_id, "mcp"])
     log_text = service.log_path.read_text(errors="replace")
-    assert "MCP request" in log_text and '"tools/call"' in log_text and "MCP response" in log_text
+    assert "MCP request" in log_text and "tools/call" in log_text and "MCP response" in log_text
 
 
 # ---------------------------------------------------------------- streams: many clients, two stalled

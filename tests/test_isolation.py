@@ -29,7 +29,8 @@ pytestmark = pytest.mark.e2e
 
 BUILD_USER = "jobforge-build"
 SECRETS = {"REGISTRY_USERNAME": "isolation-user", "REGISTRY_PASSWORD": f"reg-secret-{uuid.uuid4().hex}",
-           "JOBFORGE_GIT_USERNAME": "isolation-git", "JOBFORGE_GIT_PASSWORD": f"git-secret-{uuid.uuid4().hex}"}
+           "JOBFORGE_GIT_USERNAME": "isolation-git", "JOBFORGE_GIT_PASSWORD": f"git-secret-{uuid.uuid4().hex}",
+           "JOBFORGE_GIT_CREDENTIAL_HOST": "git.example.invalid"}
 HOST_MARKER = f"host-marker-{uuid.uuid4().hex}"
 DATA_MARKER = f"data-marker-{uuid.uuid4().hex}"
 WORKSPACE_MARKER_PREFIX = "ws-marker-"
