@@ -20,6 +20,7 @@ from jobforge.stores.base import Store
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
+from jobforge.vault import VaultReader, no_vault
 from jobforge.delivery import DeliveryWorker
 from jobforge.metrics import Metrics
 from jobforge.outbound import OutboundPolicy
@@ -46,7 +47,8 @@ def build_guard(settings: Settings) -> Guard:
 def local_secret_env(settings: Settings) -> dict[str, str]:
     """The service-wide credentials as the task scripts read them, each with the host it is bound to
     (templates/tasks/_common.py does the matching; docs/security-credentials.md). Test containers never see
-    these: `test.vault_secrets` values come only from JOBFORGE_SECRET_* variables, which the service never sets."""
+    these: `test.vault_secrets` values come only from JOBFORGE_SECRET_* variables, which only the job's own
+    Vault reads set (`jobforge.vault`, per phase)."""
     env = {}
     if settings.registry_username and settings.registry_password:
         # Bound by the scripts to the temp image's host, i.e. REGISTRY_URL's.
@@ -89,6 +91,7 @@ def build_backend(settings: Settings) -> Backend:
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
         max_line_bytes=settings.max_line_bytes,
         build_user=settings.build_user or None, build_network=settings.build_network,
+        job_env=VaultReader(settings.vault).phase_env if settings.vault.enabled else no_vault,
     )
 
 
