@@ -72,6 +72,14 @@ class ConsulSettings(BaseSettings):
     self_register: bool = Field(False, validation_alias="JOBFORGE_CONSUL_REGISTER",
                            description="register jobforge-service and jobforge-service-metrics in the local Consul "
                                        "agent at start, deregister on shutdown (outside Nomad; Nomad does it itself)")
+    config: bool = Field(False, validation_alias="JOBFORGE_CONSUL_CONFIG",
+                         description="watch the service configuration in Consul KV under JOBFORGE_CONSUL_CONFIG_"
+                                     "PREFIX (build_timeout, test_timeout, max_concurrent_jobs, default_resource_"
+                                     "limits/{cpu,memory,disk}); environment variables that are set still win")
+    config_prefix: str = Field("jobforge-service/config/", pattern=KEY_PREFIX_PATTERN,
+                               validation_alias="JOBFORGE_CONSUL_CONFIG_PREFIX")
+    config_wait: Duration = Field(60, gt=0, le=600, validation_alias="JOBFORGE_CONSUL_CONFIG_WAIT",
+                                  description="longest blocking query on the config prefix")
     service_address: str | None = Field(None, validation_alias="JOBFORGE_CONSUL_SERVICE_ADDRESS",
                                         description="address registered for the replica; default SERVER_HOST, or "
                                                     "the Consul node's address when listening on 0.0.0.0")

@@ -89,7 +89,7 @@ _PGID_FILE = ".pgid"
 _ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
 _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
 _REAP_WAIT = 10.0
-_MASK = "[secret]"
+_MASK = "***"  # as the task scripts and the redaction of URLs write it
 _MIN_MASKED_CHARS = 4  # shorter values would mask ordinary text; they are still never logged by the service
 
 JobEnv = Callable[[str, JobConfig], Awaitable[dict[str, str]]]

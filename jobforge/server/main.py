@@ -15,7 +15,7 @@ from jobforge import logs
 from jobforge.consul_agent import ConsulAgent, replica_agent
 from jobforge.errors import ConfigError, ServiceUnavailable
 from jobforge.server.app import create_app, create_metrics_app
-from jobforge.server.wiring import build_guard, build_service, stream_limits
+from jobforge.server.wiring import build_config_watcher, build_guard, build_service, stream_limits
 from jobforge.settings import Settings
 
 log = logging.getLogger("jobforge")
@@ -25,6 +25,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     guard = build_guard(settings)  # before anything is built or bound: refuses unsafe exposure
     service = build_service(settings)
     await service.webhooks.start()
+    config_watcher = build_config_watcher(settings, service)
+    if config_watcher is not None:
+        config_watcher.start()
     await service.start()
     app = create_app(service, guard, stream_limits=stream_limits(settings), mcp_log_level=settings.mcp_log_level)
     runners = [web.AppRunner(app, access_log=None)]
@@ -53,6 +56,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             await consul.deregister()
         for runner in runners:
             await runner.cleanup()
+        if config_watcher is not None:
+            await config_watcher.aclose()
         await service.aclose()  # first: running cleanups finish (bounded) while the backend still works
         await service.backend.aclose()
         await service.webhooks.aclose()
