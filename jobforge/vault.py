@@ -136,6 +136,8 @@ class VaultReader:
         except requests.RequestException as exc:
             raise SecretReadError(f"Vault at {self._settings.addr} unreachable reading {path}: "
                                   f"{exc.__class__.__name__}") from None
+        except ValidationError:
+            raise SecretReadError(f"Vault's login answer was not understood; could not read {path}") from None
         if raw is None:
             raise SecretReadError(f"no Vault secret at {path} (KV v2 paths read like 'secret/data/<name>')")
         try:

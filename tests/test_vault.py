@@ -94,3 +94,49 @@ def test_approle_needs_both_halves():
         VaultSettings.model_validate({"VAULT_ROLE_ID": "r"})
     assert not VaultSettings.model_validate({}).enabled
     assert VaultSettings.model_validate({"VAULT_ROLE_ID": "r", "VAULT_SECRET_ID": "s"}).enabled
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def logins(fake: FakeVault) -> list[str]:
+    return [s.path for s in fake.seen if s.path.startswith("auth/")]
+
+
+async def test_approle_login_is_renewed_before_expiry(vault):
+    vault.add_approle("role-1", "secret-1", {"secret/data/team-a/*": ["read"]}, ttl=30)
+    clock = Clock()
+    r = VaultReader(VaultSettings.model_validate({"VAULT_ADDR": vault.url, "VAULT_ROLE_ID": "role-1",
+                                                  "VAULT_SECRET_ID": "secret-1"}), clock=clock)
+    assert await r.phase_env("publish", cfg()) == REGISTRY
+    clock.now += 15  # half the TTL left: no renewal yet
+    await r.phase_env("publish", cfg())
+    assert logins(vault) == ["auth/approle/login"]
+    clock.now += 6  # less than a third left
+    assert await r.phase_env("publish", cfg()) == REGISTRY
+    assert logins(vault) == ["auth/approle/login", "auth/token/renew-self"]
+
+
+async def test_a_token_that_cannot_be_renewed_is_replaced_by_a_new_login(vault):
+    vault.add_approle("role-2", "secret-2", {"secret/data/team-a/*": ["read"]}, ttl=30, renewable=False)
+    clock = Clock()
+    r = VaultReader(VaultSettings.model_validate({"VAULT_ADDR": vault.url, "VAULT_ROLE_ID": "role-2",
+                                                  "VAULT_SECRET_ID": "secret-2"}), clock=clock)
+    await r.phase_env("publish", cfg())
+    clock.now += 25
+    assert await r.phase_env("publish", cfg()) == REGISTRY
+    assert logins(vault) == ["auth/approle/login", "auth/approle/login"]
+
+
+async def test_a_wrong_secret_id_fails_naming_the_path_not_the_secret(vault):
+    vault.add_approle("role-3", "secret-3", {"secret/data/team-a/*": ["read"]})
+    r = VaultReader(VaultSettings.model_validate({"VAULT_ADDR": vault.url, "VAULT_ROLE_ID": "role-3",
+                                                  "VAULT_SECRET_ID": "wrong-secret"}))
+    with pytest.raises(SecretReadError) as err:
+        await r.phase_env("publish", cfg())
+    assert "secret/data/team-a/registry" in err.value.message and "wrong-secret" not in err.value.message
