@@ -57,10 +57,19 @@ class ConsulConfigWatcher:
         self.loaded = False
         self.config = RuntimeConfig()
         self._task: asyncio.Task | None = None
+        self._loaded = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+
+    async def wait_loaded(self, timeout: float) -> bool:
+        """Wait (bounded) for the first successful read, so the service starts with Consul's values."""
+        try:
+            await asyncio.wait_for(self._loaded.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -89,6 +98,7 @@ class ConsulConfigWatcher:
             new_index = 0
         changed = first or new_index != self.index
         self.index, self.loaded = new_index, True
+        self._loaded.set()
         if not changed:
             return False
         values = {e.key[len(self._prefix):]: e.text() for e in entries if e.key.startswith(self._prefix)}

@@ -24,6 +24,7 @@ from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
 from tests.doubles.consul import FakeConsul
 from tests.support.fake_backend import FakeBackend
+from tests.support.service import ServiceProcess
 
 PREFIX = "jobforge-service/config/"
 BASE = {"owner": "team-a", "repo_url": "https://git.example/app.git", "image_name": "app",
@@ -183,3 +184,19 @@ def test_parse_keeps_the_previous_value_of_an_invalid_key():
     assert parse_entries({}, previous)[0] == RuntimeConfig()  # keys removed from Consul: back to the defaults
     job = JobConfig.model_validate({**BASE, "build_timeout": "10m"})
     assert JobDefaults(build_timeout=5).apply(job) == job
+
+
+@pytest.mark.slow
+def test_the_service_process_starts_with_consul_config_and_ready_reports_its_index(tmp_path, registry):
+    """The entry point's wiring: the real `jobforge-service` reads the prefix before it answers."""
+    fake = FakeConsul()
+    with fake.in_thread() as addr:
+        asyncio.run(put(fake, "build_timeout", "7m"))
+        asyncio.run(put(fake, "default_resource_limits/memory", "many"))
+        with ServiceProcess(tmp_path / "svc", registry.host, CONSUL_HTTP_ADDR=addr, JOBFORGE_CONSUL_CONFIG="true",
+                            JOBFORGE_CONSUL_CONFIG_WAIT="2s") as svc:
+            _, body = svc.get("/ready")
+            log = svc.log_path.read_text()
+    assert body["config_index"] == fake.index > 0, body
+    assert "build_timeout=420s" in log
+    assert "default_resource_limits/memory='many' is invalid" in log

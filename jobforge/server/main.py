@@ -19,6 +19,7 @@ from jobforge.server.wiring import build_config_watcher, build_guard, build_serv
 from jobforge.settings import Settings
 
 log = logging.getLogger("jobforge")
+_CONFIG_LOAD_WAIT = 10  # seconds the start waits for the Consul KV configuration
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
@@ -28,6 +29,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     config_watcher = build_config_watcher(settings, service)
     if config_watcher is not None:
         config_watcher.start()
+        if not await config_watcher.wait_loaded(_CONFIG_LOAD_WAIT):
+            log.warning("consul config under %s not read within %ds; starting with the environment's values, "
+                        "still watching", settings.consul.config_prefix, _CONFIG_LOAD_WAIT)
     await service.start()
     app = create_app(service, guard, stream_limits=stream_limits(settings), mcp_log_level=settings.mcp_log_level)
     runners = [web.AppRunner(app, access_log=None)]
