@@ -12,6 +12,7 @@
      ├── UnsupportedMediaType     http 415, rpc -32015  a JSON endpoint got another Content-Type
      ├── MisdirectedRequest       http 421, rpc -32021  the Host header names no address of this service
      ├── BackendError             http 502, rpc -32010  scheduler / runner failure
+     │    └── SecretReadError                           Vault refused or failed a job's secret (names the path)
      ├── StoreError               http 503, rpc -32011  job store failure (Retry-After: 2)
      ├── QueueFull                http 429, rpc -32029  MAX_QUEUED_JOBS jobs already wait (Retry-After: 10)
      ├── ServiceUnavailable       http 503, rpc -32012  the client could not reach the service
@@ -110,6 +111,10 @@ class MisdirectedRequest(JobForgeError):
 class BackendError(JobForgeError):
     http_status = 502
     rpc_code = -32010
+
+
+class SecretReadError(BackendError):
+    """A job's Vault secret could not be read; the message names the path, never a value."""
 
 
 class StoreError(JobForgeError):

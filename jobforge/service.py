@@ -55,6 +55,7 @@ from jobforge.models import (
     masked_line,
     utcnow,
 )
+from jobforge.runtime_config import JobDefaults
 from jobforge.stores.base import Store
 from jobforge.streams import BATCH, Pulse, follow_logs
 from jobforge.tasks import RegistryTarget, build_payload, temp_image
@@ -139,6 +140,8 @@ class JobService:
         self._active: set[str] = set()
         self._watchers: defaultdict[str, set[_Watcher]] = defaultdict(set)
         self._watch_buffer = watch_buffer
+        self._job_defaults = JobDefaults()
+        self.config_index: int | None = None  # Consul index of the runtime configuration, when it is watched
         self.pulse = Pulse()
         self._tasks: set[asyncio.Task] = set()
         self._cleanups: dict[str, asyncio.Task] = {}  # at most one temp image deletion per job
@@ -148,6 +151,21 @@ class JobService:
         self._consumer: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self._changed = asyncio.Condition()
+
+    def reconfigure(self, *, policy: pipeline.Policy, max_concurrent_jobs: int, job_defaults: JobDefaults,
+                    index: int | None = None) -> None:
+        """New defaults for jobs admitted from now on (Consul KV config): each is replaced whole, in one step of
+        the loop, so a job sees either the old or the new value, never a mix. `job_defaults` are pinned into
+        each job at submit, so jobs already submitted keep theirs; a larger limit admits waiting jobs at the next
+        admission (tick or submit)."""
+        self._policy = policy
+        self._max = max_concurrent_jobs
+        self._job_defaults = job_defaults
+        self.config_index = index
+
+    @property
+    def policy(self) -> pipeline.Policy:
+        return self._policy
 
     # ------------------------------------------------------------ lifecycle
 
@@ -209,7 +227,8 @@ class JobService:
         if len(self._pending) >= self._max_queued:
             raise QueueFull(f"{len(self._pending)} jobs are already waiting for a slot (MAX_QUEUED_JOBS="
                             f"{self._max_queued}); the job was not accepted, submit it again later")
-        record = pipeline.new_job(self._new_id(), params.job_config, self._clock())
+        config = self._job_defaults.apply(params.job_config)
+        record = pipeline.new_job(self._new_id(), config, self._clock())
         await self._create(record)
         self._pending.append(record.job_id)  # counted against MAX_QUEUED_JOBS until the next admission
         self.metrics.submitted()

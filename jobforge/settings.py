@@ -72,6 +72,14 @@ class ConsulSettings(BaseSettings):
     self_register: bool = Field(False, validation_alias="JOBFORGE_CONSUL_REGISTER",
                            description="register jobforge-service and jobforge-service-metrics in the local Consul "
                                        "agent at start, deregister on shutdown (outside Nomad; Nomad does it itself)")
+    config: bool = Field(False, validation_alias="JOBFORGE_CONSUL_CONFIG",
+                         description="watch the service configuration in Consul KV under JOBFORGE_CONSUL_CONFIG_"
+                                     "PREFIX (build_timeout, test_timeout, max_concurrent_jobs, default_resource_"
+                                     "limits/{cpu,memory,disk}); environment variables that are set still win")
+    config_prefix: str = Field("jobforge-service/config/", pattern=KEY_PREFIX_PATTERN,
+                               validation_alias="JOBFORGE_CONSUL_CONFIG_PREFIX")
+    config_wait: Duration = Field(60, gt=0, le=600, validation_alias="JOBFORGE_CONSUL_CONFIG_WAIT",
+                                  description="longest blocking query on the config prefix")
     service_address: str | None = Field(None, validation_alias="JOBFORGE_CONSUL_SERVICE_ADDRESS",
                                         description="address registered for the replica; default SERVER_HOST, or "
                                                     "the Consul node's address when listening on 0.0.0.0")
@@ -80,8 +88,30 @@ class ConsulSettings(BaseSettings):
 class VaultSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
-    addr: str = Field("http://127.0.0.1:8200", validation_alias="VAULT_ADDR")
+    addr: str = Field("http://127.0.0.1:8200", validation_alias="VAULT_ADDR",
+                      description="local backend with a Vault login (VAULT_TOKEN, VAULT_TOKEN_FILE or AppRole): the "
+                                  "service reads the jobs' KV v2 secrets here itself (git_credentials_path, "
+                                  "registry_credentials_path, test.vault_secrets); without one such jobs fail")
     token: SecretStr | None = Field(None, validation_alias="VAULT_TOKEN")
+    token_file: Path | None = Field(None, validation_alias="VAULT_TOKEN_FILE",
+                                    description="a file holding the token (re-read at each login)")
+    role_id: str | None = Field(None, validation_alias="VAULT_ROLE_ID", description="AppRole login, with VAULT_SECRET_ID")
+    secret_id: SecretStr | None = Field(None, validation_alias="VAULT_SECRET_ID")
+    approle_mount: str = Field("approle", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+                               validation_alias="JOBFORGE_VAULT_APPROLE_MOUNT")
+    timeout: Duration = Field(10, gt=0, validation_alias="JOBFORGE_VAULT_TIMEOUT",
+                              description="per Vault request")
+
+    @model_validator(mode="after")
+    def _one_login(self) -> "VaultSettings":
+        if bool(self.role_id) != bool(self.secret_id):
+            raise ValueError("VAULT_ROLE_ID and VAULT_SECRET_ID go together (AppRole login)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """The service reads Vault itself only when it has a way to log in."""
+        return bool(self.token or self.token_file or self.role_id)
 
 
 class Settings(BaseSettings):

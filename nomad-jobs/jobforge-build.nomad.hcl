@@ -87,7 +87,7 @@ Contract (docs/architecture.md, "Task scripts"): inputs come from the environmen
 output is human-readable lines, and a failure ends with one `ERROR: <message>` line on stderr and a
 non-zero exit. Every external command is an argv list; known secret values are masked in what we print.
 
-Credentials are bound to hosts (docs/security-credentials.md): `git_credential_for` and
+Credentials are bound to hosts (docs/security.md): `git_credential_for` and
 `registry_auths_for` are the pure matching rules; a credential is offered only to its own scheme + host +
 port, git credentials only over https unless the host is listed in JOBFORGE_GIT_PLAIN_HTTP_HOSTS.
 """

@@ -37,7 +37,7 @@ import signal
 import sys
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +46,7 @@ import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.config import JobConfig, format_duration
-from jobforge.errors import ConfigError
+from jobforge.errors import ConfigError, SecretReadError
 from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import LogLine, LogStream, utcnow
 from jobforge.pipeline import (
@@ -89,6 +89,11 @@ _PGID_FILE = ".pgid"
 _ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
 _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
 _REAP_WAIT = 10.0
+_MASK = "***"  # as the task scripts and the redaction of URLs write it
+_MIN_MASKED_CHARS = 4  # shorter values would mask ordinary text; they are still never logged by the service
+
+JobEnv = Callable[[str, JobConfig], Awaitable[dict[str, str]]]
+"""(phase, config) -> the phase's own secret environment (the job's Vault values); SecretReadError on failure."""
 
 log = logging.getLogger("jobforge.backends.local")
 
@@ -154,7 +159,8 @@ class LocalBackend:
                  tls_verify: bool, secret_env: dict[str, str] | None = None, kill_grace: float = 10.0,
                  python: str = sys.executable, clock: Callable[[], datetime] = utcnow,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_inflight_bytes: int = _MAX_INFLIGHT_BYTES,
-                 build_user: str | None = None, build_network: str = "outbound") -> None:
+                 build_user: str | None = None, build_network: str = "outbound", job_env: JobEnv | None = None) -> None:
+        self._job_env = job_env
         self._account = build_account(build_user)
         self._work_dir = work_dir
         self._registry_url = registry_url
@@ -198,7 +204,7 @@ class LocalBackend:
         run = self._runs[key] = _Run()
         if self._early_stops.pop(key, False) is None:
             run.stopped = True  # killed before it was dispatched: it must not start
-        self._spawn(self._run_phase(command, payload, run))
+        self._spawn(self._run_phase(command, payload, config, run))
 
     async def stop(self, command: StopPhase) -> None:
         key = f"{command.job_id}-{command.phase.value}-{command.attempt}"
@@ -254,7 +260,14 @@ class LocalBackend:
                 shutil.rmtree(leftover, ignore_errors=True)
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
-        outcome = await self._execute(job_id, "cleanup", "cleanup", payload, _Run(), timeout=300)
+        try:
+            secrets = await self._secrets("cleanup", config)
+        except SecretReadError as exc:
+            # The temp image lives on the service's registry: delete it anyway; only a rollback on the job's
+            # publish host needs the job's credentials (and then fails, and is retried, naming that host).
+            log.warning("cleanup of %s without the job's Vault credentials: %s", job_id, exc.message)
+            secrets = {}
+        outcome = await self._execute(job_id, "cleanup", "cleanup", payload, _Run(), timeout=300, secrets=secrets)
         return outcome.returncode == 0 and not outcome.timed_out
 
     async def events(self) -> AsyncIterator[BackendMessage]:
@@ -314,14 +327,24 @@ class LocalBackend:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_phase(self, command: DispatchPhase, payload: dict, run: _Run) -> None:
+    async def _secrets(self, phase: str, config: JobConfig) -> dict[str, str]:
+        return await self._job_env(phase, config) if self._job_env is not None else {}
+
+    async def _run_phase(self, command: DispatchPhase, payload: dict, config: JobConfig, run: _Run) -> None:
         job_id, phase, attempt = command.job_id, command.phase, command.attempt
 
         def report(event_cls, **kw) -> None:
             self._queue.put_nowait(JobEvent(job_id, event_cls(phase=phase, attempt=attempt, at=self._clock(), **kw)))
 
         try:
-            outcome = await self._execute(job_id, phase.value, phase.value, payload, run,
+            secrets = await self._secrets(phase.value, config)
+        except SecretReadError as exc:
+            self._runs.pop(command.dispatch_key, None)
+            run.done.set()
+            report(PhaseFailed, error=f"{phase.value} phase could not read its Vault secrets: {exc.message}")
+            return
+        try:
+            outcome = await self._execute(job_id, phase.value, phase.value, payload, run, secrets=secrets,
                                           timeout=command.timeout_seconds, on_start=lambda: report(PhaseStarted))
         except OSError as exc:
             reason = f"no space left on device ({exc})" if exc.errno == errno.ENOSPC else str(exc)
@@ -342,7 +365,11 @@ class LocalBackend:
             report(PhaseFailed, error=f"{phase.value} phase failed: {detail}")
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
-                       timeout: float, on_start: Callable[[], None] | None = None) -> _Outcome:
+                       timeout: float, on_start: Callable[[], None] | None = None,
+                       secrets: dict[str, str] | None = None) -> _Outcome:
+        """`secrets` go into the script's environment only (never argv), and are masked in its output."""
+        secrets = secrets or {}
+        masks = sorted({v for v in secrets.values() if len(v) >= _MIN_MASKED_CHARS}, key=len, reverse=True)
         workdir = self._work_dir / job_id / f"{log_phase}-{uuid.uuid4().hex[:8]}"
         last_error: list[str] = []
         try:
@@ -351,7 +378,7 @@ class LocalBackend:
             if self._account is None:
                 workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             # else the build user's script creates its workdir in its own home: root never writes there.
-            env = {**self._env, "JOBFORGE_PAYLOAD": "-", "JOBFORGE_WORKDIR": str(workdir)}
+            env = {**self._env, **secrets, "JOBFORGE_PAYLOAD": "-", "JOBFORGE_WORKDIR": str(workdir)}
             proc = await asyncio.create_subprocess_exec(
                 *self._interpreter(), str(task_script(script)), cwd="/", env=env, start_new_session=True,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -369,8 +396,10 @@ class LocalBackend:
                 await self._terminate(proc)
             if on_start:
                 on_start()
-            pumps = [asyncio.create_task(self._pump(proc.stdout, LogStream.STDOUT, job_id, log_phase, last_error)),
-                     asyncio.create_task(self._pump(proc.stderr, LogStream.STDERR, job_id, log_phase, last_error))]
+            pumps = [asyncio.create_task(self._pump(proc.stdout, LogStream.STDOUT, job_id, log_phase, last_error,
+                                                    masks)),
+                     asyncio.create_task(self._pump(proc.stderr, LogStream.STDERR, job_id, log_phase, last_error,
+                                                    masks))]
             timed_out = False
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
@@ -417,20 +446,22 @@ class LocalBackend:
         return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
 
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
-                    last_error: list[str]) -> None:
+                    last_error: list[str], masks: list[str]) -> None:
         splitter = LineSplitter(self._max_line_bytes)
         while chunk := await stream.read(_READ_CHUNK):
             if pieces := splitter.feed(chunk):
-                await self._emit(job_id, phase, kind, pieces, last_error)
+                await self._emit(job_id, phase, kind, pieces, last_error, masks)
         if pieces := splitter.flush():
-            await self._emit(job_id, phase, kind, pieces, last_error)
+            await self._emit(job_id, phase, kind, pieces, last_error, masks)
 
     async def _emit(self, job_id: str, phase: str, kind: LogStream, pieces: list[tuple[bytes, bool]],
-                    last_error: list[str]) -> None:
+                    last_error: list[str], masks: list[str]) -> None:
         now = self._clock()
         lines = []
         for raw, split in pieces:
             text = decode_piece(raw, split, self._max_line_bytes)
+            for secret in masks:  # the phase's own Vault values, should a script or a test print one
+                text = text.replace(secret, _MASK)
             if text.startswith(_ERROR_PREFIX) and not split:
                 error = text[len(_ERROR_PREFIX):][:_MAX_ERROR_CHARS]
                 last_error[:] = [_ENOSPC_SEEN, error] if _ENOSPC_SEEN in last_error else [error]

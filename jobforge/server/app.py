@@ -164,7 +164,10 @@ async def ready(request: web.Request) -> web.Response:
     problems = await service.backend.check()
     checks.update(problems or {"backend": "ok"})
     ok = all(v == "ok" for v in checks.values())
-    return web.json_response({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+    body: dict[str, object] = {"status": "ok" if ok else "unavailable", "checks": checks}
+    if (index := getattr(service, "config_index", None)) is not None:
+        body["config_index"] = index  # the Consul KV index of the configuration in force
+    return web.json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

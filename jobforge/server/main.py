@@ -15,16 +15,23 @@ from jobforge import logs
 from jobforge.consul_agent import ConsulAgent, replica_agent
 from jobforge.errors import ConfigError, ServiceUnavailable
 from jobforge.server.app import create_app, create_metrics_app
-from jobforge.server.wiring import build_guard, build_service, stream_limits
+from jobforge.server.wiring import build_config_watcher, build_guard, build_service, stream_limits
 from jobforge.settings import Settings
 
 log = logging.getLogger("jobforge")
+_CONFIG_LOAD_WAIT = 10  # seconds the start waits for the Consul KV configuration
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     guard = build_guard(settings)  # before anything is built or bound: refuses unsafe exposure
     service = build_service(settings)
     await service.webhooks.start()
+    config_watcher = build_config_watcher(settings, service)
+    if config_watcher is not None:
+        config_watcher.start()
+        if not await config_watcher.wait_loaded(_CONFIG_LOAD_WAIT):
+            log.warning("consul config under %s not read within %ds; starting with the environment's values, "
+                        "still watching", settings.consul.config_prefix, _CONFIG_LOAD_WAIT)
     await service.start()
     app = create_app(service, guard, stream_limits=stream_limits(settings), mcp_log_level=settings.mcp_log_level)
     runners = [web.AppRunner(app, access_log=None)]
@@ -53,6 +60,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             await consul.deregister()
         for runner in runners:
             await runner.cleanup()
+        if config_watcher is not None:
+            await config_watcher.aclose()
         await service.aclose()  # first: running cleanups finish (bounded) while the backend still works
         await service.backend.aclose()
         await service.webhooks.aclose()

@@ -20,6 +20,9 @@ from jobforge.stores.base import Store
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.tasks import RegistryTarget
+from jobforge.vault import VaultReader, no_vault
+from jobforge.consul_config import ConsulConfigWatcher
+from jobforge.runtime_config import JobDefaults, RuntimeConfig, effective
 from jobforge.delivery import DeliveryWorker
 from jobforge.metrics import Metrics
 from jobforge.outbound import OutboundPolicy
@@ -46,7 +49,8 @@ def build_guard(settings: Settings) -> Guard:
 def local_secret_env(settings: Settings) -> dict[str, str]:
     """The service-wide credentials as the task scripts read them, each with the host it is bound to
     (templates/tasks/_common.py does the matching; docs/security.md). Test containers never see
-    these: `test.vault_secrets` values come only from JOBFORGE_SECRET_* variables, which the service never sets."""
+    these: `test.vault_secrets` values come only from JOBFORGE_SECRET_* variables, which only the job's own
+    Vault reads set (`jobforge.vault`, per phase)."""
     env = {}
     if settings.registry_username and settings.registry_password:
         # Bound by the scripts to the temp image's host, i.e. REGISTRY_URL's.
@@ -89,6 +93,7 @@ def build_backend(settings: Settings) -> Backend:
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
         max_line_bytes=settings.max_line_bytes,
         build_user=settings.build_user or None, build_network=settings.build_network,
+        job_env=VaultReader(settings.vault).phase_env if settings.vault.enabled else no_vault,
     )
 
 
@@ -118,6 +123,39 @@ def build_service(settings: Settings) -> JobService:
                       max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits,
                       tick_seconds=settings.tick_seconds, shutdown_grace=settings.kill_grace_seconds,
                       watch_buffer=settings.stream_client_buffer)
+
+
+def runtime_env(settings: Settings) -> dict[str, object]:
+    """The runtime-configurable values whose environment variable is set: they win over Consul KV."""
+    return {name: getattr(settings, name) for name in ("build_timeout", "test_timeout", "max_concurrent_jobs")
+            if name in settings.model_fields_set}
+
+
+def apply_runtime_config(settings: Settings, service: JobService, found: RuntimeConfig, index: int) -> None:
+    """Environment (where set) > Consul KV > built-in default; a key removed from Consul falls back."""
+    env = runtime_env(settings)
+    config = effective(found, env)
+    policy = service.policy.model_copy(update={
+        "build_timeout": config.build_timeout or settings.build_timeout,
+        "test_timeout": config.test_timeout or settings.test_timeout})
+    limit = config.max_concurrent_jobs or settings.max_concurrent_jobs
+    # Only Consul's values are pinned into new jobs: the environment's never change while the service runs.
+    defaults = JobDefaults.of(found.model_copy(update=dict.fromkeys(env)))
+    service.reconfigure(policy=policy, max_concurrent_jobs=limit, job_defaults=defaults, index=index)
+    log.info("configuration from consul (index %d): build_timeout=%gs test_timeout=%gs max_concurrent_jobs=%d "
+             "default resources %s", index, policy.build_timeout, policy.test_timeout, limit,
+             defaults.resources.model_dump(exclude_none=True) if defaults.resources else "built-in")
+
+
+def build_config_watcher(settings: Settings, service: JobService) -> ConsulConfigWatcher | None:
+    """The Consul KV config watcher when JOBFORGE_CONSUL_CONFIG=true; the caller starts and closes it."""
+    consul = settings.consul
+    if not consul.config:
+        return None
+    return ConsulConfigWatcher(consul.http_addr, consul.config_prefix,
+                               lambda found, index: apply_runtime_config(settings, service, found, index),
+                               token=consul.token.get_secret_value() if consul.token else None,
+                               datacenter=consul.datacenter, wait=consul.config_wait)
 
 
 def stream_limits(settings: Settings) -> StreamLimits:

@@ -25,8 +25,13 @@ Knobs: `sealed` (every request 503 "Vault is sealed", sys/health 503), `seen` (e
 Templates: consul_template.py renders consul-template's `secret` reads through `FakeVault.handle` (in-process,
 no HTTP), for both the Vault tests and the fake Nomad's client.
 
+Login and token lifetime (the shapes of Vault's api docs for AppRole and the token auth method): `add_approle`
+registers a role; `POST auth/approle/login` issues a token with the role's policies, `ttl` and `renewable`;
+`GET auth/token/lookup-self` answers its remaining `ttl`; `POST auth/token/renew-self` extends a renewable token
+by its ttl. A token past its expiry is unknown (403). Root and `add_token` tokens never expire (ttl 0).
+
 Not implemented: PATCH, non-zero delete_version_after, `+` in policy paths, namespaces, wrapping, leases, other
-mounts and sys endpoints.
+mounts and sys endpoints, max_ttl.
 """
 
 from __future__ import annotations
@@ -251,6 +256,8 @@ class FakeVault:
         self.keys: dict[str, _Key] = {}
         self.config: dict[str, Any] = {"cas_required": False, "max_versions": 0}
         self.policies: dict[str, dict[str, frozenset[str]]] = {}
+        self.approles: dict[str, tuple[str, tuple[Mapping[str, Iterable[str]], ...], int, bool]] = {}
+        self.leases: dict[str, tuple[int, int, bool]] = {}  # token -> (expires ns, ttl s, renewable)
         self.sealed = False
         self.seen: list[Seen] = []
         self.port: int | None = None
@@ -295,6 +302,11 @@ class FakeVault:
         self.policies[token] = rules
         return token
 
+    def add_approle(self, role_id: str, secret_id: str, *policies: Mapping[str, Iterable[str]], ttl: int = 3600,
+                    renewable: bool = True) -> None:
+        """An AppRole whose logins get tokens with these ACL policies and this TTL (seconds)."""
+        self.approles[role_id] = (secret_id, policies, ttl, renewable)
+
     def put(self, path: str, data: Mapping[str, Any]) -> int:
         """Write a new version of `path` (below the mount's `data/`) as root; returns its version number."""
         reply = self.handle("POST", f"{self.mount}/data/{path}", token=self.root_token,
@@ -337,6 +349,8 @@ class FakeVault:
             raise _Refused(405, *([f"fake vault: {method} is not implemented"] if method == "PATCH" else []))
         if op == "list" and not path.endswith("/"):
             path += "/"  # Vault's HTTP layer does this for every LIST
+        if path.startswith("auth/"):
+            return self._auth(op, token, path, body)
         if path.startswith("sys/internal/ui/mounts/"):
             return self._ui_mount(op, token, path.removeprefix("sys/internal/ui/mounts/"))
         if path.startswith(self.mount + "/"):
@@ -351,6 +365,7 @@ class FakeVault:
     def _authorize(self, token: str | None, capability: str, path: str) -> None:
         if token == self.root_token and token is not None:
             return
+        self._expire(token)
         if token is None or token not in self.policies:
             raise _Refused(403, PERMISSION_DENIED)
         caps = self._capabilities(token, path)
@@ -370,6 +385,50 @@ class FakeVault:
         prefix = self.mount + "/"
         return any(caps - {"deny"} and (p.startswith(prefix) or (p.endswith("*") and prefix.startswith(p[:-1])))
                    for p, caps in self.policies[token].items())
+
+    # ------------------------------------------------------------ auth
+
+    def _expire(self, token: str | None) -> None:
+        if token in self.leases and self.leases[token][0] <= self._now():
+            del self.leases[token]
+            self.policies.pop(token, None)
+
+    def _auth_block(self, token: str) -> Struct:
+        _, ttl, renewable = self.leases[token]
+        return Struct(client_token=token, accessor=uuid.uuid4().hex, policies=["default"],
+                      token_policies=["default"], metadata=None, lease_duration=ttl, renewable=renewable,
+                      entity_id="", token_type="service", orphan=True, mfa_requirement=None, num_uses=0)
+
+    def _auth(self, op: str, token: str | None, path: str, body: bytes) -> Reply:
+        if path == "auth/approle/login" and op == "update":
+            payload = _json_object(body)
+            role = self.approles.get(str(payload.get("role_id", "")))
+            if role is None or role[0] != payload.get("secret_id"):
+                raise _Refused(400, "invalid role or secret ID")
+            secret_id, policies, ttl, renewable = role
+            issued = self.add_token(f"hvs.{uuid.uuid4().hex}", *policies)
+            self.leases[issued] = (self._now() + ttl * 10**9, ttl, renewable)
+            envelope = self._envelope(None, mount_type="")
+            envelope["auth"] = self._auth_block(issued)
+            return Reply(200, envelope)
+        self._expire(token)
+        if token is None or (token != self.root_token and token not in self.policies):
+            raise _Refused(403, PERMISSION_DENIED)
+        if path == "auth/token/lookup-self" and op == "read":
+            expires, ttl, renewable = self.leases.get(token, (0, 0, False))
+            left = max(0, (expires - self._now()) // 10**9) if expires else 0
+            return Reply(200, self._envelope({"id": token, "ttl": left, "creation_ttl": ttl, "renewable": renewable,
+                                              "policies": ["root" if token == self.root_token else "default"]},
+                                             mount_type="token"))
+        if path == "auth/token/renew-self" and op == "update":
+            if token not in self.leases or not self.leases[token][2]:
+                raise _Refused(400, "lease is not renewable")
+            _, ttl, renewable = self.leases[token]
+            self.leases[token] = (self._now() + ttl * 10**9, ttl, renewable)
+            envelope = self._envelope(None, mount_type="token")
+            envelope["auth"] = self._auth_block(token)
+            return Reply(200, envelope)
+        raise _Refused(404, f"fake vault: {path} is not implemented")
 
     # ------------------------------------------------------------ sys
 
