@@ -49,6 +49,30 @@ _HOST_LABEL = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
 _HOSTNAME = rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*"
 HOSTNAME_PATTERN = rf"^{_HOSTNAME}$"
 
+# Free-text rules as patterns, for the JSON Schema (the check functions below are what the server runs; the
+# patterns say the same, so a client generated from the schema sends nothing the server rejects).
+_CONTROL = r"\x00-\x1f\x7f-\x9f"  # Unicode category Cc, what `single_line` refuses
+ONE_LINE_PATTERN = rf"^[^{_CONTROL}]*$"
+NON_EMPTY_LINE_PATTERN = rf"^(?=[^{_CONTROL}]*\S)[^{_CONTROL}]*$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+NON_EMPTY_TEXT_PATTERN = r"^(?=[^\x00]*\S)[^\x00]*$"
+HEADER_VALUE_PATTERN = r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f]*$"
+RELATIVE_PATH_PATTERN = rf"^(?!/)(?!(?:[^/]*/)*\.\.(?:/|$))[^{_CONTROL}]+$"
+# Where a rule is not a regular language (git_ref, URLs), the schema pattern is STRICTER than the check: ASCII
+# only, the common shapes only. Everything it matches passes the check; the check also accepts more.
+_REF_CHAR = r"[!-)+-.0-9;->@-Z\]_-}]"  # printable ASCII without space ~ ^ : ? * [ \ /
+GIT_REF_SCHEMA_PATTERN = (rf"^(?:[0-9a-fA-F]{{4,40}}|(?!-)(?!@$)(?!.*\.\.)(?!.*@\{{)(?!.*\.$)(?!.*\.lock(?:/|$))"
+                          rf"(?!\.)(?!.*/\.){_REF_CHAR}+(?:/{_REF_CHAR}+)*)$")
+_URL_USER = r"(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?"
+_URL_PATH = r"(?:/[A-Za-z0-9_.~/-]*)?"
+REPO_URL_SCHEMA_PATTERN = (rf"^(?:(?:https?|ssh|git)://{_URL_USER}{_HOSTNAME}(?::[1-9][0-9]{{0,3}})?{_URL_PATH}"
+                           r"|file:///[A-Za-z0-9_.~/-]*|/[A-Za-z0-9_.~/-]*)$")
+REGISTRY_URL_SCHEMA_PATTERN = rf"^{_HOSTNAME}(?::[1-9][0-9]{{0,3}})?(?:/{_IMAGE_COMPONENT})*$"
+WEBHOOK_URL_SCHEMA_PATTERN = rf"^https?://{_URL_USER}{_HOSTNAME}(?::[1-9][0-9]{{0,3}})?{_URL_PATH}$"
+DURATION_SCHEMA_PATTERN = r"^(?:[1-9][0-9]{0,3}s?|[1-9][0-9]{0,2}m|(?:[1-9]|1[0-9]|2[0-4])h)$"
+"""1s..24h in one unit (the check also takes '1h30m', '1.5h', '500ms' sums within bounds)."""
+RESOURCE_STRING_PATTERN = r"^[1-9][0-9]{0,8}$"
+
 # git check-ref-format, plus the `--branch` rule that a ref must not start with '-'.
 GIT_REF_FORBIDDEN_CHARS = "~^:?*[\\"
 GIT_REF_FORBIDDEN_SEQUENCES = ("..", "@{", "//")
@@ -169,13 +193,20 @@ def pattern_type(rule: str, pattern: str, message: str, description: str) -> Any
             fail(rule, message)
         return value
 
-    return Annotated[str, AfterValidator(check), string_schema(description, pattern)]
+    return Annotated[str, AfterValidator(check), string_schema(description, pattern, min_length=1)]
 
 
-def string_schema(description: str, pattern: str | None = None) -> WithJsonSchema:
-    schema: dict[str, Any] = {"type": "string", "description": description}
+def string_schema(description: str | None, pattern: str | None = None, max_length: int = TEXT_MAX_LENGTH,
+                  min_length: int = 0) -> WithJsonSchema:
+    """The JSON Schema of a checked string type: what the check allows (or less, never more), bounded by the
+    models' `str_max_length` unless the type has a tighter limit."""
+    schema: dict[str, Any] = {"type": "string", "maxLength": max_length}
+    if min_length:
+        schema["minLength"] = min_length
     if pattern is not None:
         schema["pattern"] = pattern
+    if description is not None:
+        schema["description"] = description
     return WithJsonSchema(schema)
 
 
