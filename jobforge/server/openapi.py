@@ -156,16 +156,12 @@ def openapi_document() -> dict:
                  "summary": "MCP streamable HTTP transport (JSON-RPC 2.0: initialize, tools/list, tools/call, "
                             "ping); the tools are the methods above, with the same input schemas.",
                  "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                     "anyOf": [{"type": "object"}, {"type": "array"}]}}}},
+                     "anyOf": [{"type": "object"}, {"type": "array", "minItems": 1}]}}}},
                  "responses": {"200": {"description": "a JSON-RPC reply, as JSON or as an SSE stream (Accept)",
                                        "content": {"application/json": {"schema": {}},
                                                    "text/event-stream": {"schema": {"type": "string"}}}},
                                "202": {"description": "notifications or responses only: accepted"},
                                **_errors(400, *_GUARD_ERRORS)}},
-        "get": {"operationId": "mcpGet", "tags": ["MCP"], "summary": "not offered (no server-initiated stream)",
-                "responses": {"405": {"description": "method not allowed"}, **_errors(401, 403, 421)}},
-        "delete": {"operationId": "mcpDelete", "tags": ["MCP"], "summary": "not offered (no sessions)",
-                   "responses": {"405": {"description": "method not allowed"}, **_errors(*_GUARD_ERRORS)}},
     }
     open_route = {"security": [], "tags": ["Operations"]}
     paths["/health"] = {"get": {"operationId": "health", **open_route, "summary": "the process is up",
