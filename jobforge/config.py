@@ -45,6 +45,7 @@ from pydantic import (
     FieldSerializationInfo,
     PlainSerializer,
     SecretStr,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -293,7 +294,7 @@ class TestConfig(_Model):
         {"properties": {"vault_secrets": {"maxItems": 0}}},
         {"required": ["vault_policies"], "properties": {"vault_policies": {"minItems": 1}}}]})
 
-    entry_point: bool = Field(False, description="run the image's entry point as the test")
+    entry_point: StrictBool = Field(False, description="run the image's entry point as the test")
     commands: list[Command] = Field(default_factory=list, description="commands run in the built image")
     env: dict[EnvName, FreeText] = Field(default_factory=dict, json_schema_extra=_ONLY_PATTERN_KEYS)
     network: TestNetwork = Field(TestNetwork.NONE, description="'none' (default): only the container's own "
@@ -301,7 +302,7 @@ class TestConfig(_Model):
     vault_secrets: list[VaultSecret] = Field(default_factory=list)
     vault_policies: list[VaultName] = Field(default_factory=list, validate_default=True,
                                             description="required when vault_secrets are given")
-    gpu_required: bool = False
+    gpu_required: StrictBool = False
     gpu_count: Annotated[int, BeforeValidator(reject_bool)] = Field(0, ge=0, description="0 = one GPU")
     constraints: list[Constraint] = Field(default_factory=list)
     resource_limits: PhaseResources | None = Field(
@@ -352,15 +353,15 @@ class JobConfig(_Model):
     test: TestConfig | None = None
     resource_limits: ResourceLimits | None = None
     build_timeout: Timeout | None = None
-    clear_cache: bool = False
+    clear_cache: StrictBool = False
     build_args: dict[EnvName, FreeText] = Field(default_factory=dict, json_schema_extra=_ONLY_PATTERN_KEYS)
     target: StageName | None = None
     webhook_url: WebhookUrl | None = None
     webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(
         None, description="HMAC-SHA256 key that signs webhook bodies",
         json_schema_extra={"maxLength": TEXT_MAX_LENGTH, "not": {"enum": [SECRET_MASK, REDACTED]}})
-    webhook_on_success: bool = True
-    webhook_on_failure: bool = True
+    webhook_on_success: StrictBool = True
+    webhook_on_failure: StrictBool = True
     webhook_headers: dict[WebhookHeaderName, HeaderValue] = Field(default_factory=dict,
                                                                   json_schema_extra=_ONLY_PATTERN_KEYS)
     deploy_dir: NonEmptyLine | None = Field(None, description="CLI build-history directory")
