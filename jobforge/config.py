@@ -102,6 +102,7 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     check_webhook_url,
     fail,
     format_duration,
+    json_integer,
     mask_url_passwords,
     no_nul,
     not_blank,
@@ -123,6 +124,8 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ field types
 
+JsonInt = Annotated[int, BeforeValidator(json_integer)]
+"""An integer as JSON Schema means it (whole floats too), never a boolean or a numeric string."""
 OneLine = Annotated[str, AfterValidator(single_line), string_schema(None, ONE_LINE_PATTERN)]
 NonEmptyLine = Annotated[str, AfterValidator(not_blank), AfterValidator(single_line),
                          string_schema(None, NON_EMPTY_LINE_PATTERN, min_length=1)]
@@ -303,7 +306,7 @@ class TestConfig(_Model):
     vault_policies: list[VaultName] = Field(default_factory=list, validate_default=True,
                                             description="required when vault_secrets are given")
     gpu_required: StrictBool = False
-    gpu_count: Annotated[int, BeforeValidator(reject_bool)] = Field(0, ge=0, description="0 = one GPU")
+    gpu_count: JsonInt = Field(0, ge=0, description="0 = one GPU")
     constraints: list[Constraint] = Field(default_factory=list)
     resource_limits: PhaseResources | None = Field(
         None, description="test-phase resources; take priority over resource_limits.test")

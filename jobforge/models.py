@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from jobforge.config import JobConfig
+from jobforge.config import JobConfig, JsonInt
 from jobforge.rules import OWNER_MAX_LENGTH, mask_url_passwords
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -218,17 +218,17 @@ class JobIdParams(_Params):
 class GetLogsParams(JobIdParams):
     phase: Phase | None = None
     structured: StrictBool = Field(False, description="also return entries with timestamp and stream")
-    offset: StrictInt = Field(0, ge=0, le=MAX_OFFSET,
+    offset: JsonInt = Field(0, ge=0, le=MAX_OFFSET,
                         description="first line to return, counted over the phases in order (build, test, publish, "
                                     "then others)")
-    limit: StrictInt = Field(MAX_LOG_LIMIT, ge=1, le=MAX_LOG_LIMIT,
+    limit: JsonInt = Field(MAX_LOG_LIMIT, ge=1, le=MAX_LOG_LIMIT,
                        description="most lines to return; a page also ends early at the reply size limit "
                                    "(see next_offset)")
 
 
 class HistoryParams(_Params):
-    limit: StrictInt = Field(10, ge=1, le=MAX_HISTORY_LIMIT)
-    offset: StrictInt = Field(0, ge=0, le=MAX_OFFSET)
+    limit: JsonInt = Field(10, ge=1, le=MAX_HISTORY_LIMIT)
+    offset: JsonInt = Field(0, ge=0, le=MAX_OFFSET)
     owner: str | None = Field(None, max_length=OWNER_MAX_LENGTH)
     status: JobStatus | None = None
 
@@ -239,7 +239,7 @@ class WatchParams(JobIdParams):
 
 class StreamLogsParams(JobIdParams):
     phase: Phase | None = Field(None, description="only this phase's lines")
-    after: StrictInt = Field(0, ge=0, le=2**62, description="resume after this line sequence number (an SSE event id)")
+    after: JsonInt = Field(0, ge=0, le=2**62, description="resume after this line sequence number (an SSE event id)")
 
 
 # ---------------------------------------------------------------- API results

@@ -403,6 +403,15 @@ def reject_bool(value: object) -> object:
     return value
 
 
+def json_integer(value: object) -> object:
+    """JSON Schema's `integer`: an int or a whole float (`5.0`), never a boolean or a string."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail("int_type", "must be an integer")
+    return value
+
+
 def to_resource_value(value: object) -> int:
     """A positive integer given as an int, a whole float or a string of digits ("2000", as the reference)."""
     if isinstance(value, bool):
