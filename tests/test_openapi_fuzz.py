@@ -42,7 +42,7 @@ def test_schemathesis_finds_nothing(tmp_path):
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         common = [str(Path(sys.executable).with_name("st")), "run", f"{service.url}/openapi.json",
                   "--checks", "all", "--header", f"Authorization: Bearer {token}", "--phases", "examples,fuzzing",
-                  "--max-examples", "25", "--seed", "1", "--workers", "2", "--no-color"]
+                  "--max-examples", "40", "--seed", "1", "--workers", "2", "--no-color"]
 
         def st(*args: str) -> None:
             run = subprocess.run([*common, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
