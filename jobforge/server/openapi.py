@@ -37,6 +37,7 @@ _ERRORS = {
     415: "a body without Content-Type: application/json",
     421: "the Host header names no address of this service",
     429: "the queue is full (Retry-After says when to try again)",
+    502: "the scheduler (Nomad) or the registry failed",
     503: "the store is unavailable",
 }
 _GUARD_ERRORS = (401, 403, 413, 415, 421)
@@ -91,7 +92,7 @@ def openapi_document() -> dict:
                 "requestBody": {"required": _has_required(method.params), "content": {"application/json": {
                     "schema": refs[(method.params, "validation")]}}},
                 "responses": {"200": _json(refs[(method.result, "serialization")]),
-                              **_errors(400, 404, 409, 429, 503, *_GUARD_ERRORS)},
+                              **_errors(400, 404, 409, 429, 502, 503, *_GUARD_ERRORS)},
             }}
 
     calls = [{"type": "object", "additionalProperties": False,
