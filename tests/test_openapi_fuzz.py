@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from jobforge import devinfra
+from tests.support.schemathesis_hooks import MISSING_REPO
 from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
@@ -40,7 +41,14 @@ def test_schemathesis_finds_nothing(tmp_path):
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks",
                "JOBFORGE_FUZZ_REGISTRY": registry.host,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        common = [str(Path(sys.executable).with_name("st")), "run", f"{service.url}/openapi.json",
+        # A real job, so the GET routes (status, logs) answer with results too, not only 404s.
+        service.token = token
+        status, submitted = service.post("/json/submitJob", {"job_config": {
+            "owner": "fuzz", "repo_url": MISSING_REPO, "image_name": "fuzz", "registry_url": registry.host}})
+        assert status == 200, submitted
+        config = tmp_path / "schemathesis.toml"
+        config.write_text(f'[parameters]\n"path.job_id" = "{submitted["job_id"]}"\n')
+        common = [str(Path(sys.executable).with_name("st")), "--config-file", str(config), "run", f"{service.url}/openapi.json",
                   "--checks", "all", "--header", f"Authorization: Bearer {token}", "--phases", "examples,fuzzing",
                   "--max-examples", "40", "--seed", "1", "--workers", "2", "--no-color"]
 
