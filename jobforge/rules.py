@@ -405,6 +405,8 @@ def reject_bool(value: object) -> object:
 
 def json_integer(value: object) -> object:
     """JSON Schema's `integer`: an int or a whole float (`5.0`), never a boolean or a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        fail("int_type", "must be an integer: a finite number")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
