@@ -45,6 +45,7 @@ from pydantic import (
     FieldSerializationInfo,
     PlainSerializer,
     SecretStr,
+    StrictBool,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -55,6 +56,18 @@ from pydantic import (
 from jobforge.errors import ConfigError
 from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     COMMIT_SHA_PATTERN,
+    DURATION_SCHEMA_PATTERN,
+    GIT_REF_SCHEMA_PATTERN,
+    HEADER_VALUE_PATTERN,
+    NO_NUL_PATTERN,
+    NON_EMPTY_LINE_PATTERN,
+    NON_EMPTY_TEXT_PATTERN,
+    ONE_LINE_PATTERN,
+    REGISTRY_URL_SCHEMA_PATTERN,
+    RELATIVE_PATH_PATTERN,
+    REPO_URL_SCHEMA_PATTERN,
+    RESOURCE_STRING_PATTERN,
+    WEBHOOK_URL_SCHEMA_PATTERN,
     CONSTRAINT_OPERANDS,
     DURATION_PATTERN,
     ENV_NAME_PATTERN,
@@ -89,6 +102,7 @@ from jobforge.rules import (  # noqa: F401 - names re-exported in __all__ too
     check_webhook_url,
     fail,
     format_duration,
+    json_integer,
     mask_url_passwords,
     no_nul,
     not_blank,
@@ -110,11 +124,15 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ field types
 
-OneLine = Annotated[str, AfterValidator(single_line)]
-NonEmptyLine = Annotated[str, AfterValidator(not_blank), AfterValidator(single_line)]
+JsonInt = Annotated[int, BeforeValidator(json_integer)]
+"""An integer as JSON Schema means it (whole floats too), never a boolean or a numeric string."""
+OneLine = Annotated[str, AfterValidator(single_line), string_schema(None, ONE_LINE_PATTERN)]
+NonEmptyLine = Annotated[str, AfterValidator(not_blank), AfterValidator(single_line),
+                         string_schema(None, NON_EMPTY_LINE_PATTERN, min_length=1)]
 _LongText = StringConstraints(max_length=FREE_TEXT_MAX_LENGTH)
-FreeText = Annotated[str, _LongText, AfterValidator(no_nul)]
-Command = Annotated[str, _LongText, AfterValidator(not_blank), AfterValidator(no_nul)]
+FreeText = Annotated[str, _LongText, AfterValidator(no_nul), string_schema(None, NO_NUL_PATTERN, FREE_TEXT_MAX_LENGTH)]
+Command = Annotated[str, _LongText, AfterValidator(not_blank), AfterValidator(no_nul),
+                    string_schema(None, NON_EMPTY_TEXT_PATTERN, FREE_TEXT_MAX_LENGTH, min_length=1)]
 
 EnvName = pattern_type("env_name", ENV_NAME_PATTERN,
                         "must be a variable name: letters, digits and '_', not starting with a digit",
@@ -139,7 +157,7 @@ WebhookHeaderName = Annotated[
     string_schema("HTTP header name, not one Job Forge sets itself (" + ", ".join(RESERVED_WEBHOOK_HEADERS) + ")",
                   WEBHOOK_HEADER_NAME_PATTERN),
 ]
-HeaderValue = Annotated[str, AfterValidator(check_header_value)]
+HeaderValue = Annotated[str, AfterValidator(check_header_value), string_schema(None, HEADER_VALUE_PATTERN)]
 VaultPath = pattern_type("vault_path", VAULT_PATH_PATTERN,
                           "must be a Vault path: '/'-separated segments of letters, digits, '_', '.' and '-', "
                           "no segment starting with '.'", "Vault secret path, e.g. 'secret/data/team/app'")
@@ -149,41 +167,49 @@ VaultName = pattern_type("vault_name", VAULT_NAME_PATTERN,
 RelativePath = Annotated[
     str,
     AfterValidator(check_relative_path),
-    string_schema("path relative to the repository root (no '..', not absolute)"),
+    string_schema("path relative to the repository root (no '..', not absolute)", RELATIVE_PATH_PATTERN,
+                  min_length=1),
 ]
 GitRef = Annotated[
     str,
     AfterValidator(check_git_ref),
-    string_schema("branch, tag or ref name (git check-ref-format rules, not starting with '-') or a hex commit id"),
+    string_schema("branch, tag or ref name (git check-ref-format rules, not starting with '-') or a hex commit id; "
+                  "the pattern is the ASCII subset", GIT_REF_SCHEMA_PATTERN, min_length=1),
 ]
 RepoUrl = Annotated[
     str,
     AfterValidator(check_repo_url),
-    string_schema("git URL (http, https, ssh, git, file), scp-like 'user@host:path', or an absolute path"),
+    string_schema("git URL (http, https, ssh, git, file), scp-like 'user@host:path', or an absolute path; the "
+                  "pattern is the common subset", REPO_URL_SCHEMA_PATTERN, min_length=1),
 ]
 RegistryUrl = Annotated[
     str,
     AfterValidator(check_registry_url),
-    string_schema("registry 'host[:port][/path]' without a scheme, e.g. 'registry.example:5000/team'"),
+    string_schema("registry 'host[:port][/path]' without a scheme, e.g. 'registry.example:5000/team'",
+                  REGISTRY_URL_SCHEMA_PATTERN, min_length=1),
 ]
-WebhookUrl = Annotated[str, AfterValidator(check_webhook_url), string_schema("http(s) URL to notify")]
+WebhookUrl = Annotated[str, AfterValidator(check_webhook_url),
+                       string_schema("http(s) URL to notify", WEBHOOK_URL_SCHEMA_PATTERN, min_length=1)]
 ResourceValue = Annotated[
     int,
     BeforeValidator(to_resource_value),
     WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": RESOURCE_MAX},
-                              {"type": "string", "pattern": r"^[0-9]+$"}]}),
+                              {"type": "string", "pattern": RESOURCE_STRING_PATTERN}]}),
 ]
 Timeout = Annotated[
     timedelta,
     BeforeValidator(to_timeout),
     PlainSerializer(format_duration, return_type=str, when_used="json"),
-    WithJsonSchema({"anyOf": [{"type": "string", "pattern": DURATION_PATTERN},
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": DURATION_SCHEMA_PATTERN},
                               {"type": "number", "minimum": TIMEOUT_MIN_SECONDS, "maximum": TIMEOUT_MAX_SECONDS}],
                     "description": "Go-style duration ('30m', '1h30m', '90s') or seconds; 1s to 24h"}),
 ]
 
 
 # ------------------------------------------------------------------------------------------------ models
+
+_ONLY_PATTERN_KEYS = {"additionalProperties": False}
+"""pydantic moves a key pattern into `patternProperties`; without this the schema would allow any other key."""
 
 class _Model(BaseModel):
     # str_max_length bounds every string (keys too) that has no tighter limit of its own.
@@ -228,11 +254,16 @@ class VaultSecret(_Model):
 
     path: VaultPath
     fields: Annotated[dict[VaultName, EnvName], AfterValidator(check_vault_fields)] = Field(
-        description="Vault field name -> environment variable name")
+        description="Vault field name -> environment variable name", json_schema_extra={"minProperties": 1, **_ONLY_PATTERN_KEYS})
 
 
 class Constraint(_Model):
     """A Nomad constraint on the node that runs the test phase."""
+
+    # `_value_required` as JSON Schema: a value unless the operand is valueless.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["operand"], "properties": {"operand": {"enum": sorted(VALUELESS_OPERANDS)}}},
+        {"required": ["value"], "properties": {"value": {"minLength": 1}}}]})
 
     attribute: NonEmptyLine = Field(description="e.g. '${node.datacenter}' or '${meta.gpu-capable}'")
     operand: ConstraintOperand = "="
@@ -261,17 +292,21 @@ class TestConfig(_Model):
     """The optional test phase: run the image's entry point and/or commands inside the built image."""
 
     __test__: ClassVar[bool] = False  # not a pytest test class
+    # `_policies_for_secrets` as JSON Schema.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"vault_secrets": {"maxItems": 0}}},
+        {"required": ["vault_policies"], "properties": {"vault_policies": {"minItems": 1}}}]})
 
-    entry_point: bool = Field(False, description="run the image's entry point as the test")
+    entry_point: StrictBool = Field(False, description="run the image's entry point as the test")
     commands: list[Command] = Field(default_factory=list, description="commands run in the built image")
-    env: dict[EnvName, FreeText] = Field(default_factory=dict)
+    env: dict[EnvName, FreeText] = Field(default_factory=dict, json_schema_extra=_ONLY_PATTERN_KEYS)
     network: TestNetwork = Field(TestNetwork.NONE, description="'none' (default): only the container's own "
                                  "loopback; 'outbound': also outbound access, never the host's loopback")
     vault_secrets: list[VaultSecret] = Field(default_factory=list)
     vault_policies: list[VaultName] = Field(default_factory=list, validate_default=True,
                                             description="required when vault_secrets are given")
-    gpu_required: bool = False
-    gpu_count: Annotated[int, BeforeValidator(reject_bool)] = Field(0, ge=0, description="0 = one GPU")
+    gpu_required: StrictBool = False
+    gpu_count: JsonInt = Field(0, ge=0, description="0 = one GPU")
     constraints: list[Constraint] = Field(default_factory=list)
     resource_limits: PhaseResources | None = Field(
         None, description="test-phase resources; take priority over resource_limits.test")
@@ -307,7 +342,7 @@ class JobConfig(_Model):
     `build_timeout_seconds` / `test.timeout_seconds`. JSON dumps write them as Go-style text ("1h30m").
     """
 
-    owner: NonEmptyLine = Field(max_length=OWNER_MAX_LENGTH)
+    owner: NonEmptyLine = Field(max_length=OWNER_MAX_LENGTH, json_schema_extra={"maxLength": OWNER_MAX_LENGTH})
     repo_url: RepoUrl
     git_ref: GitRef = "main"
     git_credentials_path: VaultPath | None = None
@@ -321,15 +356,17 @@ class JobConfig(_Model):
     test: TestConfig | None = None
     resource_limits: ResourceLimits | None = None
     build_timeout: Timeout | None = None
-    clear_cache: bool = False
-    build_args: dict[EnvName, FreeText] = Field(default_factory=dict)
+    clear_cache: StrictBool = False
+    build_args: dict[EnvName, FreeText] = Field(default_factory=dict, json_schema_extra=_ONLY_PATTERN_KEYS)
     target: StageName | None = None
     webhook_url: WebhookUrl | None = None
     webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(
-        None, description="HMAC-SHA256 key that signs webhook bodies")
-    webhook_on_success: bool = True
-    webhook_on_failure: bool = True
-    webhook_headers: dict[WebhookHeaderName, HeaderValue] = Field(default_factory=dict)
+        None, description="HMAC-SHA256 key that signs webhook bodies",
+        json_schema_extra={"maxLength": TEXT_MAX_LENGTH, "not": {"enum": [SECRET_MASK, REDACTED]}})
+    webhook_on_success: StrictBool = True
+    webhook_on_failure: StrictBool = True
+    webhook_headers: dict[WebhookHeaderName, HeaderValue] = Field(default_factory=dict,
+                                                                  json_schema_extra=_ONLY_PATTERN_KEYS)
     deploy_dir: NonEmptyLine | None = Field(None, description="CLI build-history directory")
 
     @field_validator("webhook_secret")

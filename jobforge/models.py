@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from jobforge.config import JobConfig
+from jobforge.config import JobConfig, JsonInt
 from jobforge.rules import OWNER_MAX_LENGTH, mask_url_passwords
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -201,6 +201,9 @@ def _masked(text: str | None) -> str | None:
 # ---------------------------------------------------------------- API params
 
 class _Params(BaseModel):
+    """Strict numbers and booleans (no `false` for an offset, no `1` for a flag), as the JSON Schema says; the
+    GET routes turn their query strings into numbers and booleans first (`jobforge.server.app`)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -214,29 +217,29 @@ class JobIdParams(_Params):
 
 class GetLogsParams(JobIdParams):
     phase: Phase | None = None
-    structured: bool = Field(False, description="also return entries with timestamp and stream")
-    offset: int = Field(0, ge=0, le=MAX_OFFSET,
+    structured: StrictBool = Field(False, description="also return entries with timestamp and stream")
+    offset: JsonInt = Field(0, ge=0, le=MAX_OFFSET,
                         description="first line to return, counted over the phases in order (build, test, publish, "
                                     "then others)")
-    limit: int = Field(MAX_LOG_LIMIT, ge=1, le=MAX_LOG_LIMIT,
+    limit: JsonInt = Field(MAX_LOG_LIMIT, ge=1, le=MAX_LOG_LIMIT,
                        description="most lines to return; a page also ends early at the reply size limit "
                                    "(see next_offset)")
 
 
 class HistoryParams(_Params):
-    limit: int = Field(10, ge=1, le=MAX_HISTORY_LIMIT)
-    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    limit: JsonInt = Field(10, ge=1, le=MAX_HISTORY_LIMIT)
+    offset: JsonInt = Field(0, ge=0, le=MAX_OFFSET)
     owner: str | None = Field(None, max_length=OWNER_MAX_LENGTH)
     status: JobStatus | None = None
 
 
 class WatchParams(JobIdParams):
-    logs: bool = Field(False, description="also stream log lines as they are written")
+    logs: StrictBool = Field(False, description="also stream log lines as they are written")
 
 
 class StreamLogsParams(JobIdParams):
     phase: Phase | None = Field(None, description="only this phase's lines")
-    after: int = Field(0, ge=0, le=2**62, description="resume after this line sequence number (an SSE event id)")
+    after: JsonInt = Field(0, ge=0, le=2**62, description="resume after this line sequence number (an SSE event id)")
 
 
 # ---------------------------------------------------------------- API results

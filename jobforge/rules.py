@@ -49,6 +49,44 @@ _HOST_LABEL = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
 _HOSTNAME = rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*"
 HOSTNAME_PATTERN = rf"^{_HOSTNAME}$"
 
+# Free-text rules as patterns, for the JSON Schema (the check functions below are what the server runs; the
+# patterns say the same, so a client generated from the schema sends nothing the server rejects).
+_CONTROL = r"\x00-\x1f\x7f-\x9f"  # Unicode category Cc, what `single_line` refuses
+ONE_LINE_PATTERN = rf"^[^{_CONTROL}]*$"
+NON_EMPTY_LINE_PATTERN = rf"^(?=[^{_CONTROL}]*\S)[^{_CONTROL}]*$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+NON_EMPTY_TEXT_PATTERN = r"^(?=[^\x00]*\S)[^\x00]*$"
+HEADER_VALUE_PATTERN = r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f]*$"
+RELATIVE_PATH_PATTERN = rf"^(?!/)(?!(?:[^/]*/)*\.\.(?:/|$))[^{_CONTROL}]+$"
+# git_ref and the URLs: the checks below explain what is wrong; these patterns (ASCII, the common shapes) are
+# the rule's outer bound. The server enforces both, and the JSON Schema shows the pattern, so the schema says
+# exactly what is accepted (a pattern never admits what its check refuses).
+_REF_CHAR = r"[!-)+-.0-9;->@-Z\]_-}]"  # printable ASCII without space ~ ^ : ? * [ \ /
+GIT_REF_SCHEMA_PATTERN = (rf"^(?:[0-9a-fA-F]{{4,40}}|(?!-)(?!@$)(?!.*\.\.)(?!.*@\{{)(?!.*\.$)(?!.*\.lock(?:/|$))"
+                          rf"(?!\.)(?!.*/\.){_REF_CHAR}+(?:/{_REF_CHAR}+)*)$")
+_H16 = "[0-9A-Fa-f]{1,4}"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_IPV6 = (rf"(?:(?:{_H16}:){{7}}{_H16}|(?:{_H16}:){{1,7}}:|(?:{_H16}:){{1,6}}:{_H16}|(?:{_H16}:){{1,5}}(?::{_H16}){{1,2}}"
+         rf"|(?:{_H16}:){{1,4}}(?::{_H16}){{1,3}}|(?:{_H16}:){{1,3}}(?::{_H16}){{1,4}}|(?:{_H16}:){{1,2}}(?::{_H16}){{1,5}}"
+         rf"|{_H16}:(?::{_H16}){{1,6}}|:(?:(?::{_H16}){{1,7}}|:)"
+         rf"|::(?:[fF]{{4}}:)?{_IPV4}|(?:{_H16}:){{6}}{_IPV4})")
+_URL_HOST = rf"(?:{_HOSTNAME}|\[{_IPV6}\])"
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_URL_CHARS = r"A-Za-z0-9_.~!$&'()*+,;=%-"  # RFC 3986 unreserved, sub-delims and '%'
+_URL_USERINFO = rf"(?:[A-Za-z0-9_.~!$&'()*+,;=%][{_URL_CHARS}]*(?::[{_URL_CHARS}]*)?@)?"
+_URL_REST = rf"(?:/[{_URL_CHARS}:@/]*)?(?:\?[{_URL_CHARS}:@/?]*)?"
+_LOCAL_PATH = rf"/[{_URL_CHARS}:@/]*"
+REPO_URL_SCHEMA_PATTERN = (rf"^(?:(?:https?|ssh|git)://{_URL_USERINFO}{_URL_HOST}(?::{_PORT})?{_URL_REST}"
+                           rf"|file://{_URL_HOST}?{_LOCAL_PATH}|{_LOCAL_PATH}"
+                           rf"|[A-Za-z0-9_][A-Za-z0-9_.+-]*@{_HOSTNAME}:[A-Za-z0-9_.~/][{_URL_CHARS}:@/]*)$")
+REGISTRY_URL_SCHEMA_PATTERN = (rf"^{_URL_HOST}(?::(?:[1-9][0-9]{{0,3}}|[1-5][0-9]{{4}}|6[0-4][0-9]{{3}}"
+                               rf"|65[0-4][0-9]{{2}}|655[0-2][0-9]|6553[0-5]))?(?:/{_IMAGE_COMPONENT})*/?$")
+WEBHOOK_URL_SCHEMA_PATTERN = rf"^https?://{_URL_USERINFO}{_URL_HOST}(?::{_PORT})?{_URL_REST}$"
+DURATION_SCHEMA_PATTERN = r"^(?:[1-9][0-9]{0,3}s?|[1-9][0-9]{0,2}m|(?:[1-9]|1[0-9]|2[0-4])h)$"
+"""1s..24h in one unit (the check also takes '1h30m', '1.5h', '500ms' sums within bounds)."""
+RESOURCE_STRING_PATTERN = r"^[1-9][0-9]{0,8}$"
+
 # git check-ref-format, plus the `--branch` rule that a ref must not start with '-'.
 GIT_REF_FORBIDDEN_CHARS = "~^:?*[\\"
 GIT_REF_FORBIDDEN_SEQUENCES = ("..", "@{", "//")
@@ -169,14 +207,33 @@ def pattern_type(rule: str, pattern: str, message: str, description: str) -> Any
             fail(rule, message)
         return value
 
-    return Annotated[str, AfterValidator(check), string_schema(description, pattern)]
+    return Annotated[str, AfterValidator(check), string_schema(description, pattern, min_length=1)]
 
 
-def string_schema(description: str, pattern: str | None = None) -> WithJsonSchema:
-    schema: dict[str, Any] = {"type": "string", "description": description}
+def string_schema(description: str | None, pattern: str | None = None, max_length: int = TEXT_MAX_LENGTH,
+                  min_length: int = 0) -> WithJsonSchema:
+    """The JSON Schema of a checked string type: what the check allows (or less, never more), bounded by the
+    models' `str_max_length` unless the type has a tighter limit."""
+    schema: dict[str, Any] = {"type": "string", "maxLength": max_length}
+    if min_length:
+        schema["minLength"] = min_length
     if pattern is not None:
         schema["pattern"] = pattern
+    if description is not None:
+        schema["description"] = description
     return WithJsonSchema(schema)
+
+
+_URL_CHARS_MESSAGE = ("must be an ASCII URL: a DNS name or IPv4 host, a port without leading zeros, and only "
+                      "RFC 3986 characters (letters, digits, -._~!$&'()*+,;=%:@/?; no fragment)")
+
+
+def _within(value: str, pattern: str, rule: str, message: str) -> str:
+    """The last step of a check whose rule is wider than a regular language: the value must also match the
+    pattern the JSON Schema shows, so the schema and the server agree exactly."""
+    if not re.fullmatch(pattern, value):
+        fail(rule, message)
+    return value
 
 
 def check_image_name(value: str) -> str:
@@ -225,7 +282,7 @@ def check_git_ref(value: str) -> str:
     for component in value.split("/"):
         if component.startswith(".") or component.endswith(".lock"):
             fail("git_ref", "no '/'-separated component may start with '.' or end with '.lock'")
-    return value
+    return _within(value, GIT_REF_SCHEMA_PATTERN, "git_ref", "must be printable ASCII")
 
 
 def _check_url_authority(parts: SplitResult) -> None:
@@ -269,9 +326,9 @@ def check_repo_url(value: str) -> str:
                 fail("repo_url", "a file:// URL must name an absolute path")
         else:
             _check_url_authority(parts)
-        return value
+        return _within(value, REPO_URL_SCHEMA_PATTERN, "repo_url", _URL_CHARS_MESSAGE)
     if value.startswith("/") or _SCP_LIKE_RE.fullmatch(value):
-        return value
+        return _within(value, REPO_URL_SCHEMA_PATTERN, "repo_url", _URL_CHARS_MESSAGE)
     fail("repo_url", "must be a git URL (http, https, ssh, git or file scheme), an scp-like 'user@host:path', "
                       "or an absolute local path")
 
@@ -300,7 +357,8 @@ def check_registry_url(value: str) -> str:
         fail("registry_url", "port must be between 1 and 65535")
     if path and not re.fullmatch(IMAGE_NAME_PATTERN, path):
         fail("registry_url", "path must be lowercase repository components separated by '/'")
-    return value
+    return _within(value, REGISTRY_URL_SCHEMA_PATTERN, "registry_url",
+                   "must be 'host[:port][/path]' with a DNS name or IPv4 host and a port without leading zeros")
 
 
 def check_webhook_url(value: str) -> str:
@@ -310,7 +368,7 @@ def check_webhook_url(value: str) -> str:
     if scheme not in WEBHOOK_URL_SCHEMES:
         fail("webhook_url", "must be an http:// or https:// URL")
     _check_url_authority(urlsplit(value))
-    return value
+    return _within(value, WEBHOOK_URL_SCHEMA_PATTERN, "webhook_url", _URL_CHARS_MESSAGE)
 
 
 def is_reserved_webhook_header(name: str) -> bool:
@@ -342,6 +400,17 @@ def check_vault_fields(fields: dict[str, str]) -> dict[str, str]:
 def reject_bool(value: object) -> object:
     if isinstance(value, bool):
         fail("int_type", "must be an integer, not a boolean")
+    return value
+
+
+def json_integer(value: object) -> object:
+    """JSON Schema's `integer`: an int or a whole float (`5.0`), never a boolean or a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        fail("int_type", "must be an integer: a finite number")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        fail("int_type", "must be an integer")
     return value
 
 

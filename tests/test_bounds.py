@@ -81,13 +81,14 @@ async def test_an_infinite_id_is_not_echoed_and_the_call_is_not_run(env):
 
 
 @pytest.mark.parametrize("method, params, field, fragment", [
-    ("getHistory", {"offset": 1e21}, "offset", "integer"),
+    # 1e21 is a whole number, so a JSON Schema integer: refused by the bound, not by its type
+    ("getHistory", {"offset": 1e21}, "offset", "less than or equal to 1000000000"),
     ("getHistory", {"offset": 10 ** 30}, "offset", "less than or equal to 1000000000"),
     ("getHistory", {"offset": -1}, "offset", "greater than or equal to 0"),
     ("getHistory", {"limit": 1000}, "limit", "less than or equal to 500"),
     ("getHistory", '{"limit": 1e999}', "limit", "finite number"),
     ("getHistory", {"owner": "o" * 300}, "owner", "at most 256 characters"),
-    ("getLogs", {"job_id": "j", "offset": 1e21}, "offset", "integer"),
+    ("getLogs", {"job_id": "j", "offset": 1.5}, "offset", "integer"),
     ("getLogs", {"job_id": "j", "limit": 20000}, "limit", "less than or equal to 10000"),
     ("submitJob", {"job_config": {**CONFIG, "owner": "o" * 257}}, "job_config.owner", "at most 256 characters"),
     ("submitJob", {"job_config": {**CONFIG, "repo_url": "https://h.invalid/" + "a" * 5000}}, "job_config.repo_url",

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jobforge import api
-from jobforge.errors import JobForgeError, PayloadTooLarge, StoreError
-from jobforge.models import JOB_ID_PATTERN, LogMessage, StreamLogsParams, WatchParams
+from jobforge.errors import ConfigError, JobForgeError, PayloadTooLarge, StoreError
+from jobforge.models import GetLogsParams, LogMessage, StreamLogsParams, WatchParams
 from jobforge.server import jsonio, jsonrpc, mcp, streaming
 from jobforge.server.guard import PRINCIPAL_KEY, Guard, guard_middleware
 from jobforge.server.streaming import StreamLimits
@@ -83,6 +85,8 @@ async def rest_method(request: web.Request) -> web.Response:
         params = jsonio.loads(body) if body.strip() else {}
     except jsonio.BadJson as exc:
         return _json({"error": jsonrpc.parse_error(exc)["error"]}, status=400)
+    if params is None:  # an empty body means {}, an explicit null is not an object
+        raise ConfigError("params must be a JSON object", [{"field": "params", "rule": "must be a JSON object"}])
     return _json(await api.call(request.app[SERVICE_KEY], request.match_info["method"], params,
                                 request[PRINCIPAL_KEY]))
 
@@ -92,15 +96,30 @@ async def rest_status(request: web.Request) -> web.Response:
                                 request[PRINCIPAL_KEY]))
 
 
+def _typed_query(model: type[BaseModel], query: Mapping[str, str], **extra: Any) -> dict[str, Any]:
+    """A query string's values as `model` wants them: its integer fields from digits, its boolean fields from
+    true/false/1/0/yes/no (anything else stays a string, which the model refuses naming the field)."""
+    params: dict[str, Any] = dict(query)
+    for name, value in query.items():
+        field = model.model_fields.get(name)
+        kind = field.annotation if field is not None else None
+        if kind is int and value.isascii() and value.isdigit() and len(value) <= 20:
+            params[name] = int(value)
+        elif kind is bool and value.lower() in _BOOLEANS:
+            params[name] = _BOOLEANS[value.lower()]
+    return {**params, **extra}
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 async def rest_logs(request: web.Request) -> web.Response:
-    params: dict[str, Any] = {"job_id": request.match_info["job_id"], **request.query}
-    if "structured" in params:
-        params["structured"] = params["structured"].lower() in ("1", "true", "yes")
+    params = _typed_query(GetLogsParams, request.query, job_id=request.match_info["job_id"])
     return _json(await api.call(request.app[SERVICE_KEY], "getLogs", params, request[PRINCIPAL_KEY]))
 
 
 async def watch(request: web.Request) -> web.StreamResponse:
-    query = {"job_id": request.match_info["job_id"], "logs": request.query.get("logs", "false").lower() == "true"}
+    query = _typed_query(WatchParams, request.query, job_id=request.match_info["job_id"])
     params = api.parse_params(WatchParams, query)
     service = request.app[SERVICE_KEY]
     await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before the upgrade
@@ -120,15 +139,15 @@ async def _log_stream(request: web.Request, query: dict[str, Any]):
 
 async def stream_logs(request: web.Request) -> web.StreamResponse:
     """The reference's WebSocket log stream: `LogMessage` per line, then one `StreamStatus`, then close 1000."""
-    source = await _log_stream(request, dict(request.query))
+    source = await _log_stream(request, _typed_query(StreamLogsParams, request.query))
     return await streaming.serve_websocket(request, source, request.app[LIMITS_KEY])
 
 
 async def stream_logs_sse(request: web.Request) -> web.StreamResponse:
     """The same stream as Server-Sent Events; `id:` is the line's `seq`, so `Last-Event-ID` resumes."""
-    query: dict[str, Any] = {**request.query, "job_id": request.match_info["job_id"]}
+    query = _typed_query(StreamLogsParams, request.query, job_id=request.match_info["job_id"])
     if "Last-Event-ID" in request.headers:
-        query["after"] = request.headers["Last-Event-ID"].strip() or "0"
+        query.update(_typed_query(StreamLogsParams, {"after": request.headers["Last-Event-ID"].strip() or "0"}))
     source = await _log_stream(request, query)
 
     def frame(message) -> bytes:
@@ -194,7 +213,7 @@ def create_app(service: JobService, guard: Guard | None = None, *, stream_limits
     app[LIMITS_KEY] = stream_limits or StreamLimits()
     app[MCP_LOG_KEY] = mcp_log_level
     streaming.setup(app)
-    job = "{job_id:" + JOB_ID_PATTERN.strip("^$") + "}"
+    job = "{job_id}"  # any segment: the params model names a bad job_id (400), the router would say 404
     app.add_routes([
         web.post("/json", rpc),
         web.get(f"/json/job/{job}/status", rest_status),

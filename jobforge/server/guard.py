@@ -192,7 +192,9 @@ def guard_middleware(guard: Guard):
                                     "(CORS_ORIGIN)")
                 return web.Response(status=204, headers=allow)
             if (request.method, request.path) not in OPEN_ROUTES:
-                has_body = request.method == "POST" or request.can_read_body  # a bodiless DELETE says nothing
+                # Only a body needs its type: a bodiless POST carries no params (getHistory with its defaults,
+                # or a 400 naming the missing field), so it cannot be a forged call with content.
+                has_body = request.can_read_body
                 if request.method in BODY_METHODS and has_body and not is_json(request.headers.get("Content-Type")):
                     raise UnsupportedMediaType(
                         f"{request.method} {request.path} needs 'Content-Type: application/json', "
