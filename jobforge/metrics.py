@@ -91,6 +91,9 @@ class Metrics:
                                     ["resource_type", "phase"], registry=self.registry)
         self.http_duration = Histogram("http_request_duration_seconds", "API request duration by route template",
                                        ["method", "route", "code"], buckets=_HTTP_BUCKETS, registry=self.registry)
+        self.event_stream_lag = Histogram("nomad_event_stream_lag_seconds",
+                                          "nomad backend: time from Nomad recording an allocation change to the "
+                                          "service acting on it", buckets=_HTTP_BUCKETS, registry=self.registry)
         self.webhook_deliveries = Counter("webhook_deliveries", "webhook delivery attempts by outcome "
                                           "(delivered, retry, failed, refused)", ["outcome"], registry=self.registry)
 
@@ -101,6 +104,9 @@ class Metrics:
         self.jobs.labels(status=JobStatus.SUCCEEDED.value, failed_phase="none")
         for phase in Phase:
             self.jobs.labels(status=JobStatus.FAILED.value, failed_phase=phase.value)
+
+    def event_lag(self, seconds: float) -> None:
+        self.event_stream_lag.observe(seconds)
 
     def submitted(self) -> None:
         self.jobs_submitted.inc()

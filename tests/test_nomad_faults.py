@@ -59,3 +59,23 @@ async def test_a_vault_template_that_fails_names_the_secret(tmp_path):
     assert (status.status.value, status.failed_phase.value) == ("FAILED", "build")
     assert status.error == ("build phase failed: Template failed: vault.read(secret/ci/git): "
                             "no secret exists at secret/data/ci/git")
+
+
+
+async def test_the_event_stream_lag_is_measured_from_nomads_own_modify_time(tmp_path):
+    """Nomad stamps each allocation change (ModifyTime, ns); the backend reports how long after it acted on it."""
+    gates = Gates()
+    for phase in gates.open:
+        gates.open[phase].set()
+    nomad = FakeNomad(runner=gates.runner)
+    lags: list[float] = []
+    await nomad.start()
+    try:
+        async with service_on(tmp_path / "jobs.db", nomad, on_event_lag=lags.append) as svc:
+            await svc.submit_job(SubmitJobParams.model_validate({"job_config": CONFIG}))
+            async with asyncio.timeout(20):
+                await svc.idle()
+    finally:
+        await nomad.stop()
+    # One per allocation change of the three phases and the cleanup; each the age of a change just made.
+    assert len(lags) >= 4 and all(0 <= lag < 30 for lag in lags), lags

@@ -78,14 +78,15 @@ def build_store(settings: Settings) -> Store:
     return SqliteStore(settings.data_dir / "jobforge.db")
 
 
-def build_backend(settings: Settings) -> Backend:
+def build_backend(settings: Settings, metrics: Metrics | None = None) -> Backend:
     if settings.backend == "nomad":
         nomad = settings.nomad
         http = NomadHTTP(nomad.addr, token=nomad.token.get_secret_value() if nomad.token else None,
                          namespace=nomad.namespace, region=nomad.region)
         overrides = {"image": nomad.image} if nomad.image else {}
         return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides),
-                            placement_timeout=nomad.placement_timeout, stream_timeout=nomad.stream_timeout)
+                            placement_timeout=nomad.placement_timeout, stream_timeout=nomad.stream_timeout,
+                            on_event_lag=metrics.event_lag if metrics is not None else None)
     data = settings.data_dir
     return LocalBackend(
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
@@ -107,7 +108,8 @@ def build_webhooks(settings: Settings, store: Store, metrics: Metrics) -> Delive
 def build_service(settings: Settings) -> JobService:
     """The service with its webhook worker (`service.webhooks`); the caller starts and closes both."""
     store = build_store(settings)
-    backend = build_backend(settings)
+    metrics = Metrics()
+    backend = build_backend(settings, metrics)
     policy = Policy(build_timeout=settings.build_timeout, test_timeout=settings.test_timeout,
                     publish_timeout=settings.publish_timeout, deadline_grace=settings.deadline_grace,
                     cleanup_attempts=settings.cleanup_attempts, cleanup_backoff=settings.cleanup_backoff)
@@ -116,7 +118,6 @@ def build_service(settings: Settings) -> JobService:
                               insecure_registries=settings.insecure_registry_hosts)
     log_limits = LogLimits(max_bytes=settings.max_log_bytes, max_lines=settings.max_log_lines,
                            max_line_bytes=settings.max_line_bytes)
-    metrics = Metrics()
     return JobService(store, backend, policy=policy, registry=registry, metrics=metrics,
                       admission=settings.submit_policy, max_concurrent_jobs=settings.max_concurrent_jobs,
                       webhooks=build_webhooks(settings, store, metrics),

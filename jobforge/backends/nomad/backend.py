@@ -101,8 +101,10 @@ class NomadBackend:
     def __init__(self, api: NomadAPI, render: RenderParams, *, cleanup_timeout: float = 600.0,
                  placement_timeout: float = 300.0, stream_timeout: float = 65.0, log_read_timeout: float = 300.0,
                  dispatch_attempts: int = 5, retry_delay: float = 0.5,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow,
+                 on_event_lag: Callable[[float], None] | None = None) -> None:
         self._api = api
+        self._on_event_lag = on_event_lag
         self._render = render
         self._cleanup_timeout = cleanup_timeout
         self._placement_timeout = placement_timeout
@@ -373,6 +375,9 @@ class NomadBackend:
         run = self._by_child.get(alloc.job_id)
         if run is None or run.finished:
             return
+        if self._on_event_lag is not None and alloc.modify_time:
+            # How long after Nomad recorded the change we act on it: the event stream's lag for operators.
+            self._on_event_lag(max(0.0, self._clock().timestamp() - alloc.modify_time / 1e9))
         if run.alloc_id not in (None, alloc.id):
             return  # a replacement Nomad placed (lost node, alloc stop): the allocation we follow decides
         run.alloc_id = alloc.id

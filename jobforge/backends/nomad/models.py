@@ -58,6 +58,8 @@ class Allocation(_Wire):
     task_states: dict[str, TaskState] = Field(default_factory=dict, alias="TaskStates")
     create_index: int = Field(0, alias="CreateIndex")
     modify_index: int = Field(0, alias="ModifyIndex")
+    modify_time: int = Field(0, alias="ModifyTime")
+    """Nanoseconds since the epoch of the last change Nomad recorded (0 on stubs that lack it)."""
 
     @property
     def age(self) -> tuple[int, int]:
@@ -92,6 +94,8 @@ class Evaluation(_Wire):
     failed_tg_allocs: dict[str, AllocMetric] = Field(default_factory=dict, alias="FailedTGAllocs")
     create_index: int = Field(0, alias="CreateIndex")
     modify_index: int = Field(0, alias="ModifyIndex")
+    modify_time: int = Field(0, alias="ModifyTime")
+    """Nanoseconds since the epoch of the last change Nomad recorded (0 on stubs that lack it)."""
 
     @property
     def age(self) -> tuple[int, int]:
@@ -105,6 +109,8 @@ class JobStub(_Wire):
     meta: dict[str, str] = Field(default_factory=dict, alias="Meta")
     create_index: int = Field(0, alias="CreateIndex")
     modify_index: int = Field(0, alias="ModifyIndex")
+    modify_time: int = Field(0, alias="ModifyTime")
+    """Nanoseconds since the epoch of the last change Nomad recorded (0 on stubs that lack it)."""
 
     @property
     def age(self) -> tuple[int, int]:
