@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-TASKS = Path(__file__).resolve().parents[1] / "templates" / "tasks"
+from tests.support import taskscripts
 
 
 @pytest.fixture(scope="module")
 def build():
-    import sys
-    sys.path.insert(0, str(TASKS))
-    try:
-        spec = importlib.util.spec_from_file_location("jobforge_task_build", TASKS / "build.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(TASKS))
+    return taskscripts.load("build")
 
 
 DOCKERFILE = """# syntax comment

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import os
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 from jobforge.logcaps import LineSplitter, LogBudget, LogBudgets, LogLimits, split_text
 from jobforge.models import LogLine, LogStream
+from tests.support import taskscripts
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-TASKS = Path(__file__).resolve().parents[1] / "templates" / "tasks"
 MARK8 = " [line split: longer than 8 bytes, continued on the next line]"
 
 
@@ -101,14 +98,7 @@ def test_budgets_are_per_job_and_bounded():
 
 def test_the_test_task_relays_a_long_line_in_bounded_pieces(tmp_path):
     """templates/tasks/test.py relays the container's output file: a huge line comes out in marked pieces."""
-    spec = importlib.util.spec_from_file_location("jobforge_test_task", TASKS / "test.py")
-    sys.path.insert(0, str(TASKS))
-    try:
-        task = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-        spec.loader.exec_module(task)
-    finally:
-        sys.path.remove(str(TASKS))
-        sys.modules.pop(spec.name, None)
+    task = taskscripts.load("test")
     output = tmp_path / "output"
     fd = task.create_private(str(output))  # opened before the container writes, as the test phase does
     follower = task.LineFollower(fd)

@@ -24,10 +24,12 @@ from tests.support.service import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = Path(__file__).resolve().parent / "support"
 STREAMS = r"/(watch|streamLogs|logs/stream)$"
 JSON_RPC_OPERATIONS = "--include-operation-id jsonrpc --include-operation-id mcp"
+
+
+HOOKS_DIR = Path(__file__).resolve().parent / "support"
 
 
 def test_schemathesis_finds_nothing(tmp_path):
@@ -38,9 +40,10 @@ def test_schemathesis_finds_nothing(tmp_path):
     with devinfra.Registry(tmp_path / "registry") as registry, ServiceProcess(
             tmp_path / "service", registry.host, JOBFORGE_API_TOKENS_FILE=str(tokens),
             JOBFORGE_VAULT_ALLOWED_PATHS="fuzz", MAX_CONCURRENT_JOBS="8", MAX_QUEUED_JOBS="100000") as service:
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks",
-               "JOBFORGE_FUZZ_REGISTRY": registry.host,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        # `st` imports the hooks module by name: only its own folder goes on the path, never the checkout, so the
+        # hooks' `import jobforge` is the installed package.
+        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(HOOKS_DIR),
+               "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "JOBFORGE_FUZZ_REGISTRY": registry.host}
         # A real job, so the GET routes (status, logs) answer with results too, not only 404s.
         service.token = token
         status, submitted = service.post("/json/submitJob", {"job_config": {
@@ -48,7 +51,8 @@ def test_schemathesis_finds_nothing(tmp_path):
         assert status == 200, submitted
         config = tmp_path / "schemathesis.toml"
         config.write_text(f'[parameters]\n"path.job_id" = "{submitted["job_id"]}"\n')
-        common = [str(Path(sys.executable).with_name("st")), "--config-file", str(config), "run", f"{service.url}/openapi.json",
+        common = [str(Path(sys.executable).with_name("st")), "--config-file", str(config), "run",
+                  f"{service.url}/openapi.json",
                   "--checks", "all", "--header", f"Authorization: Bearer {token}", "--phases", "examples,fuzzing",
                   "--max-examples", "40", "--seed", "1", "--workers", "2", "--no-color"]
 

@@ -1,17 +1,15 @@
 """The credential-binding rules of the task scripts (templates/tasks/_common.py, stdlib only): pure functions,
-imported from the scripts' own directory as the scripts import them."""
+loaded from the directory the service runs them from (tests/support/taskscripts.py)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "templates" / "tasks"))
+from tests.support import taskscripts
 
-import _common as c  # noqa: E402
-from build import split_url_credential  # noqa: E402
+c = taskscripts.load("_common")
+split_url_credential = taskscripts.load("build").split_url_credential
 
 STORE = """https://alice:a%40pw@git.example
 https://bob:b-pw@git.example:8443
