@@ -535,7 +535,6 @@ class JobService:
             running = {r.job_id for r in records if r.status.running}
             self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
             self._active = running
-            self.metrics.concurrent.set(len(running))
             for job_id in list(self._pending[:max(0, self._max - len(running))]):
                 try:
                     new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
