@@ -13,6 +13,12 @@ Failure rules (the numbers come from `pipeline.Policy`):
 - a periodic `Tick` fails phases past their deadline and re-admits; failed temp image deletions are retried
   and, being recorded in the store, resumed after a restart;
 - log lines that cannot be stored are counted, the job fails, and its log gets a marker saying so.
+
+Replicas (`jobforge.cluster`): a replica drives only the jobs whose lease it holds — it admits (under the
+cluster's admission lock, so the limit holds across replicas), applies their backend events and ticks, runs
+their cleanups — and takes over those whose lease nobody holds (at start, and at every scan). Anything else
+reads the store: a kill for a job another replica drives is recorded for that replica to act on, and watchers
+follow the store with blocking queries. A single replica (`Solo`) drives every job.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from datetime import datetime, timedelta
 from jobforge import pipeline
 from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
+from jobforge.cluster import Leases, Solo
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
@@ -65,6 +72,12 @@ log = logging.getLogger("jobforge.service")
 DEFAULT_MAX_QUEUED_JOBS = 1000
 MAX_LOG_PAGE_CHARS = 4 * 1024 * 1024
 """A getLogs page ends once its lines hold this many characters (at least one line is always returned)."""
+
+_ALL_NEW_LINES = 1 << 30  # a watcher fed from the store reads every line past its cursor
+KILL_WAIT = 30.0
+"""Seconds `killJob` on a replica that does not drive the job waits for the driver to record the kill."""
+WATCH_WAIT = 10.0
+"""Seconds of one blocking query of a watcher fed from the store."""
 
 _FAIL_LATER_ATTEMPTS = 20
 _FAIL_LATER_MAX_DELAY = 30.0
@@ -119,8 +132,10 @@ class JobService:
                  admission: SubmitPolicy = SubmitPolicy(),
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
                  max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits(),
-                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0, watch_buffer: int = 1000):
+                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0, watch_buffer: int = 1000,
+                 leases: Leases | None = None):
         self.store = store
+        self.leases: Leases = leases or Solo()
         self.backend = backend
         self._policy = policy
         self._registry = registry
@@ -150,6 +165,8 @@ class JobService:
         self._doomed: dict[str, str] = {}  # job -> why it must fail (its logs are incomplete), until it has
         self._consumer: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
+        self._scanner: asyncio.Task | None = None
+        self._taken: dict[str, str] = {}  # job -> the session driving it, as of the last scan (replicas)
         self._changed = asyncio.Condition()
 
     def reconfigure(self, *, policy: pipeline.Policy, max_concurrent_jobs: int, job_defaults: JobDefaults,
@@ -170,17 +187,42 @@ class JobService:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Reap what a previous run left, recover unfinished jobs and cleanups, then consume and admit."""
+        """Reap what a previous run left, recover unfinished jobs and cleanups nobody drives, then consume and
+        admit. With replicas, jobs another live replica drives are left to it."""
+        await self.leases.start()
         reap = getattr(self.backend, "reap", None)  # non-resumable backends: kill leftovers of a previous run
         if reap is not None:
             await reap()
         self._consumer = asyncio.create_task(self._consume())
+        self._taken = (await self.leases.scan()).held
+        await self._take_over(await self.store.unfinished())
+        await self._admit()
+        self._ticker = asyncio.create_task(self._tick_loop())
+        if self.leases.shared:
+            self._scanner = asyncio.create_task(self._scan_loop())
+
+    async def _take_over(self, records: list[JobRecord]) -> None:
+        """Drive the unfinished jobs whose lease nobody holds: resume running phases, retry cleanups."""
         resumed = []
-        for record in await self.store.unfinished():
-            if record.status.terminal:
+        for seen in records:
+            if seen.status is JobStatus.PENDING or seen.job_id in self._taken:
+                continue
+            if self.leases.shared and self.leases.holds(seen.job_id):
+                continue
+            if not seen.outstanding:  # settled, but its driver died before dropping the lease
+                await self.leases.release(seen.job_id)
+                continue
+            if not await self.leases.acquire(seen.job_id):
+                continue
+            record = (await self.store.get(seen.job_id)).record if self.leases.shared else seen
+            if record.status is not seen.status:  # its last driver moved it on meanwhile
+                log.info("job %s: taking it over at %s", record.job_id, record.status.value)
+            if not record.outstanding:
+                await self.leases.release(record.job_id)
+            elif record.status.terminal:
                 self._schedule_cleanup(record.job_id)
             elif record.status is JobStatus.PENDING:
-                continue
+                await self.leases.release(record.job_id)
             elif self.backend.resumable:
                 resumed.append((pipeline.current_dispatch(record, self._policy), record))
             else:
@@ -190,13 +232,14 @@ class JobService:
                     error=f"the server restarted while the {phase.value} phase was running; "
                           "the local backend cannot resume it"))
         if resumed:
+            if self.leases.shared:
+                log.info("taking over %d running jobs: %s", len(resumed), ", ".join(r.job_id for _, r in resumed))
             await self.backend.resume(resumed)
-        await self._admit()
-        self._ticker = asyncio.create_task(self._tick_loop())
 
     async def aclose(self) -> None:
-        """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start."""
-        for task in (self._consumer, self._ticker):
+        """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start;
+        then give the leases up, so other replicas take the jobs over at once."""
+        for task in (self._consumer, self._ticker, self._scanner):
             if task:
                 task.cancel()
         for task in list(self._waiting):
@@ -206,8 +249,9 @@ class JobService:
             _, late = await asyncio.wait(busy, timeout=self._shutdown_grace)
             for task in late:
                 task.cancel()
-        background = [t for t in (self._consumer, self._ticker) if t]
+        background = [t for t in (self._consumer, self._ticker, self._scanner) if t]
         await asyncio.gather(*self._tasks, *background, return_exceptions=True)
+        await self.leases.aclose()
 
     async def idle(self, cleanups: bool = False) -> None:
         """Wait until no job is pending or running and no side task is in flight (tests, benchmarks, shutdown);
@@ -260,8 +304,43 @@ class JobService:
                           offset=params.offset, total=page.total, next_offset=end if end < page.total else None)
 
     async def kill_job(self, params: JobIdParams) -> KillJobResult:
-        record = await self.apply(params.job_id, pipeline.KillRequested(at=self._clock()))
+        """Kill here when this replica drives the job (or may: nobody else does); else record the request for
+        the replica that drives it and wait (bounded) until it has recorded the kill."""
+        if await self._drive(params.job_id):
+            record = await self.apply(params.job_id, pipeline.KillRequested(at=self._clock()))
+        else:
+            await self.leases.request_kill(params.job_id)
+            record = await self._until_finished(params.job_id, KILL_WAIT)
         return KillJobResult(job_id=record.job_id, status=record.status, message=pipeline.KILLED_BY_USER)
+
+    async def _drive(self, job_id: str) -> bool:
+        """True when this replica drives the job now, taking it over if nobody does (NotFound when unknown)."""
+        if self.leases.holds(job_id):
+            return True
+        record = (await self.store.get(job_id)).record
+        if record.status.terminal:
+            return True  # nothing to drive: the kill is refused by the pipeline as it is everywhere
+        if not await self.leases.acquire(job_id):
+            return False
+        record = (await self.store.get(job_id)).record
+        if record.status.running:
+            await self._take_over_one(record)
+        return True
+
+    async def _take_over_one(self, record: JobRecord) -> None:
+        self._taken.pop(record.job_id, None)
+        await self.backend.resume([(pipeline.current_dispatch(record, self._policy), record)])
+
+    async def _until_finished(self, job_id: str, seconds: float) -> JobRecord:
+        versioned = await self.store.get(job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not versioned.record.status.terminal and loop.time() < deadline:
+            found = await self.leases.wait_record(job_id, versioned.version, min(WATCH_WAIT, seconds))
+            if found is None:
+                break
+            versioned = found
+        return versioned.record
 
     async def cleanup(self, params: JobIdParams) -> CleanupResult:
         record = (await self.store.get(params.job_id)).record
@@ -299,7 +378,10 @@ class JobService:
         """Current state first, then every change (and, with `logs`, every log line — those already stored
         first), until the job ends. Raises `SlowConsumer` when the consumer fell `watch_buffer` entries behind."""
         watcher = _Watcher(self._watch_buffer, logs)
-        self._watchers[job_id].add(watcher)
+        shared = self.leases.shared  # another replica may drive the job: follow the store, not this process
+        if not shared:
+            self._watchers[job_id].add(watcher)
+        feeders: list[asyncio.Task] = []
         cursor = 0
 
         async def lines(count: int | None) -> AsyncIterator[WatchUpdate]:
@@ -317,11 +399,16 @@ class JobService:
                     count -= len(batch)
 
         try:
-            record = (await self.store.get(job_id)).record
+            versioned = await self.store.get(job_id)
+            record = versioned.record
             current = JobStatusResult.from_record(record)
             if record.settled:
                 yield WatchUpdate(type="end", job=current)
                 return
+            if shared:
+                feeders.append(asyncio.create_task(self._feed_record(watcher, job_id, versioned.version)))
+                if logs:
+                    feeders.append(asyncio.create_task(self._feed_logs(watcher, job_id)))
             yield WatchUpdate(type="status", job=current)
             if logs:
                 async for update in lines(None):
@@ -334,13 +421,50 @@ class JobService:
                     async for update in lines(item):
                         yield update
                     continue
+                if item.type == "end" and logs and shared:  # its driver stored every line before the end
+                    async for update in lines(None):
+                        yield update
                 yield item
                 if item.type == "end":
                     return
         finally:
-            self._watchers[job_id].discard(watcher)
-            if not self._watchers[job_id]:
-                del self._watchers[job_id]
+            for feeder in feeders:
+                feeder.cancel()
+            if not shared:
+                self._watchers[job_id].discard(watcher)
+                if not self._watchers[job_id]:
+                    del self._watchers[job_id]
+
+    async def _feed_record(self, watcher: _Watcher, job_id: str, version: int) -> None:
+        """Offer each change of the stored record (blocking queries) until the job is settled."""
+        while True:
+            try:
+                found = await self.leases.wait_record(job_id, version, WATCH_WAIT)
+            except StoreError as exc:
+                log.warning("watch of job %s: %s; retrying", job_id, exc.message)
+                await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
+                continue
+            if found is None or found.version == version:
+                continue
+            version = found.version
+            watcher.offer(WatchUpdate(type="end" if found.record.settled else "status",
+                                      job=JobStatusResult.from_record(found.record)))
+            if found.record.settled:
+                return
+
+    async def _feed_logs(self, watcher: _Watcher, job_id: str) -> None:
+        """Offer "read on" each time the job's log keys change (blocking queries)."""
+        index = 0
+        while True:
+            try:
+                found = await self.leases.wait_logs(job_id, index, WATCH_WAIT)
+            except StoreError as exc:
+                log.warning("watch of job %s logs: %s; retrying", job_id, exc.message)
+                await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
+                continue
+            if found != index:
+                index = found
+                watcher.offer(_ALL_NEW_LINES)
 
     def follow_logs(self, job_id: str, phase: Phase | None = None, after: int = 0,
                     poll_interval: float = 1.0) -> AsyncIterator[LogMessage | StreamStatus]:
@@ -363,6 +487,8 @@ class JobService:
                 await self._execute(command, new)
         if new.status.terminal and not old.status.terminal:
             await self._admit()
+        if not new.outstanding and self.leases.shared and self.leases.holds(job_id):
+            await self.leases.release(job_id)
         if new.settled and not self._locks[job_id].locked():
             del self._locks[job_id]
         await self._notify()
@@ -525,28 +651,41 @@ class JobService:
     # ------------------------------------------------------------ admission and the clock
 
     async def _admit(self) -> None:
-        """Start pending jobs while fewer than the limit are running, counted from the store."""
+        """Start pending jobs while fewer than the limit are running, counted from the store (with replicas:
+        under the cluster's admission lock, so the count is the cluster's)."""
         async with self._admission:
             try:
-                records = [r for r in await self.store.unfinished() if not r.status.terminal]
+                async with self.leases.admission() as allowed:
+                    if allowed:
+                        await self._admit_now()
+                    else:
+                        log.info("another replica is admitting jobs; admission retried at the next tick")
             except (StoreError, OSError) as exc:
                 log.warning("admission postponed: the store is unusable (%s)", exc)
-                return
-            running = {r.job_id for r in records if r.status.running}
-            self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
-            self._active = running
-            for job_id in list(self._pending[:max(0, self._max - len(running))]):
-                try:
-                    new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
-                except IllegalTransition:  # killed meanwhile
-                    new = None
-                except (StoreError, NotFound) as exc:
-                    log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
-                    break
-                self._pending.remove(job_id)
-                if new is not None and new.status.running:
-                    self._active.add(job_id)
         await self._notify()
+
+    async def _admit_now(self) -> None:
+        records = [r for r in await self.store.unfinished() if not r.status.terminal]
+        running = {r.job_id for r in records if r.status.running}
+        self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
+        self._active = running
+        for job_id in list(self._pending[:max(0, self._max - len(running))]):
+            if not await self.leases.acquire(job_id):
+                continue  # being killed by another replica
+            try:
+                new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
+            except IllegalTransition:  # killed meanwhile
+                new = None
+                if self.leases.shared:
+                    await self.leases.release(job_id)
+            except (StoreError, NotFound) as exc:
+                log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
+                if self.leases.shared:
+                    await self.leases.release(job_id)
+                break
+            self._pending.remove(job_id)
+            if new is not None and new.status.running:
+                self._active.add(job_id)
 
     async def tick(self) -> None:
         """One pass of the clock: fail phases past their deadline, resume lost cleanups, re-admit."""
@@ -558,12 +697,53 @@ class JobService:
         for job_id in {job for job, _ in self._lost_lines}:
             await self._flush_lost_lines(job_id)
         for record in records:
+            if not self.leases.holds(record.job_id):
+                continue  # another replica drives it (or nobody: the scan takes it over)
             if record.status.terminal:
                 if record.job_id not in self._cleanups:
                     self._schedule_cleanup(record.job_id)
             elif record.current_phase is not None:
                 await self._apply_or_fail(record.job_id, pipeline.Tick(at=self._clock()))
+        if self.leases.shared:  # jobs without a lease key at all (e.g. recorded by an older version)
+            await self._take_over(records)
         await self._admit()
+
+    async def scan(self) -> None:
+        """Replicas: renew this replica's lease, end dead replicas' sessions, take over the jobs whose lease
+        nobody holds, and act on kill requests for the jobs this replica drives."""
+        scan = await self.leases.scan()
+        self._taken = scan.held
+        if scan.free:
+            records = []
+            for job_id in scan.free:
+                try:
+                    records.append((await self.store.get(job_id)).record)
+                except NotFound:
+                    continue
+            await self._take_over(records)
+        for job_id in scan.kills:
+            if self.leases.holds(job_id) or job_id not in scan.held:  # else its driver acts on it
+                await self._kill_requested(job_id)
+
+    async def _kill_requested(self, job_id: str) -> None:
+        try:
+            record = (await self.store.get(job_id)).record
+            if not record.status.terminal:
+                if not await self._drive(job_id):
+                    return
+                await self.apply(job_id, pipeline.KillRequested(at=self._clock()))
+                log.info("job %s killed at the request of another replica", job_id)
+        except (NotFound, IllegalTransition):
+            pass
+        await self.leases.kill_done(job_id)
+
+    async def _scan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.leases.scan_seconds)
+            try:
+                await self.scan()
+            except Exception:  # noqa: BLE001 - the lease must keep being renewed
+                log.exception("cluster scan failed")
 
     async def _tick_loop(self) -> None:
         while True:
@@ -577,6 +757,10 @@ class JobService:
 
     async def _consume(self) -> None:
         async for message in self.backend.events():
+            if self.leases.shared and not self.leases.holds(message.job_id) \
+                    and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
+                log.info("job %s: driven by another replica now; its backend report is left to it", message.job_id)
+                continue
             try:
                 if isinstance(message, LogChunk):
                     await self._store_logs(message)

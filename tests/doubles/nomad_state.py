@@ -17,7 +17,7 @@ import base64
 import copy
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from tests.doubles.nomad_jobspec import canonicalize
 from tests.doubles.nomad_placement import Node
@@ -36,6 +36,16 @@ from tests.doubles.nomad_shapes import (
 )
 
 JobKey = tuple[str, str]
+
+
+class Dispatched(NamedTuple):
+    """One accepted `POST /v1/job/:id/dispatch`: the parent, the request's meta and token, the child it names."""
+
+    parent: str
+    meta: dict[str, str]
+    token: str
+    child: str
+    new: bool
 _SERVER_FIELDS = ("Status", "StatusDescription", "Version", "Stable", "CreateIndex", "ModifyIndex",
                   "JobModifyIndex", "SubmitTime", "VaultToken", "ConsulToken", "NomadTokenID")
 
@@ -65,6 +75,8 @@ class Cluster:
         self.on_change: Callable[[], None] = lambda: None
         self.on_place: Callable[[str], None] = lambda alloc_id: None
         self.on_stop: Callable[[str], None] = lambda alloc_id: None
+        self.dispatch_log: list[Dispatched] = []
+        """Every accepted dispatch request, in order, an idempotent repeat included (`new` False)."""
 
     @property
     def datacenter(self) -> str:
@@ -317,6 +329,7 @@ class Cluster:
         if token:
             for kid in sorted(self.children(parent), key=lambda j: j["ID"]):
                 if kid["DispatchIdempotencyToken"] == token:
+                    self.dispatch_log.append(Dispatched(parent_id, dict(meta), token, kid["ID"], new=False))
                     return {"Index": kid["ModifyIndex"], "JobCreateIndex": kid["CreateIndex"], "EvalCreateIndex": 0,
                             "EvalID": "", "DispatchedJobID": kid["ID"]}
         now = self.clock()
@@ -329,6 +342,7 @@ class Cluster:
                      Meta={**(parent.get("Meta") or {}), **meta} or None, Version=0, Stable=False,
                      CreateIndex=idx, ModifyIndex=idx, JobModifyIndex=idx)
         key = (ns, child_id)
+        self.dispatch_log.append(Dispatched(parent_id, dict(meta), token, child_id, new=True))
         self.jobs[key] = child
         if payload:
             self.payloads[key] = payload
