@@ -54,6 +54,7 @@ log = logging.getLogger("jobforge.cluster")
 CLUSTER = "cluster/"
 REPLICAS, LEASES, KILLS, ADMISSION = "replicas/", "leases/", "kills/", "admission"
 _ADMISSION_TRIES = 20
+_WATCH_CONNECTIONS = 1000  # blocking queries at once (two per watcher following logs)
 
 
 def replica_name() -> str:
@@ -205,18 +206,33 @@ class ConsulLeases:
         self.session: str | None = None
         self._held: set[str] = set()
         self._beats = 0
-        self._last_beat = 0.0
         self._seen: dict[str, tuple[int, float]] = {}  # peer session -> (ModifyIndex, first seen at)
         self._last_scan: float | None = None
         self._lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task] = set()
+        self._beater: asyncio.Task | None = None
+        self._watch_http: aiohttp.ClientSession | None = None  # blocking queries never starve the heartbeat
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         await self._new_session()
+        self._beater = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    async def _heartbeat_loop(self) -> None:
+        """Its own task: however long the service's own work takes, the session is renewed on time."""
+        while True:
+            await asyncio.sleep(self._heartbeat)  # the heartbeat period
+            try:
+                async with self._lock:
+                    await self._beat()
+            except StoreError as exc:
+                log.warning("replica %s: heartbeat failed (%s)", self.name, exc.message)
 
     async def aclose(self) -> None:
+        if self._beater is not None:
+            self._beater.cancel()
+            await asyncio.gather(self._beater, return_exceptions=True)
         session, self.session = self.session, None
         self._held.clear()
         try:
@@ -225,9 +241,10 @@ class ConsulLeases:
         except StoreError as exc:
             log.warning("could not end session %s (%s); Consul ends it after its TTL", session, exc.message)
         finally:
-            if self._http is not None:
-                await self._http.close()
-                self._http = None
+            for http in (self._http, self._watch_http):
+                if http is not None:
+                    await http.close()
+            self._http = self._watch_http = None
 
     # ------------------------------------------------------------ leases
 
@@ -252,8 +269,6 @@ class ConsulLeases:
 
     async def scan(self) -> Scan:
         async with self._lock:
-            if time.monotonic() - self._last_beat >= self._heartbeat:
-                await self._beat()
             before = set(self._held)  # leases acquired while the read is on its way are not judged by it
             entries = await self._entries()
             self._watch_peers(entries)
@@ -304,7 +319,8 @@ class ConsulLeases:
     async def wait_record(self, job_id: str, version: int, wait: float) -> Versioned | None:
         """The job's record once its version passes `version` (or after `wait` seconds); None if it is gone."""
         status, body, _ = await self._request("GET", f"/v1/kv/{job_key(self._prefix, job_id)}", ok=(200, 404),
-                                              params={"index": version, "wait": f"{max(1, round(wait))}s"})
+                                              params={"index": version, "wait": f"{max(1, round(wait))}s"},
+                                              blocking=True)
         if status == 404:
             return None
         try:
@@ -316,7 +332,8 @@ class ConsulLeases:
     async def wait_logs(self, job_id: str, index: int, wait: float) -> int:
         """Consul's index of the job's log keys once it passes `index` (or after `wait` seconds)."""
         _, _, found = await self._request("GET", f"/v1/kv/{logs_prefix(self._prefix, job_id)}", "keys",
-                                          ok=(200, 404), params={"index": index, "wait": f"{max(1, round(wait))}s"})
+                                          ok=(200, 404), params={"index": index, "wait": f"{max(1, round(wait))}s"},
+                                          blocking=True)
         return found if found >= index else 0  # an index going backwards (snapshot restore) starts over
 
     # ------------------------------------------------------------ internals
@@ -356,8 +373,6 @@ class ConsulLeases:
                         "others", self.name, self.session, len(self._held))
             self.session = None
             await self._new_session()
-            return
-        self._last_beat = time.monotonic()
 
     def _watch_peers(self, entries: Iterable[LockEntry]) -> None:
         now = time.monotonic()
@@ -420,16 +435,21 @@ class ConsulLeases:
             raise StoreError(f"unexpected answer from consul to acquire {key}: {exc}") from exc
 
     async def _request(self, method: str, path: str, *flags: str, ok: tuple[int, ...] = (200,),
-                       params: dict[str, Any] | None = None, **kwargs: Any) -> tuple[int, bytes, int]:
-        """One call; returns status, body and X-Consul-Index. Transport errors and other statuses: StoreError."""
+                       params: dict[str, Any] | None = None, blocking: bool = False,
+                       **kwargs: Any) -> tuple[int, bytes, int]:
+        """One call; returns status, body and X-Consul-Index. Transport errors and other statuses: StoreError.
+        Blocking queries (watchers) use their own connection pool, so many watchers never delay a heartbeat."""
         params = {**(params or {}), **({"dc": self._dc} if self._dc else {})}
         query = [*flags, *(f"{k}={quote(str(v), safe='')}" for k, v in params.items())]
         url = f"{self._base}{path}" + (f"?{'&'.join(query)}" if query else "")
         if self._http is None:
             self._http = aiohttp.ClientSession(headers=self._headers,
                                                timeout=aiohttp.ClientTimeout(total=self._request_timeout))
+            self._watch_http = aiohttp.ClientSession(headers=self._headers, connector=aiohttp.TCPConnector(
+                limit=_WATCH_CONNECTIONS), timeout=aiohttp.ClientTimeout(total=self._request_timeout))
+        http = self._watch_http if blocking else self._http
         try:
-            async with self._http.request(method, url, **kwargs) as resp:
+            async with http.request(method, url, **kwargs) as resp:
                 status, body = resp.status, await resp.read()
                 index = resp.headers.get("X-Consul-Index", "0")
         except (aiohttp.ClientError, OSError) as exc:
