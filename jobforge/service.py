@@ -444,7 +444,9 @@ class JobService:
                 log.warning("watch of job %s: %s; retrying", job_id, exc.message)
                 await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
                 continue
-            if found is None or found.version == version:
+            if found is None:  # jobs are never deleted; a vanished record ends the feed, not the watch
+                return
+            if found.version == version:
                 continue
             version = found.version
             watcher.offer(WatchUpdate(type="end" if found.record.settled else "status",
@@ -759,7 +761,7 @@ class JobService:
         async for message in self.backend.events():
             if self.leases.shared and not self.leases.holds(message.job_id) \
                     and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
-                log.info("job %s: driven by another replica now; its backend report is left to it", message.job_id)
+                log.debug("job %s: driven by another replica now; its backend report is left to it", message.job_id)
                 continue
             try:
                 if isinstance(message, LogChunk):
