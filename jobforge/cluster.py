@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import os
 import socket
@@ -146,6 +145,24 @@ class Solo:
 
 
 # ---------------------------------------------------------------- Consul wire objects
+
+class SessionRequest(BaseModel):
+    """Body of `PUT /v1/session/create` (structs.Session): every default the endpoint would pick is overridden."""
+
+    Name: str
+    TTL: str
+    Behavior: str = "release"
+    LockDelay: str
+    NodeChecks: list[str] = Field(default_factory=list)
+    """No serfHealth: a replica's liveness is its heartbeat, not its Consul agent's node."""
+
+
+class Heartbeat(BaseModel):
+    """Value of `cluster/replicas/<session>`: rewritten at every heartbeat so its ModifyIndex moves."""
+
+    replica: str
+    beat: int
+
 
 class SessionCreated(BaseModel):
     """Answer of `PUT /v1/session/create`."""
@@ -342,9 +359,10 @@ class ConsulLeases:
         return f"{self._root}{kind}{segment(job_id)}"
 
     async def _new_session(self) -> None:
-        body = {"Name": f"jobforge-service {self.name}", "TTL": f"{self._ttl:g}s", "Behavior": "release",
-                "LockDelay": f"{self._heartbeat:g}s", "NodeChecks": []}
-        _, answer, _ = await self._request("PUT", "/v1/session/create", json=body)
+        body = SessionRequest(Name=f"jobforge-service {self.name}", TTL=f"{self._ttl:g}s",
+                              LockDelay=f"{self._heartbeat:g}s")
+        _, answer, _ = await self._request("PUT", "/v1/session/create", data=body.model_dump_json(),
+                                           headers={"Content-Type": "application/json"})
         try:
             self.session = SessionCreated.model_validate_json(answer).ID
         except ValidationError as exc:
@@ -365,8 +383,8 @@ class ConsulLeases:
             status, _, _ = await self._request("PUT", f"/v1/session/renew/{self.session}", ok=(200, 404))
             if status == 404:
                 raise _SessionGone
-            value = json.dumps({"replica": self.name, "beat": self._beats}).encode()
-            if not await self._lock_key(f"{self._root}{REPLICAS}{self.session}", value.decode()):
+            value = Heartbeat(replica=self.name, beat=self._beats).model_dump_json()
+            if not await self._lock_key(f"{self._root}{REPLICAS}{self.session}", value):
                 raise _SessionGone
         except _SessionGone:
             log.warning("replica %s: session %s ended (declared dead or expired); its %d jobs are left to the "

@@ -711,8 +711,8 @@ class JobService:
         await self._admit()
 
     async def scan(self) -> None:
-        """Replicas: renew this replica's lease, end dead replicas' sessions, take over the jobs whose lease
-        nobody holds, and act on kill requests for the jobs this replica drives."""
+        """Replicas (every second): end dead replicas' sessions, take over the jobs whose lease nobody holds,
+        and act on kill requests for the jobs this replica drives (or may take: nobody drives them)."""
         scan = await self.leases.scan()
         self._taken = scan.held
         if scan.free:
