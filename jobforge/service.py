@@ -27,7 +27,7 @@ import asyncio
 import errno
 import logging
 import uuid
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
@@ -167,6 +167,7 @@ class JobService:
         self._ticker: asyncio.Task | None = None
         self._scanner: asyncio.Task | None = None
         self._taken: dict[str, str] = {}  # job -> the session driving it, as of the last scan (replicas)
+        self._replay: dict[tuple[str, str], dict[LogStream, int]] = {}  # (job, phase) -> stored lines to skip
         self._changed = asyncio.Condition()
 
     def reconfigure(self, *, policy: pipeline.Policy, max_concurrent_jobs: int, job_defaults: JobDefaults,
@@ -234,7 +235,26 @@ class JobService:
         if resumed:
             if self.leases.shared:
                 log.info("taking over %d running jobs: %s", len(resumed), ", ".join(r.job_id for _, r in resumed))
+            for _, record in resumed:
+                await self._expect_replay(record)
             await self.backend.resume(resumed)
+
+    async def _expect_replay(self, record: JobRecord) -> None:
+        """A resumed phase's logs are read from their start again: count, per stream, the lines of this attempt
+        already stored (by the previous driver), so `_store_logs` skips them instead of storing them twice."""
+        phase = record.current_phase
+        if phase is None:
+            return
+        since = record.phases[phase].dispatched_at
+        try:
+            stored = (await self.store.get_logs(record.job_id, phase.value)).get(phase.value, [])
+        except (StoreError, OSError) as exc:
+            log.warning("job %s: stored %s log not read (%s); lines may repeat", record.job_id, phase.value, exc)
+            return
+        counts = Counter(line.stream for line in stored
+                         if line.stream is not LogStream.SYSTEM and (since is None or line.ts >= since))
+        if counts:
+            self._replay[(record.job_id, phase.value)] = dict(counts)
 
     async def aclose(self) -> None:
         """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start;
@@ -329,6 +349,7 @@ class JobService:
 
     async def _take_over_one(self, record: JobRecord) -> None:
         self._taken.pop(record.job_id, None)
+        await self._expect_replay(record)
         await self.backend.resume([(pipeline.current_dispatch(record, self._policy), record)])
 
     async def _until_finished(self, job_id: str, seconds: float) -> JobRecord:
@@ -767,6 +788,8 @@ class JobService:
                 if isinstance(message, LogChunk):
                     await self._store_logs(message)
                 elif isinstance(message, JobEvent):
+                    if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+                        self._replay.pop((message.job_id, message.event.phase.value), None)
                     await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
                     await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
             except NotFound:
@@ -798,6 +821,7 @@ class JobService:
                 lines.append(masked_line(line))
             else:
                 self.metrics.usage(chunk.phase, usage)
+        lines = self._skip_replayed(chunk.job_id, chunk.phase, lines)
         lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps
         if not lines:
             return
@@ -823,6 +847,21 @@ class JobService:
         for watcher in self._watchers.get(chunk.job_id, ()):
             if watcher.logs:
                 watcher.offer(len(chunk.lines))  # a count: the watcher reads the lines back from the store
+
+    def _skip_replayed(self, job_id: str, phase: str, lines: list[LogLine]) -> list[LogLine]:
+        """Drop the lines a resumed phase reads again that its previous driver had stored already."""
+        skip = self._replay.get((job_id, phase))
+        if not skip:
+            return lines
+        kept = []
+        for line in lines:
+            if skip.get(line.stream, 0) > 0:
+                skip[line.stream] -= 1
+            else:
+                kept.append(line)
+        if not any(skip.values()):
+            del self._replay[(job_id, phase)]
+        return kept
 
     async def _stop_current_phase(self, job_id: str) -> None:
         """Stop a job's running phase before its failure is recorded (a full disk may not take the record yet)."""

@@ -152,6 +152,9 @@ async def test_two_replicas_share_the_work_and_survive_a_sigkill(tmp_path):
                     assert time.monotonic() < deadline, "not every job reached a final state"
                     await asyncio.sleep(0.2)  # polling the other process against a deadline
                 final = await all_final()
+                for job in on_a:  # taken over mid-build: the lines a stored are not stored again by b
+                    logs = (await client_b.get_logs(job)).logs
+                    assert logs["build"] == ["build started", "build done"], logs
                 async with asyncio.timeout(60):
                     await watcher
         finally:
