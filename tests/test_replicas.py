@@ -104,7 +104,9 @@ async def test_two_replicas_share_the_work_and_survive_a_sigkill(tmp_path):
     nomad, consul = FakeNomad(runner=gate.runner, event_heartbeat=0.5, log_heartbeat=0.5), FakeConsul()
     with nomad.in_thread() as nomad_url, consul.in_thread() as consul_addr:
         env = {"JOBFORGE_BACKEND": "nomad", "NOMAD_ADDR": nomad_url, "JOBFORGE_STORE": "consul",
-               "CONSUL_HTTP_ADDR": consul_addr, "MAX_CONCURRENT_JOBS": str(LIMIT), "JOBFORGE_TICK": "1"}
+               "CONSUL_HTTP_ADDR": consul_addr, "MAX_CONCURRENT_JOBS": str(LIMIT), "JOBFORGE_TICK": "1",
+               # an hour-long session TTL: only the survivor noticing the silent heartbeat can free the leases
+               "JOBFORGE_LEASE_TTL": "3600"}
         a = ServiceProcess(tmp_path / "a", "127.0.0.1:5000", JOBFORGE_REPLICA_NAME="a", **env).start()
         b = ServiceProcess(tmp_path / "b", "127.0.0.1:5000", JOBFORGE_REPLICA_NAME="b", **env).start()
         try:
