@@ -43,10 +43,11 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from jobforge.errors import StoreError
+from jobforge.models import JobRecord
 from jobforge.stores.base import Versioned, load_record
 from jobforge.stores.consul import job_key, logs_prefix, segment, unsegment
 
-__all__ = ["ConsulLeases", "Leases", "Solo", "replica_name"]
+__all__ = ["ConsulLeases", "Leases", "Solo", "log_changes", "record_changes", "replica_name"]
 
 log = logging.getLogger("jobforge.cluster")
 
@@ -142,6 +143,41 @@ class Solo:
 
     async def wait_logs(self, job_id: str, index: int, wait: float) -> int:
         raise NotImplementedError("a single replica feeds its watchers itself")
+
+
+async def record_changes(leases: Leases, job_id: str, version: int, wait: float) -> AsyncIterator[JobRecord]:
+    """Each new version of a job's stored record after `version`, until it is settled (blocking queries; retried
+    while the store is unreachable). Changes in quick succession may arrive as one: the newest."""
+    while True:
+        try:
+            found = await leases.wait_record(job_id, version, wait)
+        except StoreError as exc:
+            log.warning("watch of job %s: %s; retrying", job_id, exc.message)
+            await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
+            continue
+        if found is None:  # jobs are never deleted; a vanished record ends the feed
+            return
+        if found.version == version:
+            continue
+        version = found.version
+        yield found.record
+        if found.record.settled:
+            return
+
+
+async def log_changes(leases: Leases, job_id: str, wait: float) -> AsyncIterator[None]:
+    """One item each time the job's log keys change (blocking queries; retried while the store is unreachable)."""
+    index = 0
+    while True:
+        try:
+            found = await leases.wait_logs(job_id, index, wait)
+        except StoreError as exc:
+            log.warning("watch of job %s logs: %s; retrying", job_id, exc.message)
+            await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
+            continue
+        if found != index:
+            index = found
+            yield None
 
 
 # ---------------------------------------------------------------- Consul wire objects

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from jobforge import pipeline
 from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
-from jobforge.cluster import Leases, Solo
+from jobforge.cluster import Leases, Solo, log_changes, record_changes
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
@@ -457,37 +457,13 @@ class JobService:
                     del self._watchers[job_id]
 
     async def _feed_record(self, watcher: _Watcher, job_id: str, version: int) -> None:
-        """Offer each change of the stored record (blocking queries) until the job is settled."""
-        while True:
-            try:
-                found = await self.leases.wait_record(job_id, version, WATCH_WAIT)
-            except StoreError as exc:
-                log.warning("watch of job %s: %s; retrying", job_id, exc.message)
-                await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
-                continue
-            if found is None:  # jobs are never deleted; a vanished record ends the feed, not the watch
-                return
-            if found.version == version:
-                continue
-            version = found.version
-            watcher.offer(WatchUpdate(type="end" if found.record.settled else "status",
-                                      job=JobStatusResult.from_record(found.record)))
-            if found.record.settled:
-                return
+        async for record in record_changes(self.leases, job_id, version, WATCH_WAIT):
+            watcher.offer(WatchUpdate(type="end" if record.settled else "status",
+                                      job=JobStatusResult.from_record(record)))
 
     async def _feed_logs(self, watcher: _Watcher, job_id: str) -> None:
-        """Offer "read on" each time the job's log keys change (blocking queries)."""
-        index = 0
-        while True:
-            try:
-                found = await self.leases.wait_logs(job_id, index, WATCH_WAIT)
-            except StoreError as exc:
-                log.warning("watch of job %s logs: %s; retrying", job_id, exc.message)
-                await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
-                continue
-            if found != index:
-                index = found
-                watcher.offer(_ALL_NEW_LINES)
+        async for _ in log_changes(self.leases, job_id, WATCH_WAIT):
+            watcher.offer(_ALL_NEW_LINES)  # the watcher reads every line past its cursor
 
     def follow_logs(self, job_id: str, phase: Phase | None = None, after: int = 0,
                     poll_interval: float = 1.0) -> AsyncIterator[LogMessage | StreamStatus]:
