@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from enum import Enum
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -359,6 +359,9 @@ class JobConfig(_Model):
     clear_cache: StrictBool = False
     build_args: dict[EnvName, FreeText] = Field(default_factory=dict, json_schema_extra=_ONLY_PATTERN_KEYS)
     target: StageName | None = None
+    image_format: Literal["oci", "docker"] = Field(
+        "oci", description="manifest format of the built image: 'docker' keeps a Dockerfile's HEALTHCHECK, SHELL and "
+                           "ONBUILD, which the OCI format has no field for")
     webhook_url: WebhookUrl | None = None
     webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(
         None, description="HMAC-SHA256 key that signs webhook bodies",

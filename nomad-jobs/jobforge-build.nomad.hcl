@@ -1074,6 +1074,10 @@ def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
         argv += ["--build-arg", f"{name}={value}"]
     if p.get("target"):
         argv += ["--target", p["target"]]
+    image_format = p.get("image_format") or "oci"
+    if image_format not in ("oci", "docker"):
+        raise TaskError(f"invalid image_format {image_format!r}: oci or docker")
+    argv += ["--format", image_format]
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.

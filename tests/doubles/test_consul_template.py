@@ -294,3 +294,15 @@ def test_env_file_parsing_follows_go_envparse():
     for bad in ("1X=y", "NOEQUALS", 'A="open', "A='open", 'A="\\x"', "A=\x01", "=v", 'A="\\ud83d"'):
         with pytest.raises(EnvFileError, match="error on line 1"):
             parse_env_file(bad)
+
+
+def test_a_field_printed_as_it_is_must_be_a_string():
+    """`{{ . }}` (the service job's API tokens file) prints a string field as it is; other kinds are refused."""
+    fake = FakeVault()
+    fake.put("app", {"text": "line 1\nline \"2\"", "n": 5, "nested": {"a": "b"}})
+    text = '{{ with secret "secret/data/app" }}{{ with index .Data.data "%s" }}{{ . }}{{ end }}{{ end }}'
+    assert render_template(text % "text", fake) == 'line 1\nline "2"'
+    assert render_template(text % "absent", fake) == ""
+    assert render_template(text % "n", fake) == "5"  # a json.Number prints as its text
+    with pytest.raises(UnsupportedTemplate):
+        render_template(text % "nested", fake)  # Go would print map[a:b]: not modelled

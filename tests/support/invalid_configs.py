@@ -96,6 +96,7 @@ INVALID = [
     ("repo-url-ssh-proxycommand", with_(repo_url="ssh://-oProxyCommand=x/repo"), "repo_url", "host"),
     ("repo-url-ssh-dash-user", with_(repo_url="ssh://-oProxyCommand=x@host/repo"), "repo_url",
      "user name must not start with '-'"),
+    ("image-format", with_(image_format="qcow2"), "image_format", "'oci' or 'docker'"),
     ("repo-url-ssh-password", with_(repo_url="ssh://git:hunter2@git.example/app.git"), "repo_url",
      "ssh:// URLs take no password"),
     ("repo-url-git-password", with_(repo_url="git://u:pw@git.example/app.git"), "repo_url",
