@@ -34,7 +34,7 @@ KEYS: dict[str, tuple[str, TypeAdapter]] = {
     "default_resource_limits/memory": ("memory", _RESOURCE),
     "default_resource_limits/disk": ("disk", _RESOURCE),
     **{f"default_resource_limits/{phase}/{field}": (f"{phase}_{field}", _RESOURCE)
-       for phase in PHASES for field in ("cpu", "memory", "disk")},
+       for phase in PHASES for field in _FIELDS},
 }
 
 

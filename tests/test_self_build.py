@@ -96,9 +96,13 @@ def test_job_forge_builds_tests_and_publishes_its_own_image_which_serves(
     assert registry.has_manifest(IMAGE, tag) and registry.has_manifest(IMAGE, job_id)
 
     ref = f"{registry.host}/{IMAGE}:{tag}"
-    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{ref}"],
+    # --raw: the config blob as pushed (without it skopeo converts it to OCI, which has no Healthcheck).
+    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", "--raw", f"docker://{ref}"],
                                capture_output=True, text=True, check=True).stdout
     image_config = json.loads(inspected)["config"]
+    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{ref}"],
+                                         capture_output=True, text=True, check=True).stdout)
+    assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"  # image_format: docker
     assert image_config["User"] == "10001:10001" and image_config["Entrypoint"] == ["jobforge-service"]
     healthcheck = image_config["Healthcheck"]
     assert healthcheck["Test"][0] == "CMD" and "/health" in healthcheck["Test"][-1], healthcheck
