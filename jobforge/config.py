@@ -372,6 +372,15 @@ class JobConfig(_Model):
                                                                   json_schema_extra=_ONLY_PATTERN_KEYS)
     deploy_dir: NonEmptyLine | None = Field(None, description="CLI build-history directory")
 
+    @field_validator("git_credentials_path")
+    @classmethod
+    def _credentials_usable(cls, path: str | None, info: ValidationInfo) -> str | None:
+        # git:// has no authentication: the credentials would be read from Vault and never used.
+        if path is not None and str(info.data.get("repo_url", "")).lower().startswith("git://"):
+            fail("git_credentials_path", "a git:// repo_url takes no credentials (git:// has no authentication): "
+                                         "use an https:// URL (username/password) or an ssh one (ssh_key)")
+        return path
+
     @field_validator("webhook_secret")
     @classmethod
     def _secret_not_masked(cls, secret: SecretStr | None) -> SecretStr | None:
