@@ -90,17 +90,17 @@ job "jobforge-service" {
       }
 
       env {
-        JOBFORGE_BACKEND     = "nomad"
-        JOBFORGE_STORE       = "consul"
-        SERVER_HOST          = "$${NOMAD_IP_http}"
-        SERVER_PORT          = "$${NOMAD_PORT_http}"
-        METRICS_PORT         = "$${NOMAD_PORT_metrics}"
-        NOMAD_ADDR           = "http://$${attr.unique.network.ip-address}:4646"
-        NOMAD_DATACENTERS    = "dc1"
-        CONSUL_HTTP_ADDR     = "$${attr.unique.network.ip-address}:8500"
-        JOBFORGE_NOMAD_IMAGE = "localhost:5000/jobforge-runner:latest"
-        JOBFORGE_DATA_DIR    = "$${NOMAD_ALLOC_DIR}/data"
-        PYTHONUNBUFFERED     = "1"
+        JOBFORGE_BACKEND         = "nomad"
+        JOBFORGE_STORE           = "consul"
+        SERVER_HOST              = "$${NOMAD_IP_http}"
+        SERVER_PORT              = "$${NOMAD_PORT_http}"
+        METRICS_PORT             = "$${NOMAD_PORT_metrics}"
+        NOMAD_ADDR               = "http://$${attr.unique.network.ip-address}:4646"
+        NOMAD_DATACENTERS        = "dc1"
+        CONSUL_HTTP_ADDR         = "$${attr.unique.network.ip-address}:8500"
+        JOBFORGE_NOMAD_IMAGE     = "localhost:5000/jobforge-runner:latest"
+        JOBFORGE_DATA_DIR        = "$${NOMAD_ALLOC_DIR}/data"
+        PYTHONUNBUFFERED         = "1"
         # Bearer tokens: the service refuses to serve a non-loopback address without them.
         JOBFORGE_API_TOKENS_FILE = "$${NOMAD_SECRETS_DIR}/api-tokens"
       }
