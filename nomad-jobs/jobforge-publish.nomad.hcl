@@ -230,15 +230,17 @@ def is_ssh_url(url: str) -> bool:
     return colon > 0 and (slash < 0 or colon < slash)
 
 
-def ssh_command(key_file: str, known_hosts_file: str, strict: bool) -> str:
-    """GIT_SSH_COMMAND (git runs it through a shell, hence the quoting) that offers exactly one key, the job's.
+def ssh_command(key_file: str | None, known_hosts_file: str, strict: bool) -> str:
+    """GIT_SSH_COMMAND (git runs it through a shell, hence the quoting) that offers exactly one key, the job's, or
+    none at all (`key_file` None): the runner's own keys belong to the runner, not to whatever host a job names.
 
     No ssh config (`-F /dev/null`: no ProxyCommand, IdentityFile or Host blocks of the runner's), no agent and no
-    default identities (`IdentitiesOnly`, `IdentityAgent=none`), no prompts. Host keys: `strict` checks them
-    against `known_hosts_file` (and the runner's /etc/ssh/ssh_known_hosts); otherwise a host not in them is
-    accepted on first use and remembered in that (per-run) file only."""
+    default identities (`IdentitiesOnly`, `IdentityAgent=none`, `IdentityFile=none`), no prompts. Host keys:
+    `strict` checks them against `known_hosts_file` (and the runner's /etc/ssh/ssh_known_hosts); otherwise a host
+    not in them is accepted on first use and remembered in that (per-run) file only."""
+    identity = ["-i", key_file] if key_file else ["-o", "IdentityFile=none"]
     return shlex.join([
-        "ssh", "-F", "/dev/null", "-i", key_file, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+        "ssh", "-F", "/dev/null", *identity, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
         "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
         "-o", f"StrictHostKeyChecking={'yes' if strict else 'accept-new'}",
         "-o", f"UserKnownHostsFile={known_hosts_file}",

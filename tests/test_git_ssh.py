@@ -136,3 +136,20 @@ async def test_the_key_is_not_used_for_a_repository_fetched_otherwise(tmp_path, 
     assert f"commit: {repo.head()}" in proc.stdout
     assert "accepted on first use" not in proc.stdout
     assert_key_hidden(private, proc, workdir)
+
+
+async def test_without_a_job_key_ssh_offers_none_of_the_runners_keys(tmp_path, keys, server, repo):
+    """The runner's own default key is authorized on the server a job names, yet a job with no key of its own
+    gets in with nothing: ssh neither reads ~/.ssh nor asks an agent."""
+    private, public, _ = keys
+    ssh_dir = tmp_path / ".ssh"  # run_build's HOME
+    ssh_dir.mkdir(mode=0o700)
+    (ssh_dir / "id_ed25519").write_text(private)
+    (ssh_dir / "id_ed25519").chmod(0o600)
+    (ssh_dir / "id_ed25519.pub").write_text(public + "\n")
+    url = f"ssh://{getpass.getuser()}@127.0.0.1:{server.port}{repo.path}"
+    proc, _ = run_build(tmp_path, url, {"SSH_AUTH_SOCK": str(tmp_path / "agent.sock")})
+    assert proc.returncode == 1 and "commit:" not in proc.stdout
+    assert last_line(proc) == f"ERROR: repository not found or not readable: ssh://127.0.0.1:{server.port}{repo.path}"
+    assert "Accepted publickey" not in server.log()
+    assert fingerprint(public) not in server.log()

@@ -99,7 +99,8 @@ def git_env(ctx: Context, credential: Credential | None) -> dict[str, str]:
     rewrites or extra headers) + the one credential bound to this repository's origin, if any."""
     env = dict(tool_env(), GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0",
                GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
-    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")  # ssh prompts on /dev/tty otherwise
+    # No job key: ssh offers no key at all (the runner's keys, config and agent stay the runner's).
+    env["GIT_SSH_COMMAND"] = ssh_command(None, os.path.join(ctx.workdir, ".git-known-hosts"), strict=False)
     if credential is not None:
         env["JOBFORGE_GIT_CRED_USERNAME"] = credential.username
         env["JOBFORGE_GIT_CRED_PASSWORD"] = credential.password
