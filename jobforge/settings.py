@@ -75,7 +75,8 @@ class ConsulSettings(BaseSettings):
     config: bool = Field(False, validation_alias="JOBFORGE_CONSUL_CONFIG",
                          description="watch the service configuration in Consul KV under JOBFORGE_CONSUL_CONFIG_"
                                      "PREFIX (build_timeout, test_timeout, max_concurrent_jobs, default_resource_"
-                                     "limits/{cpu,memory,disk}); environment variables that are set still win")
+                                     "limits/{cpu,memory,disk} and .../<phase>/{cpu,memory,disk}); environment "
+                                     "variables that are set still win")
     config_prefix: str = Field("jobforge-service/config/", pattern=KEY_PREFIX_PATTERN,
                                validation_alias="JOBFORGE_CONSUL_CONFIG_PREFIX")
     config_wait: Duration = Field(60, gt=0, le=600, validation_alias="JOBFORGE_CONSUL_CONFIG_WAIT",

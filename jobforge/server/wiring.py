@@ -155,8 +155,9 @@ def apply_runtime_config(settings: Settings, service: JobService, found: Runtime
     defaults = JobDefaults.of(found.model_copy(update=dict.fromkeys(env)))
     service.reconfigure(policy=policy, max_concurrent_jobs=limit, job_defaults=defaults, index=index)
     log.info("configuration from consul (index %d): build_timeout=%gs test_timeout=%gs max_concurrent_jobs=%d "
-             "default resources %s", index, policy.build_timeout, policy.test_timeout, limit,
-             defaults.resources.model_dump(exclude_none=True) if defaults.resources else "built-in")
+             "default resources %s per phase %s", index, policy.build_timeout, policy.test_timeout, limit,
+             defaults.resources.model_dump(exclude_none=True) if defaults.resources else "built-in",
+             {p: r.model_dump(exclude_none=True) for p, r in defaults.phase_resources.items()} or "built-in")
 
 
 def build_config_watcher(settings: Settings, service: JobService) -> ConsulConfigWatcher | None:
