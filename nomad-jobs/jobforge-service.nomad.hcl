@@ -101,6 +101,7 @@ job "jobforge-service" {
         JOBFORGE_NOMAD_IMAGE     = "localhost:5000/jobforge-runner:latest"
         JOBFORGE_DATA_DIR        = "$${NOMAD_ALLOC_DIR}/data"
         PYTHONUNBUFFERED         = "1"
+        JOBFORGE_REPLICA_NAME    = "$${NOMAD_ALLOC_NAME}-$${NOMAD_SHORT_ALLOC_ID}"
         # Bearer tokens: the service refuses to serve a non-loopback address without them.
         JOBFORGE_API_TOKENS_FILE = "$${NOMAD_SECRETS_DIR}/api-tokens"
       }

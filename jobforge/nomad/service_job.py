@@ -99,6 +99,8 @@ def service_context(params: ServiceJobParams) -> dict[str, Any]:
             "JOBFORGE_NOMAD_IMAGE": params.runner_image,
             "JOBFORGE_DATA_DIR": "${NOMAD_ALLOC_DIR}/data",
             "PYTHONUNBUFFERED": "1",
+            # Lease values and logs name the allocation, which outlives a host name inside a container.
+            "JOBFORGE_REPLICA_NAME": "${NOMAD_ALLOC_NAME}-${NOMAD_SHORT_ALLOC_ID}",
             "JOBFORGE_API_TOKENS_FILE": "${NOMAD_SECRETS_DIR}/api-tokens",
         },
         "tokens_template": _tokens_template(params.secrets_path),
