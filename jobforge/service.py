@@ -547,6 +547,7 @@ class JobService:
 
     async def _fail(self, job_id: str, error: str) -> None:
         """Fail the job now (so its later events are stale), or in the background while the store is down."""
+        await self._flush_lost_lines(job_id)  # its log says lines were lost before its watchers learn it failed
         try:
             await self.apply(job_id, pipeline.JobFailed(at=self._clock(), error=error))
         except (StoreError, OSError):
@@ -802,11 +803,12 @@ class JobService:
         if not lines:
             return
         chunk = LogChunk(chunk.job_id, chunk.phase, lines)
-        await self._flush_lost_lines(chunk.job_id)
-        try:
-            await self._append(chunk.job_id, chunk.phase, chunk.lines)
+        key = (chunk.job_id, chunk.phase)
+        lost = self._lost_lines.get(key)
+        try:  # the marker of earlier lost lines goes in with the next lines that fit, in one transaction
+            await self._append(chunk.job_id, chunk.phase, [*([self._lost_marker(*lost)] if lost else []), *lines])
+            self._lost_lines.pop(key, None)
         except (StoreError, OSError) as exc:
-            key = (chunk.job_id, chunk.phase)
             count, _ = self._lost_lines.get(key, (0, ""))
             reason = "no space left on device" if disk_full(exc) else str(getattr(exc, "message", exc))
             self._lost_lines[key] = (count + len(chunk.lines), reason)
@@ -863,14 +865,15 @@ class JobService:
     async def _flush_lost_lines(self, job_id: str) -> None:
         """Write the marker for lines that could not be stored, once the store takes writes again."""
         for key in [k for k in self._lost_lines if k[0] == job_id]:
-            count, reason = self._lost_lines[key]
-            marker = f"[log lines lost: {count} lines could not be stored ({reason})]"
             try:
-                await self.store.append_logs(job_id, key[1], [LogLine(ts=self._clock(), stream=LogStream.SYSTEM,
-                                                                      line=marker)])
+                await self.store.append_logs(job_id, key[1], [self._lost_marker(*self._lost_lines[key])])
             except (StoreError, OSError):
                 return
             del self._lost_lines[key]
+
+    def _lost_marker(self, count: int, reason: str) -> LogLine:
+        return LogLine(ts=self._clock(), stream=LogStream.SYSTEM,
+                       line=f"[log lines lost: {count} lines could not be stored ({reason})]")
 
     async def _system_log(self, job_id: str, phase: str, text: str) -> None:
         """Best effort: a line in the job's log about something the service did (or could not do)."""

@@ -181,6 +181,14 @@ class Settings(BaseSettings):
         None, validation_alias="JOBFORGE_STORE",
         description="sqlite: one file in the data dir; consul: cluster KV; default: consul with the nomad backend")
     data_dir: Path = Field(default_factory=_default_data_dir, validation_alias="JOBFORGE_DATA_DIR")
+    scratch_dir: Path | None = Field(
+        None, validation_alias="JOBFORGE_SCRATCH_DIR",
+        description="local backend: phase workspaces (work/) and buildah's layer storage (buildah/); default: "
+                    "the data dir, which then only holds the store")
+    disk_reserve: int = Field(
+        512 * 1024, ge=0, validation_alias="JOBFORGE_DISK_RESERVE",
+        description="sqlite store: bytes of the data disk log lines never take, so that job records (a job's "
+                    "failure on a full disk) still fit")
     max_concurrent_jobs: int = Field(2, ge=1, validation_alias="MAX_CONCURRENT_JOBS")
     max_queued_jobs: int = Field(1000, ge=1, validation_alias="MAX_QUEUED_JOBS",
                                  description="jobs waiting for a slot; beyond it submitJob answers 429")

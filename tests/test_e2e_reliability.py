@@ -152,16 +152,25 @@ def test_a_registry_outage_during_publish_fails_the_job_by_tag_and_leaves_no_tag
         assert watch(svc.url, nxt)["status"] == "SUCCEEDED"
 
 
-# ---------------------------------------------------------------- (6) a full data disk
+# ---------------------------------------------------------------- (6) a full disk, whatever fills it first
+
+def tmpfs(path: Path, size: str) -> Path:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)  # root in CI
+    return path
+
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """The service's data dir on its own tmpfs (we run as root in CI)."""
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(data)], check=True)
-    yield data
-    subprocess.run(["umount", "-l", str(data)], check=False)
+def disks(tmp_path):
+    """Mount points of small tmpfs disks, unmounted at the end: `disks("data", "2m")`."""
+    mounted = []
+
+    def mount(name: str, size: str) -> Path:
+        mounted.append(tmpfs(tmp_path / name, size))
+        return mounted[-1]
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(disk: Path, leave: int) -> Path:
@@ -169,26 +178,91 @@ def fill(disk: Path, leave: int) -> Path:
     stat = os.statvfs(disk)
     filler = disk / "filler"
     with open(filler, "wb") as fh:
-        os.posix_fallocate(fh.fileno(), 0, stat.f_bavail * stat.f_frsize - leave)
+        os.posix_fallocate(fh.fileno(), 0, max(stat.f_bavail * stat.f_frsize - leave, 1))
     return filler
 
 
-def test_a_full_data_disk_fails_the_job_keeps_the_service_up_and_loses_nothing_earlier(small_disk, tmp_path,
-                                                                                      registry, base_image):
-    with ServiceProcess(small_disk, registry.host) as svc:
+CHATTY = {"commands": ["i=0; while [ $i -lt 2000000 ]; do echo \"line $i of a test that talks a lot\"; "
+                       "i=$((i+1)); done; sleep 600"]}  # then it holds the space
+ENDLESS = {"commands": ["while :; do echo 'a line of a test that never stops talking'; done"]}
+
+
+def lost_lines_markers(svc: ServiceProcess, job_id: str) -> list[str]:
+    return [line for phase in svc.logs(job_id).values() for line in phase if line.startswith("[log lines lost: ")]
+
+
+def test_a_2mib_data_disk_filled_by_a_jobs_log_fails_that_job_only(disks, tmp_path, registry, base_image):
+    """Acceptance 6: the data dir (store and logs) on a 2 MiB tmpfs, phase workspaces and buildah's storage on
+    another disk (JOBFORGE_SCRATCH_DIR). The job's log lines fill the data disk up to the reserve kept for job
+    records, so the job's failure is recorded while the disk is still full."""
+    data = disks("data", "2m")
+    svc = ServiceProcess(data, registry.host, JOBFORGE_SCRATCH_DIR=str(tmp_path / "scratch"))
+    svc.log_path = tmp_path / "service.log"  # the service's own log is not the point here
+    with svc:
+        repo = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
+        earlier = submit(svc, config_for(repo, registry.host, base_image))
+        assert watch(svc.url, earlier)["status"] == "SUCCEEDED"
+        logs_before = svc.logs(earlier)
+        assert not (data / "work").exists() and not (data / "buildah").exists()
+        filler = fill(data, leave=1024 * 1024)  # the reserve (512 KiB) and room for some lines
+        job_id = submit(svc, config_for(repo, registry.host, base_image, test=CHATTY))
+        final = watch(svc.url, job_id)
+        assert svc.get("/health")[0] == 200 and svc.proc.poll() is None
+        assert (final["status"], final["failed_phase"]) == ("FAILED", "test"), final["error"]
+        assert final["error"].startswith("no space left on device: log lines of the test phase could not be "
+                                         "stored"), final["error"]
+        assert any(line.startswith("line ") for line in svc.logs(job_id)["test"]), "lines were stored up to the reserve"
+        markers = lost_lines_markers(svc, job_id)
+        assert markers and "lines could not be stored (no space left on device)" in markers[0], markers
+        assert svc.logs(earlier) == logs_before
+        assert sleeping(600) == "" and job_processes(tmp_path / "scratch", job_id) == []
+        filler.unlink()
+        assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("max_log_lines", ["1000000", "1000"])
+def test_a_full_workspace_disk_fails_the_phase_even_when_its_output_is_lost_silently(disks, tmp_path, registry,
+                                                                                     base_image, max_log_lines):
+    """A test container's output goes to a file in the phase's workspace; when that disk fills, the writes fail
+    with nothing read back to say so (the shell's error goes to the same file), and the store, on another
+    disk, has room. With a 1000-line log cap the service stored nothing of it for long already. Either way
+    the phase fails at once with "no space left on device" instead of running on."""
+    scratch = disks("scratch", "300m")
+    with ServiceProcess(tmp_path / "data", registry.host, JOBFORGE_SCRATCH_DIR=str(scratch),
+                        JOBFORGE_MAX_LOG_LINES=max_log_lines) as svc:
+        repo = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
+        earlier = submit(svc, config_for(repo, registry.host, base_image))
+        assert watch(svc.url, earlier)["status"] == "SUCCEEDED"
+        filler = fill(scratch, leave=60 * 1024 * 1024)  # room for the build and the test container
+        job_id = submit(svc, config_for(repo, registry.host, base_image, test=ENDLESS))
+        final = watch(svc.url, job_id)
+        assert (final["status"], final["failed_phase"]) == ("FAILED", "test"), final["error"]
+        assert final["error"].startswith(f"test phase failed: no space left on device: the disk of {scratch}/"), \
+            final["error"]
+        markers = lost_lines_markers(svc, job_id)
+        assert markers and markers[-1].startswith(f"[log lines lost: the disk of {scratch}/"), markers
+        assert job_processes(scratch, job_id) == [] and containers(scratch) == []
+        assert not (scratch / "work" / job_id).exists()
+        filler.unlink()
+        assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"
+
+
+def test_one_full_disk_for_everything_fails_the_job_whichever_write_fails_first(disks, tmp_path, registry,
+                                                                                base_image):
+    """Store, workspaces and buildah storage on one disk (the default layout): the output file and the log
+    lines compete for the last bytes; whichever loses, the job fails with "no space left on device"."""
+    data = disks("data", "300m")
+    with ServiceProcess(data, registry.host) as svc:
         repo = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
         earlier = submit(svc, config_for(repo, registry.host, base_image))
         assert watch(svc.url, earlier)["status"] == "SUCCEEDED"
         logs_before = svc.get(f"/json/job/{earlier}/logs")[1]
-        filler = fill(small_disk, leave=60 * 1024 * 1024)  # room for the build and the test container
-        chatty = {"commands": ["i=0; while [ $i -lt 2000000 ]; do echo \"line $i of a test that talks a lot\"; "
-                               "i=$((i+1)); done; sleep 600"]}  # then it holds the space
-        job_id = submit(svc, config_for(repo, registry.host, base_image, test=chatty))
+        filler = fill(data, leave=60 * 1024 * 1024)  # room for the build and the test container
+        job_id = submit(svc, config_for(repo, registry.host, base_image, test=CHATTY))
         final = watch(svc.url, job_id)
         assert svc.get("/health")[0] == 200
         assert final["status"] == "FAILED" and "no space left on device" in final["error"].lower(), final["error"]
-        logs = svc.logs(job_id)  # every page: the marker follows the lines that were stored
-        assert any(line.startswith("[log lines lost: ") for phase in logs.values() for line in phase), final["error"]
+        assert lost_lines_markers(svc, job_id), final["error"]
         assert svc.get(f"/json/job/{earlier}/logs")[1] == logs_before
         filler.unlink()
         assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"

@@ -18,6 +18,11 @@ this backend's own and nothing runs before `reap()`). A phase's workspace `work/
 when the phase ends, and `work/<job_id>` with its last phase. A stop that arrives before the process exists
 prevents the start.
 
+A full disk fails the phase, whatever filled it: a test container's output goes to a file in the workspace, and
+a write failing there is silent (the shell's error goes to the same file), so while a phase runs the free space
+of the disks it writes to (workspaces, buildah storage) is checked every `disk_poll` seconds; below
+`_DISK_FULL_BYTES` the phase is stopped with "no space left on device", however its output was doing.
+
 Run as root, the service runs every phase as the unprivileged build user (rootless buildah with the user's
 sub-uids): a build step's root is that user's uid, the data dir (0700 root) and the service's environment are out
 of reach. That user's workspaces and layer cache live in its own home (`~/.local/share/jobforge`), which the
@@ -91,6 +96,7 @@ _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
 _REAP_WAIT = 10.0
 _MASK = "***"  # as the task scripts and the redaction of URLs write it
 _MIN_MASKED_CHARS = 4  # shorter values would mask ordinary text; they are still never logged by the service
+_DISK_FULL_BYTES = 64 * 1024  # free space below which a disk counts as full (writes are failing or about to)
 
 JobEnv = Callable[[str, JobConfig], Awaitable[dict[str, str]]]
 """(phase, config) -> the phase's own secret environment (the job's Vault values); SecretReadError on failure."""
@@ -117,6 +123,19 @@ def _processes() -> dict[int, tuple[int, bytes]]:
         if name.isdigit() and (info := _proc_info(name)) is not None:
             out[int(name)] = info
     return out
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space for unprivileged writers on the disk holding `path` (or its nearest existing parent)."""
+    for candidate in (path, *path.parents):
+        try:
+            stat = os.statvfs(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+    return None
 
 
 def build_account(name: str | None) -> pwd.struct_passwd | None:
@@ -150,6 +169,8 @@ class _Outcome:
     last_error: str | None
     disk_full: bool = False
     """The phase's output reported a full disk: the usual, actionable cause of its failure."""
+    disk_full_at: str | None = None
+    """Set when the phase was stopped because a disk it writes to filled up (the error, naming the disk)."""
 
 
 class LocalBackend:
@@ -159,8 +180,10 @@ class LocalBackend:
                  tls_verify: bool, secret_env: dict[str, str] | None = None, kill_grace: float = 10.0,
                  python: str = sys.executable, clock: Callable[[], datetime] = utcnow,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, max_inflight_bytes: int = _MAX_INFLIGHT_BYTES,
-                 build_user: str | None = None, build_network: str = "outbound", job_env: JobEnv | None = None) -> None:
+                 build_user: str | None = None, build_network: str = "outbound", job_env: JobEnv | None = None,
+                 disk_poll: float = 1.0) -> None:
         self._job_env = job_env
+        self._disk_poll = disk_poll
         self._account = build_account(build_user)
         self._work_dir = work_dir
         self._registry_url = registry_url
@@ -194,6 +217,7 @@ class LocalBackend:
             "JOBFORGE_ISOLATION": "chroot",
             **(secret_env or {}),
         }
+        self._disks = [self._work_dir, storage_root]  # where phases write: a full one fails the running phase
 
     # ------------------------------------------------------------ Backend API
 
@@ -345,7 +369,8 @@ class LocalBackend:
             return
         try:
             outcome = await self._execute(job_id, phase.value, phase.value, payload, run, secrets=secrets,
-                                          timeout=command.timeout_seconds, on_start=lambda: report(PhaseStarted))
+                                          timeout=command.timeout_seconds, on_start=lambda: report(PhaseStarted),
+                                          watch_disks=True)
         except OSError as exc:
             reason = f"no space left on device ({exc})" if exc.errno == errno.ENOSPC else str(exc)
             report(PhaseFailed, error=f"{phase.value} phase could not start: {reason}")
@@ -354,6 +379,8 @@ class LocalBackend:
             self._runs.pop(command.dispatch_key, None)
         if run.stopped:
             report(PhaseFailed, error=KILLED_BY_USER)
+        elif outcome.disk_full_at is not None:
+            report(PhaseFailed, error=f"{phase.value} phase failed: {outcome.disk_full_at}")
         elif outcome.timed_out:
             report(PhaseFailed, error=f"{phase.value} phase timed out after {format_duration(round(command.timeout_seconds))}")
         elif outcome.returncode == 0:
@@ -366,7 +393,7 @@ class LocalBackend:
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
                        timeout: float, on_start: Callable[[], None] | None = None,
-                       secrets: dict[str, str] | None = None) -> _Outcome:
+                       secrets: dict[str, str] | None = None, watch_disks: bool = False) -> _Outcome:
         """`secrets` go into the script's environment only (never argv), and are masked in its output."""
         secrets = secrets or {}
         masks = sorted({v for v in secrets.values() if len(v) >= _MIN_MASKED_CHARS}, key=len, reverse=True)
@@ -401,12 +428,20 @@ class LocalBackend:
                      asyncio.create_task(self._pump(proc.stderr, LogStream.STDERR, job_id, log_phase, last_error,
                                                     masks))]
             timed_out = False
+            disk_full: list[str] = []
+            watcher = asyncio.create_task(self._watch_disks(proc, job_id, log_phase, disk_full)) if watch_disks \
+                else None
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
             except TimeoutError:
                 timed_out = True
                 self._system_line(job_id, log_phase, f"timed out after {format_duration(round(timeout))}; stopping the task")
                 await self._terminate(proc)
+            finally:
+                if watcher is not None:
+                    if disk_full:
+                        await watcher  # it is stopping the task: let it finish
+                    watcher.cancel()
             if run.stopped:
                 self._system_line(job_id, log_phase, "stopped: killed by user")
             # Output still buffered in the pipes belongs to this phase: read it all before reporting the end.
@@ -415,10 +450,27 @@ class LocalBackend:
                 task.cancel()
             errors = [e for e in last_error if e != _ENOSPC_SEEN]
             return _Outcome(proc.returncode if proc.returncode is not None else -1, timed_out,
-                            errors[-1] if errors else None, _ENOSPC_SEEN in last_error)
+                            errors[-1] if errors else None, _ENOSPC_SEEN in last_error or bool(disk_full),
+                            disk_full[0] if disk_full else None)
         finally:
             run.done.set()
             await self._remove(workdir)
+
+    async def _watch_disks(self, proc: asyncio.subprocess.Process, job_id: str, phase: str,
+                           full: list[str]) -> None:
+        """Stop the phase when a disk it writes to is full: its writes are failing, maybe silently (a test
+        container's output file), and it would otherwise run on to its timeout."""
+        while proc.returncode is None:
+            for disk in self._disks:
+                free = free_bytes(disk)
+                if free is not None and free < _DISK_FULL_BYTES:
+                    full.append(f"no space left on device: the disk of {disk} is full ({free} bytes free)")
+                    self._system_line(job_id, phase, f"[log lines lost: the disk of {disk} is full ({free} bytes "
+                                                     "free), what the task wrote there since is gone; stopping "
+                                                     "the task]")
+                    await self._terminate(proc)
+                    return
+            await asyncio.sleep(self._disk_poll)
 
     async def _remove(self, workdir: Path) -> None:
         """The build user's workspace is removed by that user (in its user namespace: files of its sub-uids)."""

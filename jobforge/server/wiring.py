@@ -76,7 +76,7 @@ def build_store(settings: Settings) -> Store:
         consul = settings.consul
         return ConsulStore(consul.http_addr, prefix=consul.prefix, datacenter=consul.datacenter,
                            token=consul.token.get_secret_value() if consul.token else None)
-    return SqliteStore(settings.data_dir / "jobforge.db")
+    return SqliteStore(settings.data_dir / "jobforge.db", disk_reserve=settings.disk_reserve)
 
 
 def build_backend(settings: Settings, metrics: Metrics | None = None) -> Backend:
@@ -88,9 +88,10 @@ def build_backend(settings: Settings, metrics: Metrics | None = None) -> Backend
         return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides),
                             placement_timeout=nomad.placement_timeout, stream_timeout=nomad.stream_timeout,
                             on_event_lag=metrics.event_lag if metrics is not None else None)
-    data = settings.data_dir
+    scratch = settings.scratch_dir or settings.data_dir
     return LocalBackend(
-        work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",
+        work_dir=scratch / "work", storage_root=scratch / "buildah" / "root",
+        storage_runroot=scratch / "buildah" / "runroot",
         registry_url=settings.registry_url, tls_verify=settings.registry_tls_verify,
         secret_env=local_secret_env(settings), kill_grace=settings.kill_grace_seconds,
         max_line_bytes=settings.max_line_bytes,

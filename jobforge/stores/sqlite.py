@@ -8,6 +8,9 @@
 - A busy timeout waits for another process's write lock instead of failing at once.
 - No `sqlite3` error escapes: `_mapped` turns each into a `StoreError` (HTTP 503 + Retry-After); a full disk
   ("database or disk is full", SQLITE_FULL) says "no space left on device".
+- Log lines never take the last `disk_reserve` bytes of the disk: an append that would is refused as "no space
+  left on device", so a job whose output fills the disk can still be recorded as failed (a record update, the
+  service's own `system` notes such as the lost-lines marker, and new submissions may use the reserve).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from jobforge.errors import Conflict, NotFound, StoreError
-from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
+from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, LogStream, WebhookDelivery
 from jobforge.stores.base import (
     LogPage,
     SeqLine,
@@ -39,6 +42,8 @@ from jobforge.stores.base import (
 T = TypeVar("T")
 
 BUSY_TIMEOUT_SECONDS = 10.0
+_WAL_PAGES = 128
+_ROW_OVERHEAD = 64  # bytes of a log row besides its text (ids, phase, timestamp, stream)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -92,7 +97,9 @@ def _mapped(what: str) -> Iterator[None]:
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, disk_reserve: int = 0) -> None:
+        self._dir = path.parent
+        self._reserve = disk_reserve
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)  # the file holds webhook secrets: owner-only
         os.close(fd)
@@ -102,6 +109,10 @@ class SqliteStore:
                                        timeout=BUSY_TIMEOUT_SECONDS)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoint and rewind the WAL every 512 KiB, not SQLite's 4 MB: every small log append writes a
+            # few whole pages to it, so on a small data disk (2 MiB) the default WAL alone filled the disk.
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_PAGES * 4096}")
             self._db.executescript(_SCHEMA)
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
@@ -194,7 +205,20 @@ class SqliteStore:
 
         def insert(db: sqlite3.Connection) -> None:
             db.executemany("INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, ?, ?)", rows)
-        await self._run("log write", lambda: self._write(insert))
+
+        def write() -> None:
+            if self._reserve and any(ln.stream is not LogStream.SYSTEM for ln in lines):
+                need = self._reserve + 2 * sum(len(row[4]) + _ROW_OVERHEAD for row in rows)  # row + index, in the WAL
+                try:
+                    stat = os.statvfs(self._dir)
+                except OSError:  # cannot tell: let the write itself find out
+                    stat = None
+                free = stat.f_bavail * stat.f_frsize if stat is not None else need
+                if free < need:
+                    raise StoreError(f"sqlite log write failed: no space left on device ({free} bytes free on the "
+                                     f"data disk, the last {self._reserve} are kept for job records)")
+            self._write(insert)
+        await self._run("log write", write)
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         sql, args = "SELECT phase, ts, stream, line FROM logs WHERE job_id = ?", [job_id]
