@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -120,6 +121,36 @@ def test_sigkill_of_the_service_during_a_phase_then_restart(tmp_path, registry, 
                                   "the local backend cannot resume it")
         assert final["temp_image_deleted"] is True
         assert not registry.has_manifest(f"temp-{cfg['image_name']}", job_id)
+
+
+def test_sigkill_of_the_service_during_publish_then_restart(tmp_path, base_image):
+    """The service dies while the publish phase pushes a tag (a registry gate kills it right when that manifest
+    arrives, after the job's own id tag was published); after the restart the job is FAILED in publish, what it published is rolled back by
+    the cleanup, and nothing of it is left."""
+    killed = threading.Event()
+    with Registry(tmp_path / "registry") as reg, RegistryGate(reg.host) as gate, \
+            ServiceProcess(tmp_path / "data", gate.host,
+                           JOBFORGE_INSECURE_REGISTRIES=base_image.split("/")[0]) as svc:
+        cfg = config_for(GitRepo.from_dir(tmp_path / "hello", EXAMPLE), gate.host, base_image, image_tags=["t0"])
+        name = cfg["image_name"]
+
+        def sigkill() -> None:
+            svc.proc.send_signal(signal.SIGKILL)
+            svc.proc.wait()
+            killed.set()
+        gate.on("PUT", f"/{name}/manifests/t0", sigkill)  # the job's id tag is published already
+        job_id = submit(svc, cfg)
+        assert killed.wait(300), "the publish phase never pushed a manifest"
+        svc.start()  # same data dir and port: reaps leftovers before it answers
+        final = watch(svc.url, job_id)
+        assert (final["status"], final["failed_phase"]) == ("FAILED", "publish"), final
+        assert final["error"] == ("the server restarted while the publish phase was running; "
+                                  "the local backend cannot resume it")
+        assert final["temp_image_deleted"] is True and final["cleanup_error"] is None
+        assert job_processes(svc.data_dir, job_id) == [] and containers(svc.data_dir) == []
+        assert not (svc.data_dir / "work" / job_id).exists()
+        assert reg.tags(name) == [], "what the killed publish pushed is rolled back"
+        assert not reg.has_manifest(f"temp-{name}", job_id)
 
 
 # ---------------------------------------------------------------- (1, 8) the registry stops during publish
