@@ -6,6 +6,7 @@ Every call carries the caller's `Principal`; the method's `access` decides which
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,4 +70,19 @@ async def call(service: JobService, name: str, params: Any, principal: auth.Prin
             auth.authorize(principal, parsed.owner)
         scope["visible"] = principal.owners
     result = await HANDLERS[name](service, parsed, **scope)
-    return result.model_dump(mode="json")
+    long = {field for field in type(result).model_fields
+            if isinstance(value := getattr(result, field), list) and len(value) > _LONG}
+    return await asyncio.to_thread(_jsonable, result, long) if long else result.model_dump(mode="json")
+
+
+_LONG = 64
+
+
+def _jsonable(result: BaseModel, long: set[str]) -> dict:
+    """`model_dump(mode="json")`, with the long list fields (a history page) dumped item by item: run in a thread,
+    it lets the event loop take the GIL between items instead of waiting for one long dump."""
+    out = result.model_dump(mode="json", exclude=long)
+    for field in long:
+        out[field] = [item.model_dump(mode="json") if isinstance(item, BaseModel) else item
+                      for item in getattr(result, field)]
+    return out

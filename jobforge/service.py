@@ -392,7 +392,9 @@ class JobService:
         if params.owner is not None:
             owners = frozenset({params.owner}) if visible is None else frozenset({params.owner}) & visible
         records, total = await self.store.list(params.limit, params.offset, owners, params.status)
-        jobs = [HistoryItem(id=r.job_id, **JobStatusResult.from_record(r).model_dump()) for r in records]
+        def items() -> list[HistoryItem]:  # ~0.2 ms a record: in a thread, so /health is not kept waiting
+            return [HistoryItem(id=r.job_id, **JobStatusResult.from_record(r).model_dump()) for r in records]
+        jobs = await asyncio.to_thread(items) if len(records) > 20 else items()
         return HistoryResult(jobs=jobs, total=total, limit=params.limit, offset=params.offset)
 
     async def watch(self, job_id: str, logs: bool = False) -> AsyncIterator[WatchUpdate]:

@@ -93,6 +93,7 @@ class _Inflight:
 _PGID_FILE = ".pgid"
 _ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
 _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
+_COALESCE_LINES = 2000  # lines per message at most when merging waiting chunks (a few ms of work for the service)
 _REAP_WAIT = 10.0
 _MASK = "***"  # as the task scripts and the redaction of URLs write it
 _MIN_MASKED_CHARS = 4  # shorter values would mask ordinary text; they are still never logged by the service
@@ -297,8 +298,9 @@ class LocalBackend:
     async def events(self) -> AsyncIterator[BackendMessage]:
         while True:
             message = await self._queue.get()
-            # Coalesce log lines that are already waiting, so the store writes them in one transaction.
-            while isinstance(message, LogChunk) and not self._queue.empty():
+            # Coalesce log lines that are already waiting, so the store writes them in one transaction; at most
+            # _COALESCE_LINES, since the service handles a chunk in one go on the event loop.
+            while isinstance(message, LogChunk) and not self._queue.empty() and len(message.lines) < _COALESCE_LINES:
                 nxt = self._queue.get_nowait()
                 if isinstance(nxt, LogChunk) and (nxt.job_id, nxt.phase) == (message.job_id, message.phase):
                     message = LogChunk(message.job_id, message.phase, [*message.lines, *nxt.lines])
@@ -503,6 +505,7 @@ class LocalBackend:
         while chunk := await stream.read(_READ_CHUNK):
             if pieces := splitter.feed(chunk):
                 await self._emit(job_id, phase, kind, pieces, last_error, masks)
+            await asyncio.sleep(0)  # read() does not suspend while data is buffered: let others run in between
         if pieces := splitter.flush():
             await self._emit(job_id, phase, kind, pieces, last_error, masks)
 

@@ -25,6 +25,7 @@ INTERNAL_ERROR = -32603
 
 MAX_BATCH = 100
 MAX_REPLY_BYTES = 8 * 1024 * 1024
+_INLINE_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop (well under a millisecond)
 
 
 def _error(id_: Any, code: int, message: str, data: Any = None) -> dict:
@@ -41,13 +42,13 @@ def parse_error(exc: Exception) -> dict:
 async def handle(body: bytes, invoke: Invoke, *, max_batch: int = MAX_BATCH,
                  max_reply_bytes: int = MAX_REPLY_BYTES) -> str | None:
     """The serialised response, or None when nothing must be sent (only notifications)."""
-    try:
-        doc = jsonio.loads(body)
+    try:  # a large body is parsed and checked in a thread: /health goes on meanwhile
+        doc = await asyncio.to_thread(jsonio.loads, body) if len(body) > _INLINE_BYTES else jsonio.loads(body)
     except jsonio.BadJson as exc:
         return jsonio.dumps(parse_error(exc))
     if not isinstance(doc, list):
         reply = await _one(doc, invoke)
-        return None if reply is None else _dump(reply)
+        return None if reply is None else await asyncio.to_thread(_dump, reply)
     if not doc:
         return jsonio.dumps(_error(None, INVALID_REQUEST, "invalid request: empty batch"))
     if len(doc) > max_batch:
@@ -63,7 +64,7 @@ async def handle(body: bytes, invoke: Invoke, *, max_batch: int = MAX_BATCH,
             reply = await _one(item, invoke)
             await asyncio.sleep(0)  # let other requests (health checks) in between the calls of a batch
         if reply is not None:
-            parts.append(_dump(reply))
+            parts.append(await asyncio.to_thread(_dump, reply))  # a reply can be MBs: encoded off the loop
             size += len(parts[-1])
     return "[" + ",".join(parts) + "]" if parts else None
 

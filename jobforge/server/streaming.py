@@ -51,6 +51,7 @@ class Outcome(Enum):
 
 
 _END = object()
+_YIELD_EVERY = 100  # items a producer or consumer handles before it lets other tasks (health checks) run
 
 
 async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]], limits: StreamLimits,
@@ -71,8 +72,12 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
 
     async def produce() -> None:
         try:
+            count = 0
             async for item in source:
                 await put(item)
+                count += 1
+                if count % _YIELD_EVERY == 0:  # neither side suspends while items are at hand: let others in
+                    await asyncio.sleep(0)
         finally:
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
@@ -80,6 +85,7 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
         await put(_END)
 
     async def consume() -> None:
+        sent = 0
         while True:
             if idle is None:
                 item = await buffer.get()
@@ -93,6 +99,9 @@ async def pump(source: AsyncIterator[Any], send: Callable[[Any], Awaitable[None]
             if item is _END:
                 return
             await send(item)
+            sent += 1
+            if sent % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
     producer, consumer = asyncio.ensure_future(produce()), asyncio.ensure_future(consume())
     stopper = asyncio.ensure_future(stop)
