@@ -92,3 +92,31 @@ async def test_reap_kills_leftover_phase_groups_and_removes_workspaces(tmp_path)
             os.killpg(leftover.pid, signal.SIGKILL)  # only if reap() failed
         except ProcessLookupError:
             pass
+
+
+async def test_a_phase_whose_disk_fills_fails_even_when_its_writes_fail_silently(tmp_path):
+    """The phase writes into its workspace until the disk is full, ignoring the errors, then waits: it is
+    stopped and fails with "no space left on device" naming the disk, long before its timeout."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)  # root in CI
+    try:
+        program = tmp_path / "phase.sh"
+        program.write_text('#!/bin/sh\nwhile :; do echo "a line nobody reads back" >> "$JOBFORGE_WORKDIR/out" '
+                           '2>/dev/null; done\n')
+        program.chmod(0o755)
+        b = LocalBackend(work_dir=disk / "work", storage_root=tmp_path / "nowhere" / "root",
+                         storage_runroot=tmp_path / "nowhere" / "runroot", registry_url="127.0.0.1:5000",
+                         tls_verify=False, kill_grace=2, python=str(program), disk_poll=0.05)
+        await b.dispatch(command(), {}, CONFIG)
+        event = await next_event(b)
+        while isinstance(event, PhaseStarted):
+            event = await next_event(b)
+        assert isinstance(event, PhaseFailed)
+        assert event.error.startswith(f"build phase failed: no space left on device: the disk of {disk}/work is "
+                                      "full ("), event.error
+        assert list((disk / "work").iterdir()) == []  # its workspace went, and the space with it
+        assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > 3 * 1024 * 1024
+        await b.aclose()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -21,7 +21,7 @@ prevents the start.
 A full disk fails the phase, whatever filled it: a test container's output goes to a file in the workspace, and
 a write failing there is silent (the shell's error goes to the same file), so while a phase runs the free space
 of the disks it writes to (workspaces, buildah storage) is checked every `disk_poll` seconds; below
-`_DISK_FULL_BYTES` the phase is stopped with "no space left on device", however its output was doing.
+`_DISK_FULL_BYTES` the phase is stopped with "no space left on device", whatever its output says.
 
 Run as root, the service runs every phase as the unprivileged build user (rootless buildah with the user's
 sub-uids): a build step's root is that user's uid, the data dir (0700 root) and the service's environment are out
