@@ -6,13 +6,12 @@ Every call carries the caller's `Principal`; the method's `access` decides which
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from jobforge import auth
+from jobforge import auth, offload
 from jobforge.config import validation_error
 from jobforge.errors import ConfigError, UnknownMethod
 from jobforge.models import METHODS, Access, MethodSpec
@@ -72,7 +71,7 @@ async def call(service: JobService, name: str, params: Any, principal: auth.Prin
     result = await HANDLERS[name](service, parsed, **scope)
     long = {field for field in type(result).model_fields
             if isinstance(value := getattr(result, field), list) and len(value) > _LONG}
-    return await asyncio.to_thread(_jsonable, result, long) if long else result.model_dump(mode="json")
+    return await offload.run(_jsonable, result, long) if long else result.model_dump(mode="json")
 
 
 _LONG = 64

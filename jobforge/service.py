@@ -31,7 +31,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
-from jobforge import pipeline
+from jobforge import offload, pipeline
 from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, JobEvent, LogChunk
 from jobforge.cluster import Leases, Solo, log_changes, record_changes
@@ -394,7 +394,7 @@ class JobService:
         records, total = await self.store.list(params.limit, params.offset, owners, params.status)
         def items() -> list[HistoryItem]:  # ~0.2 ms a record: in a thread, so /health is not kept waiting
             return [HistoryItem(id=r.job_id, **JobStatusResult.from_record(r).model_dump()) for r in records]
-        jobs = await asyncio.to_thread(items) if len(records) > 20 else items()
+        jobs = await offload.run(items) if len(records) > 20 else items()
         return HistoryResult(jobs=jobs, total=total, limit=params.limit, offset=params.offset)
 
     async def watch(self, job_id: str, logs: bool = False) -> AsyncIterator[WatchUpdate]:

@@ -65,7 +65,7 @@ from jobforge.pipeline import (
 from jobforge.tasks import task_script
 
 _ERROR_PREFIX = "ERROR: "
-_READ_CHUNK = 64 * 1024
+_READ_CHUNK = 16 * 1024  # bytes per read: the lines of one read are handled in one go on the event loop
 _PASSTHROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER", "XDG_RUNTIME_DIR")
 _MAX_INFLIGHT_BYTES = 8 * 1024 * 1024
 _MAX_ERROR_CHARS = 2000  # of an "ERROR: " line, as the phase's error (it goes into the job record)
@@ -93,7 +93,7 @@ class _Inflight:
 _PGID_FILE = ".pgid"
 _ENOSPC_SEEN = "\0no space left on device"  # a marker kept first in the error list; never a real line
 _EARLY_STOPS = 1000  # stops remembered for phases not dispatched yet
-_COALESCE_LINES = 2000  # lines per message at most when merging waiting chunks (a few ms of work for the service)
+_COALESCE_LINES = 500  # lines per message at most when merging waiting chunks (a few ms of work for the service)
 _REAP_WAIT = 10.0
 _MASK = "***"  # as the task scripts and the redaction of URLs write it
 _MIN_MASKED_CHARS = 4  # shorter values would mask ordinary text; they are still never logged by the service

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from jobforge import offload
 from jobforge.errors import JobForgeError
 from jobforge.server import jsonio
 
@@ -43,12 +44,12 @@ async def handle(body: bytes, invoke: Invoke, *, max_batch: int = MAX_BATCH,
                  max_reply_bytes: int = MAX_REPLY_BYTES) -> str | None:
     """The serialised response, or None when nothing must be sent (only notifications)."""
     try:  # a large body is parsed and checked in a thread: /health goes on meanwhile
-        doc = await asyncio.to_thread(jsonio.loads, body) if len(body) > _INLINE_BYTES else jsonio.loads(body)
+        doc = await offload.run(jsonio.loads, body) if len(body) > _INLINE_BYTES else jsonio.loads(body)
     except jsonio.BadJson as exc:
         return jsonio.dumps(parse_error(exc))
     if not isinstance(doc, list):
         reply = await _one(doc, invoke)
-        return None if reply is None else await asyncio.to_thread(_dump, reply)
+        return None if reply is None else await offload.run(_dump, reply)
     if not doc:
         return jsonio.dumps(_error(None, INVALID_REQUEST, "invalid request: empty batch"))
     if len(doc) > max_batch:
@@ -64,7 +65,7 @@ async def handle(body: bytes, invoke: Invoke, *, max_batch: int = MAX_BATCH,
             reply = await _one(item, invoke)
             await asyncio.sleep(0)  # let other requests (health checks) in between the calls of a batch
         if reply is not None:
-            parts.append(await asyncio.to_thread(_dump, reply))  # a reply can be MBs: encoded off the loop
+            parts.append(await offload.run(_dump, reply))  # a reply can be MBs: encoded off the loop
             size += len(parts[-1])
     return "[" + ",".join(parts) + "]" if parts else None
 
