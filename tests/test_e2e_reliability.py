@@ -215,7 +215,7 @@ def fill(disk: Path, leave: int) -> Path:
 
 CHATTY = {"commands": ["i=0; while [ $i -lt 2000000 ]; do echo \"line $i of a test that talks a lot\"; "
                        "i=$((i+1)); done; sleep 600"]}  # then it holds the space
-ENDLESS = {"commands": ["while :; do echo 'a line of a test that never stops talking'; done"]}
+ENDLESS = {"commands": [f"while :; do echo '{'a line of a test that never stops talking; ' * 5}'; done"]}
 
 
 def lost_lines_markers(svc: ServiceProcess, job_id: str) -> list[str]:
