@@ -86,7 +86,8 @@ def build_backend(settings: Settings, metrics: Metrics | None = None) -> Backend
         overrides = {"image": nomad.image} if nomad.image else {}
         return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides),
                             placement_timeout=nomad.placement_timeout, stream_timeout=nomad.stream_timeout,
-                            on_event_lag=metrics.event_lag if metrics is not None else None)
+                            on_event_lag=metrics.event_lag if metrics is not None else None,
+                            max_line_bytes=settings.max_line_bytes)
     data = settings.data_dir
     return LocalBackend(
         work_dir=data / "work", storage_root=data / "buildah" / "root", storage_runroot=data / "buildah" / "runroot",

@@ -36,13 +36,13 @@ from jobforge.backends.nomad.http import NomadError
 from jobforge.backends.nomad.models import Allocation, Evaluation
 from jobforge.backends.nomad.wire import (
     AllocState,
-    LineSplitter,
     alloc_outcome,
     frame_data,
     placement_failure,
 )
 from jobforge.config import JobConfig, format_duration
 from jobforge.errors import BackendError
+from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import JobRecord, LogLine, LogStream, Phase, utcnow
 from jobforge.nomad import RenderParams, render_job, variant_id, variant_spec
 from jobforge.pipeline import (
@@ -81,8 +81,8 @@ class _Run:
     timed_out: float | None = None
     followers: list[asyncio.Task] = field(default_factory=list)
     received: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
-    splitters: dict[str, LineSplitter] = field(default_factory=lambda: {"stdout": LineSplitter(),
-                                                                       "stderr": LineSplitter()})
+    splitters: dict[str, LineSplitter] = field(default_factory=dict)
+    """Per log, created on first data: lines are cut at the cap while reading (never a whole huge line held)."""
     last_error: str | None = None
     failure: str | None = None
     """Set when the backend itself decides the phase failed (placement), overriding the allocation's story."""
@@ -102,8 +102,10 @@ class NomadBackend:
                  placement_timeout: float = 300.0, stream_timeout: float = 65.0, log_read_timeout: float = 300.0,
                  dispatch_attempts: int = 5, retry_delay: float = 0.5,
                  clock: Callable[[], datetime] = utcnow,
-                 on_event_lag: Callable[[float], None] | None = None) -> None:
+                 on_event_lag: Callable[[float], None] | None = None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._api = api
+        self._max_line_bytes = max_line_bytes
         self._on_event_lag = on_event_lag
         self._render = render
         self._cleanup_timeout = cleanup_timeout
@@ -415,17 +417,20 @@ class NomadBackend:
         if not data:
             return
         run.received[name] += len(data)
-        self._lines(run, stream, run.splitters[name].feed(data))
+        splitter = run.splitters.get(name) or run.splitters.setdefault(name, LineSplitter(self._max_line_bytes))
+        self._lines(run, stream, splitter.feed(data))
 
-    def _lines(self, run: _Run, stream: LogStream, lines: list[str]) -> None:
-        if not lines:
+    def _lines(self, run: _Run, stream: LogStream, pieces: list[tuple[bytes, bool]]) -> None:
+        if not pieces:
             return
         now = self._clock()
-        for line in lines:
-            if stream is LogStream.STDERR and line.startswith(_ERROR_PREFIX):
+        lines = []
+        for raw, split in pieces:
+            line = decode_piece(raw, split, self._max_line_bytes)
+            if stream is LogStream.STDERR and not split and line.startswith(_ERROR_PREFIX):
                 run.last_error = line[len(_ERROR_PREFIX):]
-        self._queue.put_nowait(LogChunk(run.job_id, run.phase, [LogLine(ts=now, stream=stream, line=line)
-                                                                for line in lines]))
+            lines.append(LogLine(ts=now, stream=stream, line=line))
+        self._queue.put_nowait(LogChunk(run.job_id, run.phase, lines))
 
     async def _drain(self, run: _Run) -> None:
         """Stop following and read what the task wrote after the last frame we saw."""
@@ -442,7 +447,8 @@ class NomadBackend:
                     self._take(run, name, stream, frame)
             except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
                 log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
-            self._lines(run, stream, run.splitters[name].flush())
+            if name in run.splitters:
+                self._lines(run, stream, run.splitters[name].flush())
 
     async def _finish(self, run: _Run, state: AllocState, detail: str | None) -> None:
         for timer in (run.deadline, run.placement):
