@@ -61,10 +61,10 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
 class Double:
     """The fake Nomad process and its line protocol (see tests/doubles/serve_nomad.py)."""
 
-    def __init__(self, hold: float, event_buffer: int) -> None:
+    def __init__(self, hold: float, spread: float, event_buffer: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.doubles.serve_nomad", "--hold", str(hold), "--event-buffer",
-             str(event_buffer)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "tests.doubles.serve_nomad", "--hold", str(hold), "--spread", str(spread),
+             "--event-buffer", str(event_buffer)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         kind, _, self.url = self.proc.stdout.readline().strip().partition(" ")
         if kind != "url":
             raise RuntimeError(f"the fake Nomad did not start: {kind!r}")
@@ -130,9 +130,9 @@ async def statuses(url: str, job_ids: list[str]) -> dict[str, int]:
     return counts
 
 
-def run_size(work: Path, n: int, hold: float, event_buffer: int) -> dict:
+def run_size(work: Path, n: int, hold: float, spread: float, event_buffer: int) -> dict:
     progress(f"N = {n}: starting the fake Nomad and the service")
-    double = Double(hold, event_buffer)
+    double = Double(hold, spread, event_buffer)
     service = ServiceProcess(work / f"n{n}", "127.0.0.1:5000", JOBFORGE_BACKEND="nomad", JOBFORGE_STORE="sqlite", NOMAD_ADDR=double.url,
                              MAX_CONCURRENT_JOBS=str(n), MAX_QUEUED_JOBS=str(max(n, 1000)), LOG_LEVEL="warning")
     try:
@@ -144,6 +144,7 @@ def run_size(work: Path, n: int, hold: float, event_buffer: int) -> dict:
         progress(f"N = {n}: submitted in {time.time() - started:.1f} s; waiting for the jobs to finish")
         finished = double.wait_done(n, timeout=120 + 10 * hold + n * 0.5)
         rss_mb, cpu_after = proc_stats(service.proc.pid)
+        _, double_cpu = proc_stats(double.proc.pid)
         ended = asyncio.run(statuses(service.url, sorted(sent)))
     finally:
         service.stop()
@@ -163,7 +164,8 @@ def run_size(work: Path, n: int, hold: float, event_buffer: int) -> dict:
     result = {"jobs": n, "wall_s": round(finished - started, 2), "statuses": ended,
               "transition_ms": percentiles(transitions), "submit_to_build_dispatched_ms": percentiles(submits),
               "service_peak_rss_mb": round(rss_mb, 1), "service_cpu_s": round(cpu, 2),
-              "service_cpu_ms_per_job": round(cpu / n * 1000, 2)}
+              "service_cpu_ms_per_job": round(cpu / n * 1000, 2),
+              "double_cpu_s": round(double_cpu, 2)}  # the fake Nomad shares the machine's CPUs
     progress(f"N = {n}: {json.dumps(result)}")
     return result
 
@@ -189,6 +191,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,300,1000", help="comma-separated N (default 100,300,1000)")
     parser.add_argument("--hold", type=float, default=2.0, help="seconds each task runs (default 2)")
+    parser.add_argument("--spread", type=float, default=0.5,
+                        help="task times spread uniformly over hold * (1 +- spread) (default 0.5)")
     parser.add_argument("--event-buffer", type=int, default=100,
                         help="the double's event buffer (Nomad's event_buffer_size, default 100)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -199,7 +203,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="jobforge-bench-nomad-"))
     load_before = os.getloadavg()[0]
     try:
-        results = [run_size(work, n, args.hold, args.event_buffer) for n in sizes]
+        results = [run_size(work, n, args.hold, args.spread, args.event_buffer) for n in sizes]
     finally:
         if args.keep:
             progress(f"kept {work}")
@@ -212,7 +216,7 @@ def main() -> int:
                     "one jobforge-service replica, SQLite store",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                     "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}},
-        "inputs": {"sizes": sizes, "hold_s": args.hold, "submit_in_flight": IN_FLIGHT,
+        "inputs": {"sizes": sizes, "hold_s": args.hold, "hold_spread": args.spread, "submit_in_flight": IN_FLIGHT,
                    "event_buffer": args.event_buffer},
         "definitions": {"transition_ms": "allocation complete (event published) -> next phase's child registered",
                         "submit_to_build_dispatched_ms": "submitJob sent -> build child registered"},

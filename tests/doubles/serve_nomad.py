@@ -2,7 +2,7 @@
 
 Run it from the checkout root (the doubles are test code, never installed nor put on the service's path). One big
 client node (room for thousands of allocations); every task is played by a trivial runner: one line of output,
-`--hold` seconds of "work", exit 0. Protocol on stdout, one line each: `url <NOMAD_ADDR>` once serving, `done
+`--hold` seconds of "work" (± `--spread`), exit 0. Protocol on stdout, one line each: `url <NOMAD_ADDR>` once serving, `done
 <job_id>` when a job's cleanup allocation completed; on stdin EOF it stops and prints `timeline <json>`: per
 dispatched child, the `job_id` meta, its parent job, and when (wall clock, as `time.time()`) Nomad registered it
 and when its allocation completed, both taken as the server publishes the event.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import os
 import sys
 import tempfile
@@ -46,10 +47,11 @@ class Timeline:
                         print(f"done {child['job_id']}", flush=True)
 
 
-async def main(hold: float, event_buffer: int) -> None:
+async def main(hold: float, spread: float, event_buffer: int) -> None:
     async def runner(run: TaskRun, payload: bytes, env: dict) -> int:
         run.write(f"{run.name}: nothing to do\n".encode())
-        await asyncio.sleep(hold)  # the task's work
+        # the task's work: `hold` seconds on average, each task its own share of the spread (seeded by its id)
+        await asyncio.sleep(hold * (1 + spread * (random.Random(run.alloc["ID"]).random() * 2 - 1)))
         return 0
 
     if os.path.isdir("/dev/shm"):  # task directories in memory: thousands of them are made and removed
@@ -68,6 +70,8 @@ async def main(hold: float, event_buffer: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hold", type=float, default=1.0, help="seconds each task runs")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="task times spread uniformly over hold * (1 +- spread)")
     parser.add_argument("--event-buffer", type=int, default=100, help="events kept (Nomad's event_buffer_size)")
     args = parser.parse_args()
-    asyncio.run(main(args.hold, args.event_buffer))
+    asyncio.run(main(args.hold, args.spread, args.event_buffer))

@@ -437,18 +437,19 @@ class NomadBackend:
         for follower in run.followers:
             follower.cancel()
         await asyncio.gather(*run.followers, return_exceptions=True)
-        if run.alloc_id is None:
-            return
-        for name, stream in _STREAMS:
-            try:
-                async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=False,
-                                                  offset=run.received[name], idle_timeout=self._stream_timeout,
-                                                  total=self._log_read_timeout):
-                    self._take(run, name, stream, frame)
-            except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
-                log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
-            if name in run.splitters:
-                self._lines(run, stream, run.splitters[name].flush())
+        if run.alloc_id is not None:  # both logs at once: the phase's end waits for one round trip, not two
+            await asyncio.gather(*(self._read_rest(run, name, stream) for name, stream in _STREAMS))
+
+    async def _read_rest(self, run: _Run, name: str, stream: LogStream) -> None:
+        try:
+            async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=False,
+                                              offset=run.received[name], idle_timeout=self._stream_timeout,
+                                              total=self._log_read_timeout):
+                self._take(run, name, stream, frame)
+        except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
+            log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
+        if name in run.splitters:
+            self._lines(run, stream, run.splitters[name].flush())
 
     async def _finish(self, run: _Run, state: AllocState, detail: str | None) -> None:
         for timer in (run.deadline, run.placement):
