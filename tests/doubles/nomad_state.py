@@ -67,6 +67,7 @@ class Cluster:
         self._evals_by_job: dict[JobKey, dict[str, None]] = {}
         self._children: dict[JobKey, dict[str, None]] = {}
         self._tokens: dict[tuple[str, str, str], str] = {}  # (ns, parent, idempotency token) -> child
+        self._live: dict[str, None] = {}  # allocations that may still take the node's resources
         self.tables = {"jobs": 0, "evals": 0, "allocs": 0}
         self.buffer: deque[dict[str, Any]] = deque(maxlen=event_buffer_size)
         self.evicted_upto = 0
@@ -93,8 +94,13 @@ class Cluster:
 
     def used(self) -> dict[str, int]:
         """CPU, memory and disk the node's live allocations take (what binpacking subtracts)."""
-        live = [a for a in self.allocs.values() if a["DesiredStatus"] == "run"
-                and a["ClientStatus"] not in TERMINAL_CLIENT]
+        live = []
+        for alloc_id in list(self._live):  # an allocation once stopped or terminal never runs again: dropped
+            alloc = self.allocs.get(alloc_id)
+            if alloc is not None and alloc["DesiredStatus"] == "run" and alloc["ClientStatus"] not in TERMINAL_CLIENT:
+                live.append(alloc)
+            else:
+                del self._live[alloc_id]
         return {"cpu": sum(a["Resources"]["CPU"] for a in live),
                 "memory": sum(a["Resources"]["MemoryMB"] for a in live),
                 "disk": sum(a["Resources"]["DiskMB"] for a in live)}
@@ -148,6 +154,7 @@ class Cluster:
     def add_alloc(self, alloc: dict[str, Any], job: dict[str, Any]) -> None:
         self.allocs[alloc["ID"]] = alloc
         self.alloc_jobs[alloc["ID"]] = job
+        self._live[alloc["ID"]] = None
         self._allocs_by_job.setdefault((alloc["Namespace"], alloc["JobID"]), {})[alloc["ID"]] = None
 
     def allocs_of(self, ns: str, job_id: str) -> list[dict[str, Any]]:

@@ -60,6 +60,7 @@ _ERROR_PREFIX = "ERROR: "
 _STREAMS = (("stdout", LogStream.STDOUT), ("stderr", LogStream.STDERR))
 CLEANUP = "cleanup"
 _TOPICS = ["Allocation", "Evaluation"]
+_RECONCILE_AT_ONCE = 16  # runs looked up side by side after a (re)subscription
 # Dispatch answers (HTTP 500, like all of Nomad's RPC errors) that no retry changes, and those that mean the
 # parameterized parent is gone (purged or GC'd) or stopped: registering it again is the fix.
 _PERMANENT = ("Payload", "meta keys", "metadata keys", "not a parameterized job")
@@ -122,6 +123,7 @@ class NomadBackend:
         self._by_key: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
+        self._reconciling: asyncio.Task | None = None
         self._event_index = 0
 
     # ------------------------------------------------------------ Backend API
@@ -301,12 +303,28 @@ class NomadBackend:
             for evaluation in sorted(await self._api.job_evaluations(run.child), key=lambda e: e.age):
                 self._on_eval(evaluation)
 
+    async def _reconcile_runs(self, runs: list[_Run]) -> None:
+        """Look the runs up a few at a time (side by side, not one round trip after another)."""
+        limit = asyncio.Semaphore(_RECONCILE_AT_ONCE)
+
+        async def one(run: _Run) -> None:
+            async with limit:
+                try:
+                    await self._reconcile(run)
+                except BackendError as exc:
+                    log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message)
+        await asyncio.gather(*(one(run) for run in runs))
+
     async def _reconcile_all(self) -> None:
-        for run in list(self._by_child.values()):
-            try:
-                await self._reconcile(run)
-            except BackendError as exc:
-                log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message)
+        """After a (re)subscription. Runs with no allocation yet are looked up before any replayed event is
+        read (an old event must not make a replaced allocation the one followed); the others, whose allocation
+        is known, while the stream is read on: at a thousand runs, reconciling them all first let the stream
+        fall behind until Nomad dropped it again."""
+        runs = list(self._by_child.values())
+        await self._reconcile_runs([run for run in runs if run.alloc_id is None])
+        if self._reconciling is not None:
+            self._reconciling.cancel()  # this pass covers the previous one
+        self._reconciling = self._spawn(self._reconcile_runs([run for run in runs if run.alloc_id is not None]))
 
     async def _expire(self, run: _Run, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))  # a deadline timer, not synchronisation
