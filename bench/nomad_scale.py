@@ -161,11 +161,12 @@ def run_size(work: Path, n: int, hold: float, spread: float, event_buffer: int) 
             if before in phases and after in phases and phases[before]["completed"]:
                 transitions.append((phases[after]["dispatched"] - phases[before]["completed"]) * 1000)
     cpu = cpu_after - cpu_before
+    drops = service.log_path.read_text(errors="replace").count("event dropped from buffer")
     result = {"jobs": n, "wall_s": round(finished - started, 2), "statuses": ended,
               "transition_ms": percentiles(transitions), "submit_to_build_dispatched_ms": percentiles(submits),
               "service_peak_rss_mb": round(rss_mb, 1), "service_cpu_s": round(cpu, 2),
               "service_cpu_ms_per_job": round(cpu / n * 1000, 2),
-              "double_cpu_s": round(double_cpu, 2)}  # the fake Nomad shares the machine's CPUs
+              "double_cpu_s": round(double_cpu, 2), "event_stream_drops": drops}  # the fake Nomad shares the machine's CPUs
     progress(f"N = {n}: {json.dumps(result)}")
     return result
 
