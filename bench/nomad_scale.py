@@ -1,13 +1,16 @@
 """Nomad-path scale: N concurrent jobs through the Nomad double on one replica, and how the costs grow with N.
 
-    .venv/bin/python bench/nomad_scale.py [--sizes 100,300,1000] [--hold 2] [--keep]
+    .venv/bin/python bench/nomad_scale.py [--sizes 100,300,1000] [--hold 8] [--spread 0.5] [--event-buffer 1000]
 
 For each N: a fresh fake Nomad (tests/doubles/serve_nomad.py, started as `python -m tests.doubles.serve_nomad`
 from the checkout root in a process of its own: the doubles are test code, never installed nor put on the
 service's path) and a fresh `jobforge-service` subprocess (installed script, Nomad backend, SQLite store,
 MAX_CONCURRENT_JOBS = N). N jobs are submitted at once (64 requests in flight); every phase (build, test,
 publish, then the temp-image cleanup) is played by the double's trivial runner: one line of output, `--hold`
-seconds of work, exit 0. So about N phases run at the same time, each with its two followed log streams.
+seconds of work (each task its own share of ± `--spread`, so phases do not all end in the same instant), exit 0.
+So about N phases run at the same time, each with its two followed log streams. The double's event buffer is
+`--event-buffer` (an operator running a thousand jobs raises Nomad's `event_buffer_size`; with the default of
+100 the figures show what the drops cost: `event_stream_drops`).
 
 Measured (wall clock; the double stamps its events as it publishes them):
 * transition: allocation complete (the double publishes it) -> the next phase's child registered by a dispatch
@@ -191,11 +194,12 @@ def growth(results: list[dict]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100,300,1000", help="comma-separated N (default 100,300,1000)")
-    parser.add_argument("--hold", type=float, default=2.0, help="seconds each task runs (default 2)")
+    parser.add_argument("--hold", type=float, default=8.0, help="seconds each task runs, on average (default 8)")
     parser.add_argument("--spread", type=float, default=0.5,
                         help="task times spread uniformly over hold * (1 +- spread) (default 0.5)")
-    parser.add_argument("--event-buffer", type=int, default=100,
-                        help="the double's event buffer (Nomad's event_buffer_size, default 100)")
+    parser.add_argument("--event-buffer", type=int, default=1000,
+                        help="the double's event buffer, Nomad's server `event_buffer_size` (default 1000; "
+                             "Nomad's own default of 100 gets a thousand jobs' subscriber dropped again and again)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})

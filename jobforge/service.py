@@ -60,6 +60,7 @@ from jobforge.stores.base import Store
 from jobforge.streams import BATCH, Pulse, follow_logs
 from jobforge.tasks import RegistryTarget, build_payload, temp_image
 
+_LANE_DEPTH = 4  # messages one job may have waiting before the consumer stops reading the backend
 log = logging.getLogger("jobforge.service")
 
 DEFAULT_MAX_QUEUED_JOBS = 1000
@@ -151,6 +152,7 @@ class JobService:
         self._doomed: dict[str, str] = {}  # job -> why it must fail (its logs are incomplete), until it has
         self._consumer: asyncio.Task | None = None
         self._lanes: dict[str, deque[BackendMessage]] = {}  # job -> its backend messages not handled yet
+        self._lane_room = asyncio.Event()  # set whenever a lane takes its next message
         self._ticker: asyncio.Task | None = None
         self._changed = asyncio.Condition()
 
@@ -607,8 +609,13 @@ class JobService:
             if lane is None:
                 lanes[message.job_id] = deque([message])
                 self._spawn(self._lane(message.job_id, lanes))
-            else:
-                lane.append(message)
+                continue
+            lane.append(message)
+            # Backpressure: a job whose lane is this far behind (a log flood) is not read further until it
+            # catches up, so what the backend holds back (its in-flight bound) is never piled up here instead.
+            while len(lane) >= _LANE_DEPTH:
+                self._lane_room.clear()
+                await self._lane_room.wait()
 
     async def handled(self) -> None:
         """Wait until every backend message received so far is handled (tests drain with it, never sleep)."""
@@ -619,7 +626,9 @@ class JobService:
         lane = lanes[job_id]
         try:
             while lane:
-                await self._handle(lane.popleft())
+                message = lane.popleft()
+                self._lane_room.set()
+                await self._handle(message)
         finally:
             del lanes[job_id]
 
