@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap slirp4netns iproute2 apache2-utils ca-certificates python3-venv procps prometheus debootstrap
+APT_PACKAGES := buildah skopeo docker-registry busybox-static git uidmap slirp4netns iproute2 apache2-utils ca-certificates python3-venv procps prometheus debootstrap openssh-client openssh-server
 # Locked, hashed dependency sets (pip-compile; `make lock` regenerates them). Each includes the build backend,
 # so the project itself is built offline from the locked hatchling.
 RUNTIME_LOCK := requirements/runtime.lock

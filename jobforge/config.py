@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from enum import Enum
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -359,6 +359,9 @@ class JobConfig(_Model):
     clear_cache: StrictBool = False
     build_args: dict[EnvName, FreeText] = Field(default_factory=dict, json_schema_extra=_ONLY_PATTERN_KEYS)
     target: StageName | None = None
+    image_format: Literal["oci", "docker"] = Field(
+        "oci", description="manifest format of the built image: 'docker' keeps a Dockerfile's HEALTHCHECK, SHELL and "
+                           "ONBUILD, which the OCI format has no field for")
     webhook_url: WebhookUrl | None = None
     webhook_secret: Annotated[SecretStr | None, BeforeValidator(_short_secret)] = Field(
         None, description="HMAC-SHA256 key that signs webhook bodies",
@@ -368,6 +371,15 @@ class JobConfig(_Model):
     webhook_headers: dict[WebhookHeaderName, HeaderValue] = Field(default_factory=dict,
                                                                   json_schema_extra=_ONLY_PATTERN_KEYS)
     deploy_dir: NonEmptyLine | None = Field(None, description="CLI build-history directory")
+
+    @field_validator("git_credentials_path")
+    @classmethod
+    def _credentials_usable(cls, path: str | None, info: ValidationInfo) -> str | None:
+        # git:// has no authentication: the credentials would be read from Vault and never used.
+        if path is not None and str(info.data.get("repo_url", "")).lower().startswith("git://"):
+            fail("git_credentials_path", "a git:// repo_url takes no credentials (git:// has no authentication): "
+                                         "use an https:// URL (username/password) or an ssh one (ssh_key)")
+        return path
 
     @field_validator("webhook_secret")
     @classmethod

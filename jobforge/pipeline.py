@@ -253,6 +253,8 @@ def _admit(record: JobRecord, event: Admitted, policy: Policy):
 
 
 def _started(record: JobRecord, event: PhaseStarted, policy: Policy):
+    if record.phases[event.phase].started_at is not None:  # replayed by a replica that took the job over
+        return record, []
     return record.model_copy(update={"phases": _with_phase(record, event.phase, started_at=event.at)}), []
 
 

@@ -77,7 +77,9 @@ _URL_CHARS = r"A-Za-z0-9_.~!$&'()*+,;=%-"  # RFC 3986 unreserved, sub-delims and
 _URL_USERINFO = rf"(?:[A-Za-z0-9_.~!$&'()*+,;=%][{_URL_CHARS}]*(?::[{_URL_CHARS}]*)?@)?"
 _URL_REST = rf"(?:/[{_URL_CHARS}:@/]*)?(?:\?[{_URL_CHARS}:@/?]*)?"
 _LOCAL_PATH = rf"/[{_URL_CHARS}:@/]*"
-REPO_URL_SCHEMA_PATTERN = (rf"^(?:(?:https?|ssh|git)://{_URL_USERINFO}{_URL_HOST}(?::{_PORT})?{_URL_REST}"
+_URL_USER = rf"(?:[A-Za-z0-9_.~!$&'()*+,;=%][{_URL_CHARS}]*@)?"  # a user name without a password
+REPO_URL_SCHEMA_PATTERN = (rf"^(?:(?:https?://{_URL_USERINFO}|(?:ssh|git)://{_URL_USER}){_URL_HOST}(?::{_PORT})?"
+                           rf"{_URL_REST}"
                            rf"|file://{_URL_HOST}?{_LOCAL_PATH}|{_LOCAL_PATH}"
                            rf"|[A-Za-z0-9_][A-Za-z0-9_.+-]*@{_HOSTNAME}:[A-Za-z0-9_.~/][{_URL_CHARS}:@/]*)$")
 REGISTRY_URL_SCHEMA_PATTERN = (rf"^{_URL_HOST}(?::(?:[1-9][0-9]{{0,3}}|[1-5][0-9]{{4}}|6[0-4][0-9]{{3}}"
@@ -326,6 +328,9 @@ def check_repo_url(value: str) -> str:
                 fail("repo_url", "a file:// URL must name an absolute path")
         else:
             _check_url_authority(parts)
+            if scheme in ("ssh", "git") and parts.password is not None:
+                fail("repo_url", f"{scheme}:// URLs take no password: ssh authenticates with a key "
+                                 "(git_credentials_path with field ssh_key), git:// has no authentication")
         return _within(value, REPO_URL_SCHEMA_PATTERN, "repo_url", _URL_CHARS_MESSAGE)
     if value.startswith("/") or _SCP_LIKE_RE.fullmatch(value):
         return _within(value, REPO_URL_SCHEMA_PATTERN, "repo_url", _URL_CHARS_MESSAGE)

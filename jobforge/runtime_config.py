@@ -3,6 +3,9 @@
 `parse_entries` turns the KV entries under the prefix into a `RuntimeConfig`, keeping the previous value of any
 key whose new value is invalid (and saying so); `effective` lays the environment over it (a variable that is set
 wins); `JobDefaults` pins the current timeouts and cpu/memory/disk into a submitted job where it names none.
+
+Resources: `default_resource_limits/<phase>/<cpu|memory|disk>` (phase build, test or publish) beats the global
+`default_resource_limits/<cpu|memory|disk>` for that phase; any value the job gives itself beats both.
 The watcher that feeds this is `jobforge.consul_config`.
 """
 
@@ -13,13 +16,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-from jobforge.config import JobConfig, PhaseResources, ResourceLimits, ResourceValue
+from jobforge.config import PHASES, JobConfig, PhaseResources, ResourceLimits, ResourceValue
 from jobforge.rules import parse_duration
 
 _MAX_TIMEOUT = 24 * 3600
 _TIMEOUT = TypeAdapter(Annotated[float, BeforeValidator(parse_duration), Field(ge=1, le=_MAX_TIMEOUT)])
 _COUNT = TypeAdapter(Annotated[int, Field(ge=1, le=10_000)])
 _RESOURCE = TypeAdapter(ResourceValue)
+_FIELDS = ("cpu", "memory", "disk")
 
 # key below the prefix -> (RuntimeConfig field, validator)
 KEYS: dict[str, tuple[str, TypeAdapter]] = {
@@ -29,6 +33,8 @@ KEYS: dict[str, tuple[str, TypeAdapter]] = {
     "default_resource_limits/cpu": ("cpu", _RESOURCE),
     "default_resource_limits/memory": ("memory", _RESOURCE),
     "default_resource_limits/disk": ("disk", _RESOURCE),
+    **{f"default_resource_limits/{phase}/{field}": (f"{phase}_{field}", _RESOURCE)
+       for phase in PHASES for field in _FIELDS},
 }
 
 
@@ -43,6 +49,20 @@ class RuntimeConfig(BaseModel):
     cpu: int | None = None
     memory: int | None = None
     disk: int | None = None
+    build_cpu: int | None = None
+    build_memory: int | None = None
+    build_disk: int | None = None
+    test_cpu: int | None = None
+    test_memory: int | None = None
+    test_disk: int | None = None
+    publish_cpu: int | None = None
+    publish_memory: int | None = None
+    publish_disk: int | None = None
+
+    def phase_resources(self, phase: str) -> PhaseResources | None:
+        """`default_resource_limits/<phase>/…`, None when none of the three is set."""
+        values = {f: getattr(self, f"{phase}_{f}") for f in _FIELDS}
+        return PhaseResources(**values) if any(v is not None for v in values.values()) else None
 
 
 def parse_entries(values: dict[str, str], previous: RuntimeConfig) -> tuple[RuntimeConfig, list[str]]:
@@ -79,13 +99,15 @@ class JobDefaults(BaseModel):
     build_timeout: float | None = None
     test_timeout: float | None = None
     resources: PhaseResources | None = None
+    phase_resources: dict[str, PhaseResources] = Field(default_factory=dict)
 
     @classmethod
     def of(cls, config: RuntimeConfig) -> JobDefaults:
         has_resources = any(v is not None for v in (config.cpu, config.memory, config.disk))
+        phases = {phase: found for phase in PHASES if (found := config.phase_resources(phase)) is not None}
         return cls(build_timeout=config.build_timeout, test_timeout=config.test_timeout,
                    resources=PhaseResources(cpu=config.cpu, memory=config.memory, disk=config.disk)
-                   if has_resources else None)
+                   if has_resources else None, phase_resources=phases)
 
     def apply(self, job: JobConfig) -> JobConfig:
         """The job's own values (timeouts; cpu/memory/disk global or per phase) still win."""
@@ -94,10 +116,18 @@ class JobDefaults(BaseModel):
             update["build_timeout"] = timedelta(seconds=self.build_timeout)
         if self.test_timeout is not None and job.test is not None and job.test.timeout is None:
             update["test"] = job.test.model_copy(update={"timeout": timedelta(seconds=self.test_timeout)})
+        own = job.resource_limits or ResourceLimits()
+        fill: dict[str, object] = {}
+        for phase, defaults in self.phase_resources.items():
+            # Decided on the job's own values: its global cpu/memory/disk beat a phase default too.
+            layers = [own, getattr(own, phase)] + ([job.test.resource_limits] if phase == "test" and job.test else [])
+            values = {f: getattr(defaults, f) for f in _FIELDS if getattr(defaults, f) is not None
+                      and all(layer is None or getattr(layer, f) is None for layer in layers)}
+            if values:
+                fill[phase] = (getattr(own, phase) or PhaseResources()).model_copy(update=values)
         if self.resources is not None:
-            limits = job.resource_limits or ResourceLimits()
-            fill = {f: getattr(self.resources, f) for f in ("cpu", "memory", "disk")
-                    if getattr(limits, f) is None and getattr(self.resources, f) is not None}
-            if fill:
-                update["resource_limits"] = limits.model_copy(update=fill)
+            fill.update({f: getattr(self.resources, f) for f in _FIELDS
+                         if getattr(own, f) is None and getattr(self.resources, f) is not None})
+        if fill:
+            update["resource_limits"] = own.model_copy(update=fill)
         return job.model_copy(update=update) if update else job

@@ -13,6 +13,12 @@ Failure rules (the numbers come from `pipeline.Policy`):
 - a periodic `Tick` fails phases past their deadline and re-admits; failed temp image deletions are retried
   and, being recorded in the store, resumed after a restart;
 - log lines that cannot be stored are counted, the job fails, and its log gets a marker saying so.
+
+Replicas (`jobforge.cluster`): a replica drives only the jobs whose lease it holds — it admits (under the
+cluster's admission lock, so the limit holds across replicas), applies their backend events and ticks, runs
+their cleanups — and takes over those whose lease nobody holds (at start, and at every scan). Anything else
+reads the store: a kill for a job another replica drives is recorded for that replica to act on, and watchers
+follow the store with blocking queries. A single replica (`Solo`) drives every job.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import asyncio
 import errno
 import logging
 import uuid
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 from jobforge import pipeline
 from jobforge.admission import SubmitPolicy
 from jobforge.backends.base import Backend, BackendMessage, JobEvent, LogChunk
+from jobforge.cluster import Leases, Solo, log_changes, record_changes
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
@@ -66,6 +73,12 @@ log = logging.getLogger("jobforge.service")
 DEFAULT_MAX_QUEUED_JOBS = 1000
 MAX_LOG_PAGE_CHARS = 4 * 1024 * 1024
 """A getLogs page ends once its lines hold this many characters (at least one line is always returned)."""
+
+_ALL_NEW_LINES = 1 << 30  # a watcher fed from the store reads every line past its cursor
+KILL_WAIT = 30.0
+"""Seconds `killJob` on a replica that does not drive the job waits for the driver to record the kill."""
+WATCH_WAIT = 10.0
+"""Seconds of one blocking query of a watcher fed from the store."""
 
 _FAIL_LATER_ATTEMPTS = 20
 _FAIL_LATER_MAX_DELAY = 30.0
@@ -120,8 +133,10 @@ class JobService:
                  admission: SubmitPolicy = SubmitPolicy(),
                  clock: Callable[[], datetime] = utcnow, new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
                  max_queued_jobs: int = DEFAULT_MAX_QUEUED_JOBS, log_limits: LogLimits = LogLimits(),
-                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0, watch_buffer: int = 1000):
+                 tick_seconds: float = 5.0, shutdown_grace: float = 10.0, watch_buffer: int = 1000,
+                 leases: Leases | None = None):
         self.store = store
+        self.leases: Leases = leases or Solo()
         self.backend = backend
         self._policy = policy
         self._registry = registry
@@ -154,6 +169,9 @@ class JobService:
         self._lanes: dict[str, deque[BackendMessage]] = {}  # job -> its backend messages not handled yet
         self._lane_room = asyncio.Event()  # set whenever a lane takes its next message
         self._ticker: asyncio.Task | None = None
+        self._scanner: asyncio.Task | None = None
+        self._taken: dict[str, str] = {}  # job -> the session driving it, as of the last scan (replicas)
+        self._replay: dict[tuple[str, str], dict[LogStream, int]] = {}  # (job, phase) -> stored lines to skip
         self._changed = asyncio.Condition()
 
     def reconfigure(self, *, policy: pipeline.Policy, max_concurrent_jobs: int, job_defaults: JobDefaults,
@@ -174,20 +192,45 @@ class JobService:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Reap what a previous run left, recover unfinished jobs and cleanups, then consume and admit."""
+        """Reap what a previous run left, recover unfinished jobs and cleanups nobody drives, then consume and
+        admit. With replicas, jobs another live replica drives are left to it."""
+        await self.leases.start()
         reap = getattr(self.backend, "reap", None)  # non-resumable backends: kill leftovers of a previous run
         if reap is not None:
             await reap()
         self._consumer = asyncio.create_task(self._consume())
-        resumed = []
+        self._taken = (await self.leases.scan()).held
         unfinished = await self.store.unfinished()
         # Kept up to date from here on by admissions and job ends (an admission pass only runs while jobs wait).
         self._active = {r.job_id for r in unfinished if r.status.running}
-        for record in unfinished:
-            if record.status.terminal:
+        await self._take_over(unfinished)
+        await self._admit()
+        self._ticker = asyncio.create_task(self._tick_loop())
+        if self.leases.shared:
+            self._scanner = asyncio.create_task(self._scan_loop())
+
+    async def _take_over(self, records: list[JobRecord]) -> None:
+        """Drive the unfinished jobs whose lease nobody holds: resume running phases, retry cleanups."""
+        resumed = []
+        for seen in records:
+            if seen.status is JobStatus.PENDING or seen.job_id in self._taken:
+                continue
+            if self.leases.shared and self.leases.holds(seen.job_id):
+                continue
+            if not seen.outstanding:  # settled, but its driver died before dropping the lease
+                await self.leases.release(seen.job_id)
+                continue
+            if not await self.leases.acquire(seen.job_id):
+                continue
+            record = (await self.store.get(seen.job_id)).record if self.leases.shared else seen
+            if record.status is not seen.status:  # its last driver moved it on meanwhile
+                log.info("job %s: taking it over at %s", record.job_id, record.status.value)
+            if not record.outstanding:
+                await self.leases.release(record.job_id)
+            elif record.status.terminal:
                 self._schedule_cleanup(record.job_id)
             elif record.status is JobStatus.PENDING:
-                continue
+                await self.leases.release(record.job_id)
             elif self.backend.resumable:
                 resumed.append((pipeline.current_dispatch(record, self._policy), record))
             else:
@@ -197,13 +240,33 @@ class JobService:
                     error=f"the server restarted while the {phase.value} phase was running; "
                           "the local backend cannot resume it"))
         if resumed:
+            if self.leases.shared:
+                log.info("taking over %d running jobs: %s", len(resumed), ", ".join(r.job_id for _, r in resumed))
+            for _, record in resumed:
+                await self._expect_replay(record)
             await self.backend.resume(resumed)
-        await self._admit()
-        self._ticker = asyncio.create_task(self._tick_loop())
+
+    async def _expect_replay(self, record: JobRecord) -> None:
+        """A resumed phase's logs are read from their start again: count, per stream, the lines of this attempt
+        already stored (by the previous driver), so `_store_logs` skips them instead of storing them twice."""
+        phase = record.current_phase
+        if phase is None:
+            return
+        since = record.phases[phase].dispatched_at
+        try:
+            stored = (await self.store.get_logs(record.job_id, phase.value)).get(phase.value, [])
+        except (StoreError, OSError) as exc:
+            log.warning("job %s: stored %s log not read (%s); lines may repeat", record.job_id, phase.value, exc)
+            return
+        counts = Counter(line.stream for line in stored
+                         if line.stream is not LogStream.SYSTEM and (since is None or line.ts >= since))
+        if counts:
+            self._replay[(record.job_id, phase.value)] = dict(counts)
 
     async def aclose(self) -> None:
-        """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start."""
-        for task in (self._consumer, self._ticker):
+        """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start;
+        then give the leases up, so other replicas take the jobs over at once."""
+        for task in (self._consumer, self._ticker, self._scanner):
             if task:
                 task.cancel()
         for task in list(self._waiting):
@@ -213,8 +276,9 @@ class JobService:
             _, late = await asyncio.wait(busy, timeout=self._shutdown_grace)
             for task in late:
                 task.cancel()
-        background = [t for t in (self._consumer, self._ticker) if t]
+        background = [t for t in (self._consumer, self._ticker, self._scanner) if t]
         await asyncio.gather(*self._tasks, *background, return_exceptions=True)
+        await self.leases.aclose()
 
     async def idle(self, cleanups: bool = False) -> None:
         """Wait until no job is pending or running and no side task is in flight (tests, benchmarks, shutdown);
@@ -267,8 +331,44 @@ class JobService:
                           offset=params.offset, total=page.total, next_offset=end if end < page.total else None)
 
     async def kill_job(self, params: JobIdParams) -> KillJobResult:
-        record = await self.apply(params.job_id, pipeline.KillRequested(at=self._clock()))
+        """Kill here when this replica drives the job (or may: nobody else does); else record the request for
+        the replica that drives it and wait (bounded) until it has recorded the kill."""
+        if await self._drive(params.job_id):
+            record = await self.apply(params.job_id, pipeline.KillRequested(at=self._clock()))
+        else:
+            await self.leases.request_kill(params.job_id)
+            record = await self._until_finished(params.job_id, KILL_WAIT)
         return KillJobResult(job_id=record.job_id, status=record.status, message=pipeline.KILLED_BY_USER)
+
+    async def _drive(self, job_id: str) -> bool:
+        """True when this replica drives the job now, taking it over if nobody does (NotFound when unknown)."""
+        if self.leases.holds(job_id):
+            return True
+        record = (await self.store.get(job_id)).record
+        if record.status.terminal:
+            return True  # nothing to drive: the kill is refused by the pipeline as it is everywhere
+        if not await self.leases.acquire(job_id):
+            return False
+        record = (await self.store.get(job_id)).record
+        if record.status.running:
+            await self._take_over_one(record)
+        return True
+
+    async def _take_over_one(self, record: JobRecord) -> None:
+        self._taken.pop(record.job_id, None)
+        await self._expect_replay(record)
+        await self.backend.resume([(pipeline.current_dispatch(record, self._policy), record)])
+
+    async def _until_finished(self, job_id: str, seconds: float) -> JobRecord:
+        versioned = await self.store.get(job_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not versioned.record.status.terminal and loop.time() < deadline:
+            found = await self.leases.wait_record(job_id, versioned.version, min(WATCH_WAIT, seconds))
+            if found is None:
+                break
+            versioned = found
+        return versioned.record
 
     async def cleanup(self, params: JobIdParams) -> CleanupResult:
         record = (await self.store.get(params.job_id)).record
@@ -306,7 +406,10 @@ class JobService:
         """Current state first, then every change (and, with `logs`, every log line — those already stored
         first), until the job ends. Raises `SlowConsumer` when the consumer fell `watch_buffer` entries behind."""
         watcher = _Watcher(self._watch_buffer, logs)
-        self._watchers[job_id].add(watcher)
+        shared = self.leases.shared  # another replica may drive the job: follow the store, not this process
+        if not shared:
+            self._watchers[job_id].add(watcher)
+        feeders: list[asyncio.Task] = []
         cursor = 0
 
         async def lines(count: int | None) -> AsyncIterator[WatchUpdate]:
@@ -324,11 +427,16 @@ class JobService:
                     count -= len(batch)
 
         try:
-            record = (await self.store.get(job_id)).record
+            versioned = await self.store.get(job_id)
+            record = versioned.record
             current = JobStatusResult.from_record(record)
             if record.settled:
                 yield WatchUpdate(type="end", job=current)
                 return
+            if shared:
+                feeders.append(asyncio.create_task(self._feed_record(watcher, job_id, versioned.version)))
+                if logs:
+                    feeders.append(asyncio.create_task(self._feed_logs(watcher, job_id)))
             yield WatchUpdate(type="status", job=current)
             if logs:
                 async for update in lines(None):
@@ -341,13 +449,28 @@ class JobService:
                     async for update in lines(item):
                         yield update
                     continue
+                if item.type == "end" and logs and shared:  # its driver stored every line before the end
+                    async for update in lines(None):
+                        yield update
                 yield item
                 if item.type == "end":
                     return
         finally:
-            self._watchers[job_id].discard(watcher)
-            if not self._watchers[job_id]:
-                del self._watchers[job_id]
+            for feeder in feeders:
+                feeder.cancel()
+            if not shared:
+                self._watchers[job_id].discard(watcher)
+                if not self._watchers[job_id]:
+                    del self._watchers[job_id]
+
+    async def _feed_record(self, watcher: _Watcher, job_id: str, version: int) -> None:
+        async for record in record_changes(self.leases, job_id, version, WATCH_WAIT):
+            watcher.offer(WatchUpdate(type="end" if record.settled else "status",
+                                      job=JobStatusResult.from_record(record)))
+
+    async def _feed_logs(self, watcher: _Watcher, job_id: str) -> None:
+        async for _ in log_changes(self.leases, job_id, WATCH_WAIT):
+            watcher.offer(_ALL_NEW_LINES)  # the watcher reads every line past its cursor
 
     def follow_logs(self, job_id: str, phase: Phase | None = None, after: int = 0,
                     poll_interval: float = 1.0) -> AsyncIterator[LogMessage | StreamStatus]:
@@ -371,6 +494,8 @@ class JobService:
         if new.status.terminal and not old.status.terminal:
             self._active.discard(job_id)
             await self._admit()
+        if not new.outstanding and self.leases.shared and self.leases.holds(job_id):
+            await self.leases.release(job_id)
         if new.settled and not self._locks[job_id].locked():
             del self._locks[job_id]
         await self._notify()
@@ -533,7 +658,8 @@ class JobService:
     # ------------------------------------------------------------ admission and the clock
 
     async def _admit(self) -> None:
-        """Start pending jobs while fewer than the limit are running, counted from the store.
+        """Start pending jobs while fewer than the limit are running, counted from the store (with replicas:
+        under the cluster's admission lock, so the count is the cluster's).
 
         Passes are coalesced: a caller whose request came in while a pass was running waits for the next pass,
         and that one pass serves every caller queued meanwhile (a thousand submits or job ends at once cost two
@@ -545,28 +671,40 @@ class JobService:
                 return  # a pass that started after our request has run
             self._admit_served = self._admit_requests
             try:
-                if not (await self.store.list(1, 0, status=JobStatus.PENDING))[1]:
-                    self._pending = []  # nothing waits: no pass over every unfinished job (one per job's end)
-                    return
-                records = [r for r in await self.store.unfinished() if not r.status.terminal]
+                async with self.leases.admission() as allowed:
+                    if allowed:
+                        await self._admit_now()
+                    else:
+                        log.info("another replica is admitting jobs; admission retried at the next tick")
             except (StoreError, OSError) as exc:
                 log.warning("admission postponed: the store is unusable (%s)", exc)
-                return
-            running = {r.job_id for r in records if r.status.running}
-            self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
-            self._active = running
-            # Side by side: each admission dispatches the job's build, a round trip to the backend.
-            await asyncio.gather(*(self._admit_one(job_id)
-                                   for job_id in self._pending[:max(0, self._max - len(running))]))
         await self._notify()
 
+    async def _admit_now(self) -> None:
+        if not (await self.store.list(1, 0, status=JobStatus.PENDING))[1]:
+            self._pending = []  # nothing waits: no pass over every unfinished job (one per job's end was N^2)
+            return
+        records = [r for r in await self.store.unfinished() if not r.status.terminal]
+        running = {r.job_id for r in records if r.status.running}
+        self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
+        self._active = running
+        # Side by side: each admission dispatches the job's build, a round trip to the backend.
+        await asyncio.gather(*(self._admit_one(job_id)
+                               for job_id in self._pending[:max(0, self._max - len(running))]))
+
     async def _admit_one(self, job_id: str) -> None:
+        if not await self.leases.acquire(job_id):
+            return  # being killed by another replica
         try:
             new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
         except IllegalTransition:  # killed meanwhile
             new = None
+            if self.leases.shared:
+                await self.leases.release(job_id)
         except (StoreError, NotFound) as exc:
             log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
+            if self.leases.shared:
+                await self.leases.release(job_id)
             return
         self._pending.remove(job_id)
         if new is not None and new.status.running:
@@ -582,12 +720,53 @@ class JobService:
         for job_id in {job for job, _ in self._lost_lines}:
             await self._flush_lost_lines(job_id)
         for record in records:
+            if not self.leases.holds(record.job_id):
+                continue  # another replica drives it (or nobody: the scan takes it over)
             if record.status.terminal:
                 if record.job_id not in self._cleanups:
                     self._schedule_cleanup(record.job_id)
             elif record.current_phase is not None:
                 await self._apply_or_fail(record.job_id, pipeline.Tick(at=self._clock()))
+        if self.leases.shared:  # jobs without a lease key at all (e.g. recorded by an older version)
+            await self._take_over(records)
         await self._admit()
+
+    async def scan(self) -> None:
+        """Replicas (every second): end dead replicas' sessions, take over the jobs whose lease nobody holds,
+        and act on kill requests for the jobs this replica drives (or may take: nobody drives them)."""
+        scan = await self.leases.scan()
+        self._taken = scan.held
+        if scan.free:
+            records = []
+            for job_id in scan.free:
+                try:
+                    records.append((await self.store.get(job_id)).record)
+                except NotFound:
+                    continue
+            await self._take_over(records)
+        for job_id in scan.kills:
+            if self.leases.holds(job_id) or job_id not in scan.held:  # else its driver acts on it
+                await self._kill_requested(job_id)
+
+    async def _kill_requested(self, job_id: str) -> None:
+        try:
+            record = (await self.store.get(job_id)).record
+            if not record.status.terminal:
+                if not await self._drive(job_id):
+                    return
+                await self.apply(job_id, pipeline.KillRequested(at=self._clock()))
+                log.info("job %s killed at the request of another replica", job_id)
+        except (NotFound, IllegalTransition):
+            pass
+        await self.leases.kill_done(job_id)
+
+    async def _scan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.leases.scan_seconds)
+            try:
+                await self.scan()
+            except Exception:  # noqa: BLE001 - the lease must keep being renewed
+                log.exception("cluster scan failed")
 
     async def _tick_loop(self) -> None:
         while True:
@@ -633,10 +812,16 @@ class JobService:
             del lanes[job_id]
 
     async def _handle(self, message: BackendMessage) -> None:
+        if self.leases.shared and not self.leases.holds(message.job_id) \
+                and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
+            log.debug("job %s: driven by another replica now; its backend report is left to it", message.job_id)
+            return
         try:
             if isinstance(message, LogChunk):
                 await self._store_logs(message)
             elif isinstance(message, JobEvent):
+                if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+                    self._replay.pop((message.job_id, message.event.phase.value), None)
                 await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
                 await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
         except NotFound:
@@ -668,6 +853,7 @@ class JobService:
                 lines.append(masked_line(line))
             else:
                 self.metrics.usage(chunk.phase, usage)
+        lines = self._skip_replayed(chunk.job_id, chunk.phase, lines)
         lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps
         if not lines:
             return
@@ -693,6 +879,21 @@ class JobService:
         for watcher in self._watchers.get(chunk.job_id, ()):
             if watcher.logs:
                 watcher.offer(len(chunk.lines))  # a count: the watcher reads the lines back from the store
+
+    def _skip_replayed(self, job_id: str, phase: str, lines: list[LogLine]) -> list[LogLine]:
+        """Drop the lines a resumed phase reads again that its previous driver had stored already."""
+        skip = self._replay.get((job_id, phase))
+        if not skip:
+            return lines
+        kept = []
+        for line in lines:
+            if skip.get(line.stream, 0) > 0:
+                skip[line.stream] -= 1
+            else:
+                kept.append(line)
+        if not any(skip.values()):
+            del self._replay[(job_id, phase)]
+        return kept
 
     async def _stop_current_phase(self, job_id: str) -> None:
         """Stop a job's running phase before its failure is recorded (a full disk may not take the record yet)."""

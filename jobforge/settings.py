@@ -75,14 +75,33 @@ class ConsulSettings(BaseSettings):
     config: bool = Field(False, validation_alias="JOBFORGE_CONSUL_CONFIG",
                          description="watch the service configuration in Consul KV under JOBFORGE_CONSUL_CONFIG_"
                                      "PREFIX (build_timeout, test_timeout, max_concurrent_jobs, default_resource_"
-                                     "limits/{cpu,memory,disk}); environment variables that are set still win")
+                                     "limits/{cpu,memory,disk} and .../<phase>/{cpu,memory,disk}); environment "
+                                     "variables that are set still win")
     config_prefix: str = Field("jobforge-service/config/", pattern=KEY_PREFIX_PATTERN,
                                validation_alias="JOBFORGE_CONSUL_CONFIG_PREFIX")
     config_wait: Duration = Field(60, gt=0, le=600, validation_alias="JOBFORGE_CONSUL_CONFIG_WAIT",
                                   description="longest blocking query on the config prefix")
+    lease_ttl: Duration = Field(10, ge=10, le=86400, validation_alias="JOBFORGE_LEASE_TTL",
+                                description="TTL of each replica's Consul session (Consul refuses under 10s); "
+                                            "the backstop when no replica is left to notice a dead one")
+    heartbeat: Duration = Field(2, gt=0, le=60, validation_alias="JOBFORGE_HEARTBEAT",
+                                description="how often a replica renews its session and heartbeat key; also its "
+                                            "session's lock-delay")
+    lease_timeout: Duration = Field(8, gt=0, le=3600, validation_alias="JOBFORGE_LEASE_TIMEOUT",
+                                    description="a replica whose heartbeat key has not moved for this long is "
+                                                "dead: another ends its session and takes its jobs over")
+    replica_name: str | None = Field(None, max_length=200, validation_alias="JOBFORGE_REPLICA_NAME",
+                                     description="this replica's name in logs and lease values; default host-pid")
     service_address: str | None = Field(None, validation_alias="JOBFORGE_CONSUL_SERVICE_ADDRESS",
                                         description="address registered for the replica; default SERVER_HOST, or "
                                                     "the Consul node's address when listening on 0.0.0.0")
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> "ConsulSettings":
+        if self.lease_timeout < 2 * self.heartbeat:
+            raise ValueError("JOBFORGE_LEASE_TIMEOUT must be at least twice JOBFORGE_HEARTBEAT: a live replica "
+                             "that misses one heartbeat must not be declared dead")
+        return self
 
 
 class VaultSettings(BaseSettings):

@@ -46,6 +46,7 @@ def build_payload(record: JobRecord, phase: str, target: RegistryTarget) -> dict
         "dockerfile_context": cfg.dockerfile_context,
         "build_args": dict(cfg.build_args),
         "target": cfg.target,
+        "image_format": cfg.image_format,
         "clear_cache": cfg.clear_cache,
         "temp_image": temp_image(record, target),
         "tls_verify": target.tls_verify,

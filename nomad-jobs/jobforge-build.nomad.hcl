@@ -89,7 +89,8 @@ non-zero exit. Every external command is an argv list; known secret values are m
 
 Credentials are bound to hosts (docs/security.md): `git_credential_for` and
 `registry_auths_for` are the pure matching rules; a credential is offered only to its own scheme + host +
-port, git credentials only over https unless the host is listed in JOBFORGE_GIT_PLAIN_HTTP_HOSTS.
+port, git credentials only over https unless the host is listed in JOBFORGE_GIT_PLAIN_HTTP_HOSTS. A job's ssh
+key goes to its own repo_url's host only (`ssh_command`).
 """
 
 from __future__ import annotations
@@ -221,6 +222,36 @@ def git_credential_for(url: str, credentials: Sequence[Credential],
     return next((c for c in credentials if c.origin == origin), None)
 
 
+def is_ssh_url(url: str) -> bool:
+    """What git fetches over ssh: `ssh://…` or scp-like `[user@]host:path` (a ':' before any '/')."""
+    if "://" in url:
+        return url.split("://", 1)[0].lower() == "ssh"
+    colon, slash = url.find(":"), url.find("/")
+    return colon > 0 and (slash < 0 or colon < slash)
+
+
+def ssh_command(key_file: str | None, known_hosts_file: str, strict: bool) -> str:
+    """GIT_SSH_COMMAND (git runs it through a shell, hence the quoting) that offers exactly one key, the job's, or
+    none at all (`key_file` None): the runner's own keys belong to the runner, not to whatever host a job names.
+
+    No ssh config (`-F /dev/null`: no ProxyCommand, IdentityFile or Host blocks of the runner's), no agent and no
+    default identities (`IdentitiesOnly`, `IdentityAgent=none`, `IdentityFile=none`), no prompts. Host keys:
+    `strict` checks them against `known_hosts_file` (and the runner's /etc/ssh/ssh_known_hosts); otherwise a host
+    not in them is accepted on first use and remembered in that (per-run) file only."""
+    identity = ["-i", key_file] if key_file else ["-o", "IdentityFile=none"]
+    return shlex.join([
+        "ssh", "-F", "/dev/null", *identity, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+        "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
+        "-o", f"StrictHostKeyChecking={'yes' if strict else 'accept-new'}",
+        "-o", f"UserKnownHostsFile={known_hosts_file}",
+    ])
+
+
+def key_secrets(key: str) -> list[str]:
+    """What to mask of a private key: the whole text and each of its lines (headers included: harmless)."""
+    return [key] + [line.strip() for line in key.splitlines() if len(line.strip()) >= 4]
+
+
 def auth_key_host(key: str) -> str:
     """The `host[:port]` of an auth.json key (`host:port`, `host/ns/repo`, or docker's `https://host/v1/`)."""
     for prefix in ("https://", "http://"):
@@ -267,6 +298,8 @@ class Context:
     registry_auths: dict[str, dict] = field(default_factory=dict)
     git_credentials: list[Credential] = field(default_factory=list)
     git_plain_http_hosts: list[str] = field(default_factory=list)
+    git_ssh_key: str | None = None  # the job's own key (Vault `ssh_key`), for its repo_url over ssh only
+    git_known_hosts: str | None = None  # the job's known_hosts lines (Vault `known_hosts`)
     build_network: str = "outbound"
     secrets: list[str] = field(default_factory=list)
 
@@ -332,6 +365,10 @@ def load_context() -> Context:
     ctx.registry_auths = _registry_auths(ctx, os.environ)
     ctx.git_credentials = _git_credentials(ctx, os.environ)
     ctx.git_plain_http_hosts = split_hosts(os.environ.get("JOBFORGE_GIT_PLAIN_HTTP_HOSTS"))
+    ctx.git_ssh_key = os.environ.get("JOBFORGE_JOB_GIT_SSH_KEY") or None
+    ctx.git_known_hosts = os.environ.get("JOBFORGE_JOB_GIT_KNOWN_HOSTS") or None
+    if ctx.git_ssh_key:
+        ctx.secrets.extend(key_secrets(ctx.git_ssh_key))
     ctx.secrets.extend(p for p in (entry_password(e) for e in ctx.registry_auths.values()) if p)
     ctx.secrets.extend(c.password for c in ctx.git_credentials if c.password)
     return ctx
@@ -629,7 +666,7 @@ CREDENTIAL_ENV = frozenset({
     "REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "JOBFORGE_REGISTRY_AUTH_FILE",
     "JOBFORGE_JOB_REGISTRY_USERNAME", "JOBFORGE_JOB_REGISTRY_PASSWORD", "GIT_USERNAME", "GIT_PASSWORD",
     "JOBFORGE_GIT_CREDENTIALS", "JOBFORGE_JOB_GIT_USERNAME", "JOBFORGE_JOB_GIT_PASSWORD", "GIT_ASKPASS",
-    "SSH_ASKPASS", "DOCKER_CONFIG", "DOCKER_AUTH_CONFIG",
+    "SSH_ASKPASS", "DOCKER_CONFIG", "DOCKER_AUTH_CONFIG", "JOBFORGE_JOB_GIT_SSH_KEY", "JOBFORGE_JOB_GIT_KNOWN_HOSTS",
 })
 
 
@@ -755,6 +792,7 @@ never pulls (`--pull=never`) nor sees a credential.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -766,8 +804,9 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
-    registries_conf, registry_authfile, run, sandbox, step, tls_for, tool_env, unauthorized_error,
+    Context, Credential, TaskError, failure, git_credential_for, is_ssh_url, is_unauthorized, main, origin_of,
+    private_file, registries_conf, registry_authfile, run, sandbox, ssh_command, step, tls_for, tool_env,
+    unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -792,6 +831,7 @@ UNREADABLE_REPO = re.compile(
     r"|returned error: 40[134]|\b40[134]\b|could not read (username|password)|terminal prompts disabled"
     r"|permission denied|access denied", re.IGNORECASE)
 AUTH_FAILED = re.compile(r"authentication failed|invalid username or password", re.IGNORECASE)
+HOST_KEY_FAILED = re.compile(r"host key verification failed", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 _MOUNT_FROM = re.compile(r"(?:^|,)from=([^,]+)")
 
@@ -806,6 +846,10 @@ def public_url(url: str) -> str:
 
 def fetch_error(url: str, output: str) -> TaskError:
     """Name the cause in words a user acts on, not git's last line."""
+    if HOST_KEY_FAILED.search(output):
+        return TaskError(f"git fetch of {public_url(url)} failed: the ssh server's host key is not one of the "
+                         "known hosts (field known_hosts of the job's git_credentials_path, or the runner's "
+                         "/etc/ssh/ssh_known_hosts)")
     if AUTH_FAILED.search(output):
         return TaskError(f"git fetch of {public_url(url)} failed: authentication failed (check the git "
                          "credentials configured for this host: JOBFORGE_GIT_CREDENTIALS, JOBFORGE_GIT_USERNAME)")
@@ -834,7 +878,8 @@ def git_env(ctx: Context, credential: Credential | None) -> dict[str, str]:
     rewrites or extra headers) + the one credential bound to this repository's origin, if any."""
     env = dict(tool_env(), GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0",
                GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
-    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")  # ssh prompts on /dev/tty otherwise
+    # No job key: ssh offers no key at all (the runner's keys, config and agent stay the runner's).
+    env["GIT_SSH_COMMAND"] = ssh_command(None, os.path.join(ctx.workdir, ".git-known-hosts"), strict=False)
     if credential is not None:
         env["JOBFORGE_GIT_CRED_USERNAME"] = credential.username
         env["JOBFORGE_GIT_CRED_PASSWORD"] = credential.password
@@ -850,6 +895,26 @@ def git_argv(ctx: Context, url: str, credential: Credential | None) -> list[str]
         "protocol": shlex.quote(credential.origin.scheme), "host": shlex.quote(netloc)})
     os.chmod(helper, 0o700)
     return GIT + ["-c", f"credential.helper=!{shlex.quote(helper)}"]
+
+
+@contextlib.contextmanager
+def ssh_identity(ctx: Context, url: str):
+    """{GIT_SSH_COMMAND: …} offering the job's own key (Vault `ssh_key`) when `url` is fetched over ssh, else {}.
+
+    The key sits in a 0600 file of the phase workdir for the fetch only; argv shows its path, never its text."""
+    if not (ctx.git_ssh_key and is_ssh_url(url)):
+        yield {}
+        return
+    key = private_file(os.path.join(ctx.workdir, ".git-ssh-key"), ctx.git_ssh_key.strip() + "\n")
+    known = private_file(os.path.join(ctx.workdir, ".git-known-hosts"), (ctx.git_known_hosts or "").strip() + "\n")
+    if not ctx.git_known_hosts:
+        step("the job's git credentials have no known_hosts: the ssh host key is accepted on first use")
+    try:
+        yield {"GIT_SSH_COMMAND": ssh_command(key, known, strict=bool(ctx.git_known_hosts))}
+    finally:
+        for path in (key, known):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def validate_url(url: str) -> None:
@@ -872,8 +937,12 @@ def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential
     `url` carries no password (see split_url_credential); `credential` is offered to its origin only."""
     validate_url(url)
     validate_ref(ref)
-    env = git_env(ctx, credential)
-    git = git_argv(ctx, url, credential)
+    with ssh_identity(ctx, url) as ssh_env:
+        return _checkout(ctx, url, ref, dest, dict(git_env(ctx, credential), **ssh_env),
+                         git_argv(ctx, url, credential))
+
+
+def _checkout(ctx: Context, url: str, ref: str, dest: str, env: dict[str, str], git: list[str]) -> str:
     if os.path.exists(dest):
         shutil.rmtree(dest)
     step(f"fetching {public_url(url)} at {ref}")
@@ -1008,6 +1077,10 @@ def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
         argv += ["--build-arg", f"{name}={value}"]
     if p.get("target"):
         argv += ["--target", p["target"]]
+    image_format = p.get("image_format") or "oci"
+    if image_format not in ("oci", "docker"):
+        raise TaskError(f"invalid image_format {image_format!r}: oci or docker")
+    argv += ["--format", image_format]
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.

@@ -89,7 +89,8 @@ non-zero exit. Every external command is an argv list; known secret values are m
 
 Credentials are bound to hosts (docs/security.md): `git_credential_for` and
 `registry_auths_for` are the pure matching rules; a credential is offered only to its own scheme + host +
-port, git credentials only over https unless the host is listed in JOBFORGE_GIT_PLAIN_HTTP_HOSTS.
+port, git credentials only over https unless the host is listed in JOBFORGE_GIT_PLAIN_HTTP_HOSTS. A job's ssh
+key goes to its own repo_url's host only (`ssh_command`).
 """
 
 from __future__ import annotations
@@ -221,6 +222,36 @@ def git_credential_for(url: str, credentials: Sequence[Credential],
     return next((c for c in credentials if c.origin == origin), None)
 
 
+def is_ssh_url(url: str) -> bool:
+    """What git fetches over ssh: `ssh://…` or scp-like `[user@]host:path` (a ':' before any '/')."""
+    if "://" in url:
+        return url.split("://", 1)[0].lower() == "ssh"
+    colon, slash = url.find(":"), url.find("/")
+    return colon > 0 and (slash < 0 or colon < slash)
+
+
+def ssh_command(key_file: str | None, known_hosts_file: str, strict: bool) -> str:
+    """GIT_SSH_COMMAND (git runs it through a shell, hence the quoting) that offers exactly one key, the job's, or
+    none at all (`key_file` None): the runner's own keys belong to the runner, not to whatever host a job names.
+
+    No ssh config (`-F /dev/null`: no ProxyCommand, IdentityFile or Host blocks of the runner's), no agent and no
+    default identities (`IdentitiesOnly`, `IdentityAgent=none`, `IdentityFile=none`), no prompts. Host keys:
+    `strict` checks them against `known_hosts_file` (and the runner's /etc/ssh/ssh_known_hosts); otherwise a host
+    not in them is accepted on first use and remembered in that (per-run) file only."""
+    identity = ["-i", key_file] if key_file else ["-o", "IdentityFile=none"]
+    return shlex.join([
+        "ssh", "-F", "/dev/null", *identity, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+        "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
+        "-o", f"StrictHostKeyChecking={'yes' if strict else 'accept-new'}",
+        "-o", f"UserKnownHostsFile={known_hosts_file}",
+    ])
+
+
+def key_secrets(key: str) -> list[str]:
+    """What to mask of a private key: the whole text and each of its lines (headers included: harmless)."""
+    return [key] + [line.strip() for line in key.splitlines() if len(line.strip()) >= 4]
+
+
 def auth_key_host(key: str) -> str:
     """The `host[:port]` of an auth.json key (`host:port`, `host/ns/repo`, or docker's `https://host/v1/`)."""
     for prefix in ("https://", "http://"):
@@ -267,6 +298,8 @@ class Context:
     registry_auths: dict[str, dict] = field(default_factory=dict)
     git_credentials: list[Credential] = field(default_factory=list)
     git_plain_http_hosts: list[str] = field(default_factory=list)
+    git_ssh_key: str | None = None  # the job's own key (Vault `ssh_key`), for its repo_url over ssh only
+    git_known_hosts: str | None = None  # the job's known_hosts lines (Vault `known_hosts`)
     build_network: str = "outbound"
     secrets: list[str] = field(default_factory=list)
 
@@ -332,6 +365,10 @@ def load_context() -> Context:
     ctx.registry_auths = _registry_auths(ctx, os.environ)
     ctx.git_credentials = _git_credentials(ctx, os.environ)
     ctx.git_plain_http_hosts = split_hosts(os.environ.get("JOBFORGE_GIT_PLAIN_HTTP_HOSTS"))
+    ctx.git_ssh_key = os.environ.get("JOBFORGE_JOB_GIT_SSH_KEY") or None
+    ctx.git_known_hosts = os.environ.get("JOBFORGE_JOB_GIT_KNOWN_HOSTS") or None
+    if ctx.git_ssh_key:
+        ctx.secrets.extend(key_secrets(ctx.git_ssh_key))
     ctx.secrets.extend(p for p in (entry_password(e) for e in ctx.registry_auths.values()) if p)
     ctx.secrets.extend(c.password for c in ctx.git_credentials if c.password)
     return ctx
@@ -629,7 +666,7 @@ CREDENTIAL_ENV = frozenset({
     "REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "JOBFORGE_REGISTRY_AUTH_FILE",
     "JOBFORGE_JOB_REGISTRY_USERNAME", "JOBFORGE_JOB_REGISTRY_PASSWORD", "GIT_USERNAME", "GIT_PASSWORD",
     "JOBFORGE_GIT_CREDENTIALS", "JOBFORGE_JOB_GIT_USERNAME", "JOBFORGE_JOB_GIT_PASSWORD", "GIT_ASKPASS",
-    "SSH_ASKPASS", "DOCKER_CONFIG", "DOCKER_AUTH_CONFIG",
+    "SSH_ASKPASS", "DOCKER_CONFIG", "DOCKER_AUTH_CONFIG", "JOBFORGE_JOB_GIT_SSH_KEY", "JOBFORGE_JOB_GIT_KNOWN_HOSTS",
 })
 
 

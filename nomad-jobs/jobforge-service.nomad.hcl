@@ -28,13 +28,10 @@ job "jobforge-service" {
   group "service" {
     count = 2
 
+    # Ports on the node's address: the task shares the node's network and binds exactly these (SERVER_HOST).
     network {
-      port "http" {
-        to = 8080
-      }
-      port "metrics" {
-        to = 9090
-      }
+      port "http" {}
+      port "metrics" {}
     }
 
     # A replica stops taking requests (deregistered) before it gets SIGTERM, so clients move to the others.
@@ -85,25 +82,28 @@ job "jobforge-service" {
       driver       = "docker"
       kill_timeout = "30s"
 
+      # The node's network: the service binds the allocated address and port only (never 0.0.0.0), which is
+      # what Nomad registers in Consul; a bridge would need 0.0.0.0 inside the container (docs/decisions.md).
       config {
-        image = "localhost:5000/jobforge-service:latest"
-        ports = ["http", "metrics"]
+        image        = "localhost:5000/jobforge-service:latest"
+        network_mode = "host"
       }
 
-      # Inside the container the service listens on all of the container's interfaces at the `to` ports;
-      # Nomad maps the allocated host ports there and registers those in Consul.
       env {
-        JOBFORGE_BACKEND     = "nomad"
-        JOBFORGE_STORE       = "consul"
-        SERVER_HOST          = "0.0.0.0"
-        SERVER_PORT          = "$${NOMAD_PORT_http}"
-        METRICS_PORT         = "$${NOMAD_PORT_metrics}"
-        NOMAD_ADDR           = "http://$${attr.unique.network.ip-address}:4646"
-        NOMAD_DATACENTERS    = "dc1"
-        CONSUL_HTTP_ADDR     = "$${attr.unique.network.ip-address}:8500"
-        JOBFORGE_NOMAD_IMAGE = "localhost:5000/jobforge-runner:latest"
-        JOBFORGE_DATA_DIR    = "$${NOMAD_ALLOC_DIR}/data"
-        PYTHONUNBUFFERED     = "1"
+        JOBFORGE_BACKEND         = "nomad"
+        JOBFORGE_STORE           = "consul"
+        SERVER_HOST              = "$${NOMAD_IP_http}"
+        SERVER_PORT              = "$${NOMAD_PORT_http}"
+        METRICS_PORT             = "$${NOMAD_PORT_metrics}"
+        NOMAD_ADDR               = "http://$${attr.unique.network.ip-address}:4646"
+        NOMAD_DATACENTERS        = "dc1"
+        CONSUL_HTTP_ADDR         = "$${attr.unique.network.ip-address}:8500"
+        JOBFORGE_NOMAD_IMAGE     = "localhost:5000/jobforge-runner:latest"
+        JOBFORGE_DATA_DIR        = "$${NOMAD_ALLOC_DIR}/data"
+        PYTHONUNBUFFERED         = "1"
+        JOBFORGE_REPLICA_NAME    = "$${NOMAD_ALLOC_NAME}-$${NOMAD_SHORT_ALLOC_ID}"
+        # Bearer tokens: the service refuses to serve a non-loopback address without them.
+        JOBFORGE_API_TOKENS_FILE = "$${NOMAD_SECRETS_DIR}/api-tokens"
       }
 
       # The service's Vault token is only for this template: not in the task's environment or files.
@@ -128,6 +128,17 @@ job "jobforge-service" {
         env         = true
         perms       = "600"
         change_mode = "restart"
+      }
+
+      # The API tokens file ('<token> [owner,...]' lines) from Vault: 0600, owned by the image's user. The service
+      # re-reads it when it changes, so a rotation needs no restart; a missing field leaves it empty (all refused).
+      template {
+        data        = "{{ with secret \"secret/data/jobforge/service\" }}{{ with index .Data.data \"api_tokens\" }}{{ . }}\n{{ end }}{{ end }}"
+        destination = "secrets/api-tokens"
+        perms       = "600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "noop"
       }
 
       resources {

@@ -89,6 +89,7 @@ FULL = {
     "clear_cache": True,
     "build_args": {"GREETING": "hi", "PIP_INDEX": "https://pypi.example/simple"},
     "target": "runtime",
+    "image_format": "docker",
     "webhook_url": "https://hooks.example.com/jobforge",
     "webhook_secret": "whsec-very-secret",
     "webhook_on_success": False,
@@ -112,7 +113,7 @@ def test_full_config_sets_every_field():
     assert c.build_timeout == timedelta(hours=1, minutes=30) and c.build_timeout_seconds == 5400.0
     assert c.resource_limits is not None and c.resource_limits.build is not None
     assert c.resource_limits.build.cpu == 4000
-    assert c.target == "runtime" and c.clear_cache is True
+    assert c.target == "runtime" and c.clear_cache is True and c.image_format == "docker"
     assert c.webhook_secret is not None and c.webhook_secret.get_secret_value() == "whsec-very-secret"
     assert c.webhook_on_success is False
 

@@ -175,6 +175,37 @@ async def test_environment_variables_win_and_resources_are_pinned(rig, consul, e
     assert (await stored_config(service, own)).resources_for("build").cpu == 700
 
 
+async def test_per_phase_default_resources_apply_to_jobs_submitted_afterwards(rig, consul, caplog):
+    service, backend, clock, make = rig
+    await put(consul, "default_resource_limits/cpu", "3000")
+    await put(consul, "default_resource_limits/build/cpu", "4000")
+    await put(consul, "default_resource_limits/test/memory", "1500")
+    watcher = make()
+    await changed(watcher)
+    before = await submit(service)
+    assert backend.dispatched[-1].resources.cpu == 4000  # the phase's default beats the global one
+    config = await stored_config(service, before)
+    assert [config.resources_for(p).cpu for p in ("build", "test", "publish")] == [4000, 3000, 3000]
+    assert [config.resources_for(p).memory for p in ("build", "test", "publish")] == [2048, 1500, 1024]
+
+    # The job's own values win, its global value too: over a phase default.
+    own = await stored_config(service, await submit(service, resource_limits={"cpu": 700, "test": {"memory": 900}}))
+    assert [own.resources_for(p).cpu for p in ("build", "test", "publish")] == [700, 700, 700]
+    assert own.resources_for("test").memory == 900
+
+    with caplog.at_level(logging.WARNING, logger="jobforge.consul_config"):
+        await put(consul, "default_resource_limits/build/cpu", "-5")
+        await changed(watcher)
+    assert any("default_resource_limits/build/cpu='-5' is invalid" in r.getMessage()
+               and "keeping 4000" in r.getMessage() for r in caplog.records), caplog.text
+    await put(consul, "default_resource_limits/publish/disk", "8000")
+    await changed(watcher)
+    after = await stored_config(service, await submit(service))
+    assert after.resources_for("build").cpu == 4000 and after.resources_for("publish").disk == 8000
+    assert config.resources_for("publish").disk == 2048  # the job submitted before keeps its pinned values
+    assert (await stored_config(service, before)).resources_for("publish").disk == 2048
+
+
 def test_parse_keeps_the_previous_value_of_an_invalid_key():
     previous = RuntimeConfig(test_timeout=60, cpu=100)
     found, problems = parse_entries({"test_timeout": "-3s", "default_resource_limits/cpu": "lots",

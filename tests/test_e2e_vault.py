@@ -6,11 +6,14 @@ secrets from the Vault double itself (buildah, skopeo, git, docker-registry on 1
 - a `test.vault_secrets` value reaches the test container (the test prints its sha256 and, to prove the masking,
   the value itself) and appears nowhere else: logs, status, history, the service log;
 - a mapping naming a service variable gets nothing, even with Vault configured;
-- a path Vault refuses fails the phase with an error naming the path.
+- a path Vault refuses fails the phase with an error naming the path;
+- `git_credentials_path` holding an `ssh_key` (and `known_hosts`): the job's repository is cloned from a real sshd
+  on loopback with that key, which appears nowhere.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import uuid
@@ -22,6 +25,7 @@ from tests.conftest import AUTH_PASSWORD, AUTH_USER
 from tests.doubles.vault import FakeVault
 from tests.support.gitrepo import GitRepo
 from tests.support.service import ServiceProcess
+from tests.support.sshd import Sshd, fingerprint, keygen
 from tests.test_e2e import run_job
 
 pytestmark = pytest.mark.e2e
@@ -118,3 +122,21 @@ def test_a_path_vault_refuses_fails_the_phase_naming_the_path(svc, config):
     assert final["error"] == ("build phase could not read its Vault secrets: Vault refused to read "
                               "secret/data/e2e-vault/denied/registry: permission denied")
     assert not [s for s in SECRETS if s in everything(svc, [job_id])]
+
+
+def test_a_repository_over_ssh_is_cloned_with_the_jobs_vault_key(svc, config, vault, tmp_path):
+    fake, _ = vault
+    (tmp_path / "keys").mkdir()
+    private, public = keygen(tmp_path / "keys" / "job")
+    source = GitRepo.from_dir(tmp_path / "hello", EXAMPLE)
+    with Sshd(tmp_path / "sshd", public) as sshd:
+        fake.put("e2e-vault/ok/git", {"ssh_key": private, "known_hosts": sshd.known_hosts_line})
+        url = f"ssh://{getpass.getuser()}@127.0.0.1:{sshd.port}{source.path}"
+        job_id, final, logs = run_job(svc, config(repo_url=url, git_credentials_path="secret/data/e2e-vault/ok/git"))
+        sshd_log = sshd.log()
+    assert final["status"] == "SUCCEEDED", (final["error"], logs)
+    assert f"commit: {source.head()}" in logs["build"]
+    assert fingerprint(public) in sshd_log  # the job's key, from Vault, was the one sshd accepted
+    body = [line for line in private.splitlines() if "PRIVATE KEY" not in line]
+    text = everything(svc, [job_id])
+    assert not [line for line in body if line in text]

@@ -5,8 +5,10 @@
 2. A git copy of this checkout, plus its wheels (`make image-context`: the build itself needs no network), is
    submitted to a real `jobforge-service` (local backend): build from ./Containerfile with BASE_IMAGE = that base,
    test by running `jobforge-service --version` inside the built image, publish to the test registry.
-3. The published image is pulled and its entry point run with buildah (chroot isolation shares the host's
-   network): it answers /health, as the non-root user of the Containerfile.
+3. The published image (`image_format: docker`, so the HEALTHCHECK survives) is pulled and its entry point run with
+   buildah (chroot isolation shares the host's network), told to listen on loopback by SERVER_HOST (the image sets
+   no address of its own): it answers /health, as the non-root user of the Containerfile, and the image's
+   HEALTHCHECK command, run in the same container, passes.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def test_job_forge_builds_tests_and_publishes_its_own_image_which_serves(
     tag = f"self-{uuid.uuid4().hex[:8]}"
     config = {"owner": "self-build", "repo_url": str(repo.path), "image_name": IMAGE, "image_tags": [tag],
               "registry_url": registry.host, "dockerfile_path": "Containerfile",
-              "build_args": {"BASE_IMAGE": debian_base_image},
+              "build_args": {"BASE_IMAGE": debian_base_image}, "image_format": "docker",
               "test": {"commands": ["jobforge-service --version", "test \"$(id -u)\" = 10001"]}}
     with ServiceProcess(tmp_path / "service", registry.host) as svc:
         status, body = svc.post("/json/submitJob", {"job_config": config})
@@ -94,10 +96,18 @@ def test_job_forge_builds_tests_and_publishes_its_own_image_which_serves(
     assert registry.has_manifest(IMAGE, tag) and registry.has_manifest(IMAGE, job_id)
 
     ref = f"{registry.host}/{IMAGE}:{tag}"
-    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{ref}"],
+    # --raw: the config blob as pushed (without it skopeo converts it to OCI, which has no Healthcheck).
+    inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", "--raw", f"docker://{ref}"],
                                capture_output=True, text=True, check=True).stdout
     image_config = json.loads(inspected)["config"]
+    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", f"docker://{ref}"],
+                                         capture_output=True, text=True, check=True).stdout)
+    assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"  # image_format: docker
     assert image_config["User"] == "10001:10001" and image_config["Entrypoint"] == ["jobforge-service"]
+    healthcheck = image_config["Healthcheck"]
+    assert healthcheck["Test"][0] == "CMD" and "/health" in healthcheck["Test"][-1], healthcheck
+    assert healthcheck["Interval"] == 15 * 10**9 and healthcheck["Retries"] == 3
+    assert not [e for e in image_config["Env"] if e.startswith("SERVER_HOST=")]  # the code's default: loopback
 
     container = subprocess.run(buildah(buildah_storage, "from", "--tls-verify=false", ref), check=True,
                                capture_output=True, text=True).stdout.strip()
@@ -112,6 +122,14 @@ def test_job_forge_builds_tests_and_publishes_its_own_image_which_serves(
     try:
         answer = _health(f"http://127.0.0.1:{port}/health", proc, log_path)
         assert answer == {"status": "ok"}
+        check = subprocess.run(buildah(buildah_storage, "run", "--isolation", "chroot", "--env",
+                                       "SERVER_HOST=127.0.0.1", "--env", f"SERVER_PORT={port}", container, "--",
+                                       *healthcheck["Test"][1:]), capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr  # the image's own HEALTHCHECK
+        idle = subprocess.run(buildah(buildah_storage, "run", "--isolation", "chroot", "--env",
+                                      f"SERVER_PORT={free_port()}", container, "--", *healthcheck["Test"][1:]),
+                              capture_output=True, text=True, timeout=60)
+        assert idle.returncode != 0  # and it fails where nothing answers
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -104,3 +104,26 @@ def test_build_registries_conf_marks_exactly_the_insecure_hosts():
     assert c.registries_conf_text(system, []) == system
     # v1 files cannot be mixed with v2 tables: left out
     assert "registries.search" not in c.registries_conf_text("[registries.search]\nregistries = []\n", ["h:1"])
+
+
+@pytest.mark.parametrize(("url", "ssh"), [
+    ("ssh://git@git.example/app.git", True), ("SSH://git.example:2222/app.git", True),
+    ("git@git.example:org/app.git", True), ("git.example:org/app.git", True),
+    ("https://git.example/app.git", False), ("git://git.example/app.git", False), ("file:///srv/a:b", False),
+    ("/srv/repos/a:b", False), ("./a:b", False),
+])
+def test_which_urls_git_fetches_over_ssh(url, ssh):
+    assert c.is_ssh_url(url) is ssh
+
+
+def test_the_ssh_command_offers_only_the_given_key_and_survives_the_shell(monkeypatch):
+    import shlex
+    argv = shlex.split(c.ssh_command("/w d/.git-ssh-key", "/w d/.known", strict=True))
+    assert argv[:3] == ["ssh", "-F", "/dev/null"] and argv[argv.index("-i") + 1] == "/w d/.git-ssh-key"
+    options = {argv[i + 1] for i, word in enumerate(argv) if word == "-o"}
+    assert {"IdentitiesOnly=yes", "IdentityAgent=none", "BatchMode=yes", "StrictHostKeyChecking=yes",
+            "UserKnownHostsFile=/w d/.known"} <= options
+    assert "StrictHostKeyChecking=accept-new" in c.ssh_command("/k", "/h", strict=False)
+    monkeypatch.setenv("JOBFORGE_JOB_GIT_SSH_KEY", "key")
+    monkeypatch.setenv("JOBFORGE_JOB_GIT_KNOWN_HOSTS", "hosts")
+    assert not {"JOBFORGE_JOB_GIT_SSH_KEY", "JOBFORGE_JOB_GIT_KNOWN_HOSTS"} & set(c.tool_env())  # git never sees it

@@ -54,7 +54,9 @@ META_OPTIONAL: tuple[str, ...] = ("owner",)
 GPU_CONSTRAINT = {"attribute": "${meta.gpu-capable}", "operator": "=", "value": "true"}
 # A job's own Vault credentials, as (Vault field, env var): the task scripts bind them to the job's repo_url origin
 # and publish host only (docs/security.md). Names distinct from the service-wide variables.
-GIT_FIELDS = (("username", "JOBFORGE_JOB_GIT_USERNAME"), ("password", "JOBFORGE_JOB_GIT_PASSWORD"))
+# `ssh_key` (and `known_hosts` for its host keys) serve a repo_url fetched over ssh, as the reference allows.
+GIT_FIELDS = (("username", "JOBFORGE_JOB_GIT_USERNAME"), ("password", "JOBFORGE_JOB_GIT_PASSWORD"),
+              ("ssh_key", "JOBFORGE_JOB_GIT_SSH_KEY"), ("known_hosts", "JOBFORGE_JOB_GIT_KNOWN_HOSTS"))
 REGISTRY_FIELDS = (("username", "JOBFORGE_JOB_REGISTRY_USERNAME"), ("password", "JOBFORGE_JOB_REGISTRY_PASSWORD"))
 # test.vault_secrets values reach test.py as JOBFORGE_SECRET_<container variable>: only they can be the source.
 SECRET_ENV_PREFIX = "JOBFORGE_SECRET_"

@@ -9,7 +9,12 @@ Where the replicas' configuration comes from (the task's environment, as the ser
 - Consul KV (`keyOrDefault` template, re-rendered and the task restarted on change): deployment settings that
   need a restart, under `<config_prefix>` (the reference's `jobforge-service/config/`). The live settings
   (build_timeout, ...) are not put into the environment, since the environment would win over Consul KV.
-- Vault (KV v2 template): the registry credentials and the Nomad/Consul ACL tokens of the service.
+- Vault (KV v2 template): the registry credentials and the Nomad/Consul ACL tokens of the service, and the API
+  tokens file (field `api_tokens`, written to a 0600 file of the task's secrets dir owned by the image's user;
+  the service re-reads it when it changes, so a rotation needs no restart).
+
+Listening: the task shares the node's network (`network_mode = "host"`) and binds only the address and port
+Nomad allocated (`NOMAD_IP_http`, `NOMAD_PORT_http`), never 0.0.0.0 (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobforge.nomad.escape import go_string
 from jobforge.registration import CHECKS, METRICS_PATH, METRICS_SERVICE_NAME, SERVICE_NAME, SERVICE_TAGS
 
-__all__ = ["SERVICE_JOB_FILE", "SERVICE_TEMPLATE", "VAULT_FIELDS", "ServiceJobParams", "service_context"]
+__all__ = ["API_TOKENS_FIELD", "SERVICE_JOB_FILE", "SERVICE_TEMPLATE", "VAULT_FIELDS", "ServiceJobParams", "service_context"]
 
 SERVICE_TEMPLATE = "jobforge-service.nomad.hcl.j2"
 SERVICE_JOB_FILE = "jobforge-service.nomad.hcl"
@@ -33,6 +38,9 @@ KV_SETTINGS = (("REGISTRY_URL", "registry_url", "localhost:5000"), ("LOG_LEVEL",
 # render.py turns them into the template (the same writer as the phase jobs' credentials).
 VAULT_FIELDS = (("registry_username", "REGISTRY_USERNAME"), ("registry_password", "REGISTRY_PASSWORD"),
                 ("nomad_token", "NOMAD_TOKEN"), ("consul_token", "CONSUL_HTTP_TOKEN"))
+# The Vault field holding the API tokens file's text ('<token> [owner,...]' lines, jobforge.auth) and where it goes.
+API_TOKENS_FIELD = "api_tokens"
+API_TOKENS_FILE = "secrets/api-tokens"
 
 
 class ServiceJobParams(BaseModel):
@@ -49,6 +57,8 @@ class ServiceJobParams(BaseModel):
     secrets_path: str = Field("secret/data/jobforge/service", min_length=1, description="Vault KV v2 path")
     vault_auth: Literal["workload-identity", "token"] = "workload-identity"
     vault_policies: tuple[str, ...] = Field(("jobforge-service",), description="token auth only")
+    run_as_uid: int = Field(10001, ge=1, description="the image's user (Containerfile JOBFORGE_UID): owns "
+                                                      "the API tokens file")
     cpu: int = Field(500, ge=1)
     memory: int = Field(512, ge=1)
 
@@ -57,6 +67,12 @@ def _kv_template(prefix: str) -> str:
     lines = [f"{env}={{{{ keyOrDefault {go_string(prefix + key)} {go_string(default)} | toJSON }}}}"
              for env, key, default in KV_SETTINGS]
     return "\n".join(lines) + "\n"
+
+
+def _tokens_template(secrets_path: str) -> str:
+    """The field's text as it is (a missing field: an empty file, so every API call is refused: fail closed)."""
+    return (f"{{{{ with secret {go_string(secrets_path)} }}}}{{{{ with index .Data.data "
+            f"{go_string(API_TOKENS_FIELD)} }}}}{{{{ . }}}}\n{{{{ end }}}}{{{{ end }}}}")
 
 
 def service_context(params: ServiceJobParams) -> dict[str, Any]:
@@ -74,7 +90,7 @@ def service_context(params: ServiceJobParams) -> dict[str, Any]:
         "env": {
             "JOBFORGE_BACKEND": "nomad",
             "JOBFORGE_STORE": "consul",
-            "SERVER_HOST": "0.0.0.0",  # the container's own interfaces; Nomad maps the host port
+            "SERVER_HOST": "${NOMAD_IP_http}",  # the address Nomad allocated the port on, not 0.0.0.0
             "SERVER_PORT": "${NOMAD_PORT_http}",
             "METRICS_PORT": "${NOMAD_PORT_metrics}",
             "NOMAD_ADDR": f"http://{node}:4646",
@@ -83,7 +99,13 @@ def service_context(params: ServiceJobParams) -> dict[str, Any]:
             "JOBFORGE_NOMAD_IMAGE": params.runner_image,
             "JOBFORGE_DATA_DIR": "${NOMAD_ALLOC_DIR}/data",
             "PYTHONUNBUFFERED": "1",
+            # Lease values and logs name the allocation, which outlives a host name inside a container.
+            "JOBFORGE_REPLICA_NAME": "${NOMAD_ALLOC_NAME}-${NOMAD_SHORT_ALLOC_ID}",
+            "JOBFORGE_API_TOKENS_FILE": "${NOMAD_SECRETS_DIR}/api-tokens",
         },
+        "tokens_template": _tokens_template(params.secrets_path),
+        "tokens_destination": API_TOKENS_FILE,
+        "run_as_uid": params.run_as_uid,
         "kv_template": _kv_template(params.config_prefix),
         "vault_policies": list(params.vault_policies) if params.vault_auth == "token" else [],
         "cpu": params.cpu,

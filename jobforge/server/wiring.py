@@ -6,6 +6,7 @@ import logging
 
 from jobforge.backends.base import Backend
 from jobforge.backends.local import LocalBackend
+from jobforge.cluster import ConsulLeases, Leases, Solo
 from jobforge.backends.nomad import NomadAPI, NomadBackend, NomadHTTP
 from jobforge.logcaps import LogLimits
 from jobforge.errors import ConfigError
@@ -106,6 +107,16 @@ def build_webhooks(settings: Settings, store: Store, metrics: Metrics) -> Delive
                           on_outcome=metrics.webhook_outcome)
 
 
+def build_leases(settings: Settings) -> Leases:
+    """Consul store: replicas share the work through leases in that Consul; SQLite: one replica drives all."""
+    if settings.effective_store != "consul":
+        return Solo()
+    consul = settings.consul
+    return ConsulLeases(consul.http_addr, prefix=consul.prefix, datacenter=consul.datacenter,
+                        token=consul.token.get_secret_value() if consul.token else None, name=consul.replica_name,
+                        ttl=consul.lease_ttl, heartbeat=consul.heartbeat, timeout=consul.lease_timeout)
+
+
 def build_service(settings: Settings) -> JobService:
     """The service with its webhook worker (`service.webhooks`); the caller starts and closes both."""
     store = build_store(settings)
@@ -124,7 +135,7 @@ def build_service(settings: Settings) -> JobService:
                       webhooks=build_webhooks(settings, store, metrics),
                       max_queued_jobs=settings.max_queued_jobs, log_limits=log_limits,
                       tick_seconds=settings.tick_seconds, shutdown_grace=settings.kill_grace_seconds,
-                      watch_buffer=settings.stream_client_buffer)
+                      watch_buffer=settings.stream_client_buffer, leases=build_leases(settings))
 
 
 def runtime_env(settings: Settings) -> dict[str, object]:
@@ -145,8 +156,9 @@ def apply_runtime_config(settings: Settings, service: JobService, found: Runtime
     defaults = JobDefaults.of(found.model_copy(update=dict.fromkeys(env)))
     service.reconfigure(policy=policy, max_concurrent_jobs=limit, job_defaults=defaults, index=index)
     log.info("configuration from consul (index %d): build_timeout=%gs test_timeout=%gs max_concurrent_jobs=%d "
-             "default resources %s", index, policy.build_timeout, policy.test_timeout, limit,
-             defaults.resources.model_dump(exclude_none=True) if defaults.resources else "built-in")
+             "default resources %s per phase %s", index, policy.build_timeout, policy.test_timeout, limit,
+             defaults.resources.model_dump(exclude_none=True) if defaults.resources else "built-in",
+             {p: r.model_dump(exclude_none=True) for p, r in defaults.phase_resources.items()} or "built-in")
 
 
 def build_config_watcher(settings: Settings, service: JobService) -> ConsulConfigWatcher | None:

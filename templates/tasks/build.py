@@ -13,6 +13,7 @@ never pulls (`--pull=never`) nor sees a credential.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -24,8 +25,9 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    Context, Credential, TaskError, failure, git_credential_for, is_unauthorized, main, origin_of, private_file,
-    registries_conf, registry_authfile, run, sandbox, step, tls_for, tool_env, unauthorized_error,
+    Context, Credential, TaskError, failure, git_credential_for, is_ssh_url, is_unauthorized, main, origin_of,
+    private_file, registries_conf, registry_authfile, run, sandbox, ssh_command, step, tls_for, tool_env,
+    unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -50,6 +52,7 @@ UNREADABLE_REPO = re.compile(
     r"|returned error: 40[134]|\b40[134]\b|could not read (username|password)|terminal prompts disabled"
     r"|permission denied|access denied", re.IGNORECASE)
 AUTH_FAILED = re.compile(r"authentication failed|invalid username or password", re.IGNORECASE)
+HOST_KEY_FAILED = re.compile(r"host key verification failed", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 _MOUNT_FROM = re.compile(r"(?:^|,)from=([^,]+)")
 
@@ -64,6 +67,10 @@ def public_url(url: str) -> str:
 
 def fetch_error(url: str, output: str) -> TaskError:
     """Name the cause in words a user acts on, not git's last line."""
+    if HOST_KEY_FAILED.search(output):
+        return TaskError(f"git fetch of {public_url(url)} failed: the ssh server's host key is not one of the "
+                         "known hosts (field known_hosts of the job's git_credentials_path, or the runner's "
+                         "/etc/ssh/ssh_known_hosts)")
     if AUTH_FAILED.search(output):
         return TaskError(f"git fetch of {public_url(url)} failed: authentication failed (check the git "
                          "credentials configured for this host: JOBFORGE_GIT_CREDENTIALS, JOBFORGE_GIT_USERNAME)")
@@ -92,7 +99,8 @@ def git_env(ctx: Context, credential: Credential | None) -> dict[str, str]:
     rewrites or extra headers) + the one credential bound to this repository's origin, if any."""
     env = dict(tool_env(), GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0",
                GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
-    env.setdefault("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")  # ssh prompts on /dev/tty otherwise
+    # No job key: ssh offers no key at all (the runner's keys, config and agent stay the runner's).
+    env["GIT_SSH_COMMAND"] = ssh_command(None, os.path.join(ctx.workdir, ".git-known-hosts"), strict=False)
     if credential is not None:
         env["JOBFORGE_GIT_CRED_USERNAME"] = credential.username
         env["JOBFORGE_GIT_CRED_PASSWORD"] = credential.password
@@ -108,6 +116,26 @@ def git_argv(ctx: Context, url: str, credential: Credential | None) -> list[str]
         "protocol": shlex.quote(credential.origin.scheme), "host": shlex.quote(netloc)})
     os.chmod(helper, 0o700)
     return GIT + ["-c", f"credential.helper=!{shlex.quote(helper)}"]
+
+
+@contextlib.contextmanager
+def ssh_identity(ctx: Context, url: str):
+    """{GIT_SSH_COMMAND: …} offering the job's own key (Vault `ssh_key`) when `url` is fetched over ssh, else {}.
+
+    The key sits in a 0600 file of the phase workdir for the fetch only; argv shows its path, never its text."""
+    if not (ctx.git_ssh_key and is_ssh_url(url)):
+        yield {}
+        return
+    key = private_file(os.path.join(ctx.workdir, ".git-ssh-key"), ctx.git_ssh_key.strip() + "\n")
+    known = private_file(os.path.join(ctx.workdir, ".git-known-hosts"), (ctx.git_known_hosts or "").strip() + "\n")
+    if not ctx.git_known_hosts:
+        step("the job's git credentials have no known_hosts: the ssh host key is accepted on first use")
+    try:
+        yield {"GIT_SSH_COMMAND": ssh_command(key, known, strict=bool(ctx.git_known_hosts))}
+    finally:
+        for path in (key, known):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def validate_url(url: str) -> None:
@@ -130,8 +158,12 @@ def checkout(ctx: Context, url: str, ref: str, dest: str, credential: Credential
     `url` carries no password (see split_url_credential); `credential` is offered to its origin only."""
     validate_url(url)
     validate_ref(ref)
-    env = git_env(ctx, credential)
-    git = git_argv(ctx, url, credential)
+    with ssh_identity(ctx, url) as ssh_env:
+        return _checkout(ctx, url, ref, dest, dict(git_env(ctx, credential), **ssh_env),
+                         git_argv(ctx, url, credential))
+
+
+def _checkout(ctx: Context, url: str, ref: str, dest: str, env: dict[str, str], git: list[str]) -> str:
     if os.path.exists(dest):
         shutil.rmtree(dest)
     step(f"fetching {public_url(url)} at {ref}")
@@ -266,6 +298,10 @@ def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
         argv += ["--build-arg", f"{name}={value}"]
     if p.get("target"):
         argv += ["--target", p["target"]]
+    image_format = p.get("image_format") or "oci"
+    if image_format not in ("oci", "docker"):
+        raise TaskError(f"invalid image_format {image_format!r}: oci or docker")
+    argv += ["--format", image_format]
     if p.get("clear_cache"):
         argv.append("--no-cache")
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.

@@ -12,8 +12,19 @@ Consul does (`strict_keys=False` accepts the older, anything-goes keys of the do
 
 Test knobs: `outage = (status, text)` answers every request with that error; `acl_token` turns on a default-deny
 ACL (no token: 403 `Permission denied`, a txn rolls back; another token: 403 `ACL not found`); `seen` records
-every request. Sessions/locks are not implemented. Run it in the test's loop (`await start()` / `await stop()`)
-or, for a subprocess, in a thread (`with fake.in_thread() as addr:`).
+every request. Run it in the test's loop (`await start()` / `await stop()`) or, for a subprocess, in a thread
+(`with fake.in_thread() as addr:`).
+
+Sessions as agent/session_endpoint.go and the state store have them: `PUT /v1/session/create` (defaults: node
+check, `LockDelay` 15s, behavior `release`, no TTL; a numeric or string LockDelay under 1000 is seconds; a TTL
+must lie in [10s, 24h]), `PUT /v1/session/destroy/:id` (true even when unknown), `PUT /v1/session/renew/:id` (404
+`Session id '<id>' not found`), `GET /v1/session/info/:id` and `/v1/session/list`. A TTL session is invalidated
+2 x TTL after its creation or last renewal (Consul's SessionTTLMultiplier: never before the TTL, no promise
+after). Destroying or invalidating a session releases (behavior `release`) or deletes (`delete`) every key it
+holds and puts those keys under the session's lock-delay. KV `PUT ?acquire=<session>` takes a free lock (or
+updates the value of one the session holds; LockIndex counts acquisitions) and answers false while another
+session holds it or a lock-delay runs; an unknown session is HTTP 500 `invalid session "<id>"`.
+`PUT ?release=<session>` frees a lock the session holds (false otherwise) and sets the value.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import asyncio
 import base64
 import json
 import re
+import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -43,6 +55,9 @@ _SUSPICIOUS = (".js", ".css", ".html", ".htm", ".xml", ".json", ".txt", ".log", 
 _KEY_CHARS = re.compile(r"[A-Za-z0-9,\-_./]")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+SESSION_TTL_MIN, SESSION_TTL_MAX = 10.0, 86400.0
+SESSION_TTL_MULTIPLIER = 2
+_LOCK_DELAY_MIN_THRESHOLD = 1000  # ns: smaller numbers are taken as seconds (FixupLockDelay)
 _WRITE_VERBS = {"set", "cas", "delete", "delete-cas", "delete-tree", "lock", "unlock"}
 
 
@@ -131,6 +146,36 @@ class Table:
         sub = max([e.modify_index for e in self.under(key)] +
                   [i for k, i in self.tombstones.items() if k.startswith(key)] + [0])
         return sub or table
+
+
+@dataclass
+class Session:
+    id: str
+    name: str
+    node: str
+    lock_delay: float
+    behavior: str
+    ttl: str
+    node_checks: list[str]
+    create_index: int
+    modify_index: int
+    timer: asyncio.TimerHandle | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Field names of structs.Session as the session endpoints return it (LockDelay in nanoseconds)."""
+        return {"ID": self.id, "Name": self.name, "Node": self.node, "LockDelay": int(self.lock_delay * 1e9),
+                "Behavior": self.behavior, "TTL": self.ttl, "NodeChecks": self.node_checks, "ServiceChecks": None,
+                "Namespace": "default", "CreateIndex": self.create_index, "ModifyIndex": self.modify_index}
+
+
+def _go_duration(text: str) -> float:
+    """time.ParseDuration, in seconds; `_Refused` text as Go's error for the caller to wrap."""
+    parts = _DURATION.findall(text)
+    if text in ("0",):
+        return 0.0
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f'time: invalid duration "{text}"')
+    return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
 def check_key(key: str) -> None:
@@ -315,6 +360,8 @@ class FakeConsul(_AgentMixin):
         self.catalog_index = 0
         self.outage: tuple[int, str] | None = None
         self.seen: list[Seen] = []
+        self.sessions: dict[str, Session] = {}
+        self.lock_delays: dict[str, float] = {}  # key -> loop time until which it cannot be acquired
         self.port: int | None = None
         self._changed: asyncio.Event | None = None
         self._closing = False
@@ -339,11 +386,19 @@ class FakeConsul(_AgentMixin):
         app.router.add_route("*", "/v1/agent/service/register", self._agent_register)
         app.router.add_route("*", "/v1/agent/service/deregister/{service_id:.*}", self._agent_deregister)
         app.router.add_route("*", "/v1/agent/self", self._agent_self)
+        app.router.add_route("*", "/v1/session/create", self._session_create)
+        app.router.add_route("*", "/v1/session/destroy/{id:.*}", self._session_destroy)
+        app.router.add_route("*", "/v1/session/renew/{id:.*}", self._session_renew)
+        app.router.add_route("*", "/v1/session/info/{id:.*}", self._session_info)
+        app.router.add_route("*", "/v1/session/list", self._session_list)
         self._runner = web.AppRunner(app, access_log=None)
         self.port = await serve_on_loopback(self._runner)
         return self.addr
 
     async def stop(self) -> None:
+        for session in self.sessions.values():
+            if session.timer is not None:
+                session.timer.cancel()
         if self._runner is not None:
             self._closing = True
             self._wake()  # blocked queries return at once
@@ -405,6 +460,121 @@ class FakeConsul(_AgentMixin):
         """Mark an existing key as locked by `session` (what `?acquire=` would do), to show the `Session` field."""
         old = self.table.entries[key]
         self.table.entries[key] = replace(old, session=session, lock_index=old.lock_index + 1)
+
+    def expire_session(self, session_id: str) -> None:
+        """What the TTL timer does when it fires (tests: no waiting for 2 x TTL)."""
+        self._invalidate(session_id)
+
+    # ------------------------------------------------------------ /v1/session
+
+    async def _session_create(self, request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "PUT"})
+        if not self._authorize(request):
+            raise _Refused(403, "Permission denied")
+        raw = await request.read()
+        body: dict[str, Any] = {}
+        if raw:
+            try:
+                body = json.loads(raw)
+                if not isinstance(body, dict):
+                    raise ValueError("json: cannot unmarshal into Go value of type structs.Session")
+                delay = _field(body, "LockDelay")
+                lock_delay = 15.0
+                if isinstance(delay, str):
+                    lock_delay = _go_duration(delay)
+                    lock_delay = lock_delay if lock_delay * 1e9 >= _LOCK_DELAY_MIN_THRESHOLD else lock_delay * 1e9
+                elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+                    lock_delay = delay / 1e9 if delay >= _LOCK_DELAY_MIN_THRESHOLD else float(delay)
+                elif delay is not None:
+                    raise ValueError("LockDelay: expected a duration")
+            except ValueError as exc:
+                raise _Refused(400, f"Request decode failed: {exc}") from None
+        else:
+            lock_delay = 15.0
+        checked = [k for k in body if k.lower() in ("checks", "nodechecks")]
+        checks = list(body[checked[0]] or []) if checked else ["serfHealth"]
+        behavior = _field(body, "Behavior") or "release"
+        if behavior not in ("release", "delete"):
+            raise _Refused(500, f"Invalid Behavior setting '{behavior}'")
+        ttl = _field(body, "TTL") or ""
+        if ttl:
+            try:
+                seconds = _go_duration(str(ttl))
+            except ValueError as exc:
+                raise _Refused(500, f"Session TTL '{ttl}' invalid: {exc}") from None
+            if seconds != 0 and not SESSION_TTL_MIN <= seconds <= SESSION_TTL_MAX:
+                raise _Refused(500, f"Invalid Session TTL '{int(seconds * 1e9)}', must be between [10s=24h0m0s]")
+        self.index += 1
+        session = Session(str(uuid.uuid4()), str(_field(body, "Name") or ""), str(_field(body, "Node") or "node-1"),
+                          lock_delay, behavior, str(ttl), checks, self.index, self.index)
+        self.sessions[session.id] = session
+        self._arm(session)
+        self._wake()
+        return web.json_response({"ID": session.id})
+
+    async def _session_destroy(self, request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "PUT"})
+        if not self._authorize(request):
+            raise _Refused(403, "Permission denied")
+        if not request.match_info["id"]:
+            raise _Refused(400, "Missing session")
+        self._invalidate(request.match_info["id"])
+        return web.json_response(True)
+
+    async def _session_renew(self, request: web.Request) -> web.Response:
+        if request.method != "PUT":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "PUT"})
+        session_id = request.match_info["id"]
+        if not session_id:
+            raise _Refused(400, "Missing session")
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise _Refused(404, f"Session id '{session_id}' not found")
+        self._arm(session)
+        return web.json_response([session.to_json()])
+
+    async def _session_info(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "GET"})
+        session = self.sessions.get(request.match_info["id"])
+        return web.json_response([session.to_json()] if session else [], headers=self._read_headers(self.index))
+
+    async def _session_list(self, request: web.Request) -> web.Response:
+        if request.method != "GET":
+            raise _Refused(405, f"method {request.method} not allowed", {"Allow": "GET"})
+        return web.json_response([s.to_json() for s in self.sessions.values()],
+                                 headers=self._read_headers(self.index))
+
+    def _arm(self, session: Session) -> None:
+        """(Re)start the TTL timer: invalidation at 2 x TTL, as the Consul leader's session timers do."""
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        seconds = _go_duration(session.ttl) if session.ttl else 0.0
+        if seconds:
+            loop = asyncio.get_running_loop()
+            session.timer = loop.call_later(seconds * SESSION_TTL_MULTIPLIER, self._invalidate, session.id)
+
+    def _invalidate(self, session_id: str) -> None:
+        """Destroy a session: its keys are released (or deleted) and put under its lock-delay."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        if session.timer is not None:
+            session.timer.cancel()
+        now = asyncio.get_running_loop().time()
+        table, idx = self.table.copy(), self.index + 1
+        for entry in [e for e in table.entries.values() if e.session == session_id]:
+            if session.behavior == "delete":
+                table.delete(entry.key, idx)
+            else:
+                table.entries[entry.key] = replace(entry, session=None, modify_index=idx)
+            if session.lock_delay > 0:
+                self.lock_delays[entry.key] = now + session.lock_delay
+        self.table, self.index = table, idx  # the session's deletion is a write even when it held no key
+        self._wake()
 
     # ------------------------------------------------------------ plumbing
 
@@ -519,8 +689,6 @@ class FakeConsul(_AgentMixin):
         if not key:
             raise _Refused(400, "Missing key name")
         _conflicting(request, "cas", "acquire", "release")
-        if "acquire" in query or "release" in query:
-            raise _Refused(400, "fake consul: sessions (acquire/release) are not implemented")
         if not self._authorize(request):
             raise _Refused(403, "Permission denied")
         flags = _uint(query, "flags") if "flags" in query else 0
@@ -530,10 +698,49 @@ class FakeConsul(_AgentMixin):
             raise _Refused(413, f"Request body({len(value)} bytes) too large, max size: "
                                 f"{self.kv_max_value_size} bytes. See https://developer.hashicorp.com/docs/agent/"
                                 "config/config-files#kv_max_value_size.")
+        if "acquire" in query:
+            return web.json_response(self._acquire(key, value, flags, query["acquire"]))
+        if "release" in query:
+            return web.json_response(self._release(key, value, flags, query["release"]))
         if cas is None:
             self._commit(lambda t, idx: t.set(key, value, flags, idx))
             return web.json_response(True)
         return web.json_response(self._commit(lambda t, idx: t.cas(key, value, flags, cas, idx)) is not None)
+
+    def _acquire(self, key: str, value: bytes, flags: int, session_id: str) -> bool:
+        """kvsLockTxn, after the KVS endpoint's lock-delay check."""
+        if not session_id:
+            raise _Refused(500, "missing session")
+        if session_id not in self.sessions:
+            raise _Refused(500, f'invalid session "{session_id}"')
+        if self.lock_delays.get(key, 0.0) > asyncio.get_running_loop().time():
+            return False
+
+        def lock(table: Table, idx: int) -> bool:
+            old = table.entries.get(key)
+            if old is not None and old.session not in (None, session_id):
+                return False
+            if old is None:
+                table.entries[key] = Entry(key, value or None, flags, idx, idx, lock_index=1, session=session_id)
+            else:
+                lock_index = old.lock_index + (0 if old.session == session_id else 1)
+                table.entries[key] = replace(old, value=value or None, flags=flags, modify_index=idx,
+                                             lock_index=lock_index, session=session_id)
+            return True
+        return self._commit(lock)
+
+    def _release(self, key: str, value: bytes, flags: int, session_id: str) -> bool:
+        """kvsUnlockTxn: only the holder releases; the value is set as with a plain PUT."""
+        if not session_id:
+            raise _Refused(500, "missing session")
+
+        def unlock(table: Table, idx: int) -> bool:
+            old = table.entries.get(key)
+            if old is None or old.session != session_id:
+                return False
+            table.entries[key] = replace(old, value=value or None, flags=flags, modify_index=idx, session=None)
+            return True
+        return self._commit(unlock)
 
     async def _kv_delete(self, request: web.Request, key: str) -> web.Response:
         query = request.query

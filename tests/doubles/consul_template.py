@@ -10,7 +10,7 @@ shared/reference/nomad-samples/parameterized-job.json)::
 
     {{ with secret "<path>" }} ... {{ end }}        {{ with index .Data.data "<field>" }} ... {{ end }}
     {{ . | toJSON }}    {{ index .Data.data "<field>" | toJSON }}    {{ .Data.data.<field> | toJSON }}
-    {{ "<literal>" }}    {{ env "<NAME>" }}    ({{- and -}} trims)
+    {{ . }} (a string field, as it is: the service job's API tokens file)    {{ "<literal>" }}    {{ env "<NAME>" }}    ({{- and -}} trims)
 
 and refuses anything else (`UnsupportedTemplate`), before reading anything. `env` reads the task environment
 given as `env=` (Nomad hands consul-template the task's environment); without one it is refused, since the
@@ -62,8 +62,9 @@ _GO_STRING_ESCAPE = re.compile(r'\\(?:([abfnrtv\\"])|x([0-9A-Fa-f]{2})|([0-7]{3}
 _SIMPLE = dict(zip("abfnrtv\\\"", "\a\b\f\n\r\t\v\\\"", strict=True))
 _FORMS = {("with", "secret", '"'): "secret", ("with", "index", ".Data.data", '"'): "field",
           ("index", ".Data.data", '"', "|", "toJSON"): "field_json", (".", "|", "toJSON"): "dot_json",
-          (".Data.data.*", "|", "toJSON"): "path_json", ("env", '"'): "env", ("end",): "end", ('"',): "literal"}
-_CONTEXT = {"secret": "root", "field": "secret", "field_json": "secret", "path_json": "secret", "dot_json": "value"}
+          (".Data.data.*", "|", "toJSON"): "path_json", (".",): "dot", ("env", '"'): "env", ("end",): "end", ('"',): "literal"}
+_CONTEXT = {"secret": "root", "field": "secret", "field_json": "secret", "path_json": "secret", "dot_json": "value",
+            "dot": "value"}
 _DATA_FIELD = re.compile(r"\.Data\.data\.([A-Za-z_]\w*)", re.ASCII)  # one level only: `.Data.data.a.b` is refused
 
 
@@ -253,10 +254,19 @@ def _execute(nodes: list[tuple], dot: Any, out: list[str], read: Callable[[str],
             value = _index(dot, node[1])
             if _truth(value):
                 _execute(node[2], value, out, read, env)
+        elif kind == "dot":
+            out.append(_print(dot))
         elif kind == "path_json":
             out.append(_to_json(_field(dot, node[1])))
         else:
             out.append(_to_json(_index(dot, node[1]) if kind == "field_json" else dot))
+
+
+def _print(value: Any) -> str:
+    """text/template's `{{ . }}` of a string or json.Number (its text, as is); maps and lists are not modelled."""
+    if isinstance(value, str):
+        return value
+    raise UnsupportedTemplate(f"{{{{ . }}}} of a {type(value).__name__}: only strings are modelled")
 
 
 def render_template(text: str, fake: FakeVault, token: str | None = None, *,

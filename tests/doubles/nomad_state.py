@@ -18,7 +18,7 @@ import copy
 import pickle
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from tests.doubles.nomad_jobspec import canonicalize
 from tests.doubles.nomad_placement import Node
@@ -37,6 +37,16 @@ from tests.doubles.nomad_shapes import (
 )
 
 JobKey = tuple[str, str]
+
+
+class Dispatched(NamedTuple):
+    """One accepted `POST /v1/job/:id/dispatch`: the parent, the request's meta and token, the child it names."""
+
+    parent: str
+    meta: dict[str, str]
+    token: str
+    child: str
+    new: bool
 _SERVER_FIELDS = ("Status", "StatusDescription", "Version", "Stable", "CreateIndex", "ModifyIndex",
                   "JobModifyIndex", "SubmitTime", "VaultToken", "ConsulToken", "NomadTokenID")
 
@@ -79,6 +89,8 @@ class Cluster:
         self.on_place: Callable[[str], None] = lambda alloc_id: None
         self.on_stop: Callable[[str], None] = lambda alloc_id: None
         self.on_publish: Callable[[int, list[dict[str, Any]]], None] = lambda idx, events: None  # observers
+        self.dispatch_log: list[Dispatched] = []
+        """Every accepted dispatch request, in order, an idempotent repeat included (`new` False)."""
 
     @property
     def datacenter(self) -> str:
@@ -349,8 +361,9 @@ class Cluster:
         if token:
             kid = self.jobs.get((ns, self._tokens.get((ns, parent_id, token), "")))
             if kid is not None and kid["ParentID"] == parent_id and kid["DispatchIdempotencyToken"] == token:
+                self.dispatch_log.append(Dispatched(parent_id, dict(meta), token, kid["ID"], new=False))
                 return {"Index": kid["ModifyIndex"], "JobCreateIndex": kid["CreateIndex"], "EvalCreateIndex": 0,
-                            "EvalID": "", "DispatchedJobID": kid["ID"]}
+                        "EvalID": "", "DispatchedJobID": kid["ID"]}
         now = self.clock()
         child = copy.deepcopy(parent)
         middle = f"{prefix}-" if prefix else ""
@@ -361,6 +374,7 @@ class Cluster:
                      Meta={**(parent.get("Meta") or {}), **meta} or None, Version=0, Stable=False,
                      CreateIndex=idx, ModifyIndex=idx, JobModifyIndex=idx)
         key = (ns, child_id)
+        self.dispatch_log.append(Dispatched(parent_id, dict(meta), token, child_id, new=True))
         self.jobs[key] = child
         self._children.setdefault((ns, parent_id), {})[child_id] = None
         if token:

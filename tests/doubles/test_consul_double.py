@@ -302,3 +302,88 @@ def test_runs_in_a_thread_for_subprocesses():
     fake = FakeConsul()
     with fake.in_thread() as addr, urllib.request.urlopen(f"http://{addr}/v1/status/leader", timeout=10) as resp:
         assert json.loads(resp.read()) == "127.0.0.1:8300"
+
+
+# ---------------------------------------------------------------- sessions and locks (agent/session_endpoint.go)
+
+async def create_session(http, body: dict | None = None) -> str:
+    status, _, raw = await call(http, "PUT", "/v1/session/create", json.dumps(body) if body is not None else None)
+    assert status == 200, raw
+    return json.loads(raw)["ID"]
+
+
+async def test_session_defaults_and_fixups(fake, http):
+    plain = await create_session(http)
+    status, _, raw = await call(http, "GET", f"/v1/session/info/{plain}")
+    (info,) = json.loads(raw)
+    assert (info["LockDelay"], info["Behavior"], info["TTL"], info["NodeChecks"]) == (
+        15_000_000_000, "release", "", ["serfHealth"])  # the endpoint's defaults
+    five = await create_session(http, {"LockDelay": 5, "Checks": [], "TTL": "10s"})  # a small number is seconds
+    (info,) = json.loads((await call(http, "GET", f"/v1/session/info/{five}"))[2])
+    assert (info["LockDelay"], info["NodeChecks"], info["TTL"]) == (5_000_000_000, [], "10s")
+    zero = await create_session(http, {"LockDelay": "0s"})
+    (info,) = json.loads((await call(http, "GET", f"/v1/session/info/{zero}"))[2])
+    assert info["LockDelay"] == 0
+    assert json.loads((await call(http, "GET", "/v1/session/info/nope"))[2]) == []
+
+
+@pytest.mark.parametrize("body, text", [
+    ({"TTL": "5s"}, "Invalid Session TTL '5000000000', must be between [10s=24h0m0s]"),
+    ({"TTL": "25h"}, "Invalid Session TTL '90000000000000', must be between [10s=24h0m0s]"),
+    ({"TTL": "soon"}, "Session TTL 'soon' invalid"),
+    ({"Behavior": "keep"}, "Invalid Behavior setting 'keep'"),
+])
+async def test_session_create_refusals(http, body, text):
+    status, _, raw = await call(http, "PUT", "/v1/session/create", json.dumps(body))
+    assert status == 500 and raw.decode().startswith(text)
+
+
+async def test_acquire_release_and_lock_index(http):
+    one, two = await create_session(http, {"LockDelay": "0s"}), await create_session(http, {"LockDelay": "0s"})
+    assert await put(http, "lock", "a", f"?acquire={one}") is True
+    assert await put(http, "lock", "b", f"?acquire={two}") is False  # held by another session
+    assert await put(http, "lock", "c", f"?acquire={one}") is True  # the holder may update it
+    entry = await get_entry(http, "lock")
+    assert (entry["Session"], entry["LockIndex"], entry["Value"]) == (one, 1, "Yw==")
+    assert await put(http, "lock", "x", f"?release={two}") is False  # only the holder releases
+    assert await put(http, "lock", "d", f"?release={one}") is True
+    entry = await get_entry(http, "lock")
+    assert "Session" not in entry and entry["Value"] == "ZA=="
+    assert await put(http, "lock", "e", f"?acquire={two}") is True
+    assert (await get_entry(http, "lock"))["LockIndex"] == 2
+    status, _, raw = await call(http, "PUT", "/v1/kv/lock?acquire=00000000-0000-0000-0000-000000000000", b"")
+    assert status == 500 and raw.decode() == 'invalid session "00000000-0000-0000-0000-000000000000"'
+    status, _, raw = await call(http, "PUT", f"/v1/kv/lock?acquire={one}&cas=0", b"")
+    assert status == 400 and raw.decode().startswith("Conflicting flags")
+
+
+async def test_destroy_releases_the_locks_under_the_lock_delay(fake, http):
+    slow = await create_session(http, {"LockDelay": "60s"})
+    quick = await create_session(http, {"LockDelay": "0s"})
+    other = await create_session(http, {"LockDelay": "0s"})
+    assert await put(http, "held/slow", "", f"?acquire={slow}") and await put(http, "held/quick", "", f"?acquire={quick}")
+    for session in (slow, quick):
+        status, _, raw = await call(http, "PUT", f"/v1/session/destroy/{session}")
+        assert (status, json.loads(raw)) == (200, True)
+    assert "Session" not in await get_entry(http, "held/slow")  # behavior release: the key stays, unlocked
+    assert await put(http, "held/slow", "", f"?acquire={other}") is False  # its 60s lock-delay runs
+    assert await put(http, "held/quick", "", f"?acquire={other}") is True
+    status, _, raw = await call(http, "PUT", f"/v1/session/renew/{quick}")
+    assert (status, raw.decode()) == (404, f"Session id '{quick}' not found")
+    assert (await call(http, "PUT", "/v1/session/destroy/unknown"))[0] == 200
+
+
+async def test_delete_behavior_and_ttl_expiry(fake, http):
+    session = await create_session(http, {"TTL": "10s", "Behavior": "delete", "LockDelay": "0s"})
+    status, _, raw = await call(http, "PUT", f"/v1/session/renew/{session}")
+    assert status == 200 and json.loads(raw)[0]["ID"] == session
+    assert await put(http, "gone", "v", f"?acquire={session}") is True
+    fake.expire_session(session)  # what the TTL timer does 2 x TTL after the last renewal
+    assert (await call(http, "GET", "/v1/kv/gone"))[0] == 404  # behavior delete: the key went with it
+    assert (await call(http, "PUT", f"/v1/session/renew/{session}"))[0] == 404
+
+
+async def test_ttl_timer_is_twice_the_ttl(fake, http):
+    session = await create_session(http, {"TTL": "10s"})
+    timer = fake.sessions[session].timer
+    assert timer is not None and 19.0 < timer.when() - asyncio.get_running_loop().time() <= 20.0

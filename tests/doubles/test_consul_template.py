@@ -58,8 +58,10 @@ VAULT_CONFIG = make_config(
         {"path": "secret/data/ml/api-keys", "fields": {"hf-token": "HUGGING_FACE_HUB_TOKEN"}}]})
 # The job's own credentials and secrets, under names the service itself never sets (docs/security.md).
 REGISTRY_ENV = {"JOBFORGE_JOB_REGISTRY_USERNAME": "ci", "JOBFORGE_JOB_REGISTRY_PASSWORD": 'p@ss "word"\n#1'}
+SSH_KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
 PHASE_ENV = {
-    "build": {"JOBFORGE_JOB_GIT_USERNAME": "git-bot", "JOBFORGE_JOB_GIT_PASSWORD": "tok'en}}{{", **REGISTRY_ENV},
+    "build": {"JOBFORGE_JOB_GIT_USERNAME": "git-bot", "JOBFORGE_JOB_GIT_PASSWORD": "tok'en}}{{",
+              "JOBFORGE_JOB_GIT_SSH_KEY": SSH_KEY, **REGISTRY_ENV},
     "test": {**REGISTRY_ENV, "JOBFORGE_SECRET_AWS_ACCESS_KEY_ID": "AKIA",
              "JOBFORGE_SECRET_AWS_SECRET_ACCESS_KEY": "s/e+c=r<e>t&",
              "JOBFORGE_SECRET_HUGGING_FACE_HUB_TOKEN": "hf_\u2028x"},
@@ -68,7 +70,7 @@ PHASE_ENV = {
 
 
 def seed_job_secrets(fake: FakeVault) -> None:
-    fake.put("nomad/jobs/git-credentials", {"username": "git-bot", "password": "tok'en}}{{"})
+    fake.put("nomad/jobs/git-credentials", {"username": "git-bot", "password": "tok'en}}{{", "ssh_key": SSH_KEY})
     fake.put("nomad/jobs/registry-credentials", {"username": "ci", "password": 'p@ss "word"\n#1'})
     fake.put("aws/transcription", {"access_key_id": "AKIA", "secret_access_key": "s/e+c=r<e>t&"})
     fake.put("ml/api-keys", {"hf-token": "hf_\u2028x", "unused": "x"})
@@ -292,3 +294,15 @@ def test_env_file_parsing_follows_go_envparse():
     for bad in ("1X=y", "NOEQUALS", 'A="open', "A='open", 'A="\\x"', "A=\x01", "=v", 'A="\\ud83d"'):
         with pytest.raises(EnvFileError, match="error on line 1"):
             parse_env_file(bad)
+
+
+def test_a_field_printed_as_it_is_must_be_a_string():
+    """`{{ . }}` (the service job's API tokens file) prints a string field as it is; other kinds are refused."""
+    fake = FakeVault()
+    fake.put("app", {"text": "line 1\nline \"2\"", "n": 5, "nested": {"a": "b"}})
+    text = '{{ with secret "secret/data/app" }}{{ with index .Data.data "%s" }}{{ . }}{{ end }}{{ end }}'
+    assert render_template(text % "text", fake) == 'line 1\nline "2"'
+    assert render_template(text % "absent", fake) == ""
+    assert render_template(text % "n", fake) == "5"  # a json.Number prints as its text
+    with pytest.raises(UnsupportedTemplate):
+        render_template(text % "nested", fake)  # Go would print map[a:b]: not modelled

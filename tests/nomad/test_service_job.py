@@ -13,7 +13,8 @@ from jobforge.client._discovery import SERVICE_NAME as CLI_SERVICE_NAME
 from jobforge.nomad.render import DEFAULT_IMAGE, render_service_job
 from jobforge.nomad.service_job import ServiceJobParams
 from jobforge.registration import CHECKS, METRICS_PATH, METRICS_SERVICE_NAME
-from tests.doubles.consul_template import render_env_template
+from jobforge.auth import parse_tokens
+from tests.doubles.consul_template import render_env_template, render_template
 from tests.doubles.nomad import FakeNomad
 from tests.doubles.vault import FakeVault
 from tests.nomad.helpers import labeled, load_hcl, untemplate
@@ -37,6 +38,7 @@ def test_python_hcl2_reads_replicas_ports_services_and_env():
     (env,) = task["env"]
     env = {k: untemplate(v) for k, v in env.items()}
     assert env["JOBFORGE_BACKEND"] == "nomad" and env["JOBFORGE_STORE"] == "consul"
+    assert env["SERVER_HOST"] == "${NOMAD_IP_http}"  # never 0.0.0.0
     assert env["SERVER_PORT"] == "${NOMAD_PORT_http}" and env["METRICS_PORT"] == "${NOMAD_PORT_metrics}"
     assert env["CONSUL_HTTP_ADDR"] == "${attr.unique.network.ip-address}:8500"
     assert env["JOBFORGE_NOMAD_IMAGE"] == DEFAULT_IMAGE  # the phase jobs' runner image
@@ -73,6 +75,24 @@ def test_the_vault_template_puts_the_service_secrets_into_its_environment():
         "REGISTRY_USERNAME": "ci", "REGISTRY_PASSWORD": 'p@ss "w"\n#1', "NOMAD_TOKEN": "n-tok"}
 
 
+def test_the_api_tokens_file_comes_from_vault_as_it_is_and_is_empty_without_the_field():
+    """What the service then reads from JOBFORGE_API_TOKENS_FILE (jobforge.auth.parse_tokens)."""
+    _, job = labeled(load_hcl(JOB_FILE.read_text())["job"])
+    _, group = labeled(job["group"])
+    _, task = labeled(group["task"])
+    template = next(t for t in task["template"] if t["destination"] == "secrets/api-tokens")
+    assert template["perms"] == "600" and template.get("env") is not True  # a file, not the environment
+    vault = FakeVault()
+    lines = "t0k3n-admin-0123456789abcdef\nt0k3n-team-a-0123456789abcdef team-a,team-b\n"
+    vault.put("jobforge/service", {"api_tokens": lines, "nomad_token": "n-tok"})
+    text = render_template(untemplate(template["data"]), vault)
+    entries, problems = parse_tokens(text)
+    assert text.startswith(lines) and len(entries) == 2 and problems == []
+    assert "n-tok" not in text  # nothing else of the secret
+    vault.put("jobforge/service", {"nomad_token": "n-tok"})
+    assert render_template(untemplate(template["data"]), vault) == ""  # no field: no token, every call refused
+
+
 @pytest.fixture
 async def nomad():
     fake = FakeNomad()
@@ -94,8 +114,9 @@ async def test_the_nomad_double_parses_and_registers_it(nomad):
     assert (stored["ID"], stored["Type"]) == ("jobforge-service", "service")
     (group,) = stored["TaskGroups"]
     assert group["Count"] == 2
+    # Dynamic ports on the node's address, no mapping: the task shares the node's network and binds them itself.
     ports = {p["Label"]: p["To"] for p in group["Networks"][0]["DynamicPorts"]}
-    assert ports == {"http": 8080, "metrics": 9090}
+    assert ports == {"http": 0, "metrics": 0}
     services = {s["Name"]: s for s in group["Services"]}
     assert set(services) == {CLI_SERVICE_NAME, METRICS_SERVICE_NAME}
     api = services[CLI_SERVICE_NAME]
@@ -111,3 +132,8 @@ async def test_the_nomad_double_parses_and_registers_it(nomad):
     assert task["Config"]["image"] == "localhost:5000/jobforge-service:latest"
     assert task["Vault"]["Env"] is False and task["Vault"]["DisableFile"] is True
     assert task["Env"]["SERVER_PORT"] == "${NOMAD_PORT_http}"
+    assert task["Config"]["network_mode"] == "host" and task["Env"]["SERVER_HOST"] == "${NOMAD_IP_http}"
+    assert task["Env"]["JOBFORGE_API_TOKENS_FILE"] == "${NOMAD_SECRETS_DIR}/api-tokens"
+    tokens = next(t for t in task["Templates"] if t["DestPath"] == "secrets/api-tokens")
+    assert (tokens["Perms"], tokens["Uid"], tokens["Gid"], tokens["ChangeMode"], tokens["Envvars"]) == (
+        "600", 10001, 10001, "noop", False)
