@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 
 from jobforge import offload, pipeline
 from jobforge.admission import SubmitPolicy
-from jobforge.backends.base import Backend, JobEvent, LogChunk
+from jobforge.backends.base import Backend, BackendMessage, JobEvent, LogChunk
 from jobforge.cluster import Leases, Solo, log_changes, record_changes
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
@@ -67,6 +67,7 @@ from jobforge.stores.base import Store
 from jobforge.streams import BATCH, Pulse, follow_logs
 from jobforge.tasks import RegistryTarget, build_payload, temp_image
 
+_LANE_DEPTH = 4  # messages one job may have waiting before the consumer stops reading the backend
 log = logging.getLogger("jobforge.service")
 
 DEFAULT_MAX_QUEUED_JOBS = 1000
@@ -151,6 +152,7 @@ class JobService:
         self._shutdown_grace = shutdown_grace
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._admission = asyncio.Lock()
+        self._admit_requests = self._admit_served = 0  # admission passes asked for / covered by a pass run
         self._pending: list[str] = []  # snapshots of the store, refreshed at every admission (idle(), metrics)
         self._active: set[str] = set()
         self._watchers: defaultdict[str, set[_Watcher]] = defaultdict(set)
@@ -164,6 +166,8 @@ class JobService:
         self._lost_lines: dict[tuple[str, str], tuple[int, str]] = {}  # (job, phase) -> (count, reason)
         self._doomed: dict[str, str] = {}  # job -> why it must fail (its logs are incomplete), until it has
         self._consumer: asyncio.Task | None = None
+        self._lanes: dict[str, deque[BackendMessage]] = {}  # job -> its backend messages not handled yet
+        self._lane_room = asyncio.Event()  # set whenever a lane takes its next message
         self._ticker: asyncio.Task | None = None
         self._scanner: asyncio.Task | None = None
         self._taken: dict[str, str] = {}  # job -> the session driving it, as of the last scan (replicas)
@@ -196,7 +200,10 @@ class JobService:
             await reap()
         self._consumer = asyncio.create_task(self._consume())
         self._taken = (await self.leases.scan()).held
-        await self._take_over(await self.store.unfinished())
+        unfinished = await self.store.unfinished()
+        # Kept up to date from here on by admissions and job ends (an admission pass only runs while jobs wait).
+        self._active = {r.job_id for r in unfinished if r.status.running}
+        await self._take_over(unfinished)
         await self._admit()
         self._ticker = asyncio.create_task(self._tick_loop())
         if self.leases.shared:
@@ -487,6 +494,7 @@ class JobService:
             if not isinstance(command, pipeline.DispatchPhase):
                 await self._execute(command, new)
         if new.status.terminal and not old.status.terminal:
+            self._active.discard(job_id)
             await self._admit()
         if not new.outstanding and self.leases.shared and self.leases.holds(job_id):
             await self.leases.release(job_id)
@@ -654,8 +662,17 @@ class JobService:
 
     async def _admit(self) -> None:
         """Start pending jobs while fewer than the limit are running, counted from the store (with replicas:
-        under the cluster's admission lock, so the count is the cluster's)."""
+        under the cluster's admission lock, so the count is the cluster's).
+
+        Passes are coalesced: a caller whose request came in while a pass was running waits for the next pass,
+        and that one pass serves every caller queued meanwhile (a thousand submits or job ends at once cost two
+        passes over the store, not a thousand)."""
+        self._admit_requests += 1
+        wanted = self._admit_requests
         async with self._admission:
+            if self._admit_served >= wanted:
+                return  # a pass that started after our request has run
+            self._admit_served = self._admit_requests
             try:
                 async with self.leases.admission() as allowed:
                     if allowed:
@@ -667,27 +684,34 @@ class JobService:
         await self._notify()
 
     async def _admit_now(self) -> None:
+        if not (await self.store.list(1, 0, status=JobStatus.PENDING))[1]:
+            self._pending = []  # nothing waits: no pass over every unfinished job (one per job's end was N^2)
+            return
         records = [r for r in await self.store.unfinished() if not r.status.terminal]
         running = {r.job_id for r in records if r.status.running}
         self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
         self._active = running
-        for job_id in list(self._pending[:max(0, self._max - len(running))]):
-            if not await self.leases.acquire(job_id):
-                continue  # being killed by another replica
-            try:
-                new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
-            except IllegalTransition:  # killed meanwhile
-                new = None
-                if self.leases.shared:
-                    await self.leases.release(job_id)
-            except (StoreError, NotFound) as exc:
-                log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
-                if self.leases.shared:
-                    await self.leases.release(job_id)
-                break
-            self._pending.remove(job_id)
-            if new is not None and new.status.running:
-                self._active.add(job_id)
+        # Side by side: each admission dispatches the job's build, a round trip to the backend.
+        await asyncio.gather(*(self._admit_one(job_id)
+                               for job_id in self._pending[:max(0, self._max - len(running))]))
+
+    async def _admit_one(self, job_id: str) -> None:
+        if not await self.leases.acquire(job_id):
+            return  # being killed by another replica
+        try:
+            new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
+        except IllegalTransition:  # killed meanwhile
+            new = None
+            if self.leases.shared:
+                await self.leases.release(job_id)
+        except (StoreError, NotFound) as exc:
+            log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
+            if self.leases.shared:
+                await self.leases.release(job_id)
+            return
+        self._pending.remove(job_id)
+        if new is not None and new.status.running:
+            self._active.add(job_id)
 
     async def tick(self) -> None:
         """One pass of the clock: fail phases past their deadline, resume lost cleanups, re-admit."""
@@ -758,25 +782,57 @@ class JobService:
     # ------------------------------------------------------------ backend messages and logs
 
     async def _consume(self) -> None:
+        """Backend messages in order within a job, jobs side by side: each job with messages has one lane task
+        working through them, so one job's store round-trips and dispatch never hold up another's (one loop for
+        all made every transition wait behind every other job's work)."""
+        lanes = self._lanes
         async for message in self.backend.events():
-            if self.leases.shared and not self.leases.holds(message.job_id) \
-                    and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
-                log.debug("job %s: driven by another replica now; its backend report is left to it", message.job_id)
+            lane = lanes.get(message.job_id)
+            if lane is None:
+                lanes[message.job_id] = deque([message])
+                self._spawn(self._lane(message.job_id, lanes))
                 continue
-            try:
-                if isinstance(message, LogChunk):
-                    await self._store_logs(message)
-                elif isinstance(message, JobEvent):
-                    if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
-                        self._replay.pop((message.job_id, message.event.phase.value), None)
-                    await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
-                    await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
-            except NotFound:
-                log.warning("backend reported on unknown job %s", message.job_id, extra={"job_id": message.job_id})
-            except IllegalTransition as exc:
-                log.warning("job %s: %s", message.job_id, exc.message)
-            except Exception:  # one bad message must not stop the pipeline for every other job
-                log.exception("failed to handle backend message for job %s", message.job_id)
+            lane.append(message)
+            # Backpressure: a job whose lane is this far behind (a log flood) is not read further until it
+            # catches up, so what the backend holds back (its in-flight bound) is never piled up here instead.
+            while len(lane) >= _LANE_DEPTH:
+                self._lane_room.clear()
+                await self._lane_room.wait()
+
+    async def handled(self) -> None:
+        """Wait until every backend message received so far is handled (tests drain with it, never sleep)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._lanes)
+
+    async def _lane(self, job_id: str, lanes: dict[str, deque[BackendMessage]]) -> None:
+        lane = lanes[job_id]
+        try:
+            while lane:
+                message = lane.popleft()
+                self._lane_room.set()
+                await self._handle(message)
+        finally:
+            del lanes[job_id]
+
+    async def _handle(self, message: BackendMessage) -> None:
+        if self.leases.shared and not self.leases.holds(message.job_id) \
+                and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
+            log.debug("job %s: driven by another replica now; its backend report is left to it", message.job_id)
+            return
+        try:
+            if isinstance(message, LogChunk):
+                await self._store_logs(message)
+            elif isinstance(message, JobEvent):
+                if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+                    self._replay.pop((message.job_id, message.event.phase.value), None)
+                await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
+                await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
+        except NotFound:
+            log.warning("backend reported on unknown job %s", message.job_id, extra={"job_id": message.job_id})
+        except IllegalTransition as exc:
+            log.warning("job %s: %s", message.job_id, exc.message)
+        except Exception:  # one bad message must not stop the pipeline for every other job
+            log.exception("failed to handle backend message for job %s", message.job_id)
 
     async def _append(self, job_id: str, phase: str, lines) -> None:
         """Append with retries; raises the last error when the store stays unusable."""

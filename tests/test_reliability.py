@@ -53,6 +53,7 @@ class Env:
         while not self.backend.queue.empty():
             await asyncio.sleep(0)
         await asyncio.sleep(0)
+        await self.service.handled()
 
     async def watch_to_end(self, job_id: str):
         updates = [u async for u in self.service.watch(job_id)]

@@ -87,7 +87,8 @@ def build_backend(settings: Settings, metrics: Metrics | None = None) -> Backend
         overrides = {"image": nomad.image} if nomad.image else {}
         return NomadBackend(NomadAPI(http), RenderParams.from_settings(settings, **overrides),
                             placement_timeout=nomad.placement_timeout, stream_timeout=nomad.stream_timeout,
-                            on_event_lag=metrics.event_lag if metrics is not None else None)
+                            on_event_lag=metrics.event_lag if metrics is not None else None,
+                            max_line_bytes=settings.max_line_bytes)
     scratch = settings.scratch_dir or settings.data_dir
     return LocalBackend(
         work_dir=scratch / "work", storage_root=scratch / "buildah" / "root",

@@ -6,14 +6,16 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from jobforge.backends.nomad.models import Allocation, Evaluation, EventBatch
 from jobforge.backends.nomad.wire import (
-    AllocState, FrameDecoder, LineSplitter, NdjsonDecoder, alloc_outcome, frame_data, placement_failure,
+    AllocState, FrameDecoder, NdjsonDecoder, alloc_outcome, frame_data, placement_failure,
 )
+from jobforge.logcaps import LineSplitter
 
 SAMPLES = Path(__file__).resolve().parents[1] / "reference" / "nomad-samples"
 
@@ -68,12 +70,46 @@ def test_log_frames_back_to_back_in_any_chunking(size):
     assert {} in frames
 
 
-def test_line_splitter_keeps_partial_lines_and_long_lines():
+def test_line_splitter_keeps_partial_lines_and_cuts_long_lines():
     splitter = LineSplitter()
-    assert splitter.feed(b"one\ntw") == ["one"]
-    assert splitter.feed(b"o\r\n" + b"x" * 200000) == ["two"]
-    assert splitter.feed(b"\nlast") == ["x" * 200000]
-    assert splitter.flush() == ["last"] and splitter.flush() == []
+    assert splitter.feed(b"one\ntw") == [(b"one", False)]
+    assert splitter.feed(b"o\r\n" + b"x" * 200000) == [(b"two\r", False)]
+    assert splitter.feed(b"\nlast") == [(b"x" * 200000, False)]
+    assert splitter.flush() == [(b"last", False)] and splitter.flush() == []
+
+
+def test_a_64_mib_line_is_assembled_from_frames_in_bounded_memory():
+    """A task prints 64 MiB without a newline; Nomad sends it as 64 KiB frames, which arrive in 16 KiB chunks.
+    The line leaves as 1 MiB pieces and what the decoder and splitter hold stays a few MiB: nothing grows with
+    the line, so each byte is copied a bounded number of times (a growing buffer re-copied per chunk took 23 s)."""
+    block = bytes(range(97, 123)) * 2521 + b"0123456789ab"  # 65,558 bytes: frames straddle chunks unevenly
+    data = memoryview(block * 1024)[:64 * 1024 * 1024]
+    decoder, splitter, pieces, total = FrameDecoder(), LineSplitter(1024 * 1024), 0, 0
+    tracemalloc.start()
+    try:
+        for start in range(0, len(data), 64 * 1024):
+            part = data[start:start + 64 * 1024]
+            frame = json.dumps({"Offset": start + len(part), "Data": base64.b64encode(part).decode(),
+                                "File": "alloc/logs/build.stdout.0"}).encode()
+            for chunk in chunks(frame, 16 * 1024):
+                for decoded in decoder.feed(chunk):
+                    for piece, split in splitter.feed(frame_data(decoded)):
+                        assert split and len(piece) == 1024 * 1024
+                        pieces, total = pieces + 1, total + len(piece)
+            del frame, part
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    ((last, split),) = splitter.flush()
+    assert (pieces, total + len(last), split) == (63, len(data), False)
+    assert peak < 8 * 1024 * 1024, peak
+
+
+def test_a_long_event_line_in_small_chunks_is_decoded_once():
+    line = json.dumps({"Index": 7, "Events": [{"Topic": "Allocation", "Key": "x" * 1000}] * 2000}).encode()
+    decoder = NdjsonDecoder()
+    out = [b for c in chunks(line + b"\n{}\n", 4096) for b in decoder.feed(c)]
+    assert out == [json.loads(line), {}]
 
 
 def test_frame_data_decodes_base64():

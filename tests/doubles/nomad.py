@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -103,7 +104,8 @@ class FakeNomad:
         self.data_dir = Path(tempfile.gettempdir()) / f"fake-nomad-{new_id()}"
         self.client = Client(self.cluster, data_dir=self.data_dir, runner=runner, vault=vault,
                              kill_timeout=kill_timeout)
-        self.cluster.on_change = self.client.on_log = self._wake
+        self.cluster.on_change = self._wake
+        self.client.on_log = self._log_written
         self.outage: tuple[int, str] | None = None
         self.lose_replies: list[str] = []  # path suffixes: the next request ending so is done, its reply lost
         self.seen: list[Seen] = []
@@ -113,7 +115,11 @@ class FakeNomad:
         self._closing = False
         self._runner: web.AppRunner | None = None
         self._cuts = 0
-        self._streams = Streams(self.cluster, self.client, self._wait_change, lambda: self._closing,
+        # One event per followed log, set by a write to that log only: a write wakes its own followers, not
+        # every stream of the node (weak: an event lives while someone waits on it).
+        self._log_changed: weakref.WeakValueDictionary[tuple[str, str, str], asyncio.Event] = \
+            weakref.WeakValueDictionary()
+        self._streams = Streams(self.cluster, self.client, self._wait_change, self._wait_log, lambda: self._closing,
                                 log_heartbeat, event_heartbeat, lambda: self._cuts)
 
     @property
@@ -138,6 +144,7 @@ class FakeNomad:
     async def stop(self) -> None:
         self._closing = True
         self._wake()  # blocked queries and streams return at once
+        self._wake_logs()
         await self.client.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -237,6 +244,7 @@ class FakeNomad:
         """Every stream open now goes silent without closing (a half-open connection); new ones are served."""
         self._cuts += 1
         self._wake()
+        self._wake_logs()
 
     async def settle(self) -> None:
         """Drain: wait until every runner-driven allocation has finished (instead of sleeping)."""
@@ -255,6 +263,19 @@ class FakeNomad:
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
+
+    def _log_written(self, key: tuple[str, str, str]) -> None:
+        event = self._log_changed.pop(key, None)
+        if event is not None:
+            event.set()
+        self._wake()
+
+    def _wake_logs(self) -> None:
+        """Every log follower re-checks now (the fake stops, streams are cut)."""
+        for key in list(self._log_changed):
+            event = self._log_changed.pop(key, None)
+            if event is not None:
+                event.set()
 
     @web.middleware
     async def _agent(self, request: web.Request, handler) -> web.StreamResponse:
@@ -503,6 +524,17 @@ class FakeNomad:
         result = self.cluster.stop_alloc(alloc_id)
         return web.Response(body=compact(result), content_type="application/json",
                             headers={"X-Nomad-Index": str(result["Index"])})
+
+    async def _wait_log(self, key: tuple[str, str, str], timeout: float) -> bool:
+        """True if the log `key` was written to (or every stream must re-check) within `timeout` seconds."""
+        event = self._log_changed.get(key)
+        if event is None:
+            event = self._log_changed[key] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), max(timeout, 0))
+            return True
+        except TimeoutError:
+            return False
 
     async def _wait_change(self, timeout: float) -> bool:
         """True if the state changed within `timeout` seconds, False on timeout."""

@@ -101,7 +101,7 @@ class Client:
         self.logs: dict[tuple[str, str, str], bytearray] = {}
         self.driving: dict[str, asyncio.Task[None]] = {}
         self.runs: dict[str, TaskRun] = {}
-        self.on_log: Callable[[], None] = lambda: None
+        self.on_log: Callable[[tuple[str, str, str]], None] = lambda key: None  # (alloc, task, stdout|stderr)
         cluster.on_place, cluster.on_stop = self._placed, self._stop_requested
 
     # ------------------------------------------------------------ the manual API (each call is one client update)
@@ -142,7 +142,7 @@ class Client:
         """Append to a task's stdout/stderr log (the task must have started)."""
         name = task or self._tasks(alloc_id)[0]["Name"]
         self.logs[(alloc_id, name, stream)] += data.encode() if isinstance(data, str) else data
-        self.on_log()
+        self.on_log((alloc_id, name, stream))
 
     def finish(self, alloc_id: str, exit_code: int = 0) -> None:
         def edit(state: dict[str, Any], now: int) -> None:

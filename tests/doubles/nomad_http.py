@@ -38,6 +38,7 @@ class Streams:
     cluster: Cluster
     client: Client
     wait_change: Callable[[float], Awaitable[bool]]  # True if the state changed within the timeout
+    wait_log: Callable[[tuple[str, str, str], float], Awaitable[bool]]  # True if that log grew (or streams end)
     closing: Callable[[], bool]
     log_heartbeat: float
     event_heartbeat: float
@@ -158,7 +159,7 @@ async def stream_logs(streams: Streams, request: web.Request, alloc_id: str) -> 
                 continue
             if not follow:
                 break
-            if not await streams.wait_change(beat - loop.time()):
+            if not await streams.wait_log((alloc_id, task, log_type), beat - loop.time()):
                 beat = loop.time() + streams.log_heartbeat
                 if not plain:
                     await response.write(b"{}")

@@ -148,8 +148,7 @@ class Scheduler:
                   "PreviousAllocation": "", "NextAllocation": "", "RescheduleTracker": None, "CreateIndex": idx,
                   "ModifyIndex": idx, "AllocModifyIndex": idx, "CreateTime": now, "ModifyTime": now}
         alloc = {k: values[k] for k in ALLOC_KEYS}
-        self.cluster.allocs[alloc["ID"]] = alloc
-        self.cluster.alloc_jobs[alloc["ID"]] = copy.deepcopy(job)
+        self.cluster.add_alloc(alloc, copy.deepcopy(job))
         return alloc
 
     def _block(self, ev: dict[str, Any], job: dict[str, Any], failed: dict[str, Any]) -> None:
@@ -212,8 +211,8 @@ class Scheduler:
             for alloc in self.cluster.allocs_of(*key):
                 del self.cluster.allocs[alloc["ID"]]
                 del self.cluster.alloc_jobs[alloc["ID"]]
-            for ev_id in [e["ID"] for e in self.cluster.evals.values() if (e["Namespace"], e["JobID"]) == key]:
-                del self.cluster.evals[ev_id]
+            for ev in self.cluster.evals_of({"Namespace": key[0], "ID": key[1]}):
+                del self.cluster.evals[ev["ID"]]
         for table in self.cluster.tables:
             self.cluster.touch(table, idx)
         self.cluster.publish(idx, [])

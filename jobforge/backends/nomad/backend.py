@@ -36,13 +36,13 @@ from jobforge.backends.nomad.http import NomadError
 from jobforge.backends.nomad.models import Allocation, Evaluation
 from jobforge.backends.nomad.wire import (
     AllocState,
-    LineSplitter,
     alloc_outcome,
     frame_data,
     placement_failure,
 )
 from jobforge.config import JobConfig, format_duration
 from jobforge.errors import BackendError
+from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import JobRecord, LogLine, LogStream, Phase, utcnow
 from jobforge.nomad import RenderParams, render_job, variant_id, variant_spec
 from jobforge.pipeline import (
@@ -60,6 +60,7 @@ _ERROR_PREFIX = "ERROR: "
 _STREAMS = (("stdout", LogStream.STDOUT), ("stderr", LogStream.STDERR))
 CLEANUP = "cleanup"
 _TOPICS = ["Allocation", "Evaluation"]
+_RECONCILE_AT_ONCE = 16  # runs looked up side by side after a (re)subscription
 # Dispatch answers (HTTP 500, like all of Nomad's RPC errors) that no retry changes, and those that mean the
 # parameterized parent is gone (purged or GC'd) or stopped: registering it again is the fix.
 _PERMANENT = ("Payload", "meta keys", "metadata keys", "not a parameterized job")
@@ -81,8 +82,8 @@ class _Run:
     timed_out: float | None = None
     followers: list[asyncio.Task] = field(default_factory=list)
     received: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
-    splitters: dict[str, LineSplitter] = field(default_factory=lambda: {"stdout": LineSplitter(),
-                                                                       "stderr": LineSplitter()})
+    splitters: dict[str, LineSplitter] = field(default_factory=dict)
+    """Per log, created on first data: lines are cut at the cap while reading (never a whole huge line held)."""
     last_error: str | None = None
     failure: str | None = None
     """Set when the backend itself decides the phase failed (placement), overriding the allocation's story."""
@@ -102,8 +103,10 @@ class NomadBackend:
                  placement_timeout: float = 300.0, stream_timeout: float = 65.0, log_read_timeout: float = 300.0,
                  dispatch_attempts: int = 5, retry_delay: float = 0.5,
                  clock: Callable[[], datetime] = utcnow,
-                 on_event_lag: Callable[[float], None] | None = None) -> None:
+                 on_event_lag: Callable[[float], None] | None = None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         self._api = api
+        self._max_line_bytes = max_line_bytes
         self._on_event_lag = on_event_lag
         self._render = render
         self._cleanup_timeout = cleanup_timeout
@@ -120,6 +123,7 @@ class NomadBackend:
         self._by_key: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task] = set()
         self._watcher: asyncio.Task | None = None
+        self._reconciling: asyncio.Task | None = None
         self._event_index = 0
 
     # ------------------------------------------------------------ Backend API
@@ -299,12 +303,28 @@ class NomadBackend:
             for evaluation in sorted(await self._api.job_evaluations(run.child), key=lambda e: e.age):
                 self._on_eval(evaluation)
 
+    async def _reconcile_runs(self, runs: list[_Run]) -> None:
+        """Look the runs up a few at a time (side by side, not one round trip after another)."""
+        limit = asyncio.Semaphore(_RECONCILE_AT_ONCE)
+
+        async def one(run: _Run) -> None:
+            async with limit:
+                try:
+                    await self._reconcile(run)
+                except BackendError as exc:
+                    log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message)
+        await asyncio.gather(*(one(run) for run in runs))
+
     async def _reconcile_all(self) -> None:
-        for run in list(self._by_child.values()):
-            try:
-                await self._reconcile(run)
-            except BackendError as exc:
-                log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message)
+        """After a (re)subscription. Runs with no allocation yet are looked up before any replayed event is
+        read (an old event must not make a replaced allocation the one followed); the others, whose allocation
+        is known, while the stream is read on: at a thousand runs, reconciling them all first let the stream
+        fall behind until Nomad dropped it again."""
+        runs = list(self._by_child.values())
+        await self._reconcile_runs([run for run in runs if run.alloc_id is None])
+        if self._reconciling is not None:
+            self._reconciling.cancel()  # this pass covers the previous one
+        self._reconciling = self._spawn(self._reconcile_runs([run for run in runs if run.alloc_id is not None]))
 
     async def _expire(self, run: _Run, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))  # a deadline timer, not synchronisation
@@ -415,33 +435,38 @@ class NomadBackend:
         if not data:
             return
         run.received[name] += len(data)
-        self._lines(run, stream, run.splitters[name].feed(data))
+        splitter = run.splitters.get(name) or run.splitters.setdefault(name, LineSplitter(self._max_line_bytes))
+        self._lines(run, stream, splitter.feed(data))
 
-    def _lines(self, run: _Run, stream: LogStream, lines: list[str]) -> None:
-        if not lines:
+    def _lines(self, run: _Run, stream: LogStream, pieces: list[tuple[bytes, bool]]) -> None:
+        if not pieces:
             return
         now = self._clock()
-        for line in lines:
-            if stream is LogStream.STDERR and line.startswith(_ERROR_PREFIX):
+        lines = []
+        for raw, split in pieces:
+            line = decode_piece(raw, split, self._max_line_bytes)
+            if stream is LogStream.STDERR and not split and line.startswith(_ERROR_PREFIX):
                 run.last_error = line[len(_ERROR_PREFIX):]
-        self._queue.put_nowait(LogChunk(run.job_id, run.phase, [LogLine(ts=now, stream=stream, line=line)
-                                                                for line in lines]))
+            lines.append(LogLine(ts=now, stream=stream, line=line))
+        self._queue.put_nowait(LogChunk(run.job_id, run.phase, lines))
 
     async def _drain(self, run: _Run) -> None:
         """Stop following and read what the task wrote after the last frame we saw."""
         for follower in run.followers:
             follower.cancel()
         await asyncio.gather(*run.followers, return_exceptions=True)
-        if run.alloc_id is None:
-            return
-        for name, stream in _STREAMS:
-            try:
-                async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=False,
-                                                  offset=run.received[name], idle_timeout=self._stream_timeout,
-                                                  total=self._log_read_timeout):
-                    self._take(run, name, stream, frame)
-            except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
-                log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
+        if run.alloc_id is not None:  # both logs at once: the phase's end waits for one round trip, not two
+            await asyncio.gather(*(self._read_rest(run, name, stream) for name, stream in _STREAMS))
+
+    async def _read_rest(self, run: _Run, name: str, stream: LogStream) -> None:
+        try:
+            async for frame in self._api.logs(run.alloc_id, run.phase, name, follow=False,
+                                              offset=run.received[name], idle_timeout=self._stream_timeout,
+                                              total=self._log_read_timeout):
+                self._take(run, name, stream, frame)
+        except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
+            log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
+        if name in run.splitters:
             self._lines(run, stream, run.splitters[name].flush())
 
     async def _finish(self, run: _Run, state: AllocState, detail: str | None) -> None:

@@ -20,13 +20,23 @@ _DECODER = json.JSONDecoder()
 
 
 class NdjsonDecoder:
-    """Feed bytes, get complete JSON lines; a non-JSON tail (the server's error after a 200) raises ValueError."""
+    """Feed bytes, get complete JSON lines; a non-JSON tail (the server's error after a 200) raises ValueError.
+
+    An unfinished line is kept as its chunks and joined once when its newline arrives: linear in its length,
+    however many chunks it came in."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._parts: list[bytes] = []
 
     def feed(self, chunk: bytes) -> Iterator[dict]:
-        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        newline = chunk.find(b"\n")
+        if newline == -1:
+            if chunk:
+                self._parts.append(chunk)
+            return
+        head, *lines, tail = chunk.split(b"\n")
+        lines.insert(0, b"".join([*self._parts, head]))
+        self._parts = [tail] if tail else []
         for line in lines:
             if line.strip():
                 yield json.loads(line)
@@ -34,52 +44,45 @@ class NdjsonDecoder:
     def close(self) -> None:
         """At the end of the body: a tail that is not a JSON line is the server's error (`event dropped from
         buffer`, written after the 200)."""
-        tail, self._pending = self._pending.strip(), b""
+        tail, self._parts = b"".join(self._parts).strip(), []
         if tail:
             raise ValueError(tail.decode("utf-8", errors="replace")[:500])
 
 
 class FrameDecoder:
-    """Feed bytes, get log frames (`{"Data", "File", "Offset", "FileEvent"}`; `{}` heartbeats included)."""
+    """Feed bytes, get log frames (`{"Data", "File", "Offset", "FileEvent"}`; `{}` heartbeats included).
+
+    Frames are decoded in place (`raw_decode` at an offset) and the consumed text dropped once per feed; a JSON
+    object can only become complete in the chunk holding its closing `}`, so an unfinished frame is not decoded
+    again before one arrives: linear in the bytes received, however they are chunked."""
 
     def __init__(self) -> None:
-        self._text = ""
+        self._parts: list[str] = []
 
     def feed(self, chunk: bytes) -> Iterator[dict]:
-        self._text += chunk.decode("ascii", errors="replace")  # frames are ASCII JSON (log bytes are base64)
-        while self._text:
-            stripped = self._text.lstrip()
+        if self._parts and b"}" not in chunk:
+            self._parts.append(chunk.decode("ascii", errors="replace"))
+            return
+        self._parts.append(chunk.decode("ascii", errors="replace"))  # frames are ASCII JSON (log bytes base64)
+        text = "".join(self._parts) if len(self._parts) > 1 else self._parts[0]
+        pos, end = 0, len(text)
+        while True:
+            while pos < end and text[pos] in " \t\r\n":
+                pos += 1
+            if pos == end:
+                break
             try:
-                frame, end = _DECODER.raw_decode(stripped)
+                frame, pos = _DECODER.raw_decode(text, pos)
             except ValueError:
-                self._text = stripped
-                return
-            self._text = stripped[end:]
+                break
             yield frame
+        rest = text[pos:] if pos else text
+        self._parts = [rest] if rest else []
 
 
 def frame_data(frame: dict) -> bytes:
     data = frame.get("Data")
     return base64.b64decode(data) if data else b""
-
-
-class LineSplitter:
-    """Bytes in, complete text lines out; `flush` returns a last line without a newline."""
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, data: bytes) -> list[str]:
-        *lines, self._pending = (self._pending + data).split(b"\n")
-        return [_text(line) for line in lines]
-
-    def flush(self) -> list[str]:
-        tail, self._pending = self._pending, b""
-        return [_text(tail)] if tail else []
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="replace").rstrip("\r")
 
 
 class AllocState(str, Enum):
