@@ -5,6 +5,9 @@
 - Every write is one explicit transaction (`BEGIN IMMEDIATE` … `COMMIT`, `ROLLBACK` on any error): a log append
   is all or nothing, a record update is one compare-and-set. The connection itself is in autocommit mode
   (`isolation_level=None`), where Python's `sqlite3` would not open transactions by itself.
+- History and admission read along indexes: `list` walks an index already in its newest-first order for every
+  filter (owner, status, both, several owners merged), so a page costs its own rows whatever the history holds;
+  `unfinished` reads a partial index of the jobs still owed work. tests/stores/test_sqlite.py checks the plans.
 - A busy timeout waits for another process's write lock instead of failing at once.
 - No `sqlite3` error escapes: `_mapped` turns each into a `StoreError` (HTTP 503 + Retry-After); a full disk
   ("database or disk is full", SQLITE_FULL) says "no space left on device".
@@ -40,6 +43,15 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_SECONDS = 10.0
 
+_UNFINISHED = ("status NOT IN ('SUCCEEDED', 'FAILED') "
+               "OR json_extract(record, '$.cleanup_pending') OR json_extract(record, '$.cleanup_retry')")
+"""`JobRecord.outstanding` in SQL. The partial index `jobs_unfinished` holds exactly these rows, so admission
+and the tick read the jobs still owed work, not the whole history (the query must repeat this text verbatim
+for SQLite to use that index)."""
+MAX_MERGED_OWNERS = 100
+"""History of up to this many owners is one ordered merge of per-owner index ranges; more owners (a rare
+token) scan the newest-first index and filter."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -50,6 +62,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs (submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs (owner, status, submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (submitted_at, job_id) WHERE {UNFINISHED};
 CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -71,7 +87,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries (state, created_at, job_id, seq);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, seq);
 CREATE INDEX IF NOT EXISTS logs_job_seq ON logs (job_id, seq);
-"""
+""".replace("{UNFINISHED}", _UNFINISHED)
 
 
 @contextmanager
@@ -159,31 +175,19 @@ class SqliteStore:
 
     async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
-        where, args = [], []
-        if owners is not None:
-            names = sorted(owners)
-            where.append(f"owner IN ({', '.join('?' * len(names))})" if names else "0")
-            args.extend(names)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        count_sql, count_args = history_count_query(owners, status)
+        page_sql, page_args = history_page_query(owners, status)
 
         def read() -> tuple[list[JobRecord], int]:
-            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
-            rows = self._db.execute(
-                f"SELECT record FROM jobs {clause} ORDER BY submitted_at DESC, job_id DESC LIMIT ? OFFSET ?",
-                [*args, limit, offset]).fetchall()
-            return [load_record(r[0]) for r in rows], total  # parsed here too: off the event loop
+            total = self._db.execute(count_sql, count_args).fetchone()[0]
+            rows = self._db.execute(page_sql, [*page_args, limit, offset]).fetchall()
+            return [load_record(r[-1]) for r in rows], total  # parsed here too: off the event loop
         return await self._run("read", read)
 
     async def unfinished(self) -> list[JobRecord]:
         def read() -> list[JobRecord]:
             rows = self._db.execute(
-                "SELECT record FROM jobs WHERE status NOT IN ('SUCCEEDED', 'FAILED') "
-                "OR json_extract(record, '$.cleanup_pending') OR json_extract(record, '$.cleanup_retry') "
-                "ORDER BY submitted_at, job_id"
-            ).fetchall()
+                f"SELECT record FROM jobs WHERE {_UNFINISHED} ORDER BY submitted_at, job_id").fetchall()
             return [load_record(r[0]) for r in rows]
         return await self._run("read", read)
 
@@ -292,6 +296,43 @@ class SqliteStore:
     async def aclose(self) -> None:
         await self._run("close", self._db.close)
         self._executor.shutdown(wait=True)
+
+
+_NEWEST_FIRST = "ORDER BY submitted_at DESC, job_id DESC"
+
+
+def history_page_query(owners: Collection[str] | None, status: JobStatus | None) -> tuple[str, list[str]]:
+    """One history page (then `LIMIT ? OFFSET ?`), read along an index already in newest-first order: no scan
+    of other owners' or statuses' rows, no sort. Several owners: one `UNION ALL` branch per owner, which SQLite
+    merges in order (each branch walks `jobs_owner` or `jobs_owner_status`)."""
+    cond, args = ("status = ?", [status.value]) if status is not None else ("", [])
+    if owners is None or len(owners) > MAX_MERGED_OWNERS:
+        where, where_args = _history_where(owners, status)
+        return f"SELECT record FROM jobs {where} {_NEWEST_FIRST} LIMIT ? OFFSET ?", where_args
+    names = sorted(owners)
+    if not names:
+        return "SELECT record FROM jobs WHERE 0 LIMIT ? OFFSET ?", []
+    branch = "SELECT submitted_at, job_id, record FROM jobs WHERE owner = ?" + (f" AND {cond}" if cond else "")
+    sql = " UNION ALL ".join([branch] * len(names))
+    return f"{sql} {_NEWEST_FIRST} LIMIT ? OFFSET ?", [a for name in names for a in (name, *args)]
+
+
+def history_count_query(owners: Collection[str] | None, status: JobStatus | None) -> tuple[str, list[str]]:
+    """The history's total: counted on the same indexes (covering, so no record is read)."""
+    where, args = _history_where(owners, status)
+    return f"SELECT COUNT(*) FROM jobs {where}", args
+
+
+def _history_where(owners: Collection[str] | None, status: JobStatus | None) -> tuple[str, list[str]]:
+    where, args = [], []
+    if owners is not None:
+        names = sorted(owners)
+        where.append(f"owner IN ({', '.join('?' * len(names))})" if names else "0")
+        args.extend(names)
+    if status is not None:
+        where.append("status = ?")
+        args.append(status.value)
+    return (f"WHERE {' AND '.join(where)}" if where else ""), args
 
 
 def _line(ts: str, stream: str, line: str) -> LogLine:

@@ -145,6 +145,8 @@ async def test_list_filters_by_owner_and_status(history):
     assert ids(await history.list(10, 0, owners={"carol"})) == ([], 0)
     assert ids(await history.list(10, 0, owners={"bob", "carol"})) == (["j4", "j2"], 2)
     assert ids(await history.list(10, 0, owners=set())) == ([], 0)
+    assert ids(await history.list(1, 1, owners={"ann", "bob"})) == (["j4"], 5)  # owners merged in order
+    assert ids(await history.list(10, 1, owners={"ann", "bob"}, status=JobStatus.SUCCEEDED)) == (["j1"], 2)
 
 
 async def test_list_breaks_ties_by_job_id_descending(store):

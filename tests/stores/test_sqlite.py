@@ -84,3 +84,63 @@ async def test_store_calls_do_not_block_the_event_loop(store):
         await store.get_logs("job-1")
     task.cancel()
     assert ticks > 3
+
+
+# ---------------------------------------------------------------- query plans of history and admission
+
+async def _plans(store: SqliteStore, call) -> list[tuple[str, list[str]]]:
+    """Each statement `call` ran on the store's connection (values bound) with SQLite's plan for it."""
+    ran: list[str] = []
+    store._db.set_trace_callback(ran.append)
+    try:
+        await call()
+    finally:
+        store._db.set_trace_callback(None)
+    db = store._db
+    return [(sql, [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]) for sql in ran]
+
+
+@pytest.fixture
+async def big_history(store):
+    """Enough rows (three owners, mixed statuses) that the planner has a choice to make."""
+    statuses = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.BUILDING, JobStatus.PENDING]
+    for i in range(300):
+        await store.put(job(f"j{i:03d}", i, owner=f"owner-{i % 3}", status=statuses[i % 4]), 0)
+    return store
+
+
+@pytest.mark.parametrize("owners, status", [
+    (None, None), ({"owner-1"}, None), (None, JobStatus.FAILED), ({"owner-1"}, JobStatus.FAILED),
+    ({"owner-0", "owner-2"}, None), ({"owner-0", "owner-2"}, JobStatus.PENDING)])
+async def test_history_pages_walk_an_index_in_order(big_history, owners, status):
+    plans = await _plans(big_history, lambda: big_history.list(10, 20, owners, status))
+    (count_sql, count_plan), (page_sql, page_plan) = plans
+    assert count_sql.startswith("SELECT COUNT(*)") and page_sql.startswith("SELECT")
+    for sql, plan in plans:
+        assert not any("TEMP B-TREE" in step for step in plan), (sql, plan)  # no sort of the matching rows
+        assert all(" USING " in step for step in plan if step.startswith(("SCAN jobs", "SEARCH jobs"))), plan
+    if owners is not None or status is not None:  # filtered: only the matching index range is visited
+        reads = [step for step in page_plan + count_plan if step.startswith(("SCAN", "SEARCH"))]
+        assert reads and all(step.startswith("SEARCH jobs USING") for step in reads), (page_plan, count_plan)
+    else:
+        assert page_plan == ["SCAN jobs USING INDEX jobs_submitted"]  # newest first, stops after the page
+
+
+async def test_unfinished_reads_only_the_partial_index(big_history):
+    [(sql, plan)] = await _plans(big_history, big_history.unfinished)
+    assert plan == ["SCAN jobs USING INDEX jobs_unfinished"], plan
+    assert len(await big_history.unfinished()) == 150  # BUILDING and PENDING ones
+
+
+async def test_an_existing_database_gains_the_history_indexes(tmp_path):
+    """A file made before the indexes existed gets them when the store opens it (CREATE INDEX IF NOT EXISTS)."""
+    old = sqlite3.connect(tmp_path / "jobs.db")
+    old.executescript("CREATE TABLE jobs (job_id TEXT PRIMARY KEY, version INTEGER NOT NULL, submitted_at TEXT "
+                      "NOT NULL, owner TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL);")
+    old.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    try:
+        names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_owner", "jobs_status", "jobs_owner_status", "jobs_unfinished"} <= names
+    finally:
+        await store.aclose()
