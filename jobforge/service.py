@@ -136,6 +136,7 @@ class JobService:
         self._shutdown_grace = shutdown_grace
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._admission = asyncio.Lock()
+        self._next_admission: asyncio.Future[None] | None = None  # a pass still waiting for the lock (`_admit`)
         self._pending: list[str] = []  # snapshots of the store, refreshed at every admission (idle(), metrics)
         self._active: set[str] = set()
         self._watchers: defaultdict[str, set[_Watcher]] = defaultdict(set)
@@ -525,8 +526,18 @@ class JobService:
     # ------------------------------------------------------------ admission and the clock
 
     async def _admit(self) -> None:
-        """Start pending jobs while fewer than the limit are running, counted from the store."""
+        """Start pending jobs while fewer than the limit are running, counted from the store.
+
+        Callers share a pass that has not read the store yet: it will see what they wrote before calling, so
+        50 concurrent submits cost two passes over the unfinished jobs, not 50 in a row (each reading them all).
+        """
+        if self._next_admission is None:
+            self._next_admission = asyncio.ensure_future(self._admission_pass())
+        await asyncio.shield(self._next_admission)
+
+    async def _admission_pass(self) -> None:
         async with self._admission:
+            self._next_admission = None  # this pass reads the store now: a later caller needs the next one
             try:
                 records = [r for r in await self.store.unfinished() if not r.status.terminal]
             except (StoreError, OSError) as exc:
