@@ -24,6 +24,8 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
+from itertools import groupby
+from operator import itemgetter
 
 from jobforge import pipeline
 from jobforge.admission import SubmitPolicy
@@ -253,8 +255,8 @@ class JobService:
         phase = params.phase.value if params.phase else None
         page = await self.store.log_page(params.job_id, phase, params.offset, params.limit, MAX_LOG_PAGE_CHARS)
         entries: dict[str, list] = {name: [] for name in ([phase] if phase else [p.value for p in Phase])}
-        for name, line in page.lines:
-            entries.setdefault(name, []).append(line)
+        for name, group in groupby(page.lines, key=itemgetter(0)):  # a page holds its phases one after the other
+            entries.setdefault(name, []).extend(line for _, line in group)
         logs = {name: [ln.line for ln in lines] for name, lines in entries.items()}
         end = params.offset + len(page.lines)
         return LogsResult(job_id=params.job_id, logs=logs, entries=entries if params.structured else None,
