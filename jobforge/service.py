@@ -253,14 +253,22 @@ class JobService:
         """One page of a job's logs (all of them when they fit): phases in order, lines in write order."""
         await self.store.get(params.job_id)  # NotFound for unknown jobs
         phase = params.phase.value if params.phase else None
-        page = await self.store.log_page(params.job_id, phase, params.offset, params.limit, MAX_LOG_PAGE_CHARS)
-        entries: dict[str, list] = {name: [] for name in ([phase] if phase else [p.value for p in Phase])}
-        for name, group in groupby(page.lines, key=itemgetter(0)):  # a page holds its phases one after the other
-            entries.setdefault(name, []).extend(line for _, line in group)
-        logs = {name: [ln.line for ln in lines] for name, lines in entries.items()}
-        end = params.offset + len(page.lines)
-        return LogsResult(job_id=params.job_id, logs=logs, entries=entries if params.structured else None,
-                          offset=params.offset, total=page.total, next_offset=end if end < page.total else None)
+        page = await self.store.log_page(params.job_id, phase, params.offset, params.limit, MAX_LOG_PAGE_CHARS,
+                                         text_only=not params.structured)  # timestamps only when asked for
+        names = [phase] if phase else [p.value for p in Phase]
+        logs: dict[str, list[str]] = {name: [] for name in names}
+        entries: dict[str, list[LogLine]] | None = None
+        if page.texts is not None:
+            for name, group in groupby(page.texts, key=itemgetter(0)):  # a page holds its phases one by one
+                logs.setdefault(name, []).extend(text for _, text in group)
+        else:
+            entries = {name: [] for name in names}
+            for name, group in groupby(page.lines, key=itemgetter(0)):
+                entries.setdefault(name, []).extend(line for _, line in group)
+            logs = {name: [ln.line for ln in lines] for name, lines in entries.items()}
+        end = params.offset + len(page.texts if page.texts is not None else page.lines)
+        return LogsResult(job_id=params.job_id, logs=logs, entries=entries, offset=params.offset, total=page.total,
+                          next_offset=end if end < page.total else None)
 
     async def kill_job(self, params: JobIdParams) -> KillJobResult:
         record = await self.apply(params.job_id, pipeline.KillRequested(at=self._clock()))

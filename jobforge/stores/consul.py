@@ -306,8 +306,9 @@ class ConsulStore:
         for value in values:
             await self._add_chunk(job_id, phase, value)
 
-    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
-        return page_of(await self.get_logs(job_id, phase), offset, limit, max_chars)
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int,
+                       text_only: bool = False) -> LogPage:
+        return page_of(await self.get_logs(job_id, phase), offset, limit, max_chars, text_only)
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
         base = logs_prefix(self.prefix, job_id, phase)

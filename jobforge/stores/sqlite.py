@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
@@ -213,30 +213,33 @@ class SqliteStore:
             return out
         return await self._run("log read", read)
 
-    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int,
+                       text_only: bool = False) -> LogPage:
+        columns = "line" if text_only else "line, ts, stream"
+
         def read() -> LogPage:
             sql, args = "SELECT phase, COUNT(*) FROM logs WHERE job_id = ?", [job_id]
             if phase is not None:
                 sql += " AND phase = ?"
                 args.append(phase)
             counts = dict(self._db.execute(sql + " GROUP BY phase", args).fetchall())
-            lines: list[tuple[str, LogLine]] = []
+            lines: list[tuple[str, Any]] = []
             chars, skip = 0, offset
             for name in sorted(counts, key=phase_order):
                 if skip >= counts[name]:
                     skip -= counts[name]
                     continue
-                cur = self._db.execute("SELECT ts, stream, line FROM logs WHERE job_id = ? AND phase = ? "
+                cur = self._db.execute(f"SELECT {columns} FROM logs WHERE job_id = ? AND phase = ? "
                                        "ORDER BY seq LIMIT ? OFFSET ?", (job_id, name, limit - len(lines), skip))
                 skip = 0
-                for ts, stream, line in cur:
-                    if lines and chars + len(line) > max_chars:
-                        return LogPage(lines, sum(counts.values()))
-                    lines.append((name, _line(ts, stream, line)))
-                    chars += len(line)
+                for row in cur:
+                    if lines and chars + len(row[0]) > max_chars:
+                        return _page(lines, sum(counts.values()), text_only)
+                    lines.append((name, row[0] if text_only else _line(row[1], row[2], row[0])))
+                    chars += len(row[0])
                 if len(lines) >= limit:
                     break
-            return LogPage(lines, sum(counts.values()))
+            return _page(lines, sum(counts.values()), text_only)
         return await self._run("log read", read)
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
@@ -333,6 +336,10 @@ def _history_where(owners: Collection[str] | None, status: JobStatus | None) -> 
         where.append("status = ?")
         args.append(status.value)
     return (f"WHERE {' AND '.join(where)}" if where else ""), args
+
+
+def _page(lines: list[tuple[str, Any]], total: int, text_only: bool) -> LogPage:
+    return LogPage([], total, lines) if text_only else LogPage(lines, total)
 
 
 def _line(ts: str, stream: str, line: str) -> LogLine:

@@ -263,7 +263,14 @@ async def test_log_pages_read_phases_in_order_with_a_total(logged):
 async def test_a_log_page_of_one_phase(logged):
     page = await logged.log_page("job-1", "test", 1, 10, 10_000)
     assert (texts(page), page.total) == ([("test", "t1")], 2)
-    assert await logged.log_page("job-3", None, 0, 10, 10_000) == ([], 0)
+    assert tuple(await logged.log_page("job-3", None, 0, 10, 10_000)) == ([], 0, None)
+
+
+async def test_a_text_only_log_page_holds_the_same_lines(logged):
+    for offset, limit, max_chars in ((0, 100, 10_000), (3, 4, 10_000), (1, 10, 2)):
+        full = await logged.log_page("job-1", None, offset, limit, max_chars)
+        text = await logged.log_page("job-1", None, offset, limit, max_chars, text_only=True)
+        assert (text.lines, text.texts, text.total) == ([], texts(full), full.total)
 
 
 async def test_a_log_page_ends_at_its_size_but_always_holds_a_line(store):
