@@ -8,7 +8,8 @@ The store is seeded directly (finished jobs, one job with `--log-lines` log line
 * `getHistory` (JSON-RPC, limit 10, newest first; also limit 100 of one owner) at each `--jobs` size: one client,
   back to back, so the figure is the store's cost. Goal < 50 ms p99 and flat: the ratio of the p50 at the
   largest size to the p50 at the smallest is reported (baseline = the smallest size, same run).
-* `/health` idle (the HTTP floor of this machine: the baseline of every other latency).
+* `/health` idle (the HTTP floor of this machine: the baseline of every other latency), and `getStatus` from one
+  client, back to back (the service's own cost, without queueing: the baseline of the loaded figure).
 * `getStatus`: `--clients` clients, each sending one request every `--interval` s (paced: latency under a steady
   load, not a throughput test). Goal p99 < 20 ms.
 * `getLogs` of the big job: every page read one after the other (`next_offset`), while a prober sends `/health`
@@ -187,6 +188,7 @@ async def measure(url: str, args: argparse.Namespace, job_ids: list[str]) -> dic
             await api.health()
             await api.rpc("getStatus", {"job_id": job_ids[0]})
         idle = [await api.health() for _ in range(200)]
+        single = [(await api.rpc("getStatus", {"job_id": job_ids[n % len(job_ids)]}))[0] for n in range(200)]
         progress(f"getStatus: {args.clients} clients, one request every {args.interval} s each")
 
         async def status(client: int, n: int) -> float:
@@ -200,7 +202,7 @@ async def measure(url: str, args: argparse.Namespace, job_ids: list[str]) -> dic
         async def submit(client: int, n: int) -> float:
             return (await api.rpc("submitJob", {"job_config": {**config, "owner": f"owner-{client % OWNERS}"}}))[0]
         submit_ms, submit_rate = await paced(args.clients, args.submits, args.interval, submit)
-    return {"health_idle_ms": summary(idle),
+    return {"health_idle_ms": summary(idle), "getStatus_one_client_ms": summary(single),
             "getStatus_ms": {**summary(status_ms), "requests_per_s": round(status_rate, 1)},
             "getLogs": logs,
             "submitJob_ms": {**summary(submit_ms), "requests_per_s": round(submit_rate, 1)}}
@@ -270,6 +272,8 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
                 loaded["getLogs"]["health_during_ms"]["p99"] / loaded["health_idle_ms"]["p99"], 2),
             "getHistory_p99_to_goal": round(large["limit_10_ms"]["p99"] / GOALS_MS["getHistory_p99"], 2),
             "getStatus_p50_to_health_idle_p50": round(loaded["getStatus_ms"]["p50"] / floor, 2),
+            "getStatus_p50_50_clients_to_one_client": round(
+                loaded["getStatus_ms"]["p50"] / loaded["getStatus_one_client_ms"]["p50"], 2),
             "getHistory_flat_goal": GOAL_HISTORY_FLATNESS,
         },
         "runtime_s": round(time.perf_counter() - started, 1),
