@@ -283,7 +283,7 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--interval", type=float, default=0.1, help="seconds between a client's requests")
+    parser.add_argument("--interval", type=float, default=0.2, help="seconds between a client's requests")
     parser.add_argument("--requests", type=int, default=40, help="getStatus requests per client")
     parser.add_argument("--submits", type=int, default=4, help="submitJob requests per client")
     parser.add_argument("--log-lines", type=int, default=200_000)
