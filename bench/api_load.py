@@ -5,9 +5,10 @@
 The store is seeded directly (finished jobs, one job with `--log-lines` log lines) with the installed
 `SqliteStore`, so nothing needs to build; the service is then started on it. Measured, in this order:
 
-* `getHistory` (JSON-RPC, limit 10, newest first; also limit 100 of one owner) at each `--jobs` size: one client,
-  back to back, so the figure is the store's cost. Goal < 50 ms p99 and flat: the ratio of the p50 at the
-  largest size to the p50 at the smallest is reported (baseline = the smallest size, same run).
+* `getHistory` (JSON-RPC: newest 10, one owner's newest 100, one status's newest 10) at each `--jobs` size: one
+  service per size, each on its own store, called in turn by one client (so load on the machine weighs on every
+  size alike), back to back. Goal < 50 ms p99 and flat: the ratio of the p50 at the largest size to the p50 at
+  the smallest is reported (baseline = the smallest size, same run).
 * `/health` idle (the HTTP floor of this machine: the baseline of every other latency), and `getStatus` from one
   client, back to back (the service's own cost, without queueing: the baseline of the loaded figure).
 * `getStatus`: `--clients` clients, each sending one request every `--interval` s (paced: latency under a steady
@@ -142,13 +143,21 @@ async def paced(clients: int, requests: int, interval: float, call) -> tuple[lis
     return latencies, len(latencies) / (time.perf_counter() - started)
 
 
-async def history(api: Api, rounds: int) -> dict:
-    newest = [(await api.rpc("getHistory", {"limit": 10}))[0] for _ in range(rounds)]
-    owner = [(await api.rpc("getHistory", {"limit": 100, "owner": "owner-3"}))[0] for _ in range(rounds)]
-    status = [(await api.rpc("getHistory", {"limit": 10, "status": "FAILED"}))[0] for _ in range(rounds)]
-    total = (await api.rpc("getHistory", {"limit": 1}))[1]["total"]
-    return {"stored_jobs": total, "limit_10_ms": summary(newest), "owner_limit_100_ms": summary(owner),
-            "status_limit_10_ms": summary(status)}
+HISTORY_CALLS = {"limit_10_ms": {"limit": 10}, "owner_limit_100_ms": {"limit": 100, "owner": "owner-3"},
+                 "status_limit_10_ms": {"limit": 10, "status": "FAILED"}}
+
+
+async def histories(apis: list[Api], rounds: int) -> list[dict]:
+    """Each call in turn on every service (one per store size), so a change of load on the machine during
+    the run weighs on every size alike."""
+    samples: list[dict[str, list[float]]] = [{name: [] for name in HISTORY_CALLS} for _ in apis]
+    for _ in range(rounds):
+        for name, params in HISTORY_CALLS.items():
+            for api, sample in zip(apis, samples):
+                sample[name].append((await api.rpc("getHistory", params))[0])
+    totals = [(await api.rpc("getHistory", {"limit": 1}))[1]["total"] for api in apis]
+    return [{"stored_jobs": total, **{name: summary(values) for name, values in sample.items()}}
+            for total, sample in zip(totals, samples)]
 
 
 async def logs_under_probe(api: Api) -> dict:
@@ -208,45 +217,42 @@ async def measure(url: str, args: argparse.Namespace, job_ids: list[str]) -> dic
             "submitJob_ms": {**summary(submit_ms), "requests_per_s": round(submit_rate, 1)}}
 
 
-async def history_at(url: str, rounds: int) -> dict:
+async def history_at(urls: list[str], rounds: int) -> list[dict]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        api = Api(session, url)
-        for _ in range(10):
-            await api.rpc("getHistory", {"limit": 10})
-        return await history(api, rounds)
+        apis = [Api(session, url) for url in urls]
+        for api in apis:  # warm-up
+            for _ in range(10):
+                await api.rpc("getHistory", {"limit": 10})
+        return await histories(apis, rounds)
 
 
 # ------------------------------------------------------------------------------------------- main
 
 def bench(work: Path, args: argparse.Namespace) -> dict:
     sizes = sorted(int(n) for n in args.jobs.split(","))
-    data = work / "data"
-    data.mkdir(parents=True)
-    db = data / "jobforge.db"
     load_before = os.getloadavg()[0]
     env = {"LOG_LEVEL": "warning", "JOBFORGE_BUILD_USER": "", "MAX_QUEUED_JOBS": "10000",
            "JOBFORGE_BUILD_NETWORK": "none"}
     registry = f"127.0.0.1:{free_port()}"  # nothing listens: no job in this benchmark gets to push
-    histories = []
-    seeded = 0
     started = time.perf_counter()
-    service = None
+    services: list[ServiceProcess] = []
     try:
-        for size in sizes:
-            progress(f"seeding the store up to {size} finished jobs" + (" and the big log job" if not seeded else ""))
-            asyncio.run(seed(db, seeded, size - seeded, 0 if seeded else args.log_lines))
-            seeded = size
-            service = ServiceProcess(data, registry, **env).start()
-            progress(f"getHistory at {size} jobs")
-            histories.append(asyncio.run(history_at(service.url, args.history_rounds)))
-            if size != sizes[-1]:
-                service.stop()
-        job_ids = [f"bench-{i:06d}" for i in range(0, seeded, max(1, seeded // 1000))]
-        loaded = asyncio.run(measure(service.url, args, job_ids))
-    finally:
-        if service is not None:
+        for number, size in enumerate(sizes):  # one store and one service per size; the largest gets the big log
+            progress(f"seeding a store with {size} finished jobs" + (" and the big log job" if size == sizes[-1] else ""))
+            data = work / f"data-{number}"
+            data.mkdir(parents=True)
+            asyncio.run(seed(data / "jobforge.db", 0, size, args.log_lines if size == sizes[-1] else 0))
+            services.append(ServiceProcess(data, registry, **env).start())
+        progress(f"getHistory at {', '.join(map(str, sizes))} jobs, alternating between the services")
+        figures = asyncio.run(history_at([s.url for s in services], args.history_rounds))
+        for service in services[:-1]:
             service.stop()
-    small, large = histories[0], histories[-1]
+        job_ids = [f"bench-{i:06d}" for i in range(0, sizes[-1], max(1, sizes[-1] // 1000))]
+        loaded = asyncio.run(measure(services[-1].url, args, job_ids))
+    finally:
+        for service in services:
+            service.stop()
+    small, large = figures[0], figures[-1]
     flat = {name: round(large[name]["p50"] / small[name]["p50"], 2)
             for name in ("limit_10_ms", "owner_limit_100_ms", "status_limit_10_ms")}
     floor = loaded["health_idle_ms"]["p50"]
@@ -259,7 +265,7 @@ def bench(work: Path, args: argparse.Namespace) -> dict:
                    "history_rounds": args.history_rounds, "store": "sqlite", "backend": "local",
                    "transport": "JSON-RPC POST /json, one aiohttp session (keep-alive)"},
         "goals_ms": GOALS_MS,
-        "getHistory": histories,
+        "getHistory": figures,
         "getHistory_p50_ratio_largest_to_smallest": flat,
         **loaded,
         "ratios": {

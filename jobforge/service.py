@@ -549,12 +549,12 @@ class JobService:
         async with self._admission:
             self._next_admission = None  # this pass reads the store now: a later caller needs the next one
             try:
-                records = [r for r in await self.store.unfinished() if not r.status.terminal]
+                jobs = await self.store.open_jobs()  # ids and statuses only: no record is parsed
             except (StoreError, OSError) as exc:
                 log.warning("admission postponed: the store is unusable (%s)", exc)
                 return
-            running = {r.job_id for r in records if r.status.running}
-            self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
+            running = {job_id for job_id, status in jobs if status.running}
+            self._pending = [job_id for job_id, status in jobs if status is JobStatus.PENDING]
             self._active = running
             for job_id in list(self._pending[:max(0, self._max - len(running))]):
                 try:

@@ -227,15 +227,14 @@ async def test_concurrency_limit_keeps_excess_jobs_pending(tmp_path):
 
 
 class CountingStore:
-    """Counts `unfinished` reads (each one a pass of admission or the tick over every job still owed work) and
-    record reads (`get`)."""
+    """Counts `open_jobs` reads (each one an admission pass over every job not finished) and record reads."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.unfinished_reads, self.gets = inner, 0, 0
+        self.inner, self.open_reads, self.gets = inner, 0, 0
 
-    async def unfinished(self):
-        self.unfinished_reads += 1
-        return await self.inner.unfinished()
+    async def open_jobs(self):
+        self.open_reads += 1
+        return await self.inner.open_jobs()
 
     async def get(self, job_id):
         self.gets += 1
@@ -251,11 +250,11 @@ async def test_concurrent_submits_share_admission_passes(tmp_path):
     store = CountingStore(SqliteStore(tmp_path / "db"))
     async with running(tmp_path / "db", max_jobs=2, store=store) as env:
         env.backend.outcomes[Phase.BUILD] = "hold"
-        before = store.unfinished_reads
+        before = store.open_reads
         ids = await asyncio.gather(*(env.submit() for _ in range(20)))
         states = [(await env.get(f"/json/job/{i}/status"))[1]["status"] for i in ids]
         assert sorted(states) == ["BUILDING"] * 2 + ["PENDING"] * 18
-        assert store.unfinished_reads - before <= 5
+        assert store.open_reads - before <= 5
 
 
 async def test_get_status_reads_the_record_once_when_every_owner_may_see_it(tmp_path):

@@ -86,6 +86,10 @@ class Store(Protocol):
         """Jobs the service still owes work (`JobRecord.outstanding`: not yet SUCCEEDED/FAILED, or a temp image
         deletion in flight or to retry), oldest first (restart recovery, admission, cleanup retries)."""
 
+    async def open_jobs(self) -> list[tuple[str, JobStatus]]:
+        """(job id, status) of the jobs not finished yet (PENDING or running), oldest first: what admission
+        counts, read without parsing whole records."""
+
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None: ...
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:

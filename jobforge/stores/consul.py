@@ -16,7 +16,7 @@ Why it looks like this:
 - A finished delivery moves from `pending/` to `done/` in one txn (`delete-cas` + `set`), so the worker's scan
   of `pending/` stays as small as the backlog, whatever the history; creating one checks that `done/` has no
   entry for it (`check-not-exists`), so queuing a delivered event again is a `Conflict`, as in SQLite.
-- `list` and `unfinished` read the history index, not the records: one small entry per job, under its owner
+- `list`, `unfinished` and `open_jobs` read the history index, not the records: one small entry per job, under its owner
   (so an owner's history is one prefix), ordered by submission time (`<submitted>` = 20 UTC digits), whose
   value is all the filters need. Only the records of the page (or the outstanding jobs) are then read, in
   `get` txns of up to 64 ops. `put` writes the entry in the same txn as the record's `cas`, so the two never
@@ -77,6 +77,7 @@ HISTORY_MARKER = "meta/history-index"
 MAX_TXN_OPS = 64
 """Consul refuses a txn of more operations."""
 _OUTSTANDING = "outstanding"
+_TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
 SEQ_DIGITS = 12
 CHUNK_BYTES = 256 * 1024
 PIECE_CHARS = 32 * 1024  # <= 6 bytes per char once JSON-encoded (\u00XX), so a piece always fits a chunk
@@ -297,6 +298,13 @@ class ConsulStore:
         found = sorted((e for e in await self._history(None) if e.outstanding),
                        key=lambda e: (e.submitted, e.job_id))
         return [r for r in await self._records([e.job_id for e in found]) if r.outstanding]
+
+    async def open_jobs(self) -> list[tuple[str, JobStatus]]:
+        """From the history index alone: no record is read."""
+        with _answer(history_prefix(self.prefix)):
+            found = sorted(((e.submitted, e.job_id, JobStatus(e.status)) for e in await self._history(None)
+                            if e.outstanding and e.status not in _TERMINAL))
+        return [(job_id, status) for _, job_id, status in found]
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
         try:

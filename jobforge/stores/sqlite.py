@@ -7,7 +7,8 @@
   (`isolation_level=None`), where Python's `sqlite3` would not open transactions by itself.
 - History and admission read along indexes: `list` walks an index already in its newest-first order for every
   filter (owner, status, both, several owners merged), so a page costs its own rows whatever the history holds;
-  `unfinished` reads a partial index of the jobs still owed work. tests/stores/test_sqlite.py checks the plans.
+  `unfinished` and `open_jobs` read a partial index of the jobs still owed work. tests/stores/test_sqlite.py
+  checks the plans.
 - A busy timeout waits for another process's write lock instead of failing at once.
 - No `sqlite3` error escapes: `_mapped` turns each into a `StoreError` (HTTP 503 + Retry-After); a full disk
   ("database or disk is full", SQLITE_FULL) says "no space left on device".
@@ -146,12 +147,13 @@ class SqliteStore:
         return result
 
     async def get(self, job_id: str) -> Versioned:
-        def read():
-            return self._db.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        row = await self._run("read", read)
-        if row is None:
+        def read() -> Versioned | None:
+            row = self._db.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return None if row is None else Versioned(load_record(row[0]), row[1])  # parsed off the event loop
+        found = await self._run("read", read)
+        if found is None:
             raise NotFound(f"job {job_id} not found")
-        return Versioned(load_record(row[0]), row[1])
+        return found
 
     async def put(self, record: JobRecord, expected_version: int) -> int:
         raw = dump_record(record)
@@ -189,6 +191,14 @@ class SqliteStore:
             rows = self._db.execute(
                 f"SELECT record FROM jobs WHERE {_UNFINISHED} ORDER BY submitted_at, job_id").fetchall()
             return [load_record(r[0]) for r in rows]
+        return await self._run("read", read)
+
+    async def open_jobs(self) -> list[tuple[str, JobStatus]]:
+        def read() -> list[tuple[str, JobStatus]]:  # the `_UNFINISHED` term selects the partial index
+            rows = self._db.execute(
+                f"SELECT job_id, status FROM jobs WHERE ({_UNFINISHED}) AND status NOT IN ('SUCCEEDED', 'FAILED') "
+                "ORDER BY submitted_at, job_id").fetchall()
+            return [(job_id, JobStatus(status)) for job_id, status in rows]
         return await self._run("read", read)
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:

@@ -276,6 +276,9 @@ async def test_unfinished_reads_only_the_outstanding_records(fake, store):
         "job-000", "job-001", "job-010", "job-020", "job-030", "job-040", "job-050", "job-060", "job-070",
         "job-080", "job-090"]
     assert [(s.method, s.path) for s in fake.seen] == [("GET", "/v1/kv/jobforge/history/"), ("PUT", "/v1/txn")]
+    fake.seen.clear()
+    assert [job_id for job_id, _ in await store.open_jobs()] == [f"job-{i:03d}" for i in range(0, 100, 10)]
+    assert [(s.method, s.path) for s in fake.seen] == [("GET", "/v1/kv/jobforge/history/")]  # no record read
 
 
 async def test_records_written_before_the_index_get_their_entries_once(fake, store):

@@ -176,9 +176,18 @@ async def test_unfinished_includes_finished_jobs_that_still_owe_a_cleanup(store)
     assert [r.job_id for r in await store.unfinished()] == ["c1", "c2"]
 
 
+async def test_open_jobs_are_the_unfinished_ones_oldest_first(history):
+    record, version = await history.get("j5")
+    await history.put(record.model_copy(update={"cleanup_retry": True}), version)  # owes a cleanup, yet finished
+    record, version = await history.get("j3")
+    await history.put(record.model_copy(update={"status": JobStatus.TESTING}), version)
+    assert await history.open_jobs() == [("j3", JobStatus.TESTING), ("j4", JobStatus.PENDING)]
+
+
 async def test_empty_store(store):
     assert await store.list(10, 0) == ([], 0)
     assert await store.unfinished() == []
+    assert await store.open_jobs() == []
 
 
 # ---------------------------------------------------------------- logs

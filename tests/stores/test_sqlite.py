@@ -126,10 +126,11 @@ async def test_history_pages_walk_an_index_in_order(big_history, owners, status)
         assert page_plan == ["SCAN jobs USING INDEX jobs_submitted"]  # newest first, stops after the page
 
 
-async def test_unfinished_reads_only_the_partial_index(big_history):
-    [(sql, plan)] = await _plans(big_history, big_history.unfinished)
-    assert plan == ["SCAN jobs USING INDEX jobs_unfinished"], plan
-    assert len(await big_history.unfinished()) == 150  # BUILDING and PENDING ones
+async def test_unfinished_and_open_jobs_read_only_the_partial_index(big_history):
+    for read in (big_history.unfinished, big_history.open_jobs):
+        [(sql, plan)] = await _plans(big_history, read)
+        assert plan == ["SCAN jobs USING INDEX jobs_unfinished"], (sql, plan)
+        assert len(await read()) == 150  # BUILDING and PENDING ones
 
 
 async def test_an_existing_database_gains_the_history_indexes(tmp_path):
