@@ -8,7 +8,7 @@
 - History and admission read along indexes: `list` walks an index already in its newest-first order for every
   filter (owner, status, both, several owners merged), so a page costs its own rows whatever the history holds;
   `unfinished` and `open_jobs` read a partial index of the jobs still owed work. tests/stores/test_sqlite.py
-  checks the plans.
+  checks the plans. A log page's total comes from `log_counts`, kept in step by every append.
 - A busy timeout waits for another process's write lock instead of failing at once.
 - No `sqlite3` error escapes: `_mapped` turns each into a `StoreError` (HTTP 503 + Retry-After); a full disk
   ("database or disk is full", SQLITE_FULL) says "no space left on device".
@@ -91,6 +91,32 @@ CREATE INDEX IF NOT EXISTS logs_job_seq ON logs (job_id, seq);
 """.replace("{UNFINISHED}", _UNFINISHED)
 
 
+_LOG_COUNTS = """
+CREATE TABLE log_counts (
+    job_id TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    lines INTEGER NOT NULL,
+    PRIMARY KEY (job_id, phase)
+) WITHOUT ROWID
+"""
+"""Lines per job and phase, kept in step by `append_logs` (same transaction): a log page's total and where its
+phases start are read here, not counted over the job's every line on every page."""
+
+
+def _add_log_positions(db: sqlite3.Connection) -> None:
+    """`logs.n` (a line's position in its job's phase, from 0) with its index, and `log_counts`, filled from the
+    lines already stored when the database was made before they existed. A log page is then an index range
+    (`n >= offset`), not a walk over every line before it."""
+    if not db.execute("SELECT 1 FROM pragma_table_info('logs') WHERE name = 'n'").fetchone():
+        db.execute("ALTER TABLE logs ADD COLUMN n INTEGER")
+        db.execute("UPDATE logs SET n = ranked.n FROM (SELECT seq, ROW_NUMBER() OVER (PARTITION BY job_id, phase "
+                   "ORDER BY seq) - 1 AS n FROM logs) AS ranked WHERE logs.seq = ranked.seq")
+    db.execute("CREATE INDEX IF NOT EXISTS logs_position ON logs (job_id, phase, n)")
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log_counts'").fetchone():
+        db.execute(_LOG_COUNTS)
+        db.execute("INSERT INTO log_counts SELECT job_id, phase, COUNT(*) FROM logs GROUP BY job_id, phase")
+
+
 @contextmanager
 def _mapped(what: str) -> Iterator[None]:
     """The one boundary where SQLite's errors become `StoreError`."""
@@ -120,6 +146,7 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._write(_add_log_positions)
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
         def mapped() -> T:
@@ -207,7 +234,13 @@ class SqliteStore:
         rows = [(job_id, phase, _ts(ln.ts), ln.stream.value, ln.line) for ln in lines]
 
         def insert(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, ?, ?)", rows)
+            found = db.execute("SELECT lines FROM log_counts WHERE job_id = ? AND phase = ?", (job_id, phase))
+            first = (found.fetchone() or (0,))[0]
+            db.executemany("INSERT INTO logs (job_id, phase, ts, stream, line, n) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(*row, first + i) for i, row in enumerate(rows)])
+            db.execute("INSERT INTO log_counts (job_id, phase, lines) VALUES (?, ?, ?) "
+                       "ON CONFLICT (job_id, phase) DO UPDATE SET lines = lines + excluded.lines",
+                       (job_id, phase, len(rows)))
         await self._run("log write", lambda: self._write(insert))
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
@@ -228,19 +261,19 @@ class SqliteStore:
         columns = "line" if text_only else "line, ts, stream"
 
         def read() -> LogPage:
-            sql, args = "SELECT phase, COUNT(*) FROM logs WHERE job_id = ?", [job_id]
+            sql, args = "SELECT phase, lines FROM log_counts WHERE job_id = ?", [job_id]
             if phase is not None:
                 sql += " AND phase = ?"
                 args.append(phase)
-            counts = dict(self._db.execute(sql + " GROUP BY phase", args).fetchall())
+            counts = dict(self._db.execute(sql, args).fetchall())
             lines: list[tuple[str, Any]] = []
             chars, skip = 0, offset
             for name in sorted(counts, key=phase_order):
                 if skip >= counts[name]:
                     skip -= counts[name]
                     continue
-                cur = self._db.execute(f"SELECT {columns} FROM logs WHERE job_id = ? AND phase = ? "
-                                       "ORDER BY seq LIMIT ? OFFSET ?", (job_id, name, limit - len(lines), skip))
+                cur = self._db.execute(f"SELECT {columns} FROM logs WHERE job_id = ? AND phase = ? AND n >= ? "
+                                       "ORDER BY n LIMIT ?", (job_id, name, skip, limit - len(lines)))
                 skip = 0
                 for row in cur:
                     if lines and chars + len(row[0]) > max_chars:

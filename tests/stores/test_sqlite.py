@@ -145,3 +145,39 @@ async def test_an_existing_database_gains_the_history_indexes(tmp_path):
         assert {"jobs_owner", "jobs_status", "jobs_owner_status", "jobs_unfinished"} <= names
     finally:
         await store.aclose()
+
+
+# ---------------------------------------------------------------- log pages
+
+async def test_a_log_page_is_an_index_range_whatever_its_offset(store):
+    await store.append_logs("job-1", "build", lines(*(f"b{i}" for i in range(50))))
+    await store.append_logs("job-2", "build", lines("other"))
+    await store.append_logs("job-1", "test", lines(*(f"t{i}" for i in range(50))))
+    plans = await _plans(store, lambda: store.log_page("job-1", None, 70, 5, 10_000))
+    assert [sql.split(" FROM ")[1].split()[0] for sql, _ in plans] == ["log_counts", "logs"]  # no COUNT(*)
+    for sql, plan in plans:
+        assert not any("TEMP B-TREE" in step or step.startswith("SCAN") for step in plan), (sql, plan)
+    assert "USING INDEX logs_position (job_id=? AND phase=? AND n>?)" in plans[1][1][0]
+    page = await store.log_page("job-1", None, 70, 5, 10_000)
+    assert ([line.line for _, line in page.lines], page.total) == (["t20", "t21", "t22", "t23", "t24"], 100)
+
+
+async def test_logs_stored_before_line_positions_existed_are_numbered_on_open(tmp_path):
+    """A database from before `logs.n` and `log_counts`: opening it numbers the stored lines per job and phase,
+    and later appends carry on from there."""
+    old = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    old.executescript("CREATE TABLE logs (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, "
+                      "phase TEXT NOT NULL, ts TEXT NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL);")
+    for job_id, phase, text in [("a", "build", "a-b0"), ("b", "build", "b-b0"), ("a", "build", "a-b1"),
+                                ("a", "test", "a-t0"), ("a", "build", "a-b2")]:
+        old.execute("INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, 'stdout', ?)",
+                    (job_id, phase, "2026-01-01T00:00:00.000000+00:00", text))
+    old.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    try:
+        await store.append_logs("a", "build", lines("a-b3"))
+        page = await store.log_page("a", None, 2, 10, 10_000, text_only=True)
+        assert (page.texts, page.total) == ([("build", "a-b2"), ("build", "a-b3"), ("test", "a-t0")], 5)
+        assert (await store.log_page("b", "build", 0, 10, 10_000, text_only=True)).texts == [("build", "b-b0")]
+    finally:
+        await store.aclose()
