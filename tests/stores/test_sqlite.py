@@ -11,7 +11,7 @@ import pytest
 
 from jobforge.errors import StoreError
 from jobforge.models import JobStatus
-from jobforge.stores.sqlite import SqliteStore
+from jobforge.stores.sqlite import MAX_MERGED_OWNERS, SqliteStore
 from tests.stores.test_contract import job, lines
 
 
@@ -181,3 +181,9 @@ async def test_logs_stored_before_line_positions_existed_are_numbered_on_open(tm
         assert (await store.log_page("b", "build", 0, 10, 10_000, text_only=True)).texts == [("build", "b-b0")]
     finally:
         await store.aclose()
+
+
+async def test_history_of_more_owners_than_are_merged_scans_in_order(big_history):
+    owners = {"owner-1", "owner-2", *(f"nobody-{i}" for i in range(MAX_MERGED_OWNERS))}
+    records, total = await big_history.list(3, 1, owners, JobStatus.PENDING)
+    assert ([r.job_id for r in records], total) == (["j295", "j287", "j283"], 50)  # after j299
