@@ -466,9 +466,13 @@ class ConsulStore:
             entries = await self._recurse(jobs_prefix(self.prefix))
             with _answer(jobs_prefix(self.prefix)):
                 records = [load_record(_value(e)) for e in entries]
-            for record in records:
-                key = history_key(self.prefix, record)
-                await self._http.request("PUT", f"/v1/kv/{key}", params={"cas": 0}, data=_history_value(record))
+            for start in range(0, len(records), MAX_TXN_OPS):  # one txn per 64 records; key by key if one exists
+                batch = records[start:start + MAX_TXN_OPS]
+                ops = [_kv("cas", history_key(self.prefix, r), _history_value(r).decode()) for r in batch]
+                status, _ = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=ops)
+                for record in batch if status == 409 else ():
+                    key = history_key(self.prefix, record)
+                    await self._http.request("PUT", f"/v1/kv/{key}", params={"cas": 0}, data=_history_value(record))
             await self._http.request("PUT", f"/v1/kv/{marker}", data=b"1")
         self._indexed = True
 

@@ -78,8 +78,9 @@ async def test_requests_match_the_reference(fake, store):
         ("PUT", "/v1/txn", ""),
         ("GET", "/v1/kv/jobforge/jobs/job-1", ""),
         ("GET", "/v1/kv/jobforge/meta/history-index", ""),  # once per store: is the history index complete?
-        ("GET", "/v1/kv/jobforge/jobs/", "recurse"),  # no: give the records their entries
-        ("PUT", "/v1/kv/jobforge/history/team/20260101000000000000_job-1", "cas=0"),
+        ("GET", "/v1/kv/jobforge/jobs/", "recurse"),  # no: give the records their entries (cas 0, 64 a txn)
+        ("PUT", "/v1/txn", ""),
+        ("PUT", "/v1/kv/jobforge/history/team/20260101000000000000_job-1", "cas=0"),  # it exists: one by one
         ("PUT", "/v1/kv/jobforge/meta/history-index", ""),
         ("GET", "/v1/kv/jobforge/history/", "recurse"),
         ("PUT", "/v1/txn", ""),
@@ -308,3 +309,13 @@ async def test_a_malformed_history_entry_is_a_store_error(fake, store):
     fake.table.set("jobforge/history/team/not-a-time", b"PENDING", 0, 99)
     with pytest.raises(StoreError, match="unexpected data"):
         await store.list(10, 0)
+
+
+async def test_many_older_records_are_indexed_64_to_a_txn(fake, store):
+    for i in range(150):
+        record = new_job(f"old-{i:03d}", JobConfig.model_validate(CONFIG), T0 + timedelta(seconds=i))
+        fake.table.set(f"jobforge/jobs/old-{i:03d}", record.model_dump_json().encode(), 0, i + 1)
+    records, total = await store.list(2, 0)
+    assert ([r.job_id for r in records], total) == (["old-149", "old-148"], 150)
+    writes = [s for s in fake.seen if s.method == "PUT"]
+    assert [s.path for s in writes] == ["/v1/txn"] * 3 + ["/v1/kv/jobforge/meta/history-index", "/v1/txn"]
