@@ -37,6 +37,7 @@ expected statuses (404 on reads, 409 on a txn) are handled by the caller.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -235,6 +236,31 @@ def _joined(pieces: list[dict[str, Any]]) -> LogLine:
                    line="".join(p["line"] for p in pieces))
 
 
+def _listed(body: bytes, ordered: bool = True) -> list[dict[str, Any]]:
+    """A `?recurse` answer without folder keys (`.../`, as the Consul UI creates), in key order if `ordered`."""
+    entries = [e for e in json.loads(body) if not e["Key"].endswith("/")]
+    return sorted(entries, key=lambda e: e["Key"]) if ordered else entries
+
+
+def _decoded_logs(base: str, phase: str | None, body: bytes | None) -> dict[str, list[LogLine]]:
+    """A job's log chunks (the `?recurse` answer under `base`) as complete lines per phase, in write order.
+    CPU-bound (a line is a model), so the store runs it on a thread."""
+    out: dict[str, list[LogLine]] = {}
+    pieces: dict[str, list[dict[str, Any]]] = {}  # per phase: the pieces of a line split by `_entries`
+    if body is None:
+        return out
+    with _answer(base):
+        for entry in _listed(body):
+            name = phase if phase is not None else unsegment(entry["Key"][len(base):].split("/", 1)[0])
+            for item in json.loads(_value(entry)):
+                pieces.setdefault(name, []).append(item)
+                if not item.get("more"):
+                    out.setdefault(name, []).append(_joined(pieces.pop(name)))
+        for name, parts in pieces.items():  # a split line whose last piece was never written
+            out.setdefault(name, []).append(_joined(parts))
+    return out
+
+
 # ---------------------------------------------------------------- history index entries
 
 class _HistoryEntry(NamedTuple):
@@ -316,22 +342,15 @@ class ConsulStore:
 
     async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int,
                        text_only: bool = False) -> LogPage:
-        return page_of(await self.get_logs(job_id, phase), offset, limit, max_chars, text_only)
+        """Every chunk of the job is read (a chunk's line count is only known once decoded); decoding and
+        paging run on a thread, so a 200,000-line log does not hold the event loop."""
+        base, body = await self._log_listing(job_id, phase)
+        return await asyncio.to_thread(
+            lambda: page_of(_decoded_logs(base, phase, body), offset, limit, max_chars, text_only))
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
-        base = logs_prefix(self.prefix, job_id, phase)
-        out: dict[str, list[LogLine]] = {}
-        pieces: dict[str, list[dict[str, Any]]] = {}  # per phase: the pieces of a line split by `_entries`
-        with _answer(base):
-            for entry in await self._recurse(base):
-                name = phase if phase is not None else unsegment(entry["Key"][len(base):].split("/", 1)[0])
-                for item in json.loads(_value(entry)):
-                    pieces.setdefault(name, []).append(item)
-                    if not item.get("more"):
-                        out.setdefault(name, []).append(_joined(pieces.pop(name)))
-            for name, parts in pieces.items():  # a split line whose last piece was never written
-                out.setdefault(name, []).append(_joined(parts))
-        return out
+        base, body = await self._log_listing(job_id, phase)
+        return await asyncio.to_thread(_decoded_logs, base, phase, body)
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
         pending, done = (delivery_key(self.prefix, delivery, d) for d in (False, True))
@@ -425,8 +444,13 @@ class ConsulStore:
         if status == 404:  # nothing under the prefix
             return []
         with _answer(prefix):
-            entries = [e for e in json.loads(body) if not e["Key"].endswith("/")]
-            return sorted(entries, key=lambda e: e["Key"]) if ordered else entries
+            return _listed(body, ordered)
+
+    async def _log_listing(self, job_id: str, phase: str | None) -> tuple[str, bytes | None]:
+        """The raw `?recurse` answer for a job's log chunks (None: there are none), for `_decoded_logs`."""
+        base = logs_prefix(self.prefix, job_id, phase)
+        status, body = await self._http.request("GET", f"/v1/kv/{base}", "recurse", ok=(200, 404))
+        return base, (body if status == 200 else None)
 
     # ------------------------------------------------------------ history index (list, unfinished)
 
