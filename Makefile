@@ -12,7 +12,7 @@ TEST_LOCK := requirements/test.lock
 # and what the tests and the demo run is what a user installs. Any source change reinstalls it.
 SOURCES := pyproject.toml README.md $(shell find jobforge cli templates -type f ! -name '*.pyc' 2>/dev/null)
 
-.PHONY: demo test deps system-deps clean lock nomad-jobs build-user image-context smoke
+.PHONY: demo test deps system-deps clean lock nomad-jobs build-user image-context smoke bench
 
 demo: system-deps $(VENV)/.runtime $(VENV)/.project
 	$(PY) examples/demo.py
@@ -21,6 +21,16 @@ test: system-deps $(VENV)/.test $(VENV)/.project
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 deps: system-deps $(VENV)/.test $(VENV)/.project
+
+# The benchmarks of docs/performance.md, in order, each printing one JSON object (progress goes to stderr).
+# A benchmark not written yet is skipped with a note; any that fails fails the target after the others ran.
+BENCHMARKS := bench/pipeline_overhead.py bench/cache.py bench/nomad_scale.py bench/api_load.py
+bench: system-deps $(VENV)/.test $(VENV)/.project
+	@failed=""; for b in $(BENCHMARKS); do \
+	  if [ ! -f $$b ]; then echo "==> $$b: not present, skipped" >&2; continue; fi; \
+	  echo "==> $$b" >&2; $(PY) $$b || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed" >&2; exit 1; fi
 
 # Installs the Debian packages the pipeline really uses (skipped when all are present).
 system-deps:

@@ -61,7 +61,8 @@ async def call(service: JobService, name: str, params: Any, principal: auth.Prin
     parsed: Any = parse_params(method.params, params)
     scope: dict[str, Any] = {}
     if method.access is Access.JOB:
-        await authorize_job(service, principal, parsed.job_id)
+        if principal.owners is not None:  # a caller for every owner needs no lookup: the handler's read 404s
+            await authorize_job(service, principal, parsed.job_id)
     elif method.access is Access.SUBMIT:
         auth.authorize(principal, parsed.job_config.owner)
     elif method.access is Access.HISTORY:

@@ -30,6 +30,8 @@ import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
+from itertools import groupby
+from operator import itemgetter
 
 from jobforge import offload, pipeline
 from jobforge.admission import SubmitPolicy
@@ -321,14 +323,22 @@ class JobService:
         """One page of a job's logs (all of them when they fit): phases in order, lines in write order."""
         await self.store.get(params.job_id)  # NotFound for unknown jobs
         phase = params.phase.value if params.phase else None
-        page = await self.store.log_page(params.job_id, phase, params.offset, params.limit, MAX_LOG_PAGE_CHARS)
-        entries: dict[str, list] = {name: [] for name in ([phase] if phase else [p.value for p in Phase])}
-        for name, line in page.lines:
-            entries.setdefault(name, []).append(line)
-        logs = {name: [ln.line for ln in lines] for name, lines in entries.items()}
-        end = params.offset + len(page.lines)
-        return LogsResult(job_id=params.job_id, logs=logs, entries=entries if params.structured else None,
-                          offset=params.offset, total=page.total, next_offset=end if end < page.total else None)
+        page = await self.store.log_page(params.job_id, phase, params.offset, params.limit, MAX_LOG_PAGE_CHARS,
+                                         text_only=not params.structured)  # timestamps only when asked for
+        names = [phase] if phase else [p.value for p in Phase]
+        logs: dict[str, list[str]] = {name: [] for name in names}
+        entries: dict[str, list[LogLine]] | None = None
+        if page.texts is not None:
+            for name, group in groupby(page.texts, key=itemgetter(0)):  # a page holds its phases one by one
+                logs.setdefault(name, []).extend(text for _, text in group)
+        else:
+            entries = {name: [] for name in names}
+            for name, group in groupby(page.lines, key=itemgetter(0)):
+                entries.setdefault(name, []).extend(line for _, line in group)
+            logs = {name: [ln.line for ln in lines] for name, lines in entries.items()}
+        end = params.offset + len(page.texts if page.texts is not None else page.lines)
+        return LogsResult(job_id=params.job_id, logs=logs, entries=entries, offset=params.offset, total=page.total,
+                          next_offset=end if end < page.total else None)
 
     async def kill_job(self, params: JobIdParams) -> KillJobResult:
         """Kill here when this replica drives the job (or may: nobody else does); else record the request for
@@ -687,9 +697,9 @@ class JobService:
         if not (await self.store.list(1, 0, status=JobStatus.PENDING))[1]:
             self._pending = []  # nothing waits: no pass over every unfinished job (one per job's end was N^2)
             return
-        records = [r for r in await self.store.unfinished() if not r.status.terminal]
-        running = {r.job_id for r in records if r.status.running}
-        self._pending = [r.job_id for r in records if r.status is JobStatus.PENDING]
+        jobs = await self.store.open_jobs()  # ids and statuses only: no record is parsed
+        running = {job_id for job_id, status in jobs if status.running}
+        self._pending = [job_id for job_id, status in jobs if status is JobStatus.PENDING]
         self._active = running
         # Side by side: each admission dispatches the job's build, a round trip to the backend.
         await asyncio.gather(*(self._admit_one(job_id)

@@ -3,6 +3,7 @@ in-memory backend. Real builds are in tests/test_e2e.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 
@@ -223,6 +224,52 @@ async def test_concurrency_limit_keeps_excess_jobs_pending(tmp_path):
         await env.post("/json/killJob", {"job_id": ids[1]})
         await env.service.idle()
         assert (await env.get(f"/json/job/{ids[2]}/status"))[1]["status"] == "SUCCEEDED"
+
+
+class CountingStore:
+    """Counts `open_jobs` reads (each one an admission pass over every job not finished) and record reads."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.open_reads, self.gets = inner, 0, 0
+
+    async def open_jobs(self):
+        self.open_reads += 1
+        return await self.inner.open_jobs()
+
+    async def get(self, job_id):
+        self.gets += 1
+        return await self.inner.get(job_id)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_concurrent_submits_share_admission_passes(tmp_path):
+    """20 submits at once: every job is admitted or queued correctly, by a few shared passes over the store
+    rather than one pass per submit in a row."""
+    store = CountingStore(SqliteStore(tmp_path / "db"))
+    async with running(tmp_path / "db", max_jobs=2, store=store) as env:
+        env.backend.outcomes[Phase.BUILD] = "hold"
+        before = store.open_reads
+        ids = await asyncio.gather(*(env.submit() for _ in range(20)))
+        states = [(await env.get(f"/json/job/{i}/status"))[1]["status"] for i in ids]
+        assert sorted(states) == ["BUILDING"] * 2 + ["PENDING"] * 18
+        assert store.open_reads - before <= 5
+
+
+async def test_get_status_reads_the_record_once_when_every_owner_may_see_it(tmp_path):
+    """Without API tokens the caller may see every job: no owner lookup before the handler's own read, which
+    still answers 404 for an unknown job."""
+    store = CountingStore(SqliteStore(tmp_path / "db"))
+    async with running(tmp_path / "db", store=store) as env:
+        job_id = await env.submit()
+        await env.service.idle()
+        before = store.gets
+        assert (await env.rpc("getStatus", {"job_id": job_id}))["result"]["status"] == "SUCCEEDED"
+        assert store.gets - before == 1
+        for method in ("getStatus", "getLogs", "killJob", "cleanup"):
+            reply = await env.rpc(method, {"job_id": "no-such-job"})
+            assert reply["error"]["code"] == -32004, (method, reply)
 
 
 async def test_kill_pending_job(tmp_path):

@@ -6,6 +6,8 @@ Key layout (the only place it is defined; `<...>` segments are escaped by `segme
     <prefix>logs/<job_id>/<phase>/<seq:012d>   one chunk of log lines: a JSON list of {"ts", "stream", "line"}
     <prefix>webhooks/pending/<job_id>/<seq:02d>  a webhook delivery still to send (outbox); seq = the event's order
     <prefix>webhooks/done/<job_id>/<seq:02d>     the same once finished (delivered, failed or refused)
+    <prefix>history/<owner>/<submitted>_<job_id> the history index: "<STATUS>" or "<STATUS> outstanding"
+    <prefix>meta/history-index                   present once every record has its history entry
 
 Why it looks like this:
 - `put` is a one-op `PUT /v1/txn` with verb `cas` (Index = expected version; 0 = create only if absent). It is
@@ -14,8 +16,13 @@ Why it looks like this:
 - A finished delivery moves from `pending/` to `done/` in one txn (`delete-cas` + `set`), so the worker's scan
   of `pending/` stays as small as the backlog, whatever the history; creating one checks that `done/` has no
   entry for it (`check-not-exists`), so queuing a delivered event again is a `Conflict`, as in SQLite.
-- `list` and `unfinished` read the jobs prefix once (`?recurse`) and filter, sort and page in memory: one
-  consistent read, no secondary index to keep in step. Logs live under their own prefix so it stays small.
+- `list`, `unfinished` and `open_jobs` read the history index, not the records: one small entry per job, under its owner
+  (so an owner's history is one prefix), ordered by submission time (`<submitted>` = 20 UTC digits), whose
+  value is all the filters need. Only the records of the page (or the outstanding jobs) are then read, in
+  `get` txns of up to 64 ops. `put` writes the entry in the same txn as the record's `cas`, so the two never
+  disagree. A store whose records predate the index gets it once (`_backfill`, `cas=0` per entry so a newer
+  write wins), then `meta/history-index` says so; every replica must run a version that writes the index.
+  Logs live under their own prefix so it stays small.
 - Log chunks are created with `?cas=0`, so two writers never overwrite one chunk; a chunk value stays under
   `CHUNK_BYTES` (Consul refuses values over 512 KiB), and a longer line is split into pieces marked
   `"more": true` that `get_logs` joins again. An append larger than one chunk is not atomic (a txn is capped
@@ -30,14 +37,15 @@ expected statuses (404 on reads, 409 on a txn) are handled by the caller.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import aiohttp
@@ -58,13 +66,19 @@ from jobforge.stores.base import (
     page_of,
 )
 
-__all__ = ["ConsulStore", "delivery_key", "deliveries_prefix", "job_key", "jobs_prefix", "log_key", "logs_prefix",
-           "segment"]
+__all__ = ["ConsulStore", "delivery_key", "deliveries_prefix", "history_key", "history_prefix", "job_key",
+           "jobs_prefix", "log_key", "logs_prefix", "segment"]
 
 
 JOBS = "jobs/"
 LOGS = "logs/"
 WEBHOOKS = "webhooks/"
+HISTORY = "history/"
+HISTORY_MARKER = "meta/history-index"
+MAX_TXN_OPS = 64
+"""Consul refuses a txn of more operations."""
+_OUTSTANDING = "outstanding"
+_TERMINAL = frozenset(s.value for s in JobStatus if s.terminal)
 SEQ_DIGITS = 12
 CHUNK_BYTES = 256 * 1024
 PIECE_CHARS = 32 * 1024  # <= 6 bytes per char once JSON-encoded (\u00XX), so a piece always fits a chunk
@@ -105,6 +119,19 @@ def logs_prefix(prefix: str, job_id: str, phase: str | None = None) -> str:
 
 def log_key(prefix: str, job_id: str, phase: str, seq: int) -> str:
     return f"{logs_prefix(prefix, job_id, phase)}{seq:0{SEQ_DIGITS}d}"
+
+
+def history_prefix(prefix: str, owner: str | None = None) -> str:
+    return f"{prefix}{HISTORY}" + ("" if owner is None else f"{segment(owner)}/")
+
+
+def history_key(prefix: str, record: JobRecord) -> str:
+    """Sorts by submission time within an owner; `_` cannot occur in a `segment`, so it splits unambiguously."""
+    return f"{history_prefix(prefix, record.config.owner)}{_submitted(record.submitted_at)}_{segment(record.job_id)}"
+
+
+def _submitted(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y%m%d%H%M%S%f")
 
 
 def deliveries_prefix(prefix: str, done: bool, job_id: str | None = None) -> str:
@@ -209,6 +236,57 @@ def _joined(pieces: list[dict[str, Any]]) -> LogLine:
                    line="".join(p["line"] for p in pieces))
 
 
+def _listed(body: bytes, ordered: bool = True) -> list[dict[str, Any]]:
+    """A `?recurse` answer without folder keys (`.../`, as the Consul UI creates), in key order if `ordered`."""
+    entries = [e for e in json.loads(body) if not e["Key"].endswith("/")]
+    return sorted(entries, key=lambda e: e["Key"]) if ordered else entries
+
+
+def _decoded_logs(base: str, phase: str | None, body: bytes | None) -> dict[str, list[LogLine]]:
+    """A job's log chunks (the `?recurse` answer under `base`) as complete lines per phase, in write order.
+    CPU-bound (a line is a model), so the store runs it on a thread."""
+    out: dict[str, list[LogLine]] = {}
+    pieces: dict[str, list[dict[str, Any]]] = {}  # per phase: the pieces of a line split by `_entries`
+    if body is None:
+        return out
+    with _answer(base):
+        for entry in _listed(body):
+            name = phase if phase is not None else unsegment(entry["Key"][len(base):].split("/", 1)[0])
+            for item in json.loads(_value(entry)):
+                pieces.setdefault(name, []).append(item)
+                if not item.get("more"):
+                    out.setdefault(name, []).append(_joined(pieces.pop(name)))
+        for name, parts in pieces.items():  # a split line whose last piece was never written
+            out.setdefault(name, []).append(_joined(parts))
+    return out
+
+
+# ---------------------------------------------------------------- history index entries
+
+class _HistoryEntry(NamedTuple):
+    submitted: str
+    job_id: str
+    status: str
+    outstanding: bool
+
+
+def _history_value(record: JobRecord) -> bytes:
+    return (record.status.value + (f" {_OUTSTANDING}" if record.outstanding else "")).encode()
+
+
+def _history_op(prefix: str, record: JobRecord) -> dict[str, Any]:
+    return _kv("set", history_key(prefix, record), _history_value(record).decode())
+
+
+def _history_entry(key: str, value: bytes) -> _HistoryEntry:
+    """Parses `<...>/<submitted>_<job segment>` and its value; ValueError when malformed."""
+    submitted, sep, job = key.rpartition("/")[2].partition("_")
+    status, _, flag = value.decode().partition(" ")
+    if not sep or not submitted.isdigit() or not status or flag not in ("", _OUTSTANDING):
+        raise ValueError(f"malformed history entry {key!r}")
+    return _HistoryEntry(submitted, unsegment(job) if "_" in job else job, status, flag == _OUTSTANDING)
+
+
 # ---------------------------------------------------------------- the store
 
 class ConsulStore:
@@ -219,6 +297,7 @@ class ConsulStore:
         self.prefix = prefix
         self._http = _Http(addr, token, datacenter, timeout)
         self._next_seq: OrderedDict[tuple[str, str], int] = OrderedDict()  # LRU, refreshed on a CAS miss
+        self._indexed = False  # the history index is known complete (`_backfill`)
 
     async def get(self, job_id: str) -> Versioned:
         key = job_key(self.prefix, job_id)
@@ -231,18 +310,27 @@ class ConsulStore:
 
     async def put(self, record: JobRecord, expected_version: int) -> int:
         op = _kv("cas", job_key(self.prefix, record.job_id), dump_record(record), expected_version)
-        return await self._txn([op], f"job {record.job_id}", expected_version)
+        return await self._txn([op, _history_op(self.prefix, record)], f"job {record.job_id}", expected_version)
 
     async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
-        records = [r for r in await self._all_records()
-                   if (owners is None or r.config.owner in owners) and (status is None or r.status == status)]
-        records.sort(key=lambda r: (r.submitted_at, r.job_id), reverse=True)
-        return records[offset:offset + limit], len(records)
+        """Reads the history index (of the given owners only), then just the page's records."""
+        found = [e for e in await self._history(owners) if status is None or e.status == status.value]
+        found.sort(key=lambda e: (e.submitted, e.job_id), reverse=True)
+        return await self._records([e.job_id for e in found[offset:offset + limit]]), len(found)
 
     async def unfinished(self) -> list[JobRecord]:
-        records = [r for r in await self._all_records() if r.outstanding]
-        return sorted(records, key=lambda r: (r.submitted_at, r.job_id))
+        """Reads the history index, then the records of the jobs it marks outstanding (checked again on them)."""
+        found = sorted((e for e in await self._history(None) if e.outstanding),
+                       key=lambda e: (e.submitted, e.job_id))
+        return [r for r in await self._records([e.job_id for e in found]) if r.outstanding]
+
+    async def open_jobs(self) -> list[tuple[str, JobStatus]]:
+        """From the history index alone: no record is read."""
+        with _answer(history_prefix(self.prefix)):
+            found = sorted(((e.submitted, e.job_id, JobStatus(e.status)) for e in await self._history(None)
+                            if e.outstanding and e.status not in _TERMINAL))
+        return [(job_id, status) for _, job_id, status in found]
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
         try:
@@ -252,23 +340,17 @@ class ConsulStore:
         for value in values:
             await self._add_chunk(job_id, phase, value)
 
-    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
-        return page_of(await self.get_logs(job_id, phase), offset, limit, max_chars)
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int,
+                       text_only: bool = False) -> LogPage:
+        """Every chunk of the job is read (a chunk's line count is only known once decoded); decoding and
+        paging run on a thread, so a 200,000-line log does not hold the event loop."""
+        base, body = await self._log_listing(job_id, phase)
+        return await asyncio.to_thread(
+            lambda: page_of(_decoded_logs(base, phase, body), offset, limit, max_chars, text_only))
 
     async def get_logs(self, job_id: str, phase: str | None = None) -> dict[str, list[LogLine]]:
-        base = logs_prefix(self.prefix, job_id, phase)
-        out: dict[str, list[LogLine]] = {}
-        pieces: dict[str, list[dict[str, Any]]] = {}  # per phase: the pieces of a line split by `_entries`
-        with _answer(base):
-            for entry in await self._recurse(base):
-                name = phase if phase is not None else unsegment(entry["Key"][len(base):].split("/", 1)[0])
-                for item in json.loads(_value(entry)):
-                    pieces.setdefault(name, []).append(item)
-                    if not item.get("more"):
-                        out.setdefault(name, []).append(_joined(pieces.pop(name)))
-            for name, parts in pieces.items():  # a split line whose last piece was never written
-                out.setdefault(name, []).append(_joined(parts))
-        return out
+        base, body = await self._log_listing(job_id, phase)
+        return await asyncio.to_thread(_decoded_logs, base, phase, body)
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
         pending, done = (delivery_key(self.prefix, delivery, d) for d in (False, True))
@@ -355,18 +437,68 @@ class ConsulStore:
             raise Conflict(f"{what} exists or changed concurrently (expected version {expected_version})")
         raise StoreError(f"consul rolled back the write of {what}: {'; '.join(errors)}")
 
-    async def _recurse(self, prefix: str) -> list[dict[str, Any]]:
-        """Every entry under `prefix` in key order, skipping folder keys (`.../`, as the Consul UI creates)."""
+    async def _recurse(self, prefix: str, ordered: bool = True) -> list[dict[str, Any]]:
+        """Every entry under `prefix` (in key order unless `ordered` is False), skipping folder keys (`.../`, as
+        the Consul UI creates)."""
         status, body = await self._http.request("GET", f"/v1/kv/{prefix}", "recurse", ok=(200, 404))
         if status == 404:  # nothing under the prefix
             return []
         with _answer(prefix):
-            return sorted((e for e in json.loads(body) if not e["Key"].endswith("/")), key=lambda e: e["Key"])
+            return _listed(body, ordered)
 
-    async def _all_records(self) -> list[JobRecord]:
-        entries = await self._recurse(jobs_prefix(self.prefix))
-        with _answer(jobs_prefix(self.prefix)):
-            return [load_record(_value(e)) for e in entries]
+    async def _log_listing(self, job_id: str, phase: str | None) -> tuple[str, bytes | None]:
+        """The raw `?recurse` answer for a job's log chunks (None: there are none), for `_decoded_logs`."""
+        base = logs_prefix(self.prefix, job_id, phase)
+        status, body = await self._http.request("GET", f"/v1/kv/{base}", "recurse", ok=(200, 404))
+        return base, (body if status == 200 else None)
+
+    # ------------------------------------------------------------ history index (list, unfinished)
+
+    async def _history(self, owners: Collection[str] | None) -> list[_HistoryEntry]:
+        """The index entries of `owners` (None: everyone's): one listing per owner, no record read."""
+        if not self._indexed:
+            await self._backfill()
+        prefixes = [history_prefix(self.prefix)] if owners is None else [
+            history_prefix(self.prefix, owner) for owner in sorted(owners)]
+        found: list[_HistoryEntry] = []
+        for prefix in prefixes:
+            entries = await self._recurse(prefix, ordered=False)
+            with _answer(prefix):
+                found += (_history_entry(e["Key"], _value(e)) for e in entries)
+        return found
+
+    async def _records(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The records of `job_ids`, in that order: `get` txns of up to `MAX_TXN_OPS` keys."""
+        records: list[JobRecord] = []
+        for start in range(0, len(job_ids), MAX_TXN_OPS):
+            ops = [_kv("get", job_key(self.prefix, job_id)) for job_id in job_ids[start:start + MAX_TXN_OPS]]
+            status, body = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=ops)
+            with _answer("history records"):
+                answer = json.loads(body)
+                if status != 200:
+                    raise StoreError("consul could not read the records of a history page: "
+                                     + "; ".join(e["What"] for e in answer["Errors"]))
+                records += (load_record(_value(r["KV"])) for r in answer["Results"])
+        return records
+
+    async def _backfill(self) -> None:
+        """Give every record that predates the index its entry (`cas` 0: an entry a `put` wrote meanwhile
+        is newer and stays), then write the marker. Runs once per store; any replica may run it."""
+        marker = f"{self.prefix}{HISTORY_MARKER}"
+        status, _ = await self._http.request("GET", f"/v1/kv/{marker}", ok=(200, 404))
+        if status == 404:
+            entries = await self._recurse(jobs_prefix(self.prefix))
+            with _answer(jobs_prefix(self.prefix)):
+                records = [load_record(_value(e)) for e in entries]
+            for start in range(0, len(records), MAX_TXN_OPS):  # one txn per 64 records; key by key if one exists
+                batch = records[start:start + MAX_TXN_OPS]
+                ops = [_kv("cas", history_key(self.prefix, r), _history_value(r).decode()) for r in batch]
+                status, _ = await self._http.request("PUT", "/v1/txn", ok=(200, 409), json=ops)
+                for record in batch if status == 409 else ():
+                    key = history_key(self.prefix, record)
+                    await self._http.request("PUT", f"/v1/kv/{key}", params={"cas": 0}, data=_history_value(record))
+            await self._http.request("PUT", f"/v1/kv/{marker}", data=b"1")
+        self._indexed = True
 
     async def _add_chunk(self, job_id: str, phase: str, value: bytes) -> None:
         slot = (job_id, phase)

@@ -5,6 +5,10 @@
 - Every write is one explicit transaction (`BEGIN IMMEDIATE` … `COMMIT`, `ROLLBACK` on any error): a log append
   is all or nothing, a record update is one compare-and-set. The connection itself is in autocommit mode
   (`isolation_level=None`), where Python's `sqlite3` would not open transactions by itself.
+- History and admission read along indexes: `list` walks an index already in its newest-first order for every
+  filter (owner, status, both, several owners merged), so a page costs its own rows whatever the history holds;
+  `unfinished` and `open_jobs` read a partial index of the jobs still owed work. tests/stores/test_sqlite.py
+  checks the plans. A log page's total comes from `log_counts`, kept in step by every append.
 - A busy timeout waits for another process's write lock instead of failing at once.
 - No `sqlite3` error escapes: `_mapped` turns each into a `StoreError` (HTTP 503 + Retry-After); a full disk
   ("database or disk is full", SQLITE_FULL) says "no space left on device".
@@ -23,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, LogStream, WebhookDelivery
@@ -45,6 +49,15 @@ BUSY_TIMEOUT_SECONDS = 10.0
 _WAL_PAGES = 128
 _ROW_OVERHEAD = 64  # bytes of a log row besides its text (ids, phase, timestamp, stream)
 
+_UNFINISHED = ("status NOT IN ('SUCCEEDED', 'FAILED') "
+               "OR json_extract(record, '$.cleanup_pending') OR json_extract(record, '$.cleanup_retry')")
+"""`JobRecord.outstanding` in SQL. The partial index `jobs_unfinished` holds exactly these rows, so admission
+and the tick read the jobs still owed work, not the whole history (the query must repeat this text verbatim
+for SQLite to use that index)."""
+MAX_MERGED_OWNERS = 100
+"""History of up to this many owners is one ordered merge of per-owner index ranges; more owners (a rare
+token) scan the newest-first index and filter."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -55,6 +68,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_submitted ON jobs (submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_owner_status ON jobs (owner, status, submitted_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_unfinished ON jobs (submitted_at, job_id) WHERE {UNFINISHED};
 CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
@@ -76,7 +93,33 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries (state, created_at, job_id, seq);
 CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries (job_id, seq);
 CREATE INDEX IF NOT EXISTS logs_job_seq ON logs (job_id, seq);
+""".replace("{UNFINISHED}", _UNFINISHED)
+
+
+_LOG_COUNTS = """
+CREATE TABLE log_counts (
+    job_id TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    lines INTEGER NOT NULL,
+    PRIMARY KEY (job_id, phase)
+) WITHOUT ROWID
 """
+"""Lines per job and phase, kept in step by `append_logs` (same transaction): a log page's total and where its
+phases start are read here, not counted over the job's every line on every page."""
+
+
+def _add_log_positions(db: sqlite3.Connection) -> None:
+    """`logs.n` (a line's position in its job's phase, from 0) with its index, and `log_counts`, filled from the
+    lines already stored when the database was made before they existed. A log page is then an index range
+    (`n >= offset`), not a walk over every line before it."""
+    if not db.execute("SELECT 1 FROM pragma_table_info('logs') WHERE name = 'n'").fetchone():
+        db.execute("ALTER TABLE logs ADD COLUMN n INTEGER")
+        db.execute("UPDATE logs SET n = ranked.n FROM (SELECT seq, ROW_NUMBER() OVER (PARTITION BY job_id, phase "
+                   "ORDER BY seq) - 1 AS n FROM logs) AS ranked WHERE logs.seq = ranked.seq")
+    db.execute("CREATE INDEX IF NOT EXISTS logs_position ON logs (job_id, phase, n)")
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'log_counts'").fetchone():
+        db.execute(_LOG_COUNTS)
+        db.execute("INSERT INTO log_counts SELECT job_id, phase, COUNT(*) FROM logs GROUP BY job_id, phase")
 
 
 @contextmanager
@@ -114,6 +157,7 @@ class SqliteStore:
             self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_PAGES * 4096}")
             self._db.executescript(_SCHEMA)
+            self._write(_add_log_positions)
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
         def mapped() -> T:
@@ -141,12 +185,13 @@ class SqliteStore:
         return result
 
     async def get(self, job_id: str) -> Versioned:
-        def read():
-            return self._db.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        row = await self._run("read", read)
-        if row is None:
+        def read() -> Versioned | None:
+            row = self._db.execute("SELECT record, version FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            return None if row is None else Versioned(load_record(row[0]), row[1])  # parsed off the event loop
+        found = await self._run("read", read)
+        if found is None:
             raise NotFound(f"job {job_id} not found")
-        return Versioned(load_record(row[0]), row[1])
+        return found
 
     async def put(self, record: JobRecord, expected_version: int) -> int:
         raw = dump_record(record)
@@ -170,32 +215,28 @@ class SqliteStore:
 
     async def list(self, limit: int, offset: int, owners: Collection[str] | None = None,
                    status: JobStatus | None = None) -> tuple[list[JobRecord], int]:
-        where, args = [], []
-        if owners is not None:
-            names = sorted(owners)
-            where.append(f"owner IN ({', '.join('?' * len(names))})" if names else "0")
-            args.extend(names)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        count_sql, count_args = history_count_query(owners, status)
+        page_sql, page_args = history_page_query(owners, status)
 
         def read() -> tuple[list[JobRecord], int]:
-            total = self._db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
-            rows = self._db.execute(
-                f"SELECT record FROM jobs {clause} ORDER BY submitted_at DESC, job_id DESC LIMIT ? OFFSET ?",
-                [*args, limit, offset]).fetchall()
-            return [load_record(r[0]) for r in rows], total  # parsed here too: off the event loop
+            total = self._db.execute(count_sql, count_args).fetchone()[0]
+            rows = self._db.execute(page_sql, [*page_args, limit, offset]).fetchall()
+            return [load_record(r[-1]) for r in rows], total  # parsed here too: off the event loop
         return await self._run("read", read)
 
     async def unfinished(self) -> list[JobRecord]:
         def read() -> list[JobRecord]:
             rows = self._db.execute(
-                "SELECT record FROM jobs WHERE status NOT IN ('SUCCEEDED', 'FAILED') "
-                "OR json_extract(record, '$.cleanup_pending') OR json_extract(record, '$.cleanup_retry') "
-                "ORDER BY submitted_at, job_id"
-            ).fetchall()
+                f"SELECT record FROM jobs WHERE {_UNFINISHED} ORDER BY submitted_at, job_id").fetchall()
             return [load_record(r[0]) for r in rows]
+        return await self._run("read", read)
+
+    async def open_jobs(self) -> list[tuple[str, JobStatus]]:
+        def read() -> list[tuple[str, JobStatus]]:  # the `_UNFINISHED` term selects the partial index
+            rows = self._db.execute(
+                f"SELECT job_id, status FROM jobs WHERE ({_UNFINISHED}) AND status NOT IN ('SUCCEEDED', 'FAILED') "
+                "ORDER BY submitted_at, job_id").fetchall()
+            return [(job_id, JobStatus(status)) for job_id, status in rows]
         return await self._run("read", read)
 
     async def append_logs(self, job_id: str, phase: str, lines: Sequence[LogLine]) -> None:
@@ -204,7 +245,13 @@ class SqliteStore:
         rows = [(job_id, phase, _ts(ln.ts), ln.stream.value, ln.line) for ln in lines]
 
         def insert(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, ?, ?)", rows)
+            found = db.execute("SELECT lines FROM log_counts WHERE job_id = ? AND phase = ?", (job_id, phase))
+            first = (found.fetchone() or (0,))[0]
+            db.executemany("INSERT INTO logs (job_id, phase, ts, stream, line, n) VALUES (?, ?, ?, ?, ?, ?)",
+                           [(*row, first + i) for i, row in enumerate(rows)])
+            db.execute("INSERT INTO log_counts (job_id, phase, lines) VALUES (?, ?, ?) "
+                       "ON CONFLICT (job_id, phase) DO UPDATE SET lines = lines + excluded.lines",
+                       (job_id, phase, len(rows)))
 
         def write() -> None:
             if self._reserve and any(ln.stream is not LogStream.SYSTEM for ln in lines):
@@ -233,30 +280,33 @@ class SqliteStore:
             return out
         return await self._run("log read", read)
 
-    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int) -> LogPage:
+    async def log_page(self, job_id: str, phase: str | None, offset: int, limit: int, max_chars: int,
+                       text_only: bool = False) -> LogPage:
+        columns = "line" if text_only else "line, ts, stream"
+
         def read() -> LogPage:
-            sql, args = "SELECT phase, COUNT(*) FROM logs WHERE job_id = ?", [job_id]
+            sql, args = "SELECT phase, lines FROM log_counts WHERE job_id = ?", [job_id]
             if phase is not None:
                 sql += " AND phase = ?"
                 args.append(phase)
-            counts = dict(self._db.execute(sql + " GROUP BY phase", args).fetchall())
-            lines: list[tuple[str, LogLine]] = []
+            counts = dict(self._db.execute(sql, args).fetchall())
+            lines: list[tuple[str, Any]] = []
             chars, skip = 0, offset
             for name in sorted(counts, key=phase_order):
                 if skip >= counts[name]:
                     skip -= counts[name]
                     continue
-                cur = self._db.execute("SELECT ts, stream, line FROM logs WHERE job_id = ? AND phase = ? "
-                                       "ORDER BY seq LIMIT ? OFFSET ?", (job_id, name, limit - len(lines), skip))
+                cur = self._db.execute(f"SELECT {columns} FROM logs WHERE job_id = ? AND phase = ? AND n >= ? "
+                                       "ORDER BY n LIMIT ?", (job_id, name, skip, limit - len(lines)))
                 skip = 0
-                for ts, stream, line in cur:
-                    if lines and chars + len(line) > max_chars:
-                        return LogPage(lines, sum(counts.values()))
-                    lines.append((name, _line(ts, stream, line)))
-                    chars += len(line)
+                for row in cur:
+                    if lines and chars + len(row[0]) > max_chars:
+                        return _page(lines, sum(counts.values()), text_only)
+                    lines.append((name, row[0] if text_only else _line(row[1], row[2], row[0])))
+                    chars += len(row[0])
                 if len(lines) >= limit:
                     break
-            return LogPage(lines, sum(counts.values()))
+            return _page(lines, sum(counts.values()), text_only)
         return await self._run("log read", read)
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
@@ -316,6 +366,47 @@ class SqliteStore:
     async def aclose(self) -> None:
         await self._run("close", self._db.close)
         self._executor.shutdown(wait=True)
+
+
+_NEWEST_FIRST = "ORDER BY submitted_at DESC, job_id DESC"
+
+
+def history_page_query(owners: Collection[str] | None, status: JobStatus | None) -> tuple[str, list[str]]:
+    """One history page (then `LIMIT ? OFFSET ?`), read along an index already in newest-first order: no scan
+    of other owners' or statuses' rows, no sort. Several owners: one `UNION ALL` branch per owner, which SQLite
+    merges in order (each branch walks `jobs_owner` or `jobs_owner_status`)."""
+    cond, args = ("status = ?", [status.value]) if status is not None else ("", [])
+    if owners is None or len(owners) > MAX_MERGED_OWNERS:
+        where, where_args = _history_where(owners, status)
+        return f"SELECT record FROM jobs {where} {_NEWEST_FIRST} LIMIT ? OFFSET ?", where_args
+    names = sorted(owners)
+    if not names:
+        return "SELECT record FROM jobs WHERE 0 LIMIT ? OFFSET ?", []
+    branch = "SELECT submitted_at, job_id, record FROM jobs WHERE owner = ?" + (f" AND {cond}" if cond else "")
+    sql = " UNION ALL ".join([branch] * len(names))
+    return f"{sql} {_NEWEST_FIRST} LIMIT ? OFFSET ?", [a for name in names for a in (name, *args)]
+
+
+def history_count_query(owners: Collection[str] | None, status: JobStatus | None) -> tuple[str, list[str]]:
+    """The history's total: counted on the same indexes (covering, so no record is read)."""
+    where, args = _history_where(owners, status)
+    return f"SELECT COUNT(*) FROM jobs {where}", args
+
+
+def _history_where(owners: Collection[str] | None, status: JobStatus | None) -> tuple[str, list[str]]:
+    where, args = [], []
+    if owners is not None:
+        names = sorted(owners)
+        where.append(f"owner IN ({', '.join('?' * len(names))})" if names else "0")
+        args.extend(names)
+    if status is not None:
+        where.append("status = ?")
+        args.append(status.value)
+    return (f"WHERE {' AND '.join(where)}" if where else ""), args
+
+
+def _page(lines: list[tuple[str, Any]], total: int, text_only: bool) -> LogPage:
+    return LogPage([], total, lines) if text_only else LogPage(lines, total)
 
 
 def _line(ts: str, stream: str, line: str) -> LogLine:

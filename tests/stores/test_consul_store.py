@@ -6,7 +6,7 @@ The shared behaviour is in test_contract.py; here the fake agent is inspected di
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -50,12 +50,14 @@ async def test_key_layout(fake, store):
     await store.append_logs("job-1", "build", [line("b")])
     await store.append_logs("job-1", "test", [line("c")])
     assert sorted(fake.table.entries) == [
+        "jobforge/history/team/20260101000000000000_job-1", "jobforge/history/team/20260101000000000000_v1_2E2",
         "jobforge/jobs/job-1", "jobforge/jobs/v1_2E2",
         "jobforge/logs/job-1/build/000000000000", "jobforge/logs/job-1/build/000000000001",
         "jobforge/logs/job-1/test/000000000000",
     ]
     stored = json.loads(fake.table.entries["jobforge/logs/job-1/build/000000000001"].value)
     assert stored == [{"ts": "2026-01-01T00:00:00+00:00", "stream": "stdout", "line": "b"}]
+    assert fake.table.entries["jobforge/history/team/20260101000000000000_job-1"].value == b"PENDING outstanding"
 
 
 async def test_the_version_is_the_modify_index(fake, store):
@@ -75,7 +77,13 @@ async def test_requests_match_the_reference(fake, store):
     assert [(s.method, s.path, s.query) for s in fake.seen] == [
         ("PUT", "/v1/txn", ""),
         ("GET", "/v1/kv/jobforge/jobs/job-1", ""),
-        ("GET", "/v1/kv/jobforge/jobs/", "recurse"),
+        ("GET", "/v1/kv/jobforge/meta/history-index", ""),  # once per store: is the history index complete?
+        ("GET", "/v1/kv/jobforge/jobs/", "recurse"),  # no: give the records their entries (cas 0, 64 a txn)
+        ("PUT", "/v1/txn", ""),
+        ("PUT", "/v1/kv/jobforge/history/team/20260101000000000000_job-1", "cas=0"),  # it exists: one by one
+        ("PUT", "/v1/kv/jobforge/meta/history-index", ""),
+        ("GET", "/v1/kv/jobforge/history/", "recurse"),
+        ("PUT", "/v1/txn", ""),
         ("GET", "/v1/kv/jobforge/logs/job-1/build/", "keys"),
         ("PUT", "/v1/kv/jobforge/logs/job-1/build/000000000000", "cas=0"),
         ("GET", "/v1/kv/jobforge/logs/job-1/", "recurse"),
@@ -214,7 +222,7 @@ async def test_prefixes_keep_deployments_apart(fake):
         await green.put(job("job-2"), 0)
         assert [r.job_id for r in (await blue.list(10, 0))[0]] == ["job-1"]
         assert [r.job_id for r in (await green.list(10, 0))[0]] == ["job-2"]
-        assert sorted(fake.table.entries) == ["blue/jobs/job-1", "jobs/job-2"]
+        assert sorted(k for k in fake.table.entries if "/jobs/" in f"/{k}") == ["blue/jobs/job-1", "jobs/job-2"]
     finally:
         await blue.aclose()
         await green.aclose()
@@ -227,3 +235,87 @@ async def test_folder_keys_made_in_the_consul_ui_are_ignored(fake, store):
     fake.table.set("jobforge/logs/job-1/", b"", 0, 91)
     assert [r.job_id for r in (await store.list(10, 0))[0]] == ["job-1"]
     assert await store.get_logs("job-1") == {"build": [line("a")]}
+
+
+# ---------------------------------------------------------------- the history index
+
+async def _seed(store, count: int, owners=("ann", "bob")) -> None:
+    for i in range(count):
+        record = new_job(f"job-{i:03d}", JobConfig.model_validate({**CONFIG, "owner": owners[i % len(owners)]}),
+                         T0 + timedelta(seconds=i))
+        status = JobStatus.SUCCEEDED if i % 10 else JobStatus.BUILDING
+        await store.put(record.model_copy(update={"status": status}), 0)
+
+
+async def test_a_history_page_reads_only_its_own_records(fake, store):
+    await _seed(store, 200)
+    await store.list(1, 0)  # the one-time index check
+    fake.seen.clear()
+    records, total = await store.list(5, 10, owners={"bob"})
+    assert ([r.job_id for r in records], total) == (["job-179", "job-177", "job-175", "job-173", "job-171"], 100)
+    # one listing of bob's index entries, one txn of 5 `get`s: no other record is read or parsed
+    assert [(s.method, s.path, s.query) for s in fake.seen] == [
+        ("GET", "/v1/kv/jobforge/history/bob/", "recurse"), ("PUT", "/v1/txn", "")]
+
+
+async def test_a_page_larger_than_a_txn_is_read_in_several(fake, store):
+    await _seed(store, 150)
+    await store.list(1, 0)
+    fake.seen.clear()
+    records, total = await store.list(150, 0)
+    assert total == 150 and [r.job_id for r in records] == [f"job-{i:03d}" for i in reversed(range(150))]
+    assert [s.path for s in fake.seen].count("/v1/txn") == 3  # 64 + 64 + 22 ops: Consul's limit per txn
+
+
+async def test_unfinished_reads_only_the_outstanding_records(fake, store):
+    await _seed(store, 100)
+    done, version = await store.get("job-001")
+    await store.put(done.model_copy(update={"cleanup_retry": True}), version)  # finished, still owes a cleanup
+    await store.list(1, 0)
+    fake.seen.clear()
+    assert [r.job_id for r in await store.unfinished()] == [
+        "job-000", "job-001", "job-010", "job-020", "job-030", "job-040", "job-050", "job-060", "job-070",
+        "job-080", "job-090"]
+    assert [(s.method, s.path) for s in fake.seen] == [("GET", "/v1/kv/jobforge/history/"), ("PUT", "/v1/txn")]
+    fake.seen.clear()
+    assert [job_id for job_id, _ in await store.open_jobs()] == [f"job-{i:03d}" for i in range(0, 100, 10)]
+    assert [(s.method, s.path) for s in fake.seen] == [("GET", "/v1/kv/jobforge/history/")]  # no record read
+
+
+async def test_records_written_before_the_index_get_their_entries_once(fake, store):
+    """Records of an older version (no index entry) are indexed by the first history read; an entry a newer
+    write made meanwhile is kept, not overwritten by the older record's status."""
+    old = job("old-1").model_copy(update={"status": JobStatus.FAILED})
+    fake.table.set("jobforge/jobs/old-1", old.model_dump_json().encode(), 0, 1)
+    fake.table.set("jobforge/history/team/20260101000000000000_old-1", b"SUCCEEDED", 0, 2)  # a newer put's
+    older = new_job("old-2", JobConfig.model_validate(CONFIG), T0 - timedelta(days=1))
+    fake.table.set("jobforge/jobs/old-2", older.model_dump_json().encode(), 0, 3)
+    records, total = await store.list(10, 0)
+    assert ([r.job_id for r in records], total) == (["old-1", "old-2"], 2)
+    assert fake.table.entries["jobforge/history/team/20260101000000000000_old-1"].value == b"SUCCEEDED"
+    assert fake.table.entries["jobforge/history/team/20251231000000000000_old-2"].value == b"PENDING outstanding"
+    assert "jobforge/meta/history-index" in fake.table.entries
+    again = ConsulStore(fake.addr)  # another replica: sees the marker, indexes nothing
+    try:
+        fake.seen.clear()
+        assert (await again.list(10, 0))[1] == 2
+        assert not [s for s in fake.seen if s.path.startswith("/v1/kv/") and s.method == "PUT"]
+    finally:
+        await again.aclose()
+
+
+async def test_a_malformed_history_entry_is_a_store_error(fake, store):
+    await store.put(job(), 0)
+    fake.table.set("jobforge/history/team/not-a-time", b"PENDING", 0, 99)
+    with pytest.raises(StoreError, match="unexpected data"):
+        await store.list(10, 0)
+
+
+async def test_many_older_records_are_indexed_64_to_a_txn(fake, store):
+    for i in range(150):
+        record = new_job(f"old-{i:03d}", JobConfig.model_validate(CONFIG), T0 + timedelta(seconds=i))
+        fake.table.set(f"jobforge/jobs/old-{i:03d}", record.model_dump_json().encode(), 0, i + 1)
+    records, total = await store.list(2, 0)
+    assert ([r.job_id for r in records], total) == (["old-149", "old-148"], 150)
+    writes = [s for s in fake.seen if s.method == "PUT"]
+    assert [s.path for s in writes] == ["/v1/txn"] * 3 + ["/v1/kv/jobforge/meta/history-index", "/v1/txn"]

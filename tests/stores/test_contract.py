@@ -145,6 +145,8 @@ async def test_list_filters_by_owner_and_status(history):
     assert ids(await history.list(10, 0, owners={"carol"})) == ([], 0)
     assert ids(await history.list(10, 0, owners={"bob", "carol"})) == (["j4", "j2"], 2)
     assert ids(await history.list(10, 0, owners=set())) == ([], 0)
+    assert ids(await history.list(1, 1, owners={"ann", "bob"})) == (["j4"], 5)  # owners merged in order
+    assert ids(await history.list(10, 1, owners={"ann", "bob"}, status=JobStatus.SUCCEEDED)) == (["j1"], 2)
 
 
 async def test_list_breaks_ties_by_job_id_descending(store):
@@ -174,9 +176,18 @@ async def test_unfinished_includes_finished_jobs_that_still_owe_a_cleanup(store)
     assert [r.job_id for r in await store.unfinished()] == ["c1", "c2"]
 
 
+async def test_open_jobs_are_the_unfinished_ones_oldest_first(history):
+    record, version = await history.get("j5")
+    await history.put(record.model_copy(update={"cleanup_retry": True}), version)  # owes a cleanup, yet finished
+    record, version = await history.get("j3")
+    await history.put(record.model_copy(update={"status": JobStatus.TESTING}), version)
+    assert await history.open_jobs() == [("j3", JobStatus.TESTING), ("j4", JobStatus.PENDING)]
+
+
 async def test_empty_store(store):
     assert await store.list(10, 0) == ([], 0)
     assert await store.unfinished() == []
+    assert await store.open_jobs() == []
 
 
 # ---------------------------------------------------------------- logs
@@ -261,7 +272,14 @@ async def test_log_pages_read_phases_in_order_with_a_total(logged):
 async def test_a_log_page_of_one_phase(logged):
     page = await logged.log_page("job-1", "test", 1, 10, 10_000)
     assert (texts(page), page.total) == ([("test", "t1")], 2)
-    assert await logged.log_page("job-3", None, 0, 10, 10_000) == ([], 0)
+    assert tuple(await logged.log_page("job-3", None, 0, 10, 10_000)) == ([], 0, None)
+
+
+async def test_a_text_only_log_page_holds_the_same_lines(logged):
+    for offset, limit, max_chars in ((0, 100, 10_000), (3, 4, 10_000), (1, 10, 2)):
+        full = await logged.log_page("job-1", None, offset, limit, max_chars)
+        text = await logged.log_page("job-1", None, offset, limit, max_chars, text_only=True)
+        assert (text.lines, text.texts, text.total) == ([], texts(full), full.total)
 
 
 async def test_a_log_page_ends_at_its_size_but_always_holds_a_line(store):

@@ -11,7 +11,7 @@ import pytest
 
 from jobforge.errors import StoreError
 from jobforge.models import JobStatus
-from jobforge.stores.sqlite import SqliteStore
+from jobforge.stores.sqlite import MAX_MERGED_OWNERS, SqliteStore
 from tests.stores.test_contract import job, lines
 
 
@@ -84,3 +84,106 @@ async def test_store_calls_do_not_block_the_event_loop(store):
         await store.get_logs("job-1")
     task.cancel()
     assert ticks > 3
+
+
+# ---------------------------------------------------------------- query plans of history and admission
+
+async def _plans(store: SqliteStore, call) -> list[tuple[str, list[str]]]:
+    """Each statement `call` ran on the store's connection (values bound) with SQLite's plan for it."""
+    ran: list[str] = []
+    store._db.set_trace_callback(ran.append)
+    try:
+        await call()
+    finally:
+        store._db.set_trace_callback(None)
+    db = store._db
+    return [(sql, [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]) for sql in ran]
+
+
+@pytest.fixture
+async def big_history(store):
+    """Enough rows (three owners, mixed statuses) that the planner has a choice to make."""
+    statuses = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.BUILDING, JobStatus.PENDING]
+    for i in range(300):
+        await store.put(job(f"j{i:03d}", i, owner=f"owner-{i % 3}", status=statuses[i % 4]), 0)
+    return store
+
+
+@pytest.mark.parametrize("owners, status", [
+    (None, None), ({"owner-1"}, None), (None, JobStatus.FAILED), ({"owner-1"}, JobStatus.FAILED),
+    ({"owner-0", "owner-2"}, None), ({"owner-0", "owner-2"}, JobStatus.PENDING)])
+async def test_history_pages_walk_an_index_in_order(big_history, owners, status):
+    plans = await _plans(big_history, lambda: big_history.list(10, 20, owners, status))
+    (count_sql, count_plan), (page_sql, page_plan) = plans
+    assert count_sql.startswith("SELECT COUNT(*)") and page_sql.startswith("SELECT")
+    for sql, plan in plans:
+        assert not any("TEMP B-TREE" in step for step in plan), (sql, plan)  # no sort of the matching rows
+        assert all(" USING " in step for step in plan if step.startswith(("SCAN jobs", "SEARCH jobs"))), plan
+    if owners is not None or status is not None:  # filtered: only the matching index range is visited
+        reads = [step for step in page_plan + count_plan if step.startswith(("SCAN", "SEARCH"))]
+        assert reads and all(step.startswith("SEARCH jobs USING") for step in reads), (page_plan, count_plan)
+    else:
+        assert page_plan == ["SCAN jobs USING INDEX jobs_submitted"]  # newest first, stops after the page
+
+
+async def test_unfinished_and_open_jobs_read_only_the_partial_index(big_history):
+    for read in (big_history.unfinished, big_history.open_jobs):
+        [(sql, plan)] = await _plans(big_history, read)
+        assert plan == ["SCAN jobs USING INDEX jobs_unfinished"], (sql, plan)
+        assert len(await read()) == 150  # BUILDING and PENDING ones
+
+
+async def test_an_existing_database_gains_the_history_indexes(tmp_path):
+    """A file made before the indexes existed gets them when the store opens it (CREATE INDEX IF NOT EXISTS)."""
+    old = sqlite3.connect(tmp_path / "jobs.db")
+    old.executescript("CREATE TABLE jobs (job_id TEXT PRIMARY KEY, version INTEGER NOT NULL, submitted_at TEXT "
+                      "NOT NULL, owner TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL);")
+    old.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    try:
+        names = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"jobs_owner", "jobs_status", "jobs_owner_status", "jobs_unfinished"} <= names
+    finally:
+        await store.aclose()
+
+
+# ---------------------------------------------------------------- log pages
+
+async def test_a_log_page_is_an_index_range_whatever_its_offset(store):
+    await store.append_logs("job-1", "build", lines(*(f"b{i}" for i in range(50))))
+    await store.append_logs("job-2", "build", lines("other"))
+    await store.append_logs("job-1", "test", lines(*(f"t{i}" for i in range(50))))
+    plans = await _plans(store, lambda: store.log_page("job-1", None, 70, 5, 10_000))
+    assert [sql.split(" FROM ")[1].split()[0] for sql, _ in plans] == ["log_counts", "logs"]  # no COUNT(*)
+    for sql, plan in plans:
+        assert not any("TEMP B-TREE" in step or step.startswith("SCAN") for step in plan), (sql, plan)
+    assert "USING INDEX logs_position (job_id=? AND phase=? AND n>?)" in plans[1][1][0]
+    page = await store.log_page("job-1", None, 70, 5, 10_000)
+    assert ([line.line for _, line in page.lines], page.total) == (["t20", "t21", "t22", "t23", "t24"], 100)
+
+
+async def test_logs_stored_before_line_positions_existed_are_numbered_on_open(tmp_path):
+    """A database from before `logs.n` and `log_counts`: opening it numbers the stored lines per job and phase,
+    and later appends carry on from there."""
+    old = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    old.executescript("CREATE TABLE logs (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, "
+                      "phase TEXT NOT NULL, ts TEXT NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL);")
+    for job_id, phase, text in [("a", "build", "a-b0"), ("b", "build", "b-b0"), ("a", "build", "a-b1"),
+                                ("a", "test", "a-t0"), ("a", "build", "a-b2")]:
+        old.execute("INSERT INTO logs (job_id, phase, ts, stream, line) VALUES (?, ?, ?, 'stdout', ?)",
+                    (job_id, phase, "2026-01-01T00:00:00.000000+00:00", text))
+    old.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    try:
+        await store.append_logs("a", "build", lines("a-b3"))
+        page = await store.log_page("a", None, 2, 10, 10_000, text_only=True)
+        assert (page.texts, page.total) == ([("build", "a-b2"), ("build", "a-b3"), ("test", "a-t0")], 5)
+        assert (await store.log_page("b", "build", 0, 10, 10_000, text_only=True)).texts == [("build", "b-b0")]
+    finally:
+        await store.aclose()
+
+
+async def test_history_of_more_owners_than_are_merged_scans_in_order(big_history):
+    owners = {"owner-1", "owner-2", *(f"nobody-{i}" for i in range(MAX_MERGED_OWNERS))}
+    records, total = await big_history.list(3, 1, owners, JobStatus.PENDING)
+    assert ([r.job_id for r in records], total) == (["j295", "j287", "j283"], 50)  # after j299
