@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from jobforge.devinfra import Registry
+from tests.conftest import BuildahStorage
 from tests.support.githttp import GitHttpServer
 from tests.support.gitrepo import GitRepo
 
@@ -520,6 +521,40 @@ def test_clear_cache_really_disables_the_cache(make_job, tmp_path, base_image):
     assert "Using cache" in warm.stdout
     cleared = ok(make_job(url, clear_cache=True).run("build"))
     assert "Using cache" not in cleared.stdout
+
+
+def test_the_cache_repository_receives_layers_and_a_cold_node_builds_from_it(make_job, tmp_path, registry,
+                                                                              base_image):
+    repo = GitRepo.create(tmp_path / "remote-cache", {"Dockerfile": (
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} > /stamp\nRUN echo two > /two\n")})
+    name = f"cache/app-{uuid.uuid4().hex[:8]}"
+    url, cache = f"file://{repo.path}", f"{registry.host}/{name}"
+    first = ok(make_job(url, cache_repo=cache).run("build"))
+    assert "Using cache" not in first.stdout
+    assert '::jobforge-cache {"hits": 0, "misses": 2}' in first.stderr
+    assert len(registry.tags(name)) == 3  # one cache image per step (two RUN, the job's label), in the temp registry
+
+    # A node whose local store is empty: only the base image, pulled as the build does.
+    cold_storage = BuildahStorage(root=tmp_path / "cold" / "root", runroot=tmp_path / "cold" / "runroot")
+    cold = make_job(url, cache_repo=cache)
+    cold.storage = cold_storage
+    rebuilt = ok(cold.run("build"))
+    assert rebuilt.stdout.count(f"Cache pulled from remote {cache}:") == 2
+    assert '::jobforge-cache {"hits": 2, "misses": 0}' in rebuilt.stderr
+    opted_out = make_job(url, cache_repo=cache, clear_cache=True)
+    opted_out.storage = cold_storage
+    assert "--cache-from" not in ok(opted_out.run("build")).stdout
+
+
+def test_the_cache_repository_gets_the_temp_registrys_credentials_only(make_job, hello_repo, registry,
+                                                                         auth_registry):
+    user, password = auth_registry.auth
+    name = f"cache/hello-{uuid.uuid4().hex[:8]}"
+    job = make_job(f"file://{hello_repo.path}", temp_image=f"{auth_registry.host}/temp-hello:{uuid.uuid4().hex}",
+                   cache_repo=f"{auth_registry.host}/{name}", insecure_registries=[registry.host])
+    outcome = ok(job.run("build", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=password))
+    assert auth_registry.tags(name)  # pushed with the temp registry's credentials
+    assert password not in outcome.output
 
 
 def test_image_without_a_shell_still_runs_its_entry_point(make_job, tmp_path, registry, base_image):
