@@ -179,6 +179,31 @@ def test_build_test_publish_cleanup_with_three_tags(make_job, hello_repo, regist
     assert "already gone" in again.stdout
 
 
+def test_the_test_phase_uses_the_local_image_it_verified_instead_of_pulling(built, registry, tmp_path):
+    built.payload["test"]["commands"] = ["cat /app/greeting.txt || true"]
+    outcome = ok(built.run("test"))
+    commands = [line for line in outcome.stdout.splitlines() if line.startswith("+ ")]
+    froms = [line for line in commands if " from " in line]
+    assert len(froms) == 1 and "--pull=never" in froms[0] and "--pull-always" not in froms[0]
+    assert not any(" pull " in line for line in commands)
+    assert f"the same image as {built.temp_image}" in outcome.stdout
+
+    # Another node (empty storage): the image is pulled.
+    built.storage = BuildahStorage(root=tmp_path / "other" / "root", runroot=tmp_path / "other" / "runroot")
+    elsewhere = ok(built.run("test"))
+    assert f"pulling {built.temp_image}" in elsewhere.stdout
+    assert any("--pull-always" in line for line in elsewhere.stdout.splitlines() if line.startswith("+ "))
+
+
+def test_a_local_image_that_is_not_the_pushed_one_is_not_used(built, registry, base_image):
+    # The temp tag now names another image in the registry than the one stored locally under that name.
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    f"docker://{base_image}", f"docker://{built.temp_image}"], check=True, capture_output=True)
+    outcome = ok(built.run("test"))
+    assert f"pulling {built.temp_image}" in outcome.stdout
+    assert "--pull=never" not in outcome.stdout
+
+
 # --- failures -------------------------------------------------------------------------------------------
 
 
