@@ -141,9 +141,10 @@ class Settings(BaseSettings):
                               description="registry for intermediate (temp) images")
     registry_temp_prefix: str = Field("temp", pattern=r"^[a-z0-9]+([._-][a-z0-9]+)*$",
                                       validation_alias="REGISTRY_TEMP_PREFIX")
-    registry_cache_prefix: str = Field("cache", pattern=r"^[a-z0-9]+([._-][a-z0-9]+)*$",
+    registry_cache_prefix: str = Field("cache", pattern=r"^([a-z0-9]+([._-][a-z0-9]+)*)?$",
                                        validation_alias="REGISTRY_CACHE_PREFIX",
-                                       description="builds share layers through <REGISTRY_URL>/<prefix>/<image_name>")
+                                       description="builds share layers through <REGISTRY_URL>/<prefix>/<image_name>; "
+                                                   "empty: no registry layer cache")
     cache_ttl: Duration = Field(7 * 24 * 3600, ge=0, validation_alias="JOBFORGE_CACHE_TTL",
                                 description="cached layers older than this are not used and unnamed ones are "
                                             "pruned from the local store; 0: no limit")

@@ -22,7 +22,7 @@ class RegistryTarget(BaseModel):
     temp_prefix: str = "temp"
     tls_verify: bool = True
     insecure_registries: tuple[str, ...] = ()  # host[:port] without TLS verification besides registry_url
-    cache_prefix: str = "cache"  # the layer cache repository: <registry_url>/<cache_prefix>/<image_name>
+    cache_prefix: str = "cache"  # the layer cache repository: <registry_url>/<cache_prefix>/<image_name>; "": none
     cache_ttl: float | None = 7 * 24 * 3600  # seconds; None: cached layers never expire
     cache_max_bytes: int | None = 20 * 10**9  # the local layer store's cap; None: no cap
 
@@ -31,7 +31,10 @@ def temp_image(record: JobRecord, target: RegistryTarget) -> str:
     return f"{target.registry_url}/{target.temp_prefix}-{record.config.image_name}:{record.job_id}"
 
 
-def cache_repo(record: JobRecord, target: RegistryTarget) -> str:
+def cache_repo(record: JobRecord, target: RegistryTarget) -> str | None:
+    """The job's layer cache repository; None when the service has no registry cache (empty prefix)."""
+    if not target.cache_prefix:
+        return None
     return f"{target.registry_url}/{target.cache_prefix}/{record.config.image_name}"
 
 
