@@ -56,16 +56,18 @@ def image(cache, image_id, size, created, *names):
 def test_pruning_removes_least_recently_used_until_under_the_cap(cache):
     images = [image(cache, "a", 40, 100), image(cache, "b", 40, 200), image(cache, "c", 40, 300, "reg/app:1")]
     uses = {"a": 1000, "b": 500}  # a was used last; c was never used since it was created
-    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=80) == ["c"]
-    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=40) == ["c", "b"]
-    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=200) == []
+    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=80, recent=0) == ["c"]
+    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=40, recent=0) == ["c", "b"]
+    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=200, recent=0) == []
+    assert cache.prune_plan(images, uses, now=2000, ttl=None, max_bytes=40, recent=1600) == ["c"]  # b: in use
 
 
 def test_pruning_removes_unnamed_layers_unused_for_the_ttl_and_keeps_the_base_images(cache):
     images = [image(cache, "old", 1, 100), image(cache, "recent", 1, 1900), image(cache, "base", 1, 50, "busybox")]
-    assert cache.prune_plan(images, {}, now=2000, ttl=1000, max_bytes=None) == ["old"]
-    assert cache.prune_plan(images, {"old": 1500}, now=2000, ttl=1000, max_bytes=None) == []
-    assert cache.prune_plan(images, {}, now=2000, ttl=None, max_bytes=1, keep=["busybox"]) == ["old", "recent"]
+    assert cache.prune_plan(images, {}, now=2000, ttl=1000, max_bytes=None, recent=0) == ["old"]
+    assert cache.prune_plan(images, {"old": 1500}, now=2000, ttl=1000, max_bytes=None, recent=0) == []
+    assert cache.prune_plan(images, {}, now=2000, ttl=None, max_bytes=1, keep=["busybox"], recent=0) == ["old",
+                                                                                                        "recent"]
 
 
 def test_uses_are_recorded_by_full_or_short_id_and_forgotten_when_gone(cache, tmp_path):

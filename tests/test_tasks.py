@@ -571,6 +571,30 @@ def test_the_cache_repository_receives_layers_and_a_cold_node_builds_from_it(mak
     assert "--cache-from" not in ok(opted_out.run("build")).stdout
 
 
+def test_the_local_store_is_pruned_least_recently_used_first_down_to_its_cap(make_job, tmp_path):
+    storage = BuildahStorage(root=tmp_path / "own" / "root", runroot=tmp_path / "own" / "runroot")
+    repos = [GitRepo.create(tmp_path / f"prune-{n}", {"Dockerfile": (
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} > /stamp\n")}) for n in range(2)]
+    jobs = [make_job(f"file://{repo.path}") for repo in repos]
+    for job in jobs:
+        job.storage = storage
+    ok(jobs[0].run("build"))
+    images = lambda: json.loads(subprocess.run(  # noqa: E731
+        ["buildah", "--storage-driver", "vfs", "--root", str(storage.root), "--runroot", str(storage.runroot),
+         "images", "--all", "--json", "--no-trunc"], capture_output=True, text=True, check=True).stdout or "[]")
+    first = {i["id"].removeprefix("sha256:"): i["names"] or [] for i in images()}
+    # Make every stored image look unused for two hours (beyond the window that protects concurrent builds).
+    (storage.root / "jobforge-cache-uses.json").write_text(json.dumps({i: 0 for i in first}))
+    jobs[1].payload.update(cache_max_bytes=1, cache_ttl=None)
+    pruned = ok(jobs[1].run("build"))
+    assert "least recently used image(s) from the layer cache" in pruned.stdout
+    base = next(i for i, names in first.items() if jobs[0].payload["build_args"]["BASE_IMAGE"] in names)
+    built = next(i for i, names in first.items() if jobs[0].temp_image in names)
+    left = {i["id"].removeprefix("sha256:") for i in images()}
+    assert built not in left
+    assert left & set(first) == {base}  # of the old images, only this build's own base image stays
+
+
 def test_the_cache_repository_gets_the_temp_registrys_credentials_only(make_job, hello_repo, registry,
                                                                          auth_registry):
     user, password = auth_registry.auth

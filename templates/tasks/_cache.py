@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Mapping
 CACHE_PREFIX = "::jobforge-cache "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_cache_line
 USES_FILE = "jobforge-cache-uses.json"  # in the storage root: image id -> last time a build used it
 MAX_USES = 10_000
+RECENT_SECONDS = 3600  # never pruned: another build on the same store may be about to use it
 MAX_RELAY_CONNECTIONS = 64
 _CLONE_NEWNET = 0x40000000
 _STEP = re.compile(r"^STEP \d+/\d+: (\S+)(.*)")
@@ -99,12 +100,15 @@ def parse_images(text: str) -> list[StoredImage]:
 
 
 def prune_plan(images: Iterable[StoredImage], uses: Mapping[str, float], now: float, ttl: float | None,
-               max_bytes: int | None, keep: Iterable[str] = ()) -> list[str]:
+               max_bytes: int | None, keep: Iterable[str] = (), recent: float = RECENT_SECONDS) -> list[str]:
     """The ids to remove, in order: unnamed images (cached layers) not used within `ttl`, then the least recently
     used images until the store's size is at most `max_bytes`. An image's last use is its recorded use or, if
-    none, its creation; images named in `keep` (this build's base images) are never chosen."""
+    none, its creation; images named in `keep` (this build's base images) and images used within `recent`
+    seconds (what concurrent builds on the same store are using) are never chosen."""
     keep = set(keep)
-    candidates = sorted((i for i in images if not keep.intersection(i.names)),
+    images = list(images)
+    candidates = sorted((i for i in images if not keep.intersection(i.names)
+                         and now - uses.get(i.id, i.created) >= recent),
                         key=lambda i: (uses.get(i.id, i.created), i.id))
     total = sum(i.size for i in images)
     plan = []

@@ -364,6 +364,7 @@ def build(ctx: Context) -> None:
         else:
             prune_store(ctx, keep=bases)
         pull_base_images(ctx, bases, authfile)
+        stamp_uses(ctx, [], bases)  # so that a concurrent build's pruning leaves them alone
         cache, netns_hook = cache_route(ctx)
         step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
         hits = _cache.HitCounter()
