@@ -81,3 +81,13 @@ def test_uses_are_recorded_by_full_or_short_id_and_forgotten_when_gone(cache, tm
                                             ("127.0.0.2", True), ("10.1.2.3", False), ("registry.example", False)])
 def test_only_loopback_registries_are_relayed(cache, host, loopback):
     assert cache.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("ref, stored", [("alpine", "docker.io/library/alpine:latest"),
+                                         ("alpine:3.19", "docker.io/library/alpine:3.19"),
+                                         ("org/app", "docker.io/org/app:latest"),
+                                         ("127.0.0.1:5000/busybox", "127.0.0.1:5000/busybox:latest"),
+                                         ("registry.example/x:1", "registry.example/x:1")])
+def test_a_dockerfile_reference_finds_its_stored_image(cache, ref, stored):
+    images = [image(cache, "want", 1, 1, stored), image(cache, "other", 1, 1, "docker.io/library/other:latest")]
+    assert cache.named(images, [ref]) == ["want"]

@@ -99,16 +99,33 @@ def parse_images(text: str) -> list[StoredImage]:
     return images
 
 
+def names_of(ref: str) -> set[str]:
+    """The names a Dockerfile's image reference can be stored under (`alpine` is
+    `docker.io/library/alpine:latest`)."""
+    name, _, digest = ref.partition("@")
+    tagged = name if digest or name.rfind(":") > name.rfind("/") else f"{name}:latest"
+    names = {ref, tagged}
+    first = tagged.split("/", 1)[0]
+    if "/" not in tagged or not ("." in first or ":" in first or first == "localhost"):
+        names.add(f"docker.io/{tagged if '/' in tagged else 'library/' + tagged}")
+    return names
+
+
+def named(images: Iterable[StoredImage], refs: Iterable[str]) -> list[str]:
+    """Ids of the images stored under any name of `refs`."""
+    wanted = set().union(*(names_of(r) for r in refs)) if refs else set()
+    return [i.id for i in images if wanted.intersection(i.names)]
+
+
 def prune_plan(images: Iterable[StoredImage], uses: Mapping[str, float], now: float, ttl: float | None,
                max_bytes: int | None, keep: Iterable[str] = (), recent: float = RECENT_SECONDS) -> list[str]:
     """The ids to remove, in order: unnamed images (cached layers) not used within `ttl`, then the least recently
     used images until the store's size is at most `max_bytes`. An image's last use is its recorded use or, if
     none, its creation; images named in `keep` (this build's base images) and images used within `recent`
     seconds (what concurrent builds on the same store are using) are never chosen."""
-    keep = set(keep)
     images = list(images)
-    candidates = sorted((i for i in images if not keep.intersection(i.names)
-                         and now - uses.get(i.id, i.created) >= recent),
+    kept = set(named(images, list(keep)))
+    candidates = sorted((i for i in images if i.id not in kept and now - uses.get(i.id, i.created) >= recent),
                         key=lambda i: (uses.get(i.id, i.created), i.id))
     total = sum(i.size for i in images)
     plan = []

@@ -339,8 +339,7 @@ def prune_store(ctx: Context, keep: list[str]) -> None:
 
 def stamp_uses(ctx: Context, used: list[str], names: list[str]) -> None:
     images = stored_images(ctx)
-    named = [i.id for i in images if set(i.names) & set(names)]
-    _cache.record_uses(ctx.root, [*used, *named], images, _cache.now())
+    _cache.record_uses(ctx.root, [*used, *_cache.named(images, names)], images, _cache.now())
 
 
 def build(ctx: Context) -> None:
