@@ -91,3 +91,10 @@ def test_only_loopback_registries_are_relayed(cache, host, loopback):
 def test_a_dockerfile_reference_finds_its_stored_image(cache, ref, stored):
     images = [image(cache, "want", 1, 1, stored), image(cache, "other", 1, 1, "docker.io/library/other:latest")]
     assert cache.named(images, [ref]) == ["want"]
+
+
+def test_a_relay_that_cannot_be_set_up_says_why_instead_of_failing(cache, tmp_path):
+    hook = cache.Relay("127.0.0.1:5000")
+    with hook(str(tmp_path / "no-such-netns")):
+        pass
+    assert hook.failed == "No such file or directory"

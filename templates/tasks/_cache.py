@@ -258,6 +258,29 @@ def _serve(listener: socket.socket, target: tuple[str, int], slots: threading.Bo
         threading.Thread(target=both, daemon=True).start()
 
 
+class Relay:
+    """The sandbox's `inside` hook for a registry on this machine's loopback; `failed` says why it could not be set
+    up (then the build goes without the registry cache)."""
+
+    def __init__(self, host_port: str) -> None:
+        self.host_port = host_port
+        self.failed: str | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, netns: str) -> Iterator[None]:
+        try:
+            listening = relay(netns, self.host_port)
+            listening.__enter__()
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            listening.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
 def relay(netns: str, host_port: str) -> Iterator[None]:
     """Inside the build's network namespace, 127.0.0.1:<port> of the registry `host_port` (on this machine's

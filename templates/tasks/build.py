@@ -308,7 +308,7 @@ def cache_route(ctx: Context):
         return cache, None
     host = registry_host(cache)
     if _cache.is_loopback(_cache.split_host_port(host)[0]):
-        return cache, lambda netns: _cache.relay(netns, host)
+        return cache, _cache.Relay(host)
     if ctx.build_network == NETWORK_NONE:
         step("no registry layer cache: builds have no network (JOBFORGE_BUILD_NETWORK=none)")
         return None, None
@@ -368,6 +368,10 @@ def build(ctx: Context) -> None:
         step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
         hits = _cache.HitCounter()
         with sandbox(ctx.build_network, netns_hook) as prefix:
+            if netns_hook is not None and netns_hook.failed:
+                step(f"no registry layer cache: cannot relay {registry_host(cache)} into the build's network "
+                     f"namespace ({netns_hook.failed})")
+                cache = None
             result = run(ctx, prefix + bud_argv(ctx, dockerfile, context, authfile, cache), cwd=clone,
                          watch=hits.feed)
         _cache.report(hits)
