@@ -773,6 +773,7 @@ from typing import Iterable, Iterator, Mapping
 CACHE_PREFIX = "::jobforge-cache "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_cache_line
 USES_FILE = "jobforge-cache-uses.json"  # in the storage root: image id -> last time a build used it
 MAX_USES = 10_000
+RECENT_SECONDS = 3600  # never pruned: another build on the same store may be about to use it
 MAX_RELAY_CONNECTIONS = 64
 _CLONE_NEWNET = 0x40000000
 _STEP = re.compile(r"^STEP \d+/\d+: (\S+)(.*)")
@@ -846,13 +847,33 @@ def parse_images(text: str) -> list[StoredImage]:
     return images
 
 
+def names_of(ref: str) -> set[str]:
+    """The names a Dockerfile's image reference can be stored under (`alpine` is
+    `docker.io/library/alpine:latest`)."""
+    name, _, digest = ref.partition("@")
+    tagged = name if digest or name.rfind(":") > name.rfind("/") else f"{name}:latest"
+    names = {ref, tagged}
+    first = tagged.split("/", 1)[0]
+    if "/" not in tagged or not ("." in first or ":" in first or first == "localhost"):
+        names.add(f"docker.io/{tagged if '/' in tagged else 'library/' + tagged}")
+    return names
+
+
+def named(images: Iterable[StoredImage], refs: Iterable[str]) -> list[str]:
+    """Ids of the images stored under any name of `refs`."""
+    wanted = set().union(*(names_of(r) for r in refs)) if refs else set()
+    return [i.id for i in images if wanted.intersection(i.names)]
+
+
 def prune_plan(images: Iterable[StoredImage], uses: Mapping[str, float], now: float, ttl: float | None,
-               max_bytes: int | None, keep: Iterable[str] = ()) -> list[str]:
+               max_bytes: int | None, keep: Iterable[str] = (), recent: float = RECENT_SECONDS) -> list[str]:
     """The ids to remove, in order: unnamed images (cached layers) not used within `ttl`, then the least recently
     used images until the store's size is at most `max_bytes`. An image's last use is its recorded use or, if
-    none, its creation; images named in `keep` (this build's base images) are never chosen."""
-    keep = set(keep)
-    candidates = sorted((i for i in images if not keep.intersection(i.names)),
+    none, its creation; images named in `keep` (this build's base images) and images used within `recent`
+    seconds (what concurrent builds on the same store are using) are never chosen."""
+    images = list(images)
+    kept = set(named(images, list(keep)))
+    candidates = sorted((i for i in images if i.id not in kept and now - uses.get(i.id, i.created) >= recent),
                         key=lambda i: (uses.get(i.id, i.created), i.id))
     total = sum(i.size for i in images)
     plan = []
@@ -983,6 +1004,29 @@ def _serve(listener: socket.socket, target: tuple[str, int], slots: threading.Bo
             slots.release()
 
         threading.Thread(target=both, daemon=True).start()
+
+
+class Relay:
+    """The sandbox's `inside` hook for a registry on this machine's loopback; `failed` says why it could not be set
+    up (then the build goes without the registry cache)."""
+
+    def __init__(self, host_port: str) -> None:
+        self.host_port = host_port
+        self.failed: str | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, netns: str) -> Iterator[None]:
+        try:
+            listening = relay(netns, self.host_port)
+            listening.__enter__()
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            listening.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -1322,7 +1366,7 @@ def cache_route(ctx: Context):
         return cache, None
     host = registry_host(cache)
     if _cache.is_loopback(_cache.split_host_port(host)[0]):
-        return cache, lambda netns: _cache.relay(netns, host)
+        return cache, _cache.Relay(host)
     if ctx.build_network == NETWORK_NONE:
         step("no registry layer cache: builds have no network (JOBFORGE_BUILD_NETWORK=none)")
         return None, None
@@ -1353,8 +1397,7 @@ def prune_store(ctx: Context, keep: list[str]) -> None:
 
 def stamp_uses(ctx: Context, used: list[str], names: list[str]) -> None:
     images = stored_images(ctx)
-    named = [i.id for i in images if set(i.names) & set(names)]
-    _cache.record_uses(ctx.root, [*used, *named], images, _cache.now())
+    _cache.record_uses(ctx.root, [*used, *_cache.named(images, names)], images, _cache.now())
 
 
 def build(ctx: Context) -> None:
@@ -1378,10 +1421,15 @@ def build(ctx: Context) -> None:
         else:
             prune_store(ctx, keep=bases)
         pull_base_images(ctx, bases, authfile)
+        stamp_uses(ctx, [], bases)  # so that a concurrent build's pruning leaves them alone
         cache, netns_hook = cache_route(ctx)
         step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
         hits = _cache.HitCounter()
         with sandbox(ctx.build_network, netns_hook) as prefix:
+            if netns_hook is not None and netns_hook.failed:
+                step(f"no registry layer cache: cannot relay {registry_host(cache)} into the build's network "
+                     f"namespace ({netns_hook.failed})")
+                cache = None
             result = run(ctx, prefix + bud_argv(ctx, dockerfile, context, authfile, cache), cwd=clone,
                          watch=hits.feed)
         _cache.report(hits)

@@ -775,8 +775,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture, failure,
-    is_unauthorized, main,
-    redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env, unauthorized_error,
+    is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env,
+    unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
