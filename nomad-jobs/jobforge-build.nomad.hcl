@@ -1380,24 +1380,25 @@ def stored_images(ctx: Context) -> list[_cache.StoredImage]:
         return []
 
 
-def prune_store(ctx: Context, keep: list[str]) -> None:
-    """Bound the local store before building: unnamed layers unused for `cache_ttl`, then the least recently
-    used images until it is at most `cache_max_bytes`. An image a container still uses is skipped."""
+def stamp_and_prune(ctx: Context, used: list[str], names: list[str]) -> None:
+    """After the build: stamp what it used (the layers it took or made, its base images and its own image), then
+    bound the local store for the next builds: unnamed layers unused for `cache_ttl`, then the least recently
+    used images until it is at most `cache_max_bytes`. What a build used within the hour, this one's included,
+    is never taken (another build may be using it); an image a container still uses is skipped."""
+    images = stored_images(ctx)
+    now = _cache.now()
+    _cache.record_uses(ctx.root, [*used, *_cache.named(images, names)], images, now)
+    if ctx.payload.get("clear_cache"):
+        return
     max_bytes = ctx.payload.get("cache_max_bytes")
     max_bytes = int(max_bytes) if isinstance(max_bytes, int) and max_bytes > 0 else None
     if max_bytes is None and cache_ttl(ctx) is None:
         return
-    plan = _cache.prune_plan(stored_images(ctx), _cache.read_uses(ctx.root), _cache.now(), cache_ttl(ctx),
-                             max_bytes, keep)
+    plan = _cache.prune_plan(images, _cache.read_uses(ctx.root), now, cache_ttl(ctx), max_bytes, names)
     if plan:
         step(f"pruning {len(plan)} least recently used image(s) from the layer cache")
     for image_id in plan:
         run(ctx, ctx.buildah("rmi", image_id), quiet=True)
-
-
-def stamp_uses(ctx: Context, used: list[str], names: list[str]) -> None:
-    images = stored_images(ctx)
-    _cache.record_uses(ctx.root, [*used, *_cache.named(images, names)], images, _cache.now())
 
 
 def build(ctx: Context) -> None:
@@ -1418,10 +1419,7 @@ def build(ctx: Context) -> None:
             step("clearing the layer cache")
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
-        else:
-            prune_store(ctx, keep=bases)
         pull_base_images(ctx, bases, authfile)
-        stamp_uses(ctx, [], bases)  # so that a concurrent build's pruning leaves them alone
         cache, netns_hook = cache_route(ctx)
         step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
         hits = _cache.HitCounter()
@@ -1433,8 +1431,8 @@ def build(ctx: Context) -> None:
             result = run(ctx, prefix + bud_argv(ctx, dockerfile, context, authfile, cache), cwd=clone,
                          watch=hits.feed)
         _cache.report(hits)
-        stamp_uses(ctx, hits.used, [*bases, temp])
         if result.returncode != 0:
+            stamp_and_prune(ctx, hits.used, bases)
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")
         digest_file = os.path.join(ctx.workdir, "digest")
@@ -1447,6 +1445,7 @@ def build(ctx: Context) -> None:
             raise failure(f"push of {temp} failed (exit {result.returncode})", result.output)
     with open(digest_file, encoding="utf-8") as fh:
         digest = fh.read().strip()
+    stamp_and_prune(ctx, hits.used, [*bases, temp])
     print(f"digest: {digest}", flush=True)
 
 

@@ -165,9 +165,10 @@ def publish(ctx: Context) -> None:
     if not targets:
         raise TaskError("payload has no publish_targets")
     with registry_authfile(ctx, [source, *targets]) as authfile:
-        expected = manifest_digest(ctx, source, authfile)
-        step("reading the current digest of every target")
-        before = dict(zip(targets, parallel(lambda target: current_digest(ctx, target, authfile), targets)))
+        step("reading the temp image's digest and the current digest of every target")
+        read = parallel(lambda index_ref: (current_digest if index_ref[0] else manifest_digest)(
+            ctx, index_ref[1], authfile), enumerate([source, *targets]))
+        expected, before = read[0], dict(zip(targets, read[1:]))
         for target in targets:
             if before[target] == expected:
                 step(f"{target} is already at {expected}; keeping it")
