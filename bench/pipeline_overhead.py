@@ -1,6 +1,6 @@
 """Pipeline overhead: a Job Forge build of examples/hello against the same work done by hand, in one run.
 
-    .venv/bin/python bench/pipeline_overhead.py [--rounds 5] [--tags 3] [--keep]
+    .venv/bin/python bench/pipeline_overhead.py [--rounds 4] [--tags 3] [--keep]
 
 Both variants do the same work on the same machine, against the same throw-away registry and the same
 containers-storage (so both see the same, warm, layer cache):
@@ -9,13 +9,16 @@ containers-storage (so both see the same, warm, layer cache):
   WebSocket watch stream for the end of the job, i.e. SUCCEEDED *and* its temp image deleted;
 * **direct**: the commands the task scripts in templates/tasks/ run, with the same flags, started one after the
   other from this process: git init/fetch --depth 1/checkout, `buildah bud` (argv from build.py's `bud_argv`),
-  `buildah push` to the temp image; `buildah from --pull-always`, `inspect`, `run` of the entry point and of each
-  test command, `rm`; `skopeo copy --preserve-digests` per tag and `skopeo inspect --raw` of source and targets;
+  `buildah push` to the temp image; `buildah from --pull=never` of the verified local image, `inspect`, `run`
+  of the entry point and of each test command, `rm`; `skopeo copy --preserve-digests` per tag and `skopeo inspect --raw` of source and targets;
   `skopeo delete` of the temp image and `skopeo inspect` proving it is gone. Each command gets its own session,
-  as each phase does in the local backend (with autogroup scheduling a session is a CPU-share unit).
+  as each phase does in the local backend (with autogroup scheduling a session is a CPU-share unit);
+* **naive**: the hand sequence a person would type, kept fixed as the baseline whatever the scripts become:
+  `git clone`, `buildah bud --layers`, `buildah push`, `buildah from --pull-always` + `buildah run` of the entry
+  point and each test command, `skopeo copy` per tag, `skopeo delete` (no sandbox, no verification).
 
-One warm-up run of each, then `--rounds` rounds alternating the order (J D, D J, ...). Prints one JSON object on
-stdout (progress goes to stderr): per-variant median/mean/min/max, the ratio of medians (and the median of the
+One warm-up run of each, then `--rounds` rounds rotating the order (J D N, D N J, N J D, ...). Prints one JSON
+object on stdout (progress goes to stderr): per-variant median/mean/min/max, the ratio of medians (and the median of the
 per-round ratios, which drifting load on the machine disturbs less), and the phase transition
 latency of the Job Forge runs (previous phase's end -> next phase's process start, from the job's status metrics).
 No assertion is made on the numbers; on a machine busy with other work, use more rounds.
@@ -52,6 +55,8 @@ TASKS = ROOT / "templates" / "tasks"
 BIN = Path(sys.executable).parent
 IMAGE = "hello"
 TARGET_RATIO = 1.15
+TARGET_RATIO_NAIVE = 1.0
+VARIANTS = ("jobforge", "direct", "naive")
 TRANSITIONS = [("job_start", "build_start"), ("build_end", "test_start"), ("test_end", "publish_start")]
 
 
@@ -190,7 +195,10 @@ class Direct:
         container = f"jobforge-test-{ctx.payload['job_id']}"
         env = [flag for name, value in (spec.get("env") or {}).items() for flag in ("-e", f"{name}={value}")]
         self.sh(ctx.buildah("rm", container), check=False)
-        self.sh(ctx.buildah("from", "--pull-always", "--name", container, "--tls-verify=false", temp))
+        # As test.py: the local image, once its id is checked against the pushed manifest's config digest.
+        image_id = self.sh(ctx.buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", temp)).stdout
+        self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{temp}"])
+        self.sh(ctx.buildah("from", "--pull=never", "--name", container, image_id.decode().strip()))
         try:
             info = json.loads(self.sh(ctx.buildah("inspect", "--type", "container", container)).stdout)
             config = info["OCIv1"]["config"]
@@ -216,6 +224,44 @@ class Direct:
         gone = self.sh(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{temp}"], check=False)
         if gone.returncode == 0:
             raise RuntimeError(f"{temp} still present after delete")
+
+
+class Naive(Direct):
+    """The fixed hand sequence: `git clone; buildah bud --layers; buildah push; buildah from --pull-always + run;
+    skopeo copy ×tags; skopeo delete`, with the same storage and registry, nothing else."""
+
+    def build(self, ctx) -> None:
+        p, src = ctx.payload, str(Path(ctx.workdir) / "src")
+        self.sh(["git", "clone", "-q", "--branch", p["git_ref"], "--", p["repo_url"], src])
+        args = [flag for name, value in p["build_args"].items() for flag in ("--build-arg", f"{name}={value}")]
+        # chroot isolation: what buildah needs on this kind of machine (no cgroup-capable OCI runtime).
+        self.sh(ctx.buildah("bud", "--layers", "--isolation", "chroot", *args, "-t", p["temp_image"], src),
+                cwd=Path(src))
+        self.sh(ctx.buildah("push", "--tls-verify=false", p["temp_image"], f"docker://{p['temp_image']}"))
+
+    def test(self, ctx) -> None:
+        spec, temp = ctx.payload["test"], ctx.payload["temp_image"]
+        container = f"naive-test-{ctx.payload['job_id']}"
+        env = [flag for name, value in (spec.get("env") or {}).items() for flag in ("-e", f"{name}={value}")]
+        self.sh(ctx.buildah("from", "--pull-always", "--name", container, "--tls-verify=false", temp))
+        try:
+            if spec.get("entry_point"):  # the hello image's ENTRYPOINT + CMD, typed by hand
+                config = json.loads(self.sh(ctx.buildah("inspect", "--type", "container", container)).stdout)
+                entry = (config["OCIv1"]["config"].get("Entrypoint") or []) + (config["OCIv1"]["config"].get("Cmd") or [])
+                self.sh(ctx.buildah("run", "--isolation", "chroot", *env, container, "--", *entry))
+            for command in spec.get("commands") or []:
+                self.sh(ctx.buildah("run", "--isolation", "chroot", *env, container, "--", "sh", "-c", command))
+        finally:
+            self.sh(ctx.buildah("rm", container))
+
+    def publish(self, ctx) -> None:
+        temp = ctx.payload["temp_image"]
+        for target in ctx.payload["publish_targets"]:
+            self.sh(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+                     f"docker://{temp}", f"docker://{target}"])
+
+    def cleanup(self, ctx) -> None:
+        self.sh(["skopeo", "delete", "--tls-verify=false", f"docker://{ctx.payload['temp_image']}"])
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -245,18 +291,18 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
         # Phases as this user, like the direct run (the repository is this user's; git lets only its owner fetch).
         service = ServiceProcess(data, registry.host, LOG_LEVEL="warning", JOBFORGE_BUILD_USER="").start()
         direct = Direct(work / "direct", storage, registry.host, repo_url, config)
-
-        def run_jobforge() -> dict:
-            return asyncio.run(jobforge_run(service, config))
+        naive = Naive(work / "naive", storage, registry.host, repo_url, config)
+        runners = {"jobforge": lambda: asyncio.run(jobforge_run(service, config)),
+                   "direct": lambda: direct.run(tags), "naive": lambda: naive.run(tags)}
 
         progress("warm-up: one run of each")
-        run_jobforge()
-        direct.run(tags)
-        results = {"jobforge": [], "direct": []}
+        for variant in VARIANTS:
+            runners[variant]()
+        results = {variant: [] for variant in VARIANTS}
         for number in range(rounds):
-            order = ["jobforge", "direct"] if number % 2 == 0 else ["direct", "jobforge"]
+            order = VARIANTS[number % 3:] + VARIANTS[:number % 3]
             for variant in order:
-                result = run_jobforge() if variant == "jobforge" else direct.run(tags)
+                result = runners[variant]()
                 results[variant].append(result)
                 progress(f"round {number + 1}/{rounds} {variant}: {result['total']:.2f} s")
     finally:
@@ -264,8 +310,8 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
             service.stop()
         registry.stop()
 
-    jf, dr = results["jobforge"], results["direct"]
-    jf_total, dr_total = [r["total"] for r in jf], [r["total"] for r in dr]
+    jf, dr, nv = results["jobforge"], results["direct"], results["naive"]
+    jf_total, dr_total, nv_total = [r["total"] for r in jf], [r["total"] for r in dr], [r["total"] for r in nv]
     transitions: dict[str, list[float]] = {}
     for run in jf:
         for name, ms in transition_ms(run["status"]).items():
@@ -274,6 +320,7 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
                       for ms in values]
     phases = {p: [r["status"]["metrics"][f"{p}_duration"] for r in jf] for p in ("build", "test", "publish")}
     ratio = statistics.median(jf_total) / statistics.median(dr_total)
+    ratio_naive = statistics.median(jf_total) / statistics.median(nv_total)
     return {
         "benchmark": "pipeline_overhead",
         "workload": f"examples/hello: clone + bud + push temp + test (entry point + 1 command) + publish {tags} "
@@ -281,7 +328,8 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
                     "buildah": tool_version(["buildah", "--version"]), "skopeo": tool_version(["skopeo", "--version"]),
                     "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}},
-        "rounds": rounds, "warmup_runs_per_variant": 1, "order": "alternating (J D, D J, ...)", "cache": "warm, shared",
+        "rounds": rounds, "warmup_runs_per_variant": 1, "order": "rotating (J D N, D N J, N J D, ...)",
+        "cache": "warm, shared",
         "jobforge_s": {**stats(jf_total), "runs": [round(v, 3) for v in jf_total],
                        "to_succeeded_median": round(statistics.median(r["to_succeeded"] for r in jf), 3),
                        "phase_duration_median": {p: round(statistics.median(v), 3) for p, v in phases.items()}},
@@ -289,6 +337,12 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
                      "to_succeeded_median": round(statistics.median(r["to_succeeded"] for r in dr), 3),
                      "step_median": {s: round(statistics.median(r[s] for r in dr), 3)
                                      for s in ("build", "test", "publish", "cleanup")}},
+        "naive_s": {**stats(nv_total), "runs": [round(v, 3) for v in nv_total],
+                    "step_median": {s: round(statistics.median(r[s] for r in nv), 3)
+                                    for s in ("build", "test", "publish", "cleanup")}},
+        "ratio_to_naive": {"ratio_of_medians": round(ratio_naive, 3),
+                           "paired_ratio_median": round(statistics.median(j / n for j, n in zip(jf_total, nv_total)), 3),
+                           "target_ratio": TARGET_RATIO_NAIVE, "within_target": ratio_naive <= TARGET_RATIO_NAIVE},
         "ratio_of_medians": round(ratio, 3),
         # Less sensitive to other load on the machine: each round's two runs are neighbours in time.
         "paired_ratio_median": round(statistics.median(j / d for j, d in zip(jf_total, dr_total)), 3),
@@ -307,7 +361,7 @@ def bench(work: Path, rounds: int, tags: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per variant (default 5)")
+    parser.add_argument("--rounds", type=int, default=4, help="measured rounds per variant (default 4)")
     parser.add_argument("--tags", type=int, default=3, help="published tags per build, job id included (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()

@@ -46,6 +46,29 @@ def parse_usage_line(line: str) -> ResourceUsage | None:
         return None
 
 
+CACHE_PREFIX = "::jobforge-cache "
+"""The build script's stderr line: its cacheable steps taken from the layer cache and built (templates/tasks/_cache.py)."""
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """One build's layer cache use: steps taken from a cache (local store or the registry cache) and steps built."""
+
+    hits: int
+    misses: int
+
+
+def parse_cache_line(line: str) -> CacheUse | None:
+    """The cache report a build prints, or None for any other line (or a malformed report)."""
+    if not line.startswith(CACHE_PREFIX):
+        return None
+    try:
+        data = json.loads(line[len(CACHE_PREFIX):])
+        return CacheUse(hits=max(0, int(data["hits"])), misses=max(0, int(data["misses"])))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass(frozen=True)
 class FleetSnapshot:
     """Counts derived from stored records at one instant (pure: `fleet_snapshot`)."""
@@ -94,6 +117,11 @@ class Metrics:
         self.event_stream_lag = Histogram("nomad_event_stream_lag_seconds",
                                           "nomad backend: time from Nomad recording an allocation change to the "
                                           "service acting on it", buckets=_HTTP_BUCKETS, registry=self.registry)
+        self.cache_steps = Counter("build_cache_steps", "cacheable build steps by result: hit (taken from the local "
+                                   "store or the registry cache) or miss (built)", ["result"], registry=self.registry)
+        self.cache_hit_ratio = Gauge("build_cache_hit_ratio", "hits / cacheable build steps, over the builds this "
+                                     "replica has seen since it started", registry=self.registry)
+        self._cache_counts = [0, 0]
         self.webhook_deliveries = Counter("webhook_deliveries", "webhook delivery attempts by outcome "
                                           "(delivered, retry, failed, refused)", ["outcome"], registry=self.registry)
 
@@ -101,6 +129,8 @@ class Metrics:
         for phase in Phase:
             for status in (PhaseStatus.SUCCEEDED, PhaseStatus.FAILED):
                 self.phase_duration[phase].labels(status=status.value)
+        self.cache_steps.labels(result="hit")
+        self.cache_steps.labels(result="miss")
         self.jobs.labels(status=JobStatus.SUCCEEDED.value, failed_phase="none")
         for phase in Phase:
             self.jobs.labels(status=JobStatus.FAILED.value, failed_phase=phase.value)
@@ -123,6 +153,14 @@ class Metrics:
     def usage(self, phase: str, usage: ResourceUsage) -> None:
         self.resource_usage.labels(resource_type="cpu", phase=phase).set(usage.cpu_seconds)
         self.resource_usage.labels(resource_type="memory", phase=phase).set(usage.memory_peak_bytes)
+
+    def cache(self, use: CacheUse) -> None:
+        self.cache_steps.labels(result="hit").inc(use.hits)
+        self.cache_steps.labels(result="miss").inc(use.misses)
+        self._cache_counts[0] += use.hits
+        self._cache_counts[1] += use.hits + use.misses
+        if self._cache_counts[1]:
+            self.cache_hit_ratio.set(self._cache_counts[0] / self._cache_counts[1])
 
     def request(self, method: str, route: str, code: int, seconds: float) -> None:
         self.http_duration.labels(method=method, route=route, code=str(code)).observe(seconds)

@@ -40,7 +40,7 @@ from jobforge.cluster import Leases, Solo, log_changes, record_changes
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
-from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_usage_line
+from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_cache_line, parse_usage_line
 from jobforge.models import (
     CleanupResult,
     GetLogsParams,
@@ -860,12 +860,15 @@ class JobService:
 
     async def _store_logs(self, chunk: LogChunk) -> None:
         lines = []
-        for line in chunk.lines:  # the task script's usage report is a metric, not part of the job's log
+        for line in chunk.lines:  # the task script's usage and cache reports are metrics, not part of the job's log
             usage = parse_usage_line(line.line) if line.stream is LogStream.STDERR else None
-            if usage is None:
-                lines.append(masked_line(line))
-            else:
+            cache = parse_cache_line(line.line) if line.stream is LogStream.STDERR and usage is None else None
+            if usage is not None:
                 self.metrics.usage(chunk.phase, usage)
+            elif cache is not None:
+                self.metrics.cache(cache)
+            else:
+                lines.append(masked_line(line))
         lines = self._skip_replayed(chunk.job_id, chunk.phase, lines)
         lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps
         if not lines:

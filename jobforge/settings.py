@@ -160,6 +160,16 @@ class Settings(BaseSettings):
                               description="registry for intermediate (temp) images")
     registry_temp_prefix: str = Field("temp", pattern=r"^[a-z0-9]+([._-][a-z0-9]+)*$",
                                       validation_alias="REGISTRY_TEMP_PREFIX")
+    registry_cache_prefix: str = Field("cache", pattern=r"^([a-z0-9]+([._-][a-z0-9]+)*)?$",
+                                       validation_alias="REGISTRY_CACHE_PREFIX",
+                                       description="builds share layers through <REGISTRY_URL>/<prefix>/<image_name>; "
+                                                   "empty: no registry layer cache")
+    cache_ttl: Duration = Field(7 * 24 * 3600, ge=0, validation_alias="JOBFORGE_CACHE_TTL",
+                                description="cached layers older than this are not used and unnamed ones are "
+                                            "pruned from the local store; 0: no limit")
+    cache_max_bytes: int = Field(20 * 10**9, ge=0, validation_alias="JOBFORGE_CACHE_MAX_BYTES",
+                                 description="local layer store size cap, pruned before each build least recently "
+                                             "used first; 0: no cap")
     registry_username: str | None = Field(None, validation_alias="REGISTRY_USERNAME",
                                           description="with REGISTRY_PASSWORD: for REGISTRY_URL's host only")
     registry_password: SecretStr | None = Field(None, validation_alias="REGISTRY_PASSWORD")

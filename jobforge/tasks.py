@@ -22,10 +22,20 @@ class RegistryTarget(BaseModel):
     temp_prefix: str = "temp"
     tls_verify: bool = True
     insecure_registries: tuple[str, ...] = ()  # host[:port] without TLS verification besides registry_url
+    cache_prefix: str = "cache"  # the layer cache repository: <registry_url>/<cache_prefix>/<image_name>; "": none
+    cache_ttl: float | None = 7 * 24 * 3600  # seconds; None: cached layers never expire
+    cache_max_bytes: int | None = 20 * 10**9  # the local layer store's cap; None: no cap
 
 
 def temp_image(record: JobRecord, target: RegistryTarget) -> str:
     return f"{target.registry_url}/{target.temp_prefix}-{record.config.image_name}:{record.job_id}"
+
+
+def cache_repo(record: JobRecord, target: RegistryTarget) -> str | None:
+    """The job's layer cache repository; None when the service has no registry cache (empty prefix)."""
+    if not target.cache_prefix:
+        return None
+    return f"{target.registry_url}/{target.cache_prefix}/{record.config.image_name}"
 
 
 def publish_targets(record: JobRecord) -> list[str]:
@@ -48,6 +58,9 @@ def build_payload(record: JobRecord, phase: str, target: RegistryTarget) -> dict
         "target": cfg.target,
         "image_format": cfg.image_format,
         "clear_cache": cfg.clear_cache,
+        "cache_repo": cache_repo(record, target),
+        "cache_ttl": target.cache_ttl,
+        "cache_max_bytes": target.cache_max_bytes,
         "temp_image": temp_image(record, target),
         "tls_verify": target.tls_verify,
         "insecure_registries": list(target.insecure_registries),

@@ -445,7 +445,7 @@ def failure(what: str, output: str) -> TaskError:
 
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
-        quiet: bool = False) -> Result:
+        quiet: bool = False, watch: Callable[[str], None] | None = None) -> Result:
     """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
     while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
@@ -458,6 +458,8 @@ def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str 
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace")
             lines.append(line)
+            if watch is not None:
+                watch(line)
             if not quiet:
                 # A last line without a newline must not glue onto the next `==>` line.
                 sys.stdout.write(redact(line if line.endswith("\n") else line + "\n", ctx.secrets))
@@ -514,13 +516,15 @@ def tool_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def sandbox(network: str) -> Iterator[list[str]]:
+def sandbox(network: str, inside: Callable[[str], contextlib.AbstractContextManager] | None = None
+            ) -> Iterator[list[str]]:
     """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
 
     Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
     network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
     has no route to the host's loopback, where the service, the registry and other local daemons listen.
     `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    `inside(netns_path)`, when given, is entered once the namespace exists (the build's registry relay).
     """
     pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
     if network == NETWORK_RUNNER:
@@ -541,7 +545,9 @@ def sandbox(network: str) -> Iterator[list[str]]:
             raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
         if network == NETWORK_OUTBOUND:
             slirp, exit_w = _slirp(holder.pid)
-        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+        netns = f"/proc/{holder.pid}/ns/net"
+        with inside(netns) if inside is not None else contextlib.nullcontext():
+            yield ["nsenter", f"--net={netns}", "--", *pid_ns]
     finally:
         if exit_w >= 0:
             os.close(exit_w)  # slirp4netns exits when this end closes
@@ -774,6 +780,316 @@ JOBFORGE_EOF
       }
 
       template {
+        destination = "local/_cache.py"
+        change_mode = "noop"
+        data        = <<JOBFORGE_EOF
+"""The build phase's layer cache (stdlib only): the registry cache's relay into the build's network namespace,
+cache hits counted from buildah's output, and the local store's pruning plan (least recently used first).
+
+Two caches: buildah's local `--layers` store, and the cache repository in the temp registry
+(`--cache-from`/`--cache-to`), which a node whose local store is empty (another Nomad client, a wiped disk)
+builds from. Both are bounded: `cache_ttl` (buildah ignores older layers; pruning removes unnamed ones) and
+`cache_max_bytes` (the local store is pruned to it before each build, least recently used images first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+CACHE_PREFIX = "::jobforge-cache "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_cache_line
+USES_FILE = "jobforge-cache-uses.json"  # in the storage root: image id -> last time a build used it
+MAX_USES = 10_000
+RECENT_SECONDS = 3600  # never pruned: another build on the same store may be about to use it
+MAX_RELAY_CONNECTIONS = 64
+_CLONE_NEWNET = 0x40000000
+_STEP = re.compile(r"^STEP \d+/\d+: (\S+)(.*)")
+OWN_LABEL = "jobforge.job-id"  # the build's per-job label: a step of its own, never cached, so never counted
+_USED = re.compile(r"^--> Using cache ([0-9a-f]{64})\b")
+_COMMITTED = re.compile(r"^--> ([0-9a-f]{11,64})$")
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKMGTP]?B)\s*$")
+_UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "PB": 10**15}
+
+
+# --- hits ------------------------------------------------------------------------------------------------
+
+
+class HitCounter:
+    """Counts a `buildah bud --layers` run's cacheable steps (every STEP but FROM and our own label) and those it took from a
+    cache (`--> Using cache <id>`, local or pulled from the cache repository); keeps the image ids it used."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.hits = 0
+        self.used: list[str] = []
+
+    def feed(self, line: str) -> None:
+        line = line.strip()
+        step = _STEP.match(line)
+        if step:
+            own = step.group(1).upper() == "LABEL" and step.group(2).strip().startswith(f'"{OWN_LABEL}"=')
+            self.steps += step.group(1).upper() != "FROM" and not own
+        elif used := _USED.match(line):
+            self.hits += 1
+            self.used.append(used.group(1))
+        elif committed := _COMMITTED.match(line):
+            self.used.append(committed.group(1))
+
+    @property
+    def misses(self) -> int:
+        return max(0, self.steps - self.hits)
+
+
+def report(counter: HitCounter) -> None:
+    """One stderr line the service turns into the cache hit metrics (docs/metrics.md)."""
+    print(CACHE_PREFIX + json.dumps({"hits": counter.hits, "misses": counter.misses}), file=sys.stderr, flush=True)
+
+
+# --- the local store: least recently used first -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    id: str
+    names: tuple[str, ...]
+    size: int
+    created: float
+
+
+def parse_size(text: str) -> int:
+    """buildah's human size (`2.13 MB`, decimal units) in bytes; 0 when unreadable."""
+    match = _SIZE.match(text or "")
+    if not match or match.group(2) not in _UNITS:
+        return 0
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_images(text: str) -> list[StoredImage]:
+    """`buildah images --all --json --no-trunc` output."""
+    images = []
+    for item in json.loads(text or "[]") or []:
+        images.append(StoredImage(id=str(item.get("id", "")).removeprefix("sha256:"),
+                                  names=tuple(item.get("names") or ()), size=parse_size(item.get("size", "")),
+                                  created=float(item.get("created") or 0)))
+    return images
+
+
+def names_of(ref: str) -> set[str]:
+    """The names a Dockerfile's image reference can be stored under (`alpine` is
+    `docker.io/library/alpine:latest`)."""
+    name, _, digest = ref.partition("@")
+    tagged = name if digest or name.rfind(":") > name.rfind("/") else f"{name}:latest"
+    names = {ref, tagged}
+    first = tagged.split("/", 1)[0]
+    if "/" not in tagged or not ("." in first or ":" in first or first == "localhost"):
+        names.add(f"docker.io/{tagged if '/' in tagged else 'library/' + tagged}")
+    return names
+
+
+def named(images: Iterable[StoredImage], refs: Iterable[str]) -> list[str]:
+    """Ids of the images stored under any name of `refs`."""
+    wanted = set().union(*(names_of(r) for r in refs)) if refs else set()
+    return [i.id for i in images if wanted.intersection(i.names)]
+
+
+def prune_plan(images: Iterable[StoredImage], uses: Mapping[str, float], now: float, ttl: float | None,
+               max_bytes: int | None, keep: Iterable[str] = (), recent: float = RECENT_SECONDS) -> list[str]:
+    """The ids to remove, in order: unnamed images (cached layers) not used within `ttl`, then the least recently
+    used images until the store's size is at most `max_bytes`. An image's last use is its recorded use or, if
+    none, its creation; images named in `keep` (this build's base images) and images used within `recent`
+    seconds (what concurrent builds on the same store are using) are never chosen."""
+    images = list(images)
+    kept = set(named(images, list(keep)))
+    candidates = sorted((i for i in images if i.id not in kept and now - uses.get(i.id, i.created) >= recent),
+                        key=lambda i: (uses.get(i.id, i.created), i.id))
+    total = sum(i.size for i in images)
+    plan = []
+    for image in candidates:
+        expired = ttl is not None and not image.names and now - uses.get(image.id, image.created) > ttl
+        if expired or (max_bytes is not None and total > max_bytes):
+            plan.append(image.id)
+            total -= image.size
+    return plan
+
+
+def read_uses(root: str | None) -> dict[str, float]:
+    if not root:
+        return {}
+    try:
+        with open(os.path.join(root, USES_FILE), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+
+def record_uses(root: str | None, ids: Iterable[str], images: Iterable[StoredImage], now: float) -> None:
+    """Stamp `ids` (full or short) as used now; forget images no longer stored; replace the file atomically
+    (concurrent builds on one store may lose a stamp, never corrupt the file)."""
+    if not root:
+        return
+    stored = {i.id for i in images}
+    uses = {k: v for k, v in read_uses(root).items() if k in stored}
+    for short in ids:
+        for full in stored:
+            if full.startswith(short):
+                uses[full] = now
+    newest = dict(sorted(uses.items(), key=lambda kv: kv[1])[-MAX_USES:])
+    path = os.path.join(root, USES_FILE)
+    tmp = f"{path}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(newest, fh)
+        os.replace(tmp, path)
+
+
+# --- the registry relay -----------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """`host` (no port) names this machine's loopback: unreachable from a sandbox's own network namespace."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(host_port: str) -> tuple[str, int]:
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit() or "]" in port:
+        return host_port.strip("[]"), 443
+    return host.strip("[]"), int(port)
+
+
+def _listen_in(netns: str, port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port` inside the network namespace at `netns` (setns is per thread:
+    a short-lived thread enters the namespace, opens the socket there and ends)."""
+    result: dict[str, object] = {}
+
+    def enter() -> None:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(16)
+            result["sock"] = sock
+        except OSError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=enter, name="relay-setns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["sock"]  # type: ignore[return-value]
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def _serve(listener: socket.socket, target: tuple[str, int], slots: threading.BoundedSemaphore) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # closed: the build is over
+        if not slots.acquire(blocking=False):
+            conn.close()
+            continue
+        try:
+            upstream = socket.create_connection(target, timeout=30)
+            upstream.settimeout(None)
+        except OSError:
+            conn.close()
+            slots.release()
+            continue
+
+        def both(conn=conn, upstream=upstream) -> None:
+            back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
+            back.start()
+            _pump(conn, upstream)
+            back.join()
+            conn.close()
+            upstream.close()
+            slots.release()
+
+        threading.Thread(target=both, daemon=True).start()
+
+
+class Relay:
+    """The sandbox's `inside` hook for a registry on this machine's loopback; `failed` says why it could not be set
+    up (then the build goes without the registry cache)."""
+
+    def __init__(self, host_port: str) -> None:
+        self.host_port = host_port
+        self.failed: str | None = None
+
+    @contextlib.contextmanager
+    def __call__(self, netns: str) -> Iterator[None]:
+        try:
+            listening = relay(netns, self.host_port)
+            listening.__enter__()
+        except OSError as exc:
+            self.failed = exc.strerror or str(exc)
+            yield
+            return
+        try:
+            yield
+        finally:
+            listening.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def relay(netns: str, host_port: str) -> Iterator[None]:
+    """Inside the build's network namespace, 127.0.0.1:<port> of the registry `host_port` (on this machine's
+    loopback) is relayed to it: only that one port, and only while the build runs (docs/security.md)."""
+    host, port = split_host_port(host_port)
+    listener = _listen_in(netns, port)
+    target = ("127.0.0.1" if host == "localhost" else host, port)
+    thread = threading.Thread(target=_serve, args=(listener, target, threading.BoundedSemaphore(MAX_RELAY_CONNECTIONS)),
+                              name="registry-relay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+
+
+def now() -> float:
+    return time.time()
+JOBFORGE_EOF
+      }
+
+      template {
         destination = "local/build.py"
         change_mode = "noop"
         data        = <<JOBFORGE_EOF
@@ -788,6 +1104,10 @@ password in `repo_url` itself is taken out of the URL and handled the same way (
 The RUN steps run in `sandbox()` namespaces with outbound network but no route to the host's loopback, so the
 images the Dockerfile names are pulled before (out here, with the registry credentials) and the build itself
 never pulls (`--pull=never`) nor sees a credential.
+
+Layer cache (templates/tasks/_cache.py): `--layers` in the local store, plus `--cache-from`/`--cache-to` the
+payload's `cache_repo` in the temp registry, with the temp registry's credentials only; a registry on this
+machine's loopback is relayed into the sandbox's namespace (that port only). `clear_cache` opts out of both.
 """
 
 from __future__ import annotations
@@ -803,10 +1123,11 @@ import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cache  # noqa: E402
 from _common import (  # noqa: E402
-    Context, Credential, TaskError, failure, git_credential_for, is_ssh_url, is_unauthorized, main, origin_of,
-    private_file, registries_conf, registry_authfile, run, sandbox, ssh_command, step, tls_for, tool_env,
-    unauthorized_error,
+    NETWORK_NONE, NETWORK_RUNNER, CommandFailed, Context, Credential, TaskError, capture, failure,
+    git_credential_for, is_ssh_url, is_unauthorized, main, origin_of, private_file, registry_authfile,
+    registry_host, run, sandbox, ssh_command, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -1052,9 +1373,12 @@ def base_images(text: str, build_args: dict[str, str]) -> list[str]:
     return images
 
 
-def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> None:
+def dockerfile_base_images(ctx: Context, dockerfile: str) -> list[str]:
     with open(dockerfile, encoding="utf-8", errors="replace") as fh:
-        images = base_images(fh.read(), ctx.payload.get("build_args") or {})
+        return base_images(fh.read(), ctx.payload.get("build_args") or {})
+
+
+def pull_base_images(ctx: Context, images: list[str], authfile: str | None) -> None:
     for image in images:
         step(f"pulling {image}")
         argv = ctx.buildah("pull", tls_for(ctx, "tls-verify", image))
@@ -1066,7 +1390,20 @@ def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> Non
             raise failure(f"could not pull {image}", result.output)
 
 
-def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
+def cache_repo(ctx: Context) -> str | None:
+    """The registry cache repository this build reads and writes, None when the job opted out (`clear_cache`)."""
+    return None if ctx.payload.get("clear_cache") else ctx.payload.get("cache_repo") or None
+
+
+def cache_ttl(ctx: Context) -> float | None:
+    ttl = ctx.payload.get("cache_ttl")
+    return float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None
+
+
+def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None = None,
+             cache: str | None = None) -> list[str]:
+    """`cache`: the registry cache repository (`--cache-from`/`--cache-to`); bud talks to no other registry
+    (`--pull=never`), so `authfile` (the temp registry's credentials only) and the TLS flag are for it alone."""
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
     argv = ctx.buildah("bud", "--layers", "--force-rm", "--pull=never", "--isolation", ctx.isolation,
@@ -1083,9 +1420,57 @@ def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
     argv += ["--format", image_format]
     if p.get("clear_cache"):
         argv.append("--no-cache")
+    if cache:
+        argv += ["--cache-from", cache, "--cache-to", cache, tls_for(ctx, "tls-verify", cache)]
+        argv += ["--authfile", authfile] if authfile else []
+    if cache_ttl(ctx):
+        argv += ["--cache-ttl", f"{int(cache_ttl(ctx))}s"]
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
     argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
     return argv + ["-t", ctx.payload["temp_image"], context]
+
+
+def cache_route(ctx: Context):
+    """(cache repository or None, the sandbox's `inside` hook): a registry on this machine's loopback is out of
+    the sandbox's reach, so it is relayed in; without network, a remote one is out of reach: no registry cache."""
+    cache = cache_repo(ctx)
+    if not cache or ctx.build_network == NETWORK_RUNNER:
+        return cache, None
+    host = registry_host(cache)
+    if _cache.is_loopback(_cache.split_host_port(host)[0]):
+        return cache, _cache.Relay(host)
+    if ctx.build_network == NETWORK_NONE:
+        step("no registry layer cache: builds have no network (JOBFORGE_BUILD_NETWORK=none)")
+        return None, None
+    return cache, None
+
+
+def stored_images(ctx: Context) -> list[_cache.StoredImage]:
+    try:
+        return _cache.parse_images(capture(ctx, ctx.buildah("images", "--all", "--json", "--no-trunc")).decode())
+    except (CommandFailed, ValueError):
+        return []
+
+
+def stamp_and_prune(ctx: Context, used: list[str], names: list[str]) -> None:
+    """After the build: stamp what it used (the layers it took or made, its base images and its own image), then
+    bound the local store for the next builds: unnamed layers unused for `cache_ttl`, then the least recently
+    used images until it is at most `cache_max_bytes`. What a build used within the hour, this one's included,
+    is never taken (another build may be using it); an image a container still uses is skipped."""
+    images = stored_images(ctx)
+    now = _cache.now()
+    _cache.record_uses(ctx.root, [*used, *_cache.named(images, names)], images, now)
+    if ctx.payload.get("clear_cache"):
+        return
+    max_bytes = ctx.payload.get("cache_max_bytes")
+    max_bytes = int(max_bytes) if isinstance(max_bytes, int) and max_bytes > 0 else None
+    if max_bytes is None and cache_ttl(ctx) is None:
+        return
+    plan = _cache.prune_plan(images, _cache.read_uses(ctx.root), now, cache_ttl(ctx), max_bytes, names)
+    if plan:
+        step(f"pruning {len(plan)} least recently used image(s) from the layer cache")
+    for image_id in plan:
+        run(ctx, ctx.buildah("rmi", image_id), quiet=True)
 
 
 def build(ctx: Context) -> None:
@@ -1100,16 +1485,26 @@ def build(ctx: Context) -> None:
     dockerfile = inside(clone, ctx.payload.get("dockerfile_path") or "Dockerfile", "dockerfile_path", False)
     context = inside(clone, ctx.payload.get("dockerfile_context") or ".", "dockerfile_context", True)
 
+    bases = dockerfile_base_images(ctx, dockerfile)
     with registry_authfile(ctx, [temp]) as authfile:
         if ctx.payload.get("clear_cache"):
             step("clearing the layer cache")
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
-        pull_base_images(ctx, dockerfile, authfile)
-        step(f"building {temp}")
-        with sandbox(ctx.build_network) as prefix:
-            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context), cwd=clone)
+        pull_base_images(ctx, bases, authfile)
+        cache, netns_hook = cache_route(ctx)
+        step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
+        hits = _cache.HitCounter()
+        with sandbox(ctx.build_network, netns_hook) as prefix:
+            if netns_hook is not None and netns_hook.failed:
+                step(f"no registry layer cache: cannot relay {registry_host(cache)} into the build's network "
+                     f"namespace ({netns_hook.failed})")
+                cache = None
+            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context, authfile, cache), cwd=clone,
+                         watch=hits.feed)
+        _cache.report(hits)
         if result.returncode != 0:
+            stamp_and_prune(ctx, hits.used, bases)
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")
         digest_file = os.path.join(ctx.workdir, "digest")
@@ -1122,6 +1517,7 @@ def build(ctx: Context) -> None:
             raise failure(f"push of {temp} failed (exit {result.returncode})", result.output)
     with open(digest_file, encoding="utf-8") as fh:
         digest = fh.read().strip()
+    stamp_and_prune(ctx, hits.used, [*bases, temp])
     print(f"digest: {digest}", flush=True)
 
 

@@ -445,7 +445,7 @@ def failure(what: str, output: str) -> TaskError:
 
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
-        quiet: bool = False) -> Result:
+        quiet: bool = False, watch: Callable[[str], None] | None = None) -> Result:
     """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
     while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
@@ -458,6 +458,8 @@ def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str 
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace")
             lines.append(line)
+            if watch is not None:
+                watch(line)
             if not quiet:
                 # A last line without a newline must not glue onto the next `==>` line.
                 sys.stdout.write(redact(line if line.endswith("\n") else line + "\n", ctx.secrets))
@@ -514,13 +516,15 @@ def tool_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def sandbox(network: str) -> Iterator[list[str]]:
+def sandbox(network: str, inside: Callable[[str], contextlib.AbstractContextManager] | None = None
+            ) -> Iterator[list[str]]:
     """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
 
     Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
     network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
     has no route to the host's loopback, where the service, the registry and other local daemons listen.
     `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    `inside(netns_path)`, when given, is entered once the namespace exists (the build's registry relay).
     """
     pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
     if network == NETWORK_RUNNER:
@@ -541,7 +545,9 @@ def sandbox(network: str) -> Iterator[list[str]]:
             raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
         if network == NETWORK_OUTBOUND:
             slirp, exit_w = _slirp(holder.pid)
-        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+        netns = f"/proc/{holder.pid}/ns/net"
+        with inside(netns) if inside is not None else contextlib.nullcontext():
+            yield ["nsenter", f"--net={netns}", "--", *pid_ns]
     finally:
         if exit_w >= 0:
             os.close(exit_w)  # slirp4netns exits when this end closes

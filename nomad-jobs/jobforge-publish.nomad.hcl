@@ -445,7 +445,7 @@ def failure(what: str, output: str) -> TaskError:
 
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
-        quiet: bool = False) -> Result:
+        quiet: bool = False, watch: Callable[[str], None] | None = None) -> Result:
     """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
     while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
@@ -458,6 +458,8 @@ def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str 
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace")
             lines.append(line)
+            if watch is not None:
+                watch(line)
             if not quiet:
                 # A last line without a newline must not glue onto the next `==>` line.
                 sys.stdout.write(redact(line if line.endswith("\n") else line + "\n", ctx.secrets))
@@ -514,13 +516,15 @@ def tool_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def sandbox(network: str) -> Iterator[list[str]]:
+def sandbox(network: str, inside: Callable[[str], contextlib.AbstractContextManager] | None = None
+            ) -> Iterator[list[str]]:
     """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
 
     Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
     network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
     has no route to the host's loopback, where the service, the registry and other local daemons listen.
     `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    `inside(netns_path)`, when given, is entered once the namespace exists (the build's registry relay).
     """
     pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
     if network == NETWORK_RUNNER:
@@ -541,7 +545,9 @@ def sandbox(network: str) -> Iterator[list[str]]:
             raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
         if network == NETWORK_OUTBOUND:
             slirp, exit_w = _slirp(holder.pid)
-        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+        netns = f"/proc/{holder.pid}/ns/net"
+        with inside(netns) if inside is not None else contextlib.nullcontext():
+            yield ["nsenter", f"--net={netns}", "--", *pid_ns]
     finally:
         if exit_w >= 0:
             os.close(exit_w)  # slirp4netns exits when this end closes
@@ -783,6 +789,10 @@ JOBFORGE_EOF
 `skopeo copy --preserve-digests` refuses to rewrite manifests, so a target's digest equals the temp
 image's; we still re-read every target's manifest and hash it ourselves before printing `Published:`.
 
+Fast: the targets' digests are read concurrently, each repository's targets are copied in order (the first copy
+brings the blobs, later tags find them there) while different repositories are copied concurrently, and the
+final verification reads every target concurrently.
+
 All or nothing: each target's digest is read first; a target already at the temp image's digest is kept as it
 is. When publishing fails part-way (or is stopped), what this run changed is rolled back: the job's manifest is
 deleted from each repository it was pushed to and tags it overwrote are pointed back at their old digest. The
@@ -796,6 +806,9 @@ import hashlib
 import os
 import re
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -805,6 +818,63 @@ from _common import (  # noqa: E402
 )
 
 GONE = re.compile(r"manifest unknown|name unknown|\b404\b", re.IGNORECASE)
+MAX_PARALLEL = 8  # registry commands at once
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def parallel(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """`fn` over `items` on at most MAX_PARALLEL threads; results (or the first error) in the items' order."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def by_repository(targets: list[str]) -> list[list[str]]:
+    """Targets grouped by repository, in their order (a repository's first target first)."""
+    groups: dict[str, list[str]] = {}
+    for target in targets:
+        groups.setdefault(repository(target), []).append(target)
+    return list(groups.values())
+
+
+class Copies:
+    """Copies `source` to each repository's targets in order, repositories concurrently. A repository's chain
+    stops at its first failure or once `stop` is set; the others run to their end, so what was touched is
+    known exactly (`started`, `done`) whatever fails where."""
+
+    def __init__(self, ctx: Context, source: str, authfile: str) -> None:
+        self.ctx, self.source, self.authfile = ctx, source, authfile
+        self.started: set[str] = set()
+        self.done: set[str] = set()
+        self.failed: dict[str, TaskError] = {}
+        self.stop = threading.Event()
+
+    def chain(self, targets: list[str]) -> None:
+        for target in targets:
+            if self.stop.is_set():
+                return
+            step(f"copying {self.source} -> {target}")
+            self.started.add(target)
+            try:
+                copy(self.ctx, self.source, target, self.authfile)
+            except TaskError as exc:
+                self.failed[target] = exc
+                return
+            self.done.add(target)
+
+    def run(self, chains: list[list[str]]) -> None:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(chains))))
+        try:
+            for future in [pool.submit(self.chain, chain) for chain in chains]:
+                future.result()
+        except BaseException:
+            self.stop.set()  # stopped (SIGTERM): no chain starts another copy
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
 
 def manifest_digest(ctx: Context, ref: str, authfile: str) -> str:
@@ -880,30 +950,36 @@ def publish(ctx: Context) -> None:
     if not targets:
         raise TaskError("payload has no publish_targets")
     with registry_authfile(ctx, [source, *targets]) as authfile:
-        expected = manifest_digest(ctx, source, authfile)
-        step("reading the current digest of every target")
-        before = {target: current_digest(ctx, target, authfile) for target in targets}
-        touched: list[str] = []
+        step("reading the temp image's digest and the current digest of every target")
+        read = parallel(lambda index_ref: (current_digest if index_ref[0] else manifest_digest)(
+            ctx, index_ref[1], authfile), enumerate([source, *targets]))
+        expected, before = read[0], dict(zip(targets, read[1:]))
+        for target in targets:
+            if before[target] == expected:
+                step(f"{target} is already at {expected}; keeping it")
+        copies = Copies(ctx, source, authfile)
         current = targets[0]
         try:
-            for current in targets:
-                if before[current] == expected:
-                    step(f"{current} is already at {expected}; keeping it")
-                    continue
-                step(f"copying {source} -> {current}")
-                touched.append(current)
-                copy(ctx, source, current, authfile)
+            copies.run(by_repository([t for t in targets if before[t] != expected]))
+            failed = [t for t in targets if t in copies.failed]
+            if failed:
+                current = failed[0]
+                raise copies.failed[current]
             current = "verification"
             step("verifying digests")
-            digests = {target: manifest_digest(ctx, target, authfile) for target in targets}
+            digests = dict(zip(targets, parallel(lambda target: manifest_digest(ctx, target, authfile), targets)))
             wrong = [f"{target}@{digest}" for target, digest in digests.items() if digest != expected]
             if wrong:
                 raise TaskError(f"digest mismatch: expected {expected}, got {', '.join(wrong)}")
         except (TaskError, Terminated) as exc:
-            if touched and touched[-1] == current:
+            unfinished = [t for t in targets if t in copies.started and t not in copies.done]
+            if isinstance(exc, Terminated) and unfinished:
+                current = unfinished[0]
+            touched = [t for t in targets if t in copies.started]
+            for target in unfinished:
                 try:  # did the failed copy change the target at all?
-                    if current_digest(ctx, current, authfile) == before[current]:
-                        touched.pop()
+                    if current_digest(ctx, target, authfile) == before[target]:
+                        touched.remove(target)
                 except TaskError:
                     pass  # unknown (registry down): roll it back too, to be sure
             if touched:

@@ -445,7 +445,7 @@ def failure(what: str, output: str) -> TaskError:
 
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
-        quiet: bool = False) -> Result:
+        quiet: bool = False, watch: Callable[[str], None] | None = None) -> Result:
     """Run argv (by default with only `tool_env()`), forwarding its merged stdout/stderr line by line (masked)
     while keeping the tail for callers that classify failures. `quiet` keeps the whole output for the caller instead of printing it.
     """
@@ -458,6 +458,8 @@ def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str 
         for raw in proc.stdout:
             line = raw.decode("utf-8", errors="replace")
             lines.append(line)
+            if watch is not None:
+                watch(line)
             if not quiet:
                 # A last line without a newline must not glue onto the next `==>` line.
                 sys.stdout.write(redact(line if line.endswith("\n") else line + "\n", ctx.secrets))
@@ -514,13 +516,15 @@ def tool_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def sandbox(network: str) -> Iterator[list[str]]:
+def sandbox(network: str, inside: Callable[[str], contextlib.AbstractContextManager] | None = None
+            ) -> Iterator[list[str]]:
     """An argv prefix that runs a command (buildah) in fresh PID, mount and network namespaces.
 
     Chroot isolation puts RUN steps and test commands in buildah's own namespaces and refuses any other
     network, so buildah itself goes in: the step sees and signals only its own processes (a private /proc) and
     has no route to the host's loopback, where the service, the registry and other local daemons listen.
     `outbound` adds a slirp4netns tap with `--disable-host-loopback`: the internet, never 127.0.0.1.
+    `inside(netns_path)`, when given, is entered once the namespace exists (the build's registry relay).
     """
     pid_ns = ["unshare", "--pid", "--fork", "--mount-proc", "--"]
     if network == NETWORK_RUNNER:
@@ -541,7 +545,9 @@ def sandbox(network: str) -> Iterator[list[str]]:
             raise failure("could not create a network namespace", holder.stderr.read().decode(errors="replace"))
         if network == NETWORK_OUTBOUND:
             slirp, exit_w = _slirp(holder.pid)
-        yield ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--", *pid_ns]
+        netns = f"/proc/{holder.pid}/ns/net"
+        with inside(netns) if inside is not None else contextlib.nullcontext():
+            yield ["nsenter", f"--net={netns}", "--", *pid_ns]
     finally:
         if exit_w >= 0:
             os.close(exit_w)  # slirp4netns exits when this end closes
@@ -784,6 +790,10 @@ The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Eac
 PID and network namespaces (`sandbox()`): no network but its own loopback unless `test.network` is `outbound`.
 Values of `test.secret_env` come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault
 values) and are masked in everything we print.
+
+Where the build ran on this storage (the local backend; a Nomad client that ran the build), the image is not
+pulled back: the local image is used when its id (the digest of its config) is the config digest of the
+manifest the registry serves for the temp image, i.e. the same image; otherwise it is pulled.
 """
 
 from __future__ import annotations
@@ -795,15 +805,15 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, Context, TaskError, capture, failure, is_unauthorized, main,
-    redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env, unauthorized_error,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture, failure,
+    is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env,
+    unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -955,12 +965,49 @@ def follow(ctx: Context, cmd: list[str], output: int) -> int:
                     print(redact(line, ctx.secrets), flush=True)
             if finished:
                 return proc.returncode
-            time.sleep(POLL_SECONDS)
+            try:  # the container's output file has no readiness to wait on: read it again after this
+                proc.wait(timeout=POLL_SECONDS)  # returns at once when the command ends (no fixed sleep)
+            except subprocess.TimeoutExpired:
+                pass
     except BaseException:
         stop_child(proc)
         raise
     finally:
         os.close(relay)
+
+
+def local_image(ctx: Context, temp: str, authfile: str) -> str | None:
+    """The id of `temp` in local storage when it is the very image the registry serves (same config digest)."""
+    try:
+        image_id = capture(ctx, ctx.buildah("inspect", "--type", "image", "--format", "{{"{{"}}.FromImageID}}",
+                                            temp)).decode().strip()
+    except CommandFailed:
+        return None  # not built here
+    try:
+        manifest = json.loads(capture(ctx, ["skopeo", "inspect", "--raw", tls_for(ctx, "tls-verify", temp),
+                                            "--authfile", authfile, f"docker://{temp}"]))
+    except (CommandFailed, ValueError):
+        return None  # the pull below reports what is wrong with the registry
+    config = (manifest.get("config") or {}).get("digest") if isinstance(manifest, dict) else None
+    return image_id if image_id and config == f"sha256:{image_id.removeprefix('sha256:')}" else None
+
+
+def create_container(ctx: Context, temp: str, container: str) -> None:
+    """A working container of the temp image: from the local image when it is the pushed one, else pulled."""
+    with registry_authfile(ctx, [temp]) as authfile:
+        image_id = local_image(ctx, temp, authfile)
+        if image_id:
+            step(f"using the local image {image_id[:12]}: the same image as {temp}")
+            argv = ctx.buildah("from", "--pull=never", "--name", container, image_id)
+        else:
+            step(f"pulling {temp}")
+            argv = ctx.buildah("from", "--pull-always", "--name", container, tls_for(ctx, "tls-verify", temp),
+                               "--authfile", authfile, temp)
+        result = run(ctx, argv)
+    if result.returncode != 0:
+        if is_unauthorized(result.output):
+            raise unauthorized_error(ctx, result.output, [temp])
+        raise failure(f"could not pull {temp}", result.output)
 
 
 def test(ctx: Context) -> None:
@@ -975,15 +1022,7 @@ def test(ctx: Context) -> None:
     container = f"jobforge-test-{ctx.require('job_id')}"
     # A container left by a killed earlier attempt would block the name.
     run(ctx, ctx.buildah("rm", container), quiet=True)
-    step(f"pulling {temp}")
-    with registry_authfile(ctx, [temp]) as authfile:
-        argv = ctx.buildah("from", "--pull-always", "--name", container, tls_for(ctx, "tls-verify", temp),
-                           "--authfile", authfile)
-        result = run(ctx, argv + [temp])
-    if result.returncode != 0:
-        if is_unauthorized(result.output):
-            raise unauthorized_error(ctx, result.output, [temp])
-        raise failure(f"could not pull {temp}", result.output)
+    create_container(ctx, temp, container)
     try:
         if spec.get("entry_point"):
             argv = entry_argv(ctx, container)

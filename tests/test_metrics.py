@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 from jobforge import logs
 from jobforge.config import JobConfig
-from jobforge.metrics import Metrics, ResourceUsage, fleet_snapshot, parse_usage_line
+from jobforge.metrics import CacheUse, Metrics, ResourceUsage, fleet_snapshot, parse_cache_line, parse_usage_line
 from jobforge.models import JobRecord, JobStatus
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
@@ -28,6 +28,24 @@ def test_usage_line_is_parsed_and_anything_else_is_not():
     assert parse_usage_line("::jobforge-usage {broken") is None
     assert parse_usage_line('::jobforge-usage {"cpu_seconds": "x", "max_rss_bytes": 1}') is None
     assert parse_usage_line('echo ::jobforge-usage {"cpu_seconds": 1, "max_rss_bytes": 1}') is None
+
+
+def test_cache_line_is_parsed_and_anything_else_is_not():
+    assert parse_cache_line('::jobforge-cache {"hits": 3, "misses": 1}') == CacheUse(3, 1)
+    assert parse_cache_line("::jobforge-cache {broken") is None
+    assert parse_cache_line('::jobforge-cache {"hits": "x", "misses": 1}') is None
+    assert parse_cache_line('::jobforge-usage {"cpu_seconds": 1, "max_rss_bytes": 1}') is None
+
+
+def test_cache_hit_ratio_is_hits_over_all_cacheable_steps_seen():
+    metrics = Metrics()
+    metrics.cache(CacheUse(hits=0, misses=3))
+    metrics.cache(CacheUse(hits=3, misses=0))
+    metrics.cache(CacheUse(hits=0, misses=0))
+    value = metrics.registry.get_sample_value
+    assert value("build_cache_steps_total", {"result": "hit"}) == 3
+    assert value("build_cache_steps_total", {"result": "miss"}) == 3
+    assert value("build_cache_hit_ratio") == 0.5
 
 
 def test_fleet_snapshot_counts_and_windows():

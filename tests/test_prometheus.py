@@ -75,6 +75,10 @@ def test_the_issue_queries_have_data(metered):
     assert prom.values('jobs_total{status="FAILED", failed_phase="test"}') == [1.0]
     cpu = prom.values('resource_usage{resource_type="cpu", phase="build"}')
     assert cpu and cpu[0] > 0, "the build's CPU seconds were not reported"
+    hits = prom.values('build_cache_steps_total{result="hit"}')
+    assert hits and hits[0] > 0, "the second build of the same repository took no layer from the cache"
+    ratio = prom.values("build_cache_hit_ratio")
+    assert ratio and 0 < ratio[0] <= 1
     routes = {r["metric"]["route"] for r in prom.query("http_request_duration_seconds_count")["data"]["result"]}
     assert "/json/{method}" in routes and not any(len(r) > 40 and "-" in r for r in routes), routes
 

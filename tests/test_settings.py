@@ -82,3 +82,27 @@ def test_access_settings_default_closed_and_lists_are_comma_separated(monkeypatc
     assert s.cors_origin == ("https://ui.example", "http://127.0.0.1:3000")
     assert s.allowed_hosts == ("jobs.example", "proxy.example:8443")
     assert str(s.api_tokens_file) == "/etc/jobforge/tokens"
+
+
+def test_the_layer_cache_settings_reach_the_build_payload(monkeypatch):
+    from datetime import UTC, datetime
+
+    from jobforge.config import JobConfig
+    from jobforge.models import JobRecord
+    from jobforge.tasks import RegistryTarget, build_payload
+
+    monkeypatch.setenv("REGISTRY_CACHE_PREFIX", "layers")
+    monkeypatch.setenv("JOBFORGE_CACHE_TTL", "2h")
+    monkeypatch.setenv("JOBFORGE_CACHE_MAX_BYTES", "1000")
+    s = Settings()
+    assert (s.registry_cache_prefix, s.cache_ttl, s.cache_max_bytes) == ("layers", 7200, 1000)
+    monkeypatch.setenv("REGISTRY_CACHE_PREFIX", "Bad/Prefix")
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "REGISTRY_CACHE_PREFIX" in str(err.value)
+    config = JobConfig(owner="o", repo_url="https://git.example/a.git", image_name="app", registry_url="127.0.0.1:5000")
+    record = JobRecord(job_id="8f1c", config=config, image_tags=["8f1c"], submitted_at=datetime(2025, 1, 1, tzinfo=UTC))
+    on = build_payload(record, "build", RegistryTarget(registry_url="127.0.0.1:5000", cache_prefix="layers",
+                                                       cache_ttl=7200, cache_max_bytes=1000))
+    assert (on["cache_repo"], on["cache_ttl"], on["cache_max_bytes"]) == ("127.0.0.1:5000/layers/app", 7200, 1000)
+    assert build_payload(record, "build", RegistryTarget(registry_url="r:1", cache_prefix=""))["cache_repo"] is None

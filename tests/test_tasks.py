@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from jobforge.devinfra import Registry
+from tests.conftest import BuildahStorage
 from tests.support.githttp import GitHttpServer
 from tests.support.gitrepo import GitRepo
 
@@ -176,6 +177,31 @@ def test_build_test_publish_cleanup_with_three_tags(make_job, hello_repo, regist
     assert all(registry.manifest_digest(*repo_name(ref)) == temp_digest for ref in targets)
     again = ok(job.run("cleanup"))  # idempotent
     assert "already gone" in again.stdout
+
+
+def test_the_test_phase_uses_the_local_image_it_verified_instead_of_pulling(built, registry, tmp_path):
+    built.payload["test"]["commands"] = ["cat /app/greeting.txt || true"]
+    outcome = ok(built.run("test"))
+    commands = [line for line in outcome.stdout.splitlines() if line.startswith("+ ")]
+    froms = [line for line in commands if " from " in line]
+    assert len(froms) == 1 and "--pull=never" in froms[0] and "--pull-always" not in froms[0]
+    assert not any(" pull " in line for line in commands)
+    assert f"the same image as {built.temp_image}" in outcome.stdout
+
+    # Another node (empty storage): the image is pulled.
+    built.storage = BuildahStorage(root=tmp_path / "other" / "root", runroot=tmp_path / "other" / "runroot")
+    elsewhere = ok(built.run("test"))
+    assert f"pulling {built.temp_image}" in elsewhere.stdout
+    assert any("--pull-always" in line for line in elsewhere.stdout.splitlines() if line.startswith("+ "))
+
+
+def test_a_local_image_that_is_not_the_pushed_one_is_not_used(built, registry, base_image):
+    # The temp tag now names another image in the registry than the one stored locally under that name.
+    subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    f"docker://{base_image}", f"docker://{built.temp_image}"], check=True, capture_output=True)
+    outcome = ok(built.run("test"))
+    assert f"pulling {built.temp_image}" in outcome.stdout
+    assert "--pull=never" not in outcome.stdout
 
 
 # --- failures -------------------------------------------------------------------------------------------
@@ -520,6 +546,64 @@ def test_clear_cache_really_disables_the_cache(make_job, tmp_path, base_image):
     assert "Using cache" in warm.stdout
     cleared = ok(make_job(url, clear_cache=True).run("build"))
     assert "Using cache" not in cleared.stdout
+
+
+def test_the_cache_repository_receives_layers_and_a_cold_node_builds_from_it(make_job, tmp_path, registry,
+                                                                              base_image):
+    repo = GitRepo.create(tmp_path / "remote-cache", {"Dockerfile": (
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} > /stamp\nRUN echo two > /two\n")})
+    name = f"cache/app-{uuid.uuid4().hex[:8]}"
+    url, cache = f"file://{repo.path}", f"{registry.host}/{name}"
+    first = ok(make_job(url, cache_repo=cache).run("build"))
+    assert "Using cache" not in first.stdout
+    assert '::jobforge-cache {"hits": 0, "misses": 2}' in first.stderr
+    assert len(registry.tags(name)) == 3  # one cache image per step (two RUN, the job's label), in the temp registry
+
+    # A node whose local store is empty: only the base image, pulled as the build does.
+    cold_storage = BuildahStorage(root=tmp_path / "cold" / "root", runroot=tmp_path / "cold" / "runroot")
+    cold = make_job(url, cache_repo=cache)
+    cold.storage = cold_storage
+    rebuilt = ok(cold.run("build"))
+    assert rebuilt.stdout.count(f"Cache pulled from remote {cache}:") == 2
+    assert '::jobforge-cache {"hits": 2, "misses": 0}' in rebuilt.stderr
+    opted_out = make_job(url, cache_repo=cache, clear_cache=True)
+    opted_out.storage = cold_storage
+    assert "--cache-from" not in ok(opted_out.run("build")).stdout
+
+
+def test_the_local_store_is_pruned_least_recently_used_first_down_to_its_cap(make_job, tmp_path):
+    storage = BuildahStorage(root=tmp_path / "own" / "root", runroot=tmp_path / "own" / "runroot")
+    repos = [GitRepo.create(tmp_path / f"prune-{n}", {"Dockerfile": (
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} > /stamp\n")}) for n in range(2)]
+    jobs = [make_job(f"file://{repo.path}") for repo in repos]
+    for job in jobs:
+        job.storage = storage
+    ok(jobs[0].run("build"))
+    images = lambda: json.loads(subprocess.run(  # noqa: E731
+        ["buildah", "--storage-driver", "vfs", "--root", str(storage.root), "--runroot", str(storage.runroot),
+         "images", "--all", "--json", "--no-trunc"], capture_output=True, text=True, check=True).stdout or "[]")
+    first = {i["id"].removeprefix("sha256:"): i["names"] or [] for i in images()}
+    # Make every stored image look unused for two hours (beyond the window that protects concurrent builds).
+    (storage.root / "jobforge-cache-uses.json").write_text(json.dumps({i: 0 for i in first}))
+    jobs[1].payload.update(cache_max_bytes=1, cache_ttl=None)
+    pruned = ok(jobs[1].run("build"))
+    assert "least recently used image(s) from the layer cache" in pruned.stdout
+    base = next(i for i, names in first.items() if jobs[0].payload["build_args"]["BASE_IMAGE"] in names)
+    built = next(i for i, names in first.items() if jobs[0].temp_image in names)
+    left = {i["id"].removeprefix("sha256:") for i in images()}
+    assert built not in left
+    assert left & set(first) == {base}  # of the old images, only this build's own base image stays
+
+
+def test_the_cache_repository_gets_the_temp_registrys_credentials_only(make_job, hello_repo, registry,
+                                                                         auth_registry):
+    user, password = auth_registry.auth
+    name = f"cache/hello-{uuid.uuid4().hex[:8]}"
+    job = make_job(f"file://{hello_repo.path}", temp_image=f"{auth_registry.host}/temp-hello:{uuid.uuid4().hex}",
+                   cache_repo=f"{auth_registry.host}/{name}", insecure_registries=[registry.host])
+    outcome = ok(job.run("build", REGISTRY_USERNAME=user, REGISTRY_PASSWORD=password))
+    assert auth_registry.tags(name)  # pushed with the temp registry's credentials
+    assert password not in outcome.output
 
 
 def test_image_without_a_shell_still_runs_its_entry_point(make_job, tmp_path, registry, base_image):

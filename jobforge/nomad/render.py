@@ -150,6 +150,9 @@ def _constraints(spec: VariantSpec) -> list[dict[str, str | None]]:
     return constraints
 
 
+PHASE_HELPERS = {"build": ("_cache",)}  # helper modules a phase script imports besides _common
+
+
 def _context(phase: str, spec: VariantSpec, params: RenderParams) -> dict[str, Any]:
     name = variant_id(phase, spec)
     return {
@@ -166,7 +169,7 @@ def _context(phase: str, spec: VariantSpec, params: RenderParams) -> dict[str, A
         "env_templates": _env_templates(spec),
         "script_path": f"${{NOMAD_TASK_DIR}}/{phase}.py",
         "scripts": [{"destination": f"local/{script}.py", "text": go_template_text(_script(script))}
-                    for script in ("_common", phase)],
+                    for script in ("_common", *PHASE_HELPERS.get(phase, ()), phase)],
         "env": {
             "JOBFORGE_PAYLOAD": "${NOMAD_TASK_DIR}/payload.json",
             "JOBFORGE_WORKDIR": "${NOMAD_ALLOC_DIR}/work",

@@ -128,7 +128,9 @@ def build_service(settings: Settings) -> JobService:
                     cleanup_attempts=settings.cleanup_attempts, cleanup_backoff=settings.cleanup_backoff)
     registry = RegistryTarget(registry_url=settings.registry_url, temp_prefix=settings.registry_temp_prefix,
                               tls_verify=settings.registry_tls_verify,
-                              insecure_registries=settings.insecure_registry_hosts)
+                              insecure_registries=settings.insecure_registry_hosts,
+                              cache_prefix=settings.registry_cache_prefix, cache_ttl=settings.cache_ttl or None,
+                              cache_max_bytes=settings.cache_max_bytes or None)
     log_limits = LogLimits(max_bytes=settings.max_log_bytes, max_lines=settings.max_log_lines,
                            max_line_bytes=settings.max_line_bytes)
     return JobService(store, backend, policy=policy, registry=registry, metrics=metrics,

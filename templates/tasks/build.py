@@ -9,6 +9,10 @@ password in `repo_url` itself is taken out of the URL and handled the same way (
 The RUN steps run in `sandbox()` namespaces with outbound network but no route to the host's loopback, so the
 images the Dockerfile names are pulled before (out here, with the registry credentials) and the build itself
 never pulls (`--pull=never`) nor sees a credential.
+
+Layer cache (templates/tasks/_cache.py): `--layers` in the local store, plus `--cache-from`/`--cache-to` the
+payload's `cache_repo` in the temp registry, with the temp registry's credentials only; a registry on this
+machine's loopback is relayed into the sandbox's namespace (that port only). `clear_cache` opts out of both.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cache  # noqa: E402
 from _common import (  # noqa: E402
-    Context, Credential, TaskError, failure, git_credential_for, is_ssh_url, is_unauthorized, main, origin_of,
-    private_file, registries_conf, registry_authfile, run, sandbox, ssh_command, step, tls_for, tool_env,
-    unauthorized_error,
+    NETWORK_NONE, NETWORK_RUNNER, CommandFailed, Context, Credential, TaskError, capture, failure,
+    git_credential_for, is_ssh_url, is_unauthorized, main, origin_of, private_file, registry_authfile,
+    registry_host, run, sandbox, ssh_command, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -273,9 +278,12 @@ def base_images(text: str, build_args: dict[str, str]) -> list[str]:
     return images
 
 
-def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> None:
+def dockerfile_base_images(ctx: Context, dockerfile: str) -> list[str]:
     with open(dockerfile, encoding="utf-8", errors="replace") as fh:
-        images = base_images(fh.read(), ctx.payload.get("build_args") or {})
+        return base_images(fh.read(), ctx.payload.get("build_args") or {})
+
+
+def pull_base_images(ctx: Context, images: list[str], authfile: str | None) -> None:
     for image in images:
         step(f"pulling {image}")
         argv = ctx.buildah("pull", tls_for(ctx, "tls-verify", image))
@@ -287,7 +295,20 @@ def pull_base_images(ctx: Context, dockerfile: str, authfile: str | None) -> Non
             raise failure(f"could not pull {image}", result.output)
 
 
-def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
+def cache_repo(ctx: Context) -> str | None:
+    """The registry cache repository this build reads and writes, None when the job opted out (`clear_cache`)."""
+    return None if ctx.payload.get("clear_cache") else ctx.payload.get("cache_repo") or None
+
+
+def cache_ttl(ctx: Context) -> float | None:
+    ttl = ctx.payload.get("cache_ttl")
+    return float(ttl) if isinstance(ttl, (int, float)) and ttl > 0 else None
+
+
+def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None = None,
+             cache: str | None = None) -> list[str]:
+    """`cache`: the registry cache repository (`--cache-from`/`--cache-to`); bud talks to no other registry
+    (`--pull=never`), so `authfile` (the temp registry's credentials only) and the TLS flag are for it alone."""
     p = ctx.payload
     # --force-rm: a failed or killed build must not leave its working container in the shared storage.
     argv = ctx.buildah("bud", "--layers", "--force-rm", "--pull=never", "--isolation", ctx.isolation,
@@ -304,9 +325,57 @@ def bud_argv(ctx: Context, dockerfile: str, context: str) -> list[str]:
     argv += ["--format", image_format]
     if p.get("clear_cache"):
         argv.append("--no-cache")
+    if cache:
+        argv += ["--cache-from", cache, "--cache-to", cache, tls_for(ctx, "tls-verify", cache)]
+        argv += ["--authfile", authfile] if authfile else []
+    if cache_ttl(ctx):
+        argv += ["--cache-ttl", f"{int(cache_ttl(ctx))}s"]
     # A per-job label keeps temp digests unique, so cleanup's delete-by-digest never hits another job's tag.
     argv += ["--label", f"jobforge.job-id={p.get('job_id', '')}"]
     return argv + ["-t", ctx.payload["temp_image"], context]
+
+
+def cache_route(ctx: Context):
+    """(cache repository or None, the sandbox's `inside` hook): a registry on this machine's loopback is out of
+    the sandbox's reach, so it is relayed in; without network, a remote one is out of reach: no registry cache."""
+    cache = cache_repo(ctx)
+    if not cache or ctx.build_network == NETWORK_RUNNER:
+        return cache, None
+    host = registry_host(cache)
+    if _cache.is_loopback(_cache.split_host_port(host)[0]):
+        return cache, _cache.Relay(host)
+    if ctx.build_network == NETWORK_NONE:
+        step("no registry layer cache: builds have no network (JOBFORGE_BUILD_NETWORK=none)")
+        return None, None
+    return cache, None
+
+
+def stored_images(ctx: Context) -> list[_cache.StoredImage]:
+    try:
+        return _cache.parse_images(capture(ctx, ctx.buildah("images", "--all", "--json", "--no-trunc")).decode())
+    except (CommandFailed, ValueError):
+        return []
+
+
+def stamp_and_prune(ctx: Context, used: list[str], names: list[str]) -> None:
+    """After the build: stamp what it used (the layers it took or made, its base images and its own image), then
+    bound the local store for the next builds: unnamed layers unused for `cache_ttl`, then the least recently
+    used images until it is at most `cache_max_bytes`. What a build used within the hour, this one's included,
+    is never taken (another build may be using it); an image a container still uses is skipped."""
+    images = stored_images(ctx)
+    now = _cache.now()
+    _cache.record_uses(ctx.root, [*used, *_cache.named(images, names)], images, now)
+    if ctx.payload.get("clear_cache"):
+        return
+    max_bytes = ctx.payload.get("cache_max_bytes")
+    max_bytes = int(max_bytes) if isinstance(max_bytes, int) and max_bytes > 0 else None
+    if max_bytes is None and cache_ttl(ctx) is None:
+        return
+    plan = _cache.prune_plan(images, _cache.read_uses(ctx.root), now, cache_ttl(ctx), max_bytes, names)
+    if plan:
+        step(f"pruning {len(plan)} least recently used image(s) from the layer cache")
+    for image_id in plan:
+        run(ctx, ctx.buildah("rmi", image_id), quiet=True)
 
 
 def build(ctx: Context) -> None:
@@ -321,16 +390,26 @@ def build(ctx: Context) -> None:
     dockerfile = inside(clone, ctx.payload.get("dockerfile_path") or "Dockerfile", "dockerfile_path", False)
     context = inside(clone, ctx.payload.get("dockerfile_context") or ".", "dockerfile_context", True)
 
+    bases = dockerfile_base_images(ctx, dockerfile)
     with registry_authfile(ctx, [temp]) as authfile:
         if ctx.payload.get("clear_cache"):
             step("clearing the layer cache")
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
-        pull_base_images(ctx, dockerfile, authfile)
-        step(f"building {temp}")
-        with sandbox(ctx.build_network) as prefix:
-            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context), cwd=clone)
+        pull_base_images(ctx, bases, authfile)
+        cache, netns_hook = cache_route(ctx)
+        step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
+        hits = _cache.HitCounter()
+        with sandbox(ctx.build_network, netns_hook) as prefix:
+            if netns_hook is not None and netns_hook.failed:
+                step(f"no registry layer cache: cannot relay {registry_host(cache)} into the build's network "
+                     f"namespace ({netns_hook.failed})")
+                cache = None
+            result = run(ctx, prefix + bud_argv(ctx, dockerfile, context, authfile, cache), cwd=clone,
+                         watch=hits.feed)
+        _cache.report(hits)
         if result.returncode != 0:
+            stamp_and_prune(ctx, hits.used, bases)
             raise failure(f"image build failed (exit {result.returncode})", result.output)
         step(f"pushing {temp}")
         digest_file = os.path.join(ctx.workdir, "digest")
@@ -343,6 +422,7 @@ def build(ctx: Context) -> None:
             raise failure(f"push of {temp} failed (exit {result.returncode})", result.output)
     with open(digest_file, encoding="utf-8") as fh:
         digest = fh.read().strip()
+    stamp_and_prune(ctx, hits.used, [*bases, temp])
     print(f"digest: {digest}", flush=True)
 
 

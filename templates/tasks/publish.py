@@ -4,6 +4,10 @@
 `skopeo copy --preserve-digests` refuses to rewrite manifests, so a target's digest equals the temp
 image's; we still re-read every target's manifest and hash it ourselves before printing `Published:`.
 
+Fast: the targets' digests are read concurrently, each repository's targets are copied in order (the first copy
+brings the blobs, later tags find them there) while different repositories are copied concurrently, and the
+final verification reads every target concurrently.
+
 All or nothing: each target's digest is read first; a target already at the temp image's digest is kept as it
 is. When publishing fails part-way (or is stopped), what this run changed is rolled back: the job's manifest is
 deleted from each repository it was pushed to and tags it overwrote are pointed back at their old digest. The
@@ -17,6 +21,9 @@ import hashlib
 import os
 import re
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +33,63 @@ from _common import (  # noqa: E402
 )
 
 GONE = re.compile(r"manifest unknown|name unknown|\b404\b", re.IGNORECASE)
+MAX_PARALLEL = 8  # registry commands at once
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def parallel(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """`fn` over `items` on at most MAX_PARALLEL threads; results (or the first error) in the items' order."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def by_repository(targets: list[str]) -> list[list[str]]:
+    """Targets grouped by repository, in their order (a repository's first target first)."""
+    groups: dict[str, list[str]] = {}
+    for target in targets:
+        groups.setdefault(repository(target), []).append(target)
+    return list(groups.values())
+
+
+class Copies:
+    """Copies `source` to each repository's targets in order, repositories concurrently. A repository's chain
+    stops at its first failure or once `stop` is set; the others run to their end, so what was touched is
+    known exactly (`started`, `done`) whatever fails where."""
+
+    def __init__(self, ctx: Context, source: str, authfile: str) -> None:
+        self.ctx, self.source, self.authfile = ctx, source, authfile
+        self.started: set[str] = set()
+        self.done: set[str] = set()
+        self.failed: dict[str, TaskError] = {}
+        self.stop = threading.Event()
+
+    def chain(self, targets: list[str]) -> None:
+        for target in targets:
+            if self.stop.is_set():
+                return
+            step(f"copying {self.source} -> {target}")
+            self.started.add(target)
+            try:
+                copy(self.ctx, self.source, target, self.authfile)
+            except TaskError as exc:
+                self.failed[target] = exc
+                return
+            self.done.add(target)
+
+    def run(self, chains: list[list[str]]) -> None:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(chains))))
+        try:
+            for future in [pool.submit(self.chain, chain) for chain in chains]:
+                future.result()
+        except BaseException:
+            self.stop.set()  # stopped (SIGTERM): no chain starts another copy
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
 
 def manifest_digest(ctx: Context, ref: str, authfile: str) -> str:
@@ -101,30 +165,36 @@ def publish(ctx: Context) -> None:
     if not targets:
         raise TaskError("payload has no publish_targets")
     with registry_authfile(ctx, [source, *targets]) as authfile:
-        expected = manifest_digest(ctx, source, authfile)
-        step("reading the current digest of every target")
-        before = {target: current_digest(ctx, target, authfile) for target in targets}
-        touched: list[str] = []
+        step("reading the temp image's digest and the current digest of every target")
+        read = parallel(lambda index_ref: (current_digest if index_ref[0] else manifest_digest)(
+            ctx, index_ref[1], authfile), enumerate([source, *targets]))
+        expected, before = read[0], dict(zip(targets, read[1:]))
+        for target in targets:
+            if before[target] == expected:
+                step(f"{target} is already at {expected}; keeping it")
+        copies = Copies(ctx, source, authfile)
         current = targets[0]
         try:
-            for current in targets:
-                if before[current] == expected:
-                    step(f"{current} is already at {expected}; keeping it")
-                    continue
-                step(f"copying {source} -> {current}")
-                touched.append(current)
-                copy(ctx, source, current, authfile)
+            copies.run(by_repository([t for t in targets if before[t] != expected]))
+            failed = [t for t in targets if t in copies.failed]
+            if failed:
+                current = failed[0]
+                raise copies.failed[current]
             current = "verification"
             step("verifying digests")
-            digests = {target: manifest_digest(ctx, target, authfile) for target in targets}
+            digests = dict(zip(targets, parallel(lambda target: manifest_digest(ctx, target, authfile), targets)))
             wrong = [f"{target}@{digest}" for target, digest in digests.items() if digest != expected]
             if wrong:
                 raise TaskError(f"digest mismatch: expected {expected}, got {', '.join(wrong)}")
         except (TaskError, Terminated) as exc:
-            if touched and touched[-1] == current:
+            unfinished = [t for t in targets if t in copies.started and t not in copies.done]
+            if isinstance(exc, Terminated) and unfinished:
+                current = unfinished[0]
+            touched = [t for t in targets if t in copies.started]
+            for target in unfinished:
                 try:  # did the failed copy change the target at all?
-                    if current_digest(ctx, current, authfile) == before[current]:
-                        touched.pop()
+                    if current_digest(ctx, target, authfile) == before[target]:
+                        touched.remove(target)
                 except TaskError:
                     pass  # unknown (registry down): roll it back too, to be sure
             if touched:

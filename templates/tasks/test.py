@@ -5,6 +5,10 @@ The container (`jobforge-test-<job_id>`) is always removed, also on SIGTERM. Eac
 PID and network namespaces (`sandbox()`): no network but its own loopback unless `test.network` is `outbound`.
 Values of `test.secret_env` come from this process's `JOBFORGE_SECRET_<name>` variables (the job's Vault
 values) and are masked in everything we print.
+
+Where the build ran on this storage (the local backend; a Nomad client that ran the build), the image is not
+pulled back: the local image is used when its id (the digest of its config) is the config digest of the
+manifest the registry serves for the temp image, i.e. the same image; otherwise it is pulled.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, Context, TaskError, capture, failure, is_unauthorized, main,
-    redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env, unauthorized_error,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture, failure,
+    is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env,
+    unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -176,12 +180,49 @@ def follow(ctx: Context, cmd: list[str], output: int) -> int:
                     print(redact(line, ctx.secrets), flush=True)
             if finished:
                 return proc.returncode
-            time.sleep(POLL_SECONDS)
+            try:  # the container's output file has no readiness to wait on: read it again after this
+                proc.wait(timeout=POLL_SECONDS)  # returns at once when the command ends (no fixed sleep)
+            except subprocess.TimeoutExpired:
+                pass
     except BaseException:
         stop_child(proc)
         raise
     finally:
         os.close(relay)
+
+
+def local_image(ctx: Context, temp: str, authfile: str) -> str | None:
+    """The id of `temp` in local storage when it is the very image the registry serves (same config digest)."""
+    try:
+        image_id = capture(ctx, ctx.buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}",
+                                            temp)).decode().strip()
+    except CommandFailed:
+        return None  # not built here
+    try:
+        manifest = json.loads(capture(ctx, ["skopeo", "inspect", "--raw", tls_for(ctx, "tls-verify", temp),
+                                            "--authfile", authfile, f"docker://{temp}"]))
+    except (CommandFailed, ValueError):
+        return None  # the pull below reports what is wrong with the registry
+    config = (manifest.get("config") or {}).get("digest") if isinstance(manifest, dict) else None
+    return image_id if image_id and config == f"sha256:{image_id.removeprefix('sha256:')}" else None
+
+
+def create_container(ctx: Context, temp: str, container: str) -> None:
+    """A working container of the temp image: from the local image when it is the pushed one, else pulled."""
+    with registry_authfile(ctx, [temp]) as authfile:
+        image_id = local_image(ctx, temp, authfile)
+        if image_id:
+            step(f"using the local image {image_id[:12]}: the same image as {temp}")
+            argv = ctx.buildah("from", "--pull=never", "--name", container, image_id)
+        else:
+            step(f"pulling {temp}")
+            argv = ctx.buildah("from", "--pull-always", "--name", container, tls_for(ctx, "tls-verify", temp),
+                               "--authfile", authfile, temp)
+        result = run(ctx, argv)
+    if result.returncode != 0:
+        if is_unauthorized(result.output):
+            raise unauthorized_error(ctx, result.output, [temp])
+        raise failure(f"could not pull {temp}", result.output)
 
 
 def test(ctx: Context) -> None:
@@ -196,15 +237,7 @@ def test(ctx: Context) -> None:
     container = f"jobforge-test-{ctx.require('job_id')}"
     # A container left by a killed earlier attempt would block the name.
     run(ctx, ctx.buildah("rm", container), quiet=True)
-    step(f"pulling {temp}")
-    with registry_authfile(ctx, [temp]) as authfile:
-        argv = ctx.buildah("from", "--pull-always", "--name", container, tls_for(ctx, "tls-verify", temp),
-                           "--authfile", authfile)
-        result = run(ctx, argv + [temp])
-    if result.returncode != 0:
-        if is_unauthorized(result.output):
-            raise unauthorized_error(ctx, result.output, [temp])
-        raise failure(f"could not pull {temp}", result.output)
+    create_container(ctx, temp, container)
     try:
         if spec.get("entry_point"):
             argv = entry_argv(ctx, container)
