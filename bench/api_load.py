@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +36,7 @@ from pathlib import Path
 import aiohttp
 
 from jobforge.config import JobConfig
-from jobforge.devinfra import ServiceProcess, free_port, remove_tree
+from jobforge.devinfra import ServiceProcess, free_port, progress, run_in_scratch
 from jobforge.models import JobStatus, LogLine, LogStream
 from jobforge.pipeline import new_job
 from jobforge.stores.sqlite import SqliteStore
@@ -50,10 +48,6 @@ GOAL_HISTORY_FLATNESS = 1.5
 OWNERS = 5
 BIG_JOB = "bench-big-log"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def progress(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -299,16 +293,7 @@ def main() -> int:
     args = parser.parse_args()
     if min(args.clients, args.requests, args.submits, args.log_lines, args.history_rounds) < 1 or args.interval < 0:
         parser.error("counts must be at least 1 and --interval not negative")
-    work = Path(tempfile.mkdtemp(prefix="jobforge-api-load-"))
-    try:
-        result = bench(work, args)
-    finally:
-        if args.keep:
-            progress(f"kept {work}")
-        else:
-            remove_tree(work)
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_in_scratch("jobforge-api-load-", args.keep, lambda work: bench(work, args))
 
 
 if __name__ == "__main__":

@@ -25,21 +25,16 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from jobforge.devinfra import Registry, git_repo_of, remove_tree, seed_busybox_image
+from jobforge.devinfra import Registry, git_repo_of, progress, remove_tree, run_in_scratch, seed_busybox_image
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "templates" / "tasks" / "build.py"
 GOALS = {"warm": 0.2, "cold": 0.35}
 VARIANTS = ("first", "warm", "cold")
-
-
-def progress(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)
 
 
 def median(values: list[float]) -> float:
@@ -148,16 +143,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 1 or args.sleep < 0:
         parser.error("--rounds must be at least 1 and --sleep not negative")
-    work = Path(tempfile.mkdtemp(prefix="jobforge-bench-cache-"))
-    try:
-        result = bench(work, args.rounds, args.sleep)
-    finally:
-        if args.keep:
-            progress(f"kept {work}")
-        else:
-            remove_tree(work)
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_in_scratch("jobforge-bench-cache-", args.keep, lambda work: bench(work, args.rounds, args.sleep))
 
 
 if __name__ == "__main__":

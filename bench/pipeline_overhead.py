@@ -36,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime
@@ -46,7 +45,8 @@ from types import ModuleType
 import aiohttp
 import yaml
 
-from jobforge.devinfra import Registry, ServiceProcess, git_repo_of, remove_tree, seed_busybox_image
+from jobforge.devinfra import (Registry, ServiceProcess, git_repo_of, progress, run_in_scratch,
+                               seed_busybox_image)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,10 +58,6 @@ TARGET_RATIO = 1.15
 TARGET_RATIO_NAIVE = 1.0
 VARIANTS = ("jobforge", "direct", "naive")
 TRANSITIONS = [("job_start", "build_start"), ("build_end", "test_start"), ("test_end", "publish_start")]
-
-
-def progress(message: str) -> None:
-    print(f"==> {message}", file=sys.stderr, flush=True)
 
 
 def stats(values: list[float], digits: int = 3) -> dict:
@@ -370,16 +366,7 @@ def main() -> int:
     for tool in ("jobforge-service",):
         if not (BIN / tool).exists():
             parser.error(f"{BIN / tool} not found: install the package first (make test / make demo do)")
-    work = Path(tempfile.mkdtemp(prefix="jobforge-bench-"))
-    try:
-        result = bench(work, args.rounds, args.tags)
-    finally:
-        if args.keep:
-            progress(f"kept {work}")
-        else:
-            remove_tree(work)
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_in_scratch("jobforge-bench-", args.keep, lambda work: bench(work, args.rounds, args.tags))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 MANIFEST_TYPES = ", ".join([
@@ -229,6 +230,26 @@ def remove_tree(path: str | os.PathLike) -> None:
     if Path(path).exists() and shutil.which("buildah"):
         subprocess.run(["buildah", "unshare", "rm", "-rf", str(path)], check=False, stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def progress(message: str) -> None:
+    """A benchmark's progress line: stderr, so stdout stays the one JSON object it prints."""
+    print(f"==> {message}", file=sys.stderr, flush=True)
+
+
+def run_in_scratch(prefix: str, keep: bool, measure: Callable[[Path], object]) -> int:
+    """Run a benchmark's `measure(work)` in a fresh temporary directory, remove it (unless `keep`), and print the
+    result as the benchmark's one JSON object on stdout."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        result = measure(work)
+    finally:
+        if keep:
+            progress(f"kept {work}")
+        else:
+            remove_tree(work)
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def build_network_here(as_root: bool = False) -> str:
