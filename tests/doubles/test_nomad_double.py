@@ -859,9 +859,10 @@ async def test_parse_rendered_job(http, path):
     assert (task["Driver"], task["DispatchPayload"], task["Env"]) == ("docker", {"File": "payload.json"}, ENV)
     assert task["Config"]["args"] == [f"${{NOMAD_TASK_DIR}}/{phase}.py"]
     scripts = ROOT / "templates" / "tasks"
+    modules = ["_common", *(["_cache"] if phase == "build" else []), phase]  # the build ships its cache helper
     assert [(t["DestPath"], t["Envvars"], t["ChangeMode"]) for t in task["Templates"]] == [
-        ("local/_common.py", False, "noop"), (f"local/{phase}.py", False, "noop")]
-    for tmpl, name in zip(task["Templates"], ("_common", phase), strict=True):
+        (f"local/{name}.py", False, "noop") for name in modules]
+    for tmpl, name in zip(task["Templates"], modules, strict=True):
         # docs/nomad.md: every `{{` of a script is written as `{{"{{"}}`; the heredoc keeps its last newline
         assert tmpl["EmbeddedTmpl"] == (scripts / f"{name}.py").read_text().replace("{{", '{{"{{"}}')
     assert (task["Resources"]["CPU"], task["Resources"]["MemoryMB"]) == RESOURCES[phase]
