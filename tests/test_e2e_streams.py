@@ -169,7 +169,9 @@ def test_stream_clients_see_everything_and_stalled_clients_are_dropped(service, 
     assert received < FLOOD
     assert "event: error" in sse_raw and "too slow" in sse_raw and "event: status" not in sse_raw
     print(f"service RSS: {baseline / 2**20:.0f} MiB before the job, {peak / 2**20:.0f} MiB after the flood")
-    assert peak < RSS_LIMIT and peak - baseline < 40 * 2**20, (baseline, peak)  # ~8 MiB measured; the flood is ~20 MB
+    # Measured growth 30–46 MiB (the allocator's high-water mark of the loop, store and offload threads); holding
+    # the flood for the two stalled clients would add ~40 MB more (it is ~20 MB).
+    assert peak < RSS_LIMIT and peak - baseline < 64 * 2**20, (baseline, peak)
     assert "dropping slow stream client" in service.log_path.read_text(errors="replace")
 
 
