@@ -443,6 +443,25 @@ def failure(what: str, output: str) -> TaskError:
 
 # --- running commands -----------------------------------------------------------------------------------
 
+# The only variables the tools (buildah, skopeo, git, ssh, unshare, nsenter, slirp4netns, ip) start with, plus
+# `LC_*`. buildah runs the build steps and test commands: whatever it holds may reach them (bud copies its
+# *_proxy variables into every RUN step), so nothing of the service's or the runner's environment does, not its
+# credentials, its settings (JOBFORGE_*) nor a Nomad task's NOMAD_*. Storage, isolation and auth go in argv.
+TOOL_ENV = (
+    "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_RUNTIME_DIR",
+    # set by `buildah unshare` (enter_user_namespace): rootless buildah must not try to enter a namespace again
+    "_CONTAINERS_USERNS_CONFIGURED", "_CONTAINERS_ROOTLESS_UID", "_CONTAINERS_ROOTLESS_GID",
+    # where the runner keeps its containers configuration and CA roots when not in the default places
+    "CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF", "SSL_CERT_FILE", "SSL_CERT_DIR",
+)
+TOOL_ENV_PREFIXES = ("LC_",)
+
+
+def tool_env() -> dict[str, str]:
+    """This process's values of TOOL_ENV (and LC_*), nothing else: a tool uses only what a command hands it
+    explicitly (`--authfile`, the git credential helper, `git_env`)."""
+    return {k: v for k, v in os.environ.items() if k in TOOL_ENV or k.startswith(TOOL_ENV_PREFIXES)}
+
 
 def run(ctx: Context, argv: Sequence[str], *, env: dict | None = None, cwd: str | None = None,
         quiet: bool = False, watch: Callable[[str], None] | None = None) -> Result:
@@ -502,17 +521,9 @@ def capture(ctx: Context, argv: Sequence[str]) -> bytes:
 # `runner`: no namespace of our own; the runner's network is the boundary (a Nomad docker task's bridge).
 NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER = "none", "outbound", "runner"
 TUN = "/dev/net/tun"
-# The only variables buildah (and so anything a build step or test command could read of its process) gets:
-# never the service's or the runner's credentials.
-TOOL_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_RUNTIME_DIR",
-            "_CONTAINERS_USERNS_CONFIGURED", "_CONTAINERS_ROOTLESS_UID", "_CONTAINERS_ROOTLESS_GID")
 # Keeps a network namespace alive (with its loopback up) until our end of its stdin closes; $1 is `ip`.
 _NETNS_HOLDER = ["unshare", "--net", "--", "sh", "-c", '"$1" link set lo up && echo ready && exec cat >/dev/null',
                  "netns"]
-
-
-def tool_env() -> dict[str, str]:
-    return {name: os.environ[name] for name in TOOL_ENV if name in os.environ}
 
 
 @contextlib.contextmanager
@@ -659,21 +670,6 @@ def registry_authfile(ctx: Context, refs: Sequence[str]) -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-def tool_env() -> dict[str, str]:
-    """The environment for buildah/skopeo/git: ours minus every credential variable, so a tool can only use
-    what a command hands it explicitly (`--authfile`, the git credential helper)."""
-    return {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV and not k.startswith("JOBFORGE_SECRET_")}
-
-
-# Variables holding credentials or pointing at them; never passed on to the tools.
-CREDENTIAL_ENV = frozenset({
-    "REGISTRY_USERNAME", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "JOBFORGE_REGISTRY_AUTH_FILE",
-    "JOBFORGE_JOB_REGISTRY_USERNAME", "JOBFORGE_JOB_REGISTRY_PASSWORD", "GIT_USERNAME", "GIT_PASSWORD",
-    "JOBFORGE_GIT_CREDENTIALS", "JOBFORGE_JOB_GIT_USERNAME", "JOBFORGE_JOB_GIT_PASSWORD", "GIT_ASKPASS",
-    "SSH_ASKPASS", "DOCKER_CONFIG", "DOCKER_AUTH_CONFIG", "JOBFORGE_JOB_GIT_SSH_KEY", "JOBFORGE_JOB_GIT_KNOWN_HOSTS",
-})
 
 
 def is_unauthorized(output: str) -> bool:

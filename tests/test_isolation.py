@@ -3,7 +3,9 @@
 A hostile job's RUN step and test commands read /proc/*/environ, the service's data dir, another running job's
 workspace and a host file; one test command replaces every file in its writable mounts with symlinks to that
 host file. Neither the host file's marker, nor a marker planted in the data dir or in the other job's
-workspace, nor the service's secret values appear in any log, status or history. Both also try to kill a host
+workspace, nor the service's secret values, nor the values of its other variables (settings the phase scripts
+get, like JOBFORGE_GIT_CREDENTIAL_HOST, and a variable of the service's own environment) appear in any log,
+status or history. Both also try to kill a host
 process and to reach the service's API on 127.0.0.1: both fail, the process lives. Each probe prints a word
 built by shell arithmetic (`nokill42`, never in the probe's text) so the test sees that it really ran.
 """
@@ -29,8 +31,11 @@ pytestmark = pytest.mark.e2e
 
 BUILD_USER = "jobforge-build"
 SECRETS = {"REGISTRY_USERNAME": "isolation-user", "REGISTRY_PASSWORD": f"reg-secret-{uuid.uuid4().hex}",
-           "JOBFORGE_GIT_USERNAME": "isolation-git", "JOBFORGE_GIT_PASSWORD": f"git-secret-{uuid.uuid4().hex}",
-           "JOBFORGE_GIT_CREDENTIAL_HOST": "git.example.invalid"}
+           "JOBFORGE_GIT_USERNAME": "isolation-git", "JOBFORGE_GIT_PASSWORD": f"git-secret-{uuid.uuid4().hex}"}
+# Not secrets, but the service's: the first two reach the phase scripts (which need them), the last one does not.
+SERVICE_ENV = {"JOBFORGE_GIT_CREDENTIAL_HOST": f"git-host-{uuid.uuid4().hex}.invalid",
+               "JOBFORGE_GIT_PLAIN_HTTP_HOSTS": f"plain-host-{uuid.uuid4().hex}.invalid",
+               "FOO_SERVICE": f"service-marker-{uuid.uuid4().hex}"}
 HOST_MARKER = f"host-marker-{uuid.uuid4().hex}"
 DATA_MARKER = f"data-marker-{uuid.uuid4().hex}"
 WORKSPACE_MARKER_PREFIX = "ws-marker-"
@@ -101,7 +106,7 @@ def host_file(shared_dir) -> Path:
 def service(request, tmp_path_factory, registry, base_image):
     data = tmp_path_factory.mktemp("isolation-service")
     with ServiceProcess(data, registry.host, MAX_CONCURRENT_JOBS="2", JOBFORGE_BUILD_USER=request.param,
-                        **SECRETS) as svc:
+                        **SECRETS, **SERVICE_ENV) as svc:
         planted = svc.data_dir / "planted.txt"
         planted.write_text(DATA_MARKER + "\n")
         planted.chmod(0o644)
@@ -165,7 +170,8 @@ def test_a_hostile_job_reaches_nothing_of_the_host(service, shared_dir, host_fil
     _, history = svc.post("/json/getHistory", {"limit": 100})
     everything = "\n".join([text_a, text_b, json.dumps(history)])
 
-    for secret in [HOST_MARKER, DATA_MARKER, SECRETS["REGISTRY_PASSWORD"], SECRETS["JOBFORGE_GIT_PASSWORD"]]:
+    for secret in [HOST_MARKER, DATA_MARKER, SECRETS["REGISTRY_PASSWORD"], SECRETS["JOBFORGE_GIT_PASSWORD"],
+                   *SERVICE_ENV.values()]:
         assert secret not in everything
     assert workspace_marker not in text_b  # A's own log has it; B never read it
     assert final_b["status"] == "SUCCEEDED", (final_b, logs_b)

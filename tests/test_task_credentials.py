@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from jobforge.tasks import templates_dir
 from tests.support import taskscripts
 
 c = taskscripts.load("_common")
@@ -93,6 +94,31 @@ def test_tools_never_inherit_credential_variables(monkeypatch):
     env = c.tool_env()
     assert env["LANG"] == "C.UTF-8"
     assert not {"REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "GIT_PASSWORD", "JOBFORGE_SECRET_X", "DOCKER_CONFIG"} & set(env)
+
+
+def test_tools_start_with_the_allow_list_only(monkeypatch):
+    """Not a credential either, still the service's or the runner's: settings, host paths, proxies, Nomad's."""
+    dropped = ("FOO_SERVICE", "JOBFORGE_GIT_CREDENTIAL_HOST", "JOBFORGE_GIT_PLAIN_HTTP_HOSTS", "JOBFORGE_BUILDAH_ROOT",
+               "JOBFORGE_PAYLOAD", "NOMAD_TASK_DIR", "HTTPS_PROXY", "http_proxy", "BUILDAH_ISOLATION", "USER")
+    kept = {"PATH": "/usr/bin:/bin", "HOME": "/home/b", "LC_CTYPE": "C.UTF-8", "TMPDIR": "/var/tmp",
+            "_CONTAINERS_USERNS_CONFIGURED": "done", "_CONTAINERS_ROOTLESS_UID": "999",
+            "CONTAINERS_STORAGE_CONF": "/etc/runner/storage.conf"}
+    monkeypatch.setattr(c.os, "environ", {**{name: "marker" for name in dropped}, **kept})
+    assert c.tool_env() == kept
+
+
+def test_the_task_scripts_define_each_name_once():
+    """A second `def tool_env` further down once silently replaced the allow-list with a deny-list."""
+    import ast
+    from collections import Counter
+
+    for script in sorted((templates_dir() / "tasks").glob("*.py")):
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+        names = Counter(node.name for node in tree.body
+                        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
+        names.update(target.id for node in tree.body if isinstance(node, ast.Assign)
+                     for target in node.targets if isinstance(target, ast.Name))
+        assert [name for name, count in names.items() if count > 1] == [], script.name
 
 
 def test_build_registries_conf_marks_exactly_the_insecure_hosts():

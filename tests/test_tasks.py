@@ -522,6 +522,26 @@ def test_a_secret_mapping_never_copies_the_services_own_variable(built):
     assert secret not in outcome.output and "got:" not in outcome.output
 
 
+# Variables of the runner's (or the service's) environment: buildah hands the proxy ones to every RUN step when it
+# has them (bud's --http-proxy default), the others are what a Nomad task or the service itself would carry.
+RUNNER_ENV = ("HTTP_PROXY", "https_proxy", "FOO_SERVICE", "NOMAD_TASK_DIR", "JOBFORGE_GIT_PLAIN_HTTP_HOSTS")
+# Prints the step's environment and every environment of its PID namespace it can read.
+DUMP_ENV = "env; for f in /proc/[0-9]*/environ; do tr '\\0' '\\n' < $f; done; echo dumped-$((40+2))"
+
+
+def test_build_steps_and_test_commands_see_nothing_of_the_runners_environment(make_job, tmp_path):
+    markers = {name: f"http://{name.lower().replace('_', '-')}-{uuid.uuid4().hex}.invalid:3128" for name in RUNNER_ENV}
+    dockerfile = f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN : {uuid.uuid4().hex}; {DUMP_ENV}\n"  # never a cached step
+    repo = GitRepo.create(tmp_path / "dump", {"Dockerfile": dockerfile})
+    job = make_job(f"file://{repo.path}")
+    job.payload["test"] = {"entry_point": False, "commands": [DUMP_ENV], "env": {}, "secret_env": []}
+    job.env.update(markers)
+    for phase in ("build", "test"):
+        outcome = ok(job.run(phase))
+        assert "dumped-42" in outcome.stdout, outcome.output  # the dump ran
+        assert not [name for name, value in markers.items() if value in outcome.output], outcome.output
+
+
 @pytest.mark.skipif(os.geteuid() != 0 and not os.access("/dev/net/tun", os.R_OK | os.W_OK),
                     reason="slirp4netns needs /dev/net/tun")
 @pytest.mark.parametrize("network, interfaces", [("none", "lo"), ("outbound", "lo tap0")])

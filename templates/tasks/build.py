@@ -100,8 +100,9 @@ def split_url_credential(url: str) -> tuple[str, Credential | None]:
 
 
 def git_env(ctx: Context, credential: Credential | None) -> dict[str, str]:
-    """tool_env() (no credential variables) + no system/global git config (it could add helpers, insteadOf
-    rewrites or extra headers) + the one credential bound to this repository's origin, if any."""
+    """tool_env() (the tools' allow-list: no credential, no setting of the service) + no system/global git config
+    (it could add helpers, insteadOf rewrites or extra headers) + the one credential bound to this repository's
+    origin, if any."""
     env = dict(tool_env(), GIT_ALLOW_PROTOCOL=GIT_ALLOW_PROTOCOL, GIT_TERMINAL_PROMPT="0",
                GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
     # No job key: ssh offers no key at all (the runner's keys, config and agent stay the runner's).
