@@ -130,6 +130,7 @@ async def test_a_token_of_ann_cannot_touch_bobs_job_on_any_transport(env):
         ("GET", f"/json/job/{bob_job}/status", None),
         ("POST", "/json/getLogs", {"job_id": bob_job}),
         ("GET", f"/json/job/{bob_job}/logs", None),
+        ("GET", f"/json/job/{bob_job}/logs/stream", None),  # SSE: refused before any event is sent
         ("POST", "/json/killJob", {"job_id": bob_job}),
         ("POST", "/json/cleanup", {"job_id": bob_job}),
     ]:
@@ -145,6 +146,20 @@ async def test_a_token_of_ann_cannot_touch_bobs_job_on_any_transport(env):
         assert info.value.status == 403
     await env.service.idle()
     assert (await env.service.store.get(bob_job)).record.status.value == "SUCCEEDED"  # not killed
+
+
+async def test_an_mcp_tool_call_on_bobs_job_with_anns_token_is_a_forbidden_tool_error(env):
+    """MCP reports job errors as tool results (`isError`), so the 403 is the result's text, with nothing of the job."""
+    bob_job = await submit(env, "bob")
+    call_status = rpc("tools/call", {"name": "getStatus", "arguments": {"job_id": bob_job}})
+    mcp = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-06-18"}
+    resp, answer = await call(env, "POST", "/mcp", ANN, call_status, mcp)
+    assert resp.status == 200 and answer["result"]["isError"] is True, answer
+    assert answer["result"]["content"][0]["text"] == (f"job {bob_job} belongs to owner 'bob'; "
+                                                       "this token may act only for ann")
+    assert "structuredContent" not in answer["result"]
+    resp, answer = await call(env, "POST", "/mcp", ANN_BOB, call_status, mcp)
+    assert answer["result"]["isError"] is False and answer["result"]["structuredContent"]["job_id"] == bob_job
 
 
 async def test_a_token_submits_only_as_its_owners(env):

@@ -44,3 +44,19 @@ def test_loopback_without_tokens_starts_with_a_warning(tmp_path):
         assert service.post("/json/getHistory", {})[0] == 200
         log = service.log_path.read_text()
     assert "no API tokens configured" in log and "loopback (127.0.0.1) only" in log
+
+
+def listening_on_every_ipv4_address(port: int) -> bool:
+    """A LISTEN socket (state 0A) bound to 0.0.0.0:<port> in /proc/net/tcp."""
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        return any(f[1] == f"00000000:{port:04X}" and f[3] == "0A" for f in (line.split() for line in fh) if len(f) > 3)
+
+
+def test_a_non_loopback_address_without_tokens_starts_when_explicitly_insecure(tmp_path):
+    with ServiceProcess(tmp_path / "data", "127.0.0.1:5000", SERVER_HOST="0.0.0.0",
+                        JOBFORGE_INSECURE_NO_AUTH="true") as service:
+        assert listening_on_every_ipv4_address(service.port)
+        assert service.get("/health") == (200, {"status": "ok"})
+        assert service.post("/json/getHistory", {})[0] == 200  # no token needed: that is what was asked for
+        log = service.log_path.read_text()
+    assert "no API tokens configured" in log and "JOBFORGE_INSECURE_NO_AUTH=true, anyone who can connect" in log

@@ -114,6 +114,8 @@ INVALID = [
      "RFC 7230 token"),
     ("header-host", with_(webhook_headers={"Host": "metadata.internal"}), "webhook_headers.Host",
      "cannot be overridden"),
+    ("header-content-type", with_(webhook_headers={"content-TYPE": "text/plain"}), "webhook_headers.content-TYPE",
+     "cannot be overridden"),
     ("header-signature", with_(webhook_headers={"x-webhook-signature": "sha256=00"}),
      "webhook_headers.x-webhook-signature", "cannot be overridden"),
     ("timeout-bad-unit", with_(build_timeout="10x"), "build_timeout", "invalid duration"),
