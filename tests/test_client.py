@@ -5,6 +5,10 @@ The CLI subprocess tests in tests/cli/test_cli_e2e.py cover the same client agai
 
 from __future__ import annotations
 
+import signal
+import threading
+from pathlib import Path
+
 import aiohttp
 import pytest
 import requests
@@ -189,6 +193,28 @@ def test_sync_watch_stopped_early_closes_cleanly(fake, client):
     stream = client.watch("job-w")
     assert next(stream).type == "status"
     stream.close()  # what Ctrl-C does: only the watching stops
+
+
+def _blocked_signals(native_id: int) -> set[int]:
+    mask = int(next(line for line in Path(f"/proc/self/task/{native_id}/status").read_text().splitlines()
+                    if line.startswith("SigBlk:")).split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_ctrl_c_always_reaches_the_thread_waiting_for_updates(fake, client):
+    """The kernel gives a process-wide SIGINT to any thread not blocking it; taken by the watch's I/O thread it
+    would leave the main thread asleep until the next update (a build's next phase: minutes)."""
+    fake.jobs["job-w"] = status_doc("job-w", "BUILDING")
+    fake.watch_scripts["job-w"] = [{"type": "status", "job": status_doc("job-w", "BUILDING")}]
+    fake.hold_open.add("job-w")  # the pump thread stays alive, waiting for the next update
+    stream = client.watch("job-w")
+    assert next(stream).type == "status"
+    try:
+        pumps = [t for t in threading.enumerate() if t.name == "jobforge-watch-job-w"]
+        assert pumps and all({signal.SIGINT, signal.SIGTERM} <= _blocked_signals(t.native_id) for t in pumps)
+        assert signal.SIGINT not in _blocked_signals(threading.main_thread().native_id)
+    finally:
+        stream.close()
 
 
 def test_watch_of_unknown_job_is_not_found(client):

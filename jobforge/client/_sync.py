@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -141,6 +142,10 @@ class _WatchPump(threading.Thread):
         self._task: asyncio.Task[None] | None = None
 
     def run(self) -> None:
+        # The kernel hands a process-wide signal to any thread that does not block it. A Ctrl-C taken by this
+        # thread would leave the main thread asleep in `queue.get` until the next update (minutes, for a long
+        # build): so this thread, and the resolver threads its loop starts, never take SIGINT or SIGTERM.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         asyncio.run(self._main())
 
     async def _main(self) -> None:
