@@ -17,10 +17,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobforge.config import JobConfig
+from jobforge.metrics import Metrics
 from jobforge.models import DeliveryState, JobStatus, Phase, WebhookDelivery, WebhookEvent, utcnow
 from jobforge.pipeline import new_job
+from jobforge.server.wiring import build_webhooks
+from jobforge.settings import Settings
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.webhooks import backoff, headers, strip_credentials
@@ -154,6 +158,34 @@ async def test_attempts_are_bounded(tmp_path):
     assert receiver.events == ["build.started"] * 3 + ["build.failed"] * 3 + ["job.failed"] * 3
     assert all(d.state is DeliveryState.FAILED and d.attempts == 3 and "gave up after 3" in d.outcome
                for d in outbox)
+
+
+# ---------------------------------------------------------------- webhook_deliveries_total
+
+def outcomes_scraped(text: str) -> dict[str, float]:
+    """`webhook_deliveries_total` samples of a Prometheus scrape, by outcome."""
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "webhook_deliveries"]
+    return {s.labels["outcome"]: s.value for s in family.samples if s.name == "webhook_deliveries_total"}
+
+
+@pytest.mark.parametrize("statuses, counted", [
+    ([500, 204], {"retry": 1.0, "delivered": float(len(SUCCESS))}),  # the first attempt of the first event
+    ([400], {"failed": float(len(SUCCESS))}),  # every event once, none retried
+])
+async def test_every_attempt_is_counted_by_outcome_on_the_scrape(tmp_path, monkeypatch, statuses, counted):
+    """The worker as the service wires it (`build_webhooks`, the service's `Metrics`), read back from /metrics."""
+    monkeypatch.setenv("JOBFORGE_WEBHOOK_ALLOW_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("JOBFORGE_WEBHOOK_BACKOFF", "10ms")
+    metrics, store = Metrics(), SqliteStore(tmp_path / "db")
+    answer = lambda n: web.Response(status=statuses[min(n, len(statuses) - 1)])  # noqa: E731
+    async with Receiver(answer) as receiver, running(tmp_path / "db", store=store, metrics=metrics,
+                                                     webhooks=build_webhooks(Settings(), store, metrics)) as env:
+        await env.submit(webhook_url=receiver.url())
+        await finished(env)
+        resp = await env.client.get("/metrics")
+        scrape = await resp.text()
+    assert len(receiver.requests) == len(SUCCESS) + counted.get("retry", 0)
+    assert outcomes_scraped(scrape) == counted
 
 
 # ---------------------------------------------------------------- many jobs stuck on a dead receiver
