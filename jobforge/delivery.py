@@ -29,6 +29,7 @@ import aiohttp
 from jobforge import webhooks
 from jobforge.config import JobConfig
 from jobforge.errors import ConfigError, Conflict, NotFound, StoreError
+from jobforge.logs import about_job
 from jobforge.models import DeliveryState, JobRecord, WebhookDelivery, utcnow
 from jobforge.outbound import OutboundPolicy, OutboundRefused
 from jobforge.pipeline import FireWebhook
@@ -95,7 +96,8 @@ class DeliveryWorker:
             except Conflict:
                 continue  # already queued (the event was applied twice)
             except StoreError as exc:
-                log.error("job %s: could not queue webhook %s: %s", record.job_id, command.event.value, exc.message)
+                log.error("job %s: could not queue webhook %s: %s", record.job_id, command.event.value, exc.message,
+                          extra={"job_id": record.job_id})
         self._wake.set()
 
     def check_config(self, config: JobConfig) -> None:
@@ -167,19 +169,20 @@ class DeliveryWorker:
         return max(delay, 0.0)
 
     async def _deliver(self, entry: VersionedDelivery) -> None:
-        delivery = entry.delivery
-        try:
-            await self._attempt(entry)
-        except StoreError as exc:
-            log.warning("job %s: webhook %s: outbox write failed: %s", delivery.job_id, delivery.event.value,
-                        exc.message)
-        except Exception:  # a bug here must not stop the other jobs' deliveries
-            log.exception("job %s: webhook %s: delivery failed unexpectedly", delivery.job_id, delivery.event.value)
-        finally:
-            self._busy.pop(delivery.job_id, None)
-            self._wake.set()
-            async with self._changed:
-                self._changed.notify_all()
+        with about_job(entry.delivery.job_id):
+            delivery = entry.delivery
+            try:
+                await self._attempt(entry)
+            except StoreError as exc:
+                log.warning("job %s: webhook %s: outbox write failed: %s", delivery.job_id, delivery.event.value,
+                            exc.message)
+            except Exception:  # a bug here must not stop the other jobs' deliveries
+                log.exception("job %s: webhook %s: delivery failed unexpectedly", delivery.job_id, delivery.event.value)
+            finally:
+                self._busy.pop(delivery.job_id, None)
+                self._wake.set()
+                async with self._changed:
+                    self._changed.notify_all()
 
     async def _attempt(self, entry: VersionedDelivery) -> None:
         delivery, now = entry.delivery, self._clock()
