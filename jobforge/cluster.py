@@ -152,7 +152,7 @@ async def record_changes(leases: Leases, job_id: str, version: int, wait: float)
         try:
             found = await leases.wait_record(job_id, version, wait)
         except StoreError as exc:
-            log.warning("watch of job %s: %s; retrying", job_id, exc.message)
+            log.warning("watch of job %s: %s; retrying", job_id, exc.message, extra={"job_id": job_id})
             await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
             continue
         if found is None:  # jobs are never deleted; a vanished record ends the feed
@@ -172,7 +172,7 @@ async def log_changes(leases: Leases, job_id: str, wait: float) -> AsyncIterator
         try:
             found = await leases.wait_logs(job_id, index, wait)
         except StoreError as exc:
-            log.warning("watch of job %s logs: %s; retrying", job_id, exc.message)
+            log.warning("watch of job %s logs: %s; retrying", job_id, exc.message, extra={"job_id": job_id})
             await asyncio.sleep(1.0)  # retry backoff while the store is unreachable
             continue
         if found != index:
@@ -318,7 +318,8 @@ class ConsulLeases:
         try:
             await self._request("DELETE", f"/v1/kv/{self._key(LEASES, job_id)}")
         except StoreError as exc:
-            log.warning("job %s: lease not removed (%s); it ends with this replica's session", job_id, exc.message)
+            log.warning("job %s: lease not removed (%s); it ends with this replica's session", job_id, exc.message,
+                        extra={"job_id": job_id})
 
     async def scan(self) -> Scan:
         async with self._lock:
@@ -338,7 +339,8 @@ class ConsulLeases:
                 scan.kills.append(unsegment(entry.Key[len(kills):]))
         lost = {job for job in before if scan.held.get(job) != self.session} & self._held
         if lost:
-            log.warning("replica %s: lost the lease of %d jobs (%s)", self.name, len(lost), ", ".join(sorted(lost)))
+            log.warning("replica %s: lost the lease of %d jobs (%s)", self.name, len(lost), ", ".join(sorted(lost)),
+                        extra={"job_ids": sorted(lost)})
             self._held -= lost
         return scan
 

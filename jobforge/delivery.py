@@ -2,10 +2,12 @@
 
 The service queues deliveries in the store (`enqueue`, inside the job's lock, right after the record is
 written), so the pipeline never waits on a receiver and a queued delivery survives a restart: any worker on
-the same store picks it up. One loop looks at pending deliveries, oldest first; for each job only the first
-pending one may be sent, and only one at a time, so a job's events arrive in order (a delivery being retried
-holds back the later ones of its job, not other jobs'). Before sending, the worker claims the delivery with a
-lease written by compare-and-set, so two replicas never send it at once.
+the same store picks it up. One loop asks the store for each job's first pending delivery that is due
+(`Store.due_deliveries`): only that one may be sent, and only one at a time, so a job's events arrive in order
+(a delivery being retried holds back the later ones of its job, not other jobs'). Heads waiting out their
+backoff are not part of the answer, so however many jobs are stuck on a dead receiver, a new job's delivery is
+in the next round. Before sending, the worker claims the delivery with a lease written by compare-and-set, so
+two replicas never send it at once.
 
 What happens to an answer (`jobforge.webhooks.retryable_status`): 2xx delivered; network errors, 5xx, 408 and
 429 retried with exponential backoff until `max_attempts`; any other 4xx and every 3xx (redirects are never
@@ -27,6 +29,7 @@ import aiohttp
 from jobforge import webhooks
 from jobforge.config import JobConfig
 from jobforge.errors import ConfigError, Conflict, NotFound, StoreError
+from jobforge.logs import about_job
 from jobforge.models import DeliveryState, JobRecord, WebhookDelivery, utcnow
 from jobforge.outbound import OutboundPolicy, OutboundRefused
 from jobforge.pipeline import FireWebhook
@@ -93,7 +96,8 @@ class DeliveryWorker:
             except Conflict:
                 continue  # already queued (the event was applied twice)
             except StoreError as exc:
-                log.error("job %s: could not queue webhook %s: %s", record.job_id, command.event.value, exc.message)
+                log.error("job %s: could not queue webhook %s: %s", record.job_id, command.event.value, exc.message,
+                          extra={"job_id": record.job_id})
         self._wake.set()
 
     def check_config(self, config: JobConfig) -> None:
@@ -150,38 +154,35 @@ class DeliveryWorker:
     async def _round(self) -> float:
         """Start every job's first pending delivery that is due; return how long to sleep."""
         now = self._clock()
-        heads: dict[str, VersionedDelivery] = {}
-        for entry in await self._store.pending_deliveries(_BATCH):
-            heads.setdefault(entry.delivery.job_id, entry)
+        found = await self._store.due_deliveries(now, _BATCH)
         delay = self._poll
-        for job_id, entry in heads.items():
-            due = max(entry.delivery.next_attempt_at, entry.delivery.lease_until or entry.delivery.next_attempt_at)
-            if job_id in self._busy:
-                continue
-            if due > now:
-                delay = min(delay, (due - now).total_seconds())
-                continue
+        if found.next_due is not None:
+            delay = min(delay, (found.next_due - now).total_seconds())
+        for entry in found.due:
             if len(self._busy) >= self._concurrency:
-                break
-            self._busy[job_id] = asyncio.create_task(self._deliver(entry))
+                break  # a finishing delivery wakes the loop for the rest
+            job_id = entry.delivery.job_id
+            if job_id not in self._busy:
+                self._busy[job_id] = asyncio.create_task(self._deliver(entry))
         async with self._changed:
             self._changed.notify_all()
         return max(delay, 0.0)
 
     async def _deliver(self, entry: VersionedDelivery) -> None:
-        delivery = entry.delivery
-        try:
-            await self._attempt(entry)
-        except StoreError as exc:
-            log.warning("job %s: webhook %s: outbox write failed: %s", delivery.job_id, delivery.event.value,
-                        exc.message)
-        except Exception:  # a bug here must not stop the other jobs' deliveries
-            log.exception("job %s: webhook %s: delivery failed unexpectedly", delivery.job_id, delivery.event.value)
-        finally:
-            self._busy.pop(delivery.job_id, None)
-            self._wake.set()
-            async with self._changed:
-                self._changed.notify_all()
+        with about_job(entry.delivery.job_id):
+            delivery = entry.delivery
+            try:
+                await self._attempt(entry)
+            except StoreError as exc:
+                log.warning("job %s: webhook %s: outbox write failed: %s", delivery.job_id, delivery.event.value,
+                            exc.message)
+            except Exception:  # a bug here must not stop the other jobs' deliveries
+                log.exception("job %s: webhook %s: delivery failed unexpectedly", delivery.job_id, delivery.event.value)
+            finally:
+                self._busy.pop(delivery.job_id, None)
+                self._wake.set()
+                async with self._changed:
+                    self._changed.notify_all()
 
     async def _attempt(self, entry: VersionedDelivery) -> None:
         delivery, now = entry.delivery, self._clock()

@@ -40,6 +40,7 @@ from jobforge.cluster import Leases, Solo, log_changes, record_changes
 from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
+from jobforge.logs import about_job
 from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_cache_line, parse_usage_line
 from jobforge.models import (
     CleanupResult,
@@ -226,7 +227,8 @@ class JobService:
                 continue
             record = (await self.store.get(seen.job_id)).record if self.leases.shared else seen
             if record.status is not seen.status:  # its last driver moved it on meanwhile
-                log.info("job %s: taking it over at %s", record.job_id, record.status.value)
+                log.info("job %s: taking it over at %s", record.job_id, record.status.value,
+                         extra={"job_id": record.job_id})
             if not record.outstanding:
                 await self.leases.release(record.job_id)
             elif record.status.terminal:
@@ -243,7 +245,8 @@ class JobService:
                           "the local backend cannot resume it"))
         if resumed:
             if self.leases.shared:
-                log.info("taking over %d running jobs: %s", len(resumed), ", ".join(r.job_id for _, r in resumed))
+                log.info("taking over %d running jobs: %s", len(resumed), ", ".join(r.job_id for _, r in resumed),
+                         extra={"job_ids": [r.job_id for _, r in resumed]})
             for _, record in resumed:
                 await self._expect_replay(record)
             await self.backend.resume(resumed)
@@ -251,19 +254,20 @@ class JobService:
     async def _expect_replay(self, record: JobRecord) -> None:
         """A resumed phase's logs are read from their start again: count, per stream, the lines of this attempt
         already stored (by the previous driver), so `_store_logs` skips them instead of storing them twice."""
-        phase = record.current_phase
-        if phase is None:
-            return
-        since = record.phases[phase].dispatched_at
-        try:
-            stored = (await self.store.get_logs(record.job_id, phase.value)).get(phase.value, [])
-        except (StoreError, OSError) as exc:
-            log.warning("job %s: stored %s log not read (%s); lines may repeat", record.job_id, phase.value, exc)
-            return
-        counts = Counter(line.stream for line in stored
-                         if line.stream is not LogStream.SYSTEM and (since is None or line.ts >= since))
-        if counts:
-            self._replay[(record.job_id, phase.value)] = dict(counts)
+        with about_job(record.job_id):
+            phase = record.current_phase
+            if phase is None:
+                return
+            since = record.phases[phase].dispatched_at
+            try:
+                stored = (await self.store.get_logs(record.job_id, phase.value)).get(phase.value, [])
+            except (StoreError, OSError) as exc:
+                log.warning("job %s: stored %s log not read (%s); lines may repeat", record.job_id, phase.value, exc)
+                return
+            counts = Counter(line.stream for line in stored
+                             if line.stream is not LogStream.SYSTEM and (since is None or line.ts >= since))
+            if counts:
+                self._replay[(record.job_id, phase.value)] = dict(counts)
 
     async def aclose(self) -> None:
         """Stop consuming; let running cleanups finish (bounded), leave the rest recorded for the next start;
@@ -365,9 +369,10 @@ class JobService:
         return True
 
     async def _take_over_one(self, record: JobRecord) -> None:
-        self._taken.pop(record.job_id, None)
-        await self._expect_replay(record)
-        await self.backend.resume([(pipeline.current_dispatch(record, self._policy), record)])
+        with about_job(record.job_id):
+            self._taken.pop(record.job_id, None)
+            await self._expect_replay(record)
+            await self.backend.resume([(pipeline.current_dispatch(record, self._policy), record)])
 
     async def _until_finished(self, job_id: str, seconds: float) -> JobRecord:
         versioned = await self.store.get(job_id)
@@ -495,23 +500,24 @@ class JobService:
         """Decide (pure), commit once (CAS, retried), then act on the commands.
 
         Raises `StoreError` when the store stays unusable, `IllegalTransition` for an event the job refuses."""
-        async with self._locks[job_id]:
-            old, new, commands = await self._commit(job_id, event)
-            for command in commands:  # a kill waits for the lock: it never slips between commit and dispatch
-                if isinstance(command, pipeline.DispatchPhase):
+        with about_job(job_id):
+            async with self._locks[job_id]:
+                old, new, commands = await self._commit(job_id, event)
+                for command in commands:  # a kill waits for the lock: it never slips between commit and dispatch
+                    if isinstance(command, pipeline.DispatchPhase):
+                        await self._execute(command, new)
+            for command in commands:
+                if not isinstance(command, pipeline.DispatchPhase):
                     await self._execute(command, new)
-        for command in commands:
-            if not isinstance(command, pipeline.DispatchPhase):
-                await self._execute(command, new)
-        if new.status.terminal and not old.status.terminal:
-            self._active.discard(job_id)
-            await self._admit()
-        if not new.outstanding and self.leases.shared and self.leases.holds(job_id):
-            await self.leases.release(job_id)
-        if new.settled and not self._locks[job_id].locked():
-            del self._locks[job_id]
-        await self._notify()
-        return new
+            if new.status.terminal and not old.status.terminal:
+                self._active.discard(job_id)
+                await self._admit()
+            if not new.outstanding and self.leases.shared and self.leases.holds(job_id):
+                await self.leases.release(job_id)
+            if new.settled and not self._locks[job_id].locked():
+                del self._locks[job_id]
+            await self._notify()
+            return new
 
     async def _commit(self, job_id: str, event: pipeline.Event) -> tuple[JobRecord, JobRecord, list]:
         attempt = 0
@@ -559,11 +565,12 @@ class JobService:
 
     async def _apply_or_fail(self, job_id: str, event: pipeline.Event) -> None:
         """Apply a backend event; if the store stays unusable, fail the job in the background instead."""
-        try:
-            await self.apply(job_id, event)
-        except StoreError as exc:
-            log.error("job %s: %s could not be applied: %s", job_id, type(event).__name__, exc.message)
-            await self._fail(job_id, _store_failure(exc, "the job's state"))
+        with about_job(job_id):
+            try:
+                await self.apply(job_id, event)
+            except StoreError as exc:
+                log.error("job %s: %s could not be applied: %s", job_id, type(event).__name__, exc.message)
+                await self._fail(job_id, _store_failure(exc, "the job's state"))
 
     async def _fail(self, job_id: str, error: str) -> None:
         """Fail the job now (so its later events are stale), or in the background while the store is down."""
@@ -579,18 +586,20 @@ class JobService:
 
     def _fail_later(self, job_id: str, error: str) -> None:
         async def fail() -> None:
-            for attempt in range(1, _FAIL_LATER_ATTEMPTS + 1):
-                try:
-                    await self.apply(job_id, pipeline.JobFailed(at=self._clock(), error=error))
-                    await self._flush_lost_lines(job_id)
-                    return
-                except (StoreError, OSError) as exc:
-                    delay = min(self._policy.store_backoff * 2 ** attempt, _FAIL_LATER_MAX_DELAY)
-                    log.warning("job %s: could not record its failure (%s); retry in %.1fs", job_id, exc, delay)
-                    await asyncio.sleep(delay)
-                except (NotFound, IllegalTransition):
-                    return
-            log.error("job %s: its failure could not be recorded (%s); the phase deadline will end it", job_id, error)
+            with about_job(job_id):
+                for attempt in range(1, _FAIL_LATER_ATTEMPTS + 1):
+                    try:
+                        await self.apply(job_id, pipeline.JobFailed(at=self._clock(), error=error))
+                        await self._flush_lost_lines(job_id)
+                        return
+                    except (StoreError, OSError) as exc:
+                        delay = min(self._policy.store_backoff * 2 ** attempt, _FAIL_LATER_MAX_DELAY)
+                        log.warning("job %s: could not record its failure (%s); retry in %.1fs", job_id, exc, delay)
+                        await asyncio.sleep(delay)
+                    except (NotFound, IllegalTransition):
+                        return
+                log.error("job %s: its failure could not be recorded (%s); the phase deadline will end it",
+                          job_id, error)
         self._spawn(fail())
 
     def _on_change(self, old: JobRecord, new: JobRecord) -> None:
@@ -637,36 +646,39 @@ class JobService:
             return  # one at a time; a failing deletion schedules its own retry from inside its task
 
         async def clean() -> None:
-            if delay > 0:
-                me = asyncio.current_task()
-                self._waiting.add(me)
+            with about_job(job_id):
+                if delay > 0:
+                    me = asyncio.current_task()
+                    self._waiting.add(me)
+                    try:
+                        await asyncio.sleep(delay)
+                    finally:
+                        self._waiting.discard(me)
                 try:
-                    await asyncio.sleep(delay)
+                    record = (await self.store.get(job_id)).record
+                    if not record.temp_image_deleted:
+                        await self._delete_temp_image(record)
+                except Exception:  # noqa: BLE001 - recorded in the store: the tick or the next start retries it
+                    log.exception("job %s: temp image cleanup could not be completed", job_id)
                 finally:
-                    self._waiting.discard(me)
-            try:
-                record = (await self.store.get(job_id)).record
-                if not record.temp_image_deleted:
-                    await self._delete_temp_image(record)
-            except Exception:  # noqa: BLE001 - recorded in the store: the tick or the next start retries it
-                log.exception("job %s: temp image cleanup could not be completed", job_id)
-            finally:
-                if self._cleanups.get(job_id) is asyncio.current_task():
-                    del self._cleanups[job_id]
+                    if self._cleanups.get(job_id) is asyncio.current_task():
+                        del self._cleanups[job_id]
         self._cleanups[job_id] = self._spawn(clean())
 
     async def _delete_temp_image(self, record: JobRecord) -> bool:
-        image = temp_image(record, self._registry)
-        try:
-            ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry),
-                                            record.config)
-            error = None if ok else f"temp image {image} could not be deleted (see the cleanup log); retrying"
-        except Exception as exc:  # noqa: BLE001 - a cleanup failure is recorded on the job, not raised
-            ok, error = False, f"deleting temp image {image} failed: {getattr(exc, 'message', None) or exc}; retrying"
-        if not ok:
-            log.warning("job %s: %s", record.job_id, error)
-        await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok, error=error))
-        return ok
+        with about_job(record.job_id):
+            image = temp_image(record, self._registry)
+            try:
+                ok = await self.backend.cleanup(record.job_id, build_payload(record, "cleanup", self._registry),
+                                                record.config)
+                error = None if ok else f"temp image {image} could not be deleted (see the cleanup log); retrying"
+            except Exception as exc:  # noqa: BLE001 - a cleanup failure is recorded on the job, not raised
+                reason = getattr(exc, "message", None) or exc
+                ok, error = False, f"deleting temp image {image} failed: {reason}; retrying"
+            if not ok:
+                log.warning("job %s: %s", record.job_id, error)
+            await self.apply(record.job_id, pipeline.TempImageDeleted(at=self._clock(), ok=ok, error=error))
+            return ok
 
     # ------------------------------------------------------------ admission and the clock
 
@@ -677,21 +689,22 @@ class JobService:
         Passes are coalesced: a caller whose request came in while a pass was running waits for the next pass,
         and that one pass serves every caller queued meanwhile (a thousand submits or job ends at once cost two
         passes over the store, not a thousand)."""
-        self._admit_requests += 1
-        wanted = self._admit_requests
-        async with self._admission:
-            if self._admit_served >= wanted:
-                return  # a pass that started after our request has run
-            self._admit_served = self._admit_requests
-            try:
-                async with self.leases.admission() as allowed:
-                    if allowed:
-                        await self._admit_now()
-                    else:
-                        log.info("another replica is admitting jobs; admission retried at the next tick")
-            except (StoreError, OSError) as exc:
-                log.warning("admission postponed: the store is unusable (%s)", exc)
-        await self._notify()
+        with about_job(None):
+            self._admit_requests += 1
+            wanted = self._admit_requests
+            async with self._admission:
+                if self._admit_served >= wanted:
+                    return  # a pass that started after our request has run
+                self._admit_served = self._admit_requests
+                try:
+                    async with self.leases.admission() as allowed:
+                        if allowed:
+                            await self._admit_now()
+                        else:
+                            log.info("another replica is admitting jobs; admission retried at the next tick")
+                except (StoreError, OSError) as exc:
+                    log.warning("admission postponed: the store is unusable (%s)", exc)
+            await self._notify()
 
     async def _admit_now(self) -> None:
         if not (await self.store.list(1, 0, status=JobStatus.PENDING))[1]:
@@ -706,22 +719,23 @@ class JobService:
                                for job_id in self._pending[:max(0, self._max - len(running))]))
 
     async def _admit_one(self, job_id: str) -> None:
-        if not await self.leases.acquire(job_id):
-            return  # being killed by another replica
-        try:
-            new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
-        except IllegalTransition:  # killed meanwhile
-            new = None
-            if self.leases.shared:
-                await self.leases.release(job_id)
-        except (StoreError, NotFound) as exc:
-            log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
-            if self.leases.shared:
-                await self.leases.release(job_id)
-            return
-        self._pending.remove(job_id)
-        if new is not None and new.status.running:
-            self._active.add(job_id)
+        with about_job(job_id):
+            if not await self.leases.acquire(job_id):
+                return  # being killed by another replica
+            try:
+                new = await self.apply(job_id, pipeline.Admitted(at=self._clock()))
+            except IllegalTransition:  # killed meanwhile
+                new = None
+                if self.leases.shared:
+                    await self.leases.release(job_id)
+            except (StoreError, NotFound) as exc:
+                log.warning("job %s: admission failed (%s); retried at the next tick", job_id, exc)
+                if self.leases.shared:
+                    await self.leases.release(job_id)
+                return
+            self._pending.remove(job_id)
+            if new is not None and new.status.running:
+                self._active.add(job_id)
 
     async def tick(self) -> None:
         """One pass of the clock: fail phases past their deadline, resume lost cleanups, re-admit."""
@@ -762,16 +776,17 @@ class JobService:
                 await self._kill_requested(job_id)
 
     async def _kill_requested(self, job_id: str) -> None:
-        try:
-            record = (await self.store.get(job_id)).record
-            if not record.status.terminal:
-                if not await self._drive(job_id):
-                    return
-                await self.apply(job_id, pipeline.KillRequested(at=self._clock()))
-                log.info("job %s killed at the request of another replica", job_id)
-        except (NotFound, IllegalTransition):
-            pass
-        await self.leases.kill_done(job_id)
+        with about_job(job_id):
+            try:
+                record = (await self.store.get(job_id)).record
+                if not record.status.terminal:
+                    if not await self._drive(job_id):
+                        return
+                    await self.apply(job_id, pipeline.KillRequested(at=self._clock()))
+                    log.info("job %s killed at the request of another replica", job_id)
+            except (NotFound, IllegalTransition):
+                pass
+            await self.leases.kill_done(job_id)
 
     async def _scan_loop(self) -> None:
         while True:
@@ -825,24 +840,25 @@ class JobService:
             del lanes[job_id]
 
     async def _handle(self, message: BackendMessage) -> None:
-        if self.leases.shared and not self.leases.holds(message.job_id) \
-                and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
-            log.debug("job %s: driven by another replica now; its backend report is left to it", message.job_id)
-            return
-        try:
-            if isinstance(message, LogChunk):
-                await self._store_logs(message)
-            elif isinstance(message, JobEvent):
-                if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
-                    self._replay.pop((message.job_id, message.event.phase.value), None)
-                await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
-                await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
-        except NotFound:
-            log.warning("backend reported on unknown job %s", message.job_id, extra={"job_id": message.job_id})
-        except IllegalTransition as exc:
-            log.warning("job %s: %s", message.job_id, exc.message)
-        except Exception:  # one bad message must not stop the pipeline for every other job
-            log.exception("failed to handle backend message for job %s", message.job_id)
+        with about_job(message.job_id):
+            if self.leases.shared and not self.leases.holds(message.job_id) \
+                    and not (isinstance(message, LogChunk) and message.phase == "cleanup"):
+                log.debug("job %s: driven by another replica now; its backend report is left to it", message.job_id)
+                return
+            try:
+                if isinstance(message, LogChunk):
+                    await self._store_logs(message)
+                elif isinstance(message, JobEvent):
+                    if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+                        self._replay.pop((message.job_id, message.event.phase.value), None)
+                    await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
+                    await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
+            except NotFound:
+                log.warning("backend reported on unknown job %s", message.job_id, extra={"job_id": message.job_id})
+            except IllegalTransition as exc:
+                log.warning("job %s: %s", message.job_id, exc.message)
+            except Exception:  # one bad message must not stop the pipeline for every other job
+                log.exception("failed to handle backend message for job %s", message.job_id)
 
     async def _append(self, job_id: str, phase: str, lines) -> None:
         """Append with retries; raises the last error when the store stays unusable."""
@@ -914,13 +930,14 @@ class JobService:
 
     async def _stop_current_phase(self, job_id: str) -> None:
         """Stop a job's running phase before its failure is recorded (a full disk may not take the record yet)."""
-        try:
-            record = (await self.store.get(job_id)).record
-            if record.current_phase is not None:
-                await self.backend.stop(pipeline.StopPhase(job_id=job_id, phase=record.current_phase,
-                                                           attempt=record.phases[record.current_phase].attempt))
-        except Exception:  # noqa: BLE001 - best effort; the recorded failure stops it too
-            log.exception("job %s: could not stop its phase", job_id)
+        with about_job(job_id):
+            try:
+                record = (await self.store.get(job_id)).record
+                if record.current_phase is not None:
+                    await self.backend.stop(pipeline.StopPhase(job_id=job_id, phase=record.current_phase,
+                                                               attempt=record.phases[record.current_phase].attempt))
+            except Exception:  # noqa: BLE001 - best effort; the recorded failure stops it too
+                log.exception("job %s: could not stop its phase", job_id)
 
     def _doom(self, job_id: str, event: pipeline.Event) -> pipeline.Event:
         """A phase of a job whose log lines were lost cannot end well: its end becomes the job's failure (the
@@ -951,7 +968,7 @@ class JobService:
         try:
             await self.store.append_logs(job_id, phase, [LogLine(ts=self._clock(), stream=LogStream.SYSTEM, line=text)])
         except (StoreError, OSError):
-            log.warning("job %s: could not log %r", job_id, text)
+            log.warning("job %s: could not log %r", job_id, text, extra={"job_id": job_id})
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)

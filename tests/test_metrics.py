@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -84,3 +85,26 @@ def test_json_lines_carry_the_job_id():
 def test_text_lines_are_key_value_with_quoting():
     text = _emit("text", job_id="abc", owner="team a")
     assert 'msg="Job submitted successfully"' in text and "job_id=abc" in text and 'owner="team a"' in text
+
+
+async def test_the_job_context_reaches_tasks_started_in_it_and_none_clears_it():
+    stream = io.StringIO()
+    logs.configure("info", "json", stream)
+    log = logging.getLogger("jobforge.service")
+
+    async def in_a_task() -> None:
+        log.warning("job job-a: from a task started inside")
+
+    try:
+        with logs.about_job("job-a"):
+            log.info("inside")
+            await asyncio.create_task(in_a_task())
+            with logs.about_job(None):  # e.g. an admission pass started by job-a's end
+                log.info("about no single job")
+            log.info("job job-b: named explicitly", extra={"job_id": "job-b"})
+        log.info("outside")
+    finally:
+        logging.getLogger().handlers.clear()
+    got = [(line["msg"], line.get("job_id")) for line in map(json.loads, stream.getvalue().splitlines())]
+    assert got == [("inside", "job-a"), ("job job-a: from a task started inside", "job-a"),
+                   ("about no single job", None), ("job job-b: named explicitly", "job-b"), ("outside", None)]

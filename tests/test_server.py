@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from jobforge.metrics import Metrics
 from jobforge.models import METHODS, Phase
 from jobforge.pipeline import Policy
 from jobforge.server.app import create_app
@@ -56,17 +57,19 @@ class Env:
 @asynccontextmanager
 async def running(db, max_jobs: int = 2, backend: FakeBackend | None = None, guard: Guard | None = None, *,
                   store=None, allow_hosts=("127.0.0.1",), start_webhooks: bool = True, watch_buffer: int = 1000,
-                  stream_limits=None, mcp_log_level: int = 0, **webhook_options):
+                  stream_limits=None, mcp_log_level: int = 0, webhooks: DeliveryWorker | None = None,
+                  metrics: Metrics | None = None, **webhook_options):
     """The service on SQLite at `db` (or on `store`, which it then closes) with the fake backend; its webhook
-    worker may send to `allow_hosts`, retries after 10 ms (`webhook_options` override), and is not started with
-    `start_webhooks=False`; `stream_limits` and `mcp_log_level` go to `create_app`."""
+    worker (or `webhooks`, on the same store) may send to `allow_hosts`, retries after 10 ms (`webhook_options`
+    override), and is not started with `start_webhooks=False`; `stream_limits` and `mcp_log_level` go to
+    `create_app`."""
     backend = backend or FakeBackend()
     store = store or SqliteStore(db)
-    worker = DeliveryWorker(store, OutboundPolicy(allow_hosts),
-                            **{"backoff": 0.01, "backoff_max": 0.05, "timeout": 5.0, **webhook_options})
+    worker = webhooks or DeliveryWorker(store, OutboundPolicy(allow_hosts),
+                                        **{"backoff": 0.01, "backoff_max": 0.05, "timeout": 5.0, **webhook_options})
     service = JobService(store, backend, policy=Policy(), max_concurrent_jobs=max_jobs,
                          registry=RegistryTarget(registry_url="127.0.0.1:5000", tls_verify=False),
-                         webhooks=worker, watch_buffer=watch_buffer)
+                         webhooks=worker, watch_buffer=watch_buffer, metrics=metrics)
     if start_webhooks:
         await worker.start()
     await service.start()

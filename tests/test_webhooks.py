@@ -10,14 +10,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from datetime import datetime
+import socket
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobforge.config import JobConfig
-from jobforge.models import DeliveryState, Phase, WebhookDelivery, WebhookEvent
+from jobforge.metrics import Metrics
+from jobforge.models import DeliveryState, JobStatus, Phase, WebhookDelivery, WebhookEvent, utcnow
+from jobforge.pipeline import new_job
+from jobforge.server.wiring import build_webhooks
+from jobforge.settings import Settings
 from jobforge.stores.consul import ConsulStore
 from jobforge.stores.sqlite import SqliteStore
 from jobforge.webhooks import backoff, headers, strip_credentials
@@ -151,6 +158,83 @@ async def test_attempts_are_bounded(tmp_path):
     assert receiver.events == ["build.started"] * 3 + ["build.failed"] * 3 + ["job.failed"] * 3
     assert all(d.state is DeliveryState.FAILED and d.attempts == 3 and "gave up after 3" in d.outcome
                for d in outbox)
+
+
+# ---------------------------------------------------------------- webhook_deliveries_total
+
+def outcomes_scraped(text: str) -> dict[str, float]:
+    """`webhook_deliveries_total` samples of a Prometheus scrape, by outcome."""
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "webhook_deliveries"]
+    return {s.labels["outcome"]: s.value for s in family.samples if s.name == "webhook_deliveries_total"}
+
+
+@pytest.mark.parametrize("statuses, counted", [
+    ([500, 204], {"retry": 1.0, "delivered": float(len(SUCCESS))}),  # the first attempt of the first event
+    ([400], {"failed": float(len(SUCCESS))}),  # every event once, none retried
+])
+async def test_every_attempt_is_counted_by_outcome_on_the_scrape(tmp_path, monkeypatch, statuses, counted):
+    """The worker as the service wires it (`build_webhooks`, the service's `Metrics`), read back from /metrics."""
+    monkeypatch.setenv("JOBFORGE_WEBHOOK_ALLOW_HOSTS", "127.0.0.1")
+    monkeypatch.setenv("JOBFORGE_WEBHOOK_BACKOFF", "10ms")
+    metrics, store = Metrics(), SqliteStore(tmp_path / "db")
+    answer = lambda n: web.Response(status=statuses[min(n, len(statuses) - 1)])  # noqa: E731
+    async with Receiver(answer) as receiver, running(tmp_path / "db", store=store, metrics=metrics,
+                                                     webhooks=build_webhooks(Settings(), store, metrics)) as env:
+        await env.submit(webhook_url=receiver.url())
+        await finished(env)
+        resp = await env.client.get("/metrics")
+        scrape = await resp.text()
+    assert len(receiver.requests) == len(SUCCESS) + counted.get("retry", 0)
+    assert outcomes_scraped(scrape) == counted
+
+
+# ---------------------------------------------------------------- many jobs stuck on a dead receiver
+
+async def test_jobs_stuck_on_a_dead_receiver_do_not_hold_up_a_new_jobs_webhooks(tmp_path):
+    """More stuck deliveries than the worker reads in one round (500): 80 finished jobs, 7 queued events each,
+    all for a receiver that refuses connections. Each job's first delivery is tried once and waits out its
+    (hour-long) backoff; the new job's events to a healthy receiver arrive meanwhile, all of them."""
+    stuck_jobs, per_job = 80, len(SUCCESS)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused, and the port stays ours
+    tried, all_tried = [], asyncio.Event()
+
+    def outcome(name: str) -> None:
+        tried.append(name)
+        if tried.count("retry") == stuck_jobs:
+            all_tried.set()
+
+    try:
+        async with Receiver() as receiver, running(tmp_path / "db", start_webhooks=False, backoff=3600,
+                                                   backoff_max=3600, on_outcome=outcome) as env:
+            store, queued_at = env.service.store, utcnow() - timedelta(minutes=1)
+            dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}/hook"
+            for n in range(stuck_jobs):
+                config = JobConfig.model_validate({**CONFIG, "webhook_url": dead_url})
+                record = new_job(f"stuck-{n:03d}", config, queued_at).model_copy(
+                    update={"status": JobStatus.SUCCEEDED, "finished_at": queued_at})
+                await store.put(record, 0)
+                for event in SUCCESS:
+                    await store.put_delivery(WebhookDelivery(
+                        delivery_id=f"{record.job_id}/{event}", job_id=record.job_id, event=WebhookEvent(event),
+                        body="{}", created_at=queued_at, next_attempt_at=queued_at), 0)
+            assert len(await store.pending_deliveries(10_000)) == stuck_jobs * per_job > 500
+            await env.service.webhooks.start()
+            job_id = await env.submit(webhook_url=receiver.url())
+            started = time.monotonic()
+            await asyncio.wait_for(all_tried.wait(), 20)
+            await receiver.wait_for(len(SUCCESS), timeout=20)
+            took = time.monotonic() - started
+            stuck = await store.pending_deliveries(10_000)
+            assert (await deliveries(env, job_id))[-1].state is DeliveryState.DELIVERED
+    finally:
+        dead.close()
+    assert receiver.events == SUCCESS and {r.payload["job_id"] for r in receiver.requests} == {job_id}
+    assert took < 10, f"the healthy receiver waited {took:.1f} s"
+    assert tried.count("retry") == stuck_jobs  # each stuck job's first event tried once, then in backoff
+    assert len(stuck) == stuck_jobs * per_job  # all still queued: the dead receiver held back only its jobs
+    assert {d.delivery.attempts for d in stuck if d.delivery.event is WebhookEvent.BUILD_STARTED} == {1}
+    assert {d.delivery.attempts for d in stuck if d.delivery.event is not WebhookEvent.BUILD_STARTED} == {0}
 
 
 # ---------------------------------------------------------------- the outbox survives a restart

@@ -303,7 +303,8 @@ class LocalBackend:
         except SecretReadError as exc:
             # The temp image lives on the service's registry: delete it anyway; only a rollback on the job's
             # publish host needs the job's credentials (and then fails, and is retried, naming that host).
-            log.warning("cleanup of %s without the job's Vault credentials: %s", job_id, exc.message)
+            log.warning("cleanup of %s without the job's Vault credentials: %s", job_id, exc.message,
+                        extra={"job_id": job_id})
             secrets = {}
         outcome = await self._execute(job_id, "cleanup", "cleanup", payload, _Run(), timeout=300, secrets=secrets)
         return outcome.returncode == 0 and not outcome.timed_out

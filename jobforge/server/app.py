@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jobforge import api
 from jobforge.errors import ConfigError, JobForgeError, PayloadTooLarge, StoreError
+from jobforge.logs import about_job
 from jobforge.models import GetLogsParams, LogMessage, StreamLogsParams, WatchParams
 from jobforge.server import jsonio, jsonrpc, mcp, streaming
 from jobforge.server.guard import PRINCIPAL_KEY, Guard, guard_middleware
@@ -124,23 +125,27 @@ async def watch(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before the upgrade
     # Drop absent members of the envelope only: `job` keeps the exact getStatus shape, nulls included.
-    return await streaming.serve_websocket(
-        request, service.watch(params.job_id, logs=params.logs), request.app[LIMITS_KEY],
-        lambda u: {k: v for k, v in u.model_dump(mode="json").items() if v is not None})
+    with about_job(params.job_id):
+        return await streaming.serve_websocket(
+            request, service.watch(params.job_id, logs=params.logs), request.app[LIMITS_KEY],
+            lambda u: {k: v for k, v in u.model_dump(mode="json").items() if v is not None})
 
 
 async def _log_stream(request: web.Request, query: dict[str, Any]):
-    """Parse the stream's params and check the job exists (404 before any upgrade); returns the follower."""
+    """Parse the stream's params and check the job exists (404 before any upgrade); returns the job id and the
+    follower."""
     params = api.parse_params(StreamLogsParams, query)
     service = request.app[SERVICE_KEY]
     await api.authorize_job(service, request[PRINCIPAL_KEY], params.job_id)  # 404/403 before any upgrade
-    return service.follow_logs(params.job_id, params.phase, params.after, request.app[LIMITS_KEY].poll_interval)
+    return params.job_id, service.follow_logs(params.job_id, params.phase, params.after,
+                                              request.app[LIMITS_KEY].poll_interval)
 
 
 async def stream_logs(request: web.Request) -> web.StreamResponse:
     """The reference's WebSocket log stream: `LogMessage` per line, then one `StreamStatus`, then close 1000."""
-    source = await _log_stream(request, _typed_query(StreamLogsParams, request.query))
-    return await streaming.serve_websocket(request, source, request.app[LIMITS_KEY])
+    job_id, source = await _log_stream(request, _typed_query(StreamLogsParams, request.query))
+    with about_job(job_id):
+        return await streaming.serve_websocket(request, source, request.app[LIMITS_KEY])
 
 
 async def stream_logs_sse(request: web.Request) -> web.StreamResponse:
@@ -148,13 +153,14 @@ async def stream_logs_sse(request: web.Request) -> web.StreamResponse:
     query = _typed_query(StreamLogsParams, request.query, job_id=request.match_info["job_id"])
     if "Last-Event-ID" in request.headers:
         query.update(_typed_query(StreamLogsParams, {"after": request.headers["Last-Event-ID"].strip() or "0"}))
-    source = await _log_stream(request, query)
+    job_id, source = await _log_stream(request, query)
 
     def frame(message) -> bytes:
         if isinstance(message, LogMessage):
             return streaming.sse_event("log", message, message.seq)
         return streaming.sse_event("status", message)
-    return await streaming.serve_sse(request, source, request.app[LIMITS_KEY], frame)
+    with about_job(job_id):
+        return await streaming.serve_sse(request, source, request.app[LIMITS_KEY], frame)
 
 
 async def mcp_endpoint(request: web.Request) -> web.StreamResponse:

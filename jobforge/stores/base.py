@@ -9,7 +9,8 @@ delivery by writing a lease with the version it read, so two replicas never send
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import NamedTuple, Protocol
 
 from jobforge.config import SECRETS_CONTEXT
@@ -25,6 +26,36 @@ class Versioned(NamedTuple):
 class VersionedDelivery(NamedTuple):
     delivery: WebhookDelivery
     version: int
+
+
+class DueDeliveries(NamedTuple):
+    """What the webhook worker may send now: each job's first pending delivery, when its time has come."""
+
+    due: list[VersionedDelivery]
+    """Heads due now (past their backoff, not leased), oldest first (created_at, job_id)."""
+    next_due: datetime | None
+    """When the earliest head not yet due comes due (None: no head waits)."""
+
+
+def due_at(delivery: WebhookDelivery) -> datetime:
+    """When a pending delivery may be sent: after its backoff, and after the lease of a sender that claimed it
+    (in UTC, so stores can compare it as text)."""
+    lease = delivery.lease_until or delivery.next_attempt_at
+    return max(delivery.next_attempt_at, lease).astimezone(UTC)
+
+
+def due_heads(heads: Iterable[VersionedDelivery], now: datetime, limit: int) -> DueDeliveries:
+    """`Store.due_deliveries` over the heads read (stores that cannot filter on the server side)."""
+    due: list[VersionedDelivery] = []
+    waiting: list[datetime] = []
+    for head in heads:
+        when = due_at(head.delivery)
+        if when <= now:
+            due.append(head)
+        else:
+            waiting.append(when)
+    due.sort(key=lambda v: (v.delivery.created_at, v.delivery.job_id))
+    return DueDeliveries(due[:limit], min(waiting, default=None))
 
 
 class LogPage(NamedTuple):
@@ -102,6 +133,12 @@ class Store(Protocol):
 
     async def pending_deliveries(self, limit: int) -> list[VersionedDelivery]:
         """Up to `limit` deliveries still PENDING, oldest first (created_at, job_id, event order)."""
+
+    async def due_deliveries(self, now: datetime, limit: int) -> DueDeliveries:
+        """The worker's read: of each job with PENDING deliveries only the first (event order) — a job's later
+        events wait for it — and of those, up to `limit` due at `now` (`due_at`), oldest first, plus when the
+        next of the others comes due. Heads in backoff are left out, so jobs stuck on a dead receiver, however
+        many, never crowd another job's due delivery out of the answer."""
 
     async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
         """Every delivery of one job, in event order, whatever its state."""

@@ -55,11 +55,13 @@ from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, WebhookDelivery
 from jobforge.rules import KEY_PREFIX_PATTERN
 from jobforge.stores.base import (
+    DueDeliveries,
     LogPage,
     SeqLine,
     Versioned,
     VersionedDelivery,
     dump_delivery,
+    due_heads,
     dump_record,
     load_delivery,
     load_record,
@@ -372,6 +374,17 @@ class ConsulStore:
                      for e in await self._recurse(base)]
         found.sort(key=lambda v: (v.delivery.created_at, v.delivery.job_id, v.delivery.seq))
         return found[:limit]
+
+    async def due_deliveries(self, now: datetime, limit: int) -> DueDeliveries:
+        """One listing of `pending/` (in key order: job, then event order), of which only each job's first entry
+        is parsed; the listing is as large as the backlog, the parsing as the jobs that have one."""
+        base = deliveries_prefix(self.prefix, done=False)
+        heads: dict[str, dict[str, Any]] = {}
+        for entry in await self._recurse(base):
+            heads.setdefault(entry["Key"][len(base):].partition("/")[0], entry)
+        with _answer(base):
+            found = [VersionedDelivery(load_delivery(_value(e)), int(e["ModifyIndex"])) for e in heads.values()]
+        return due_heads(found, now, limit)
 
     async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:
         entries = [e for done in (False, True) for e in await self._recurse(deliveries_prefix(self.prefix, done, job_id))]

@@ -25,18 +25,20 @@ import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from jobforge.errors import Conflict, NotFound, StoreError
 from jobforge.models import DeliveryState, JobRecord, JobStatus, LogLine, LogStream, WebhookDelivery
 from jobforge.stores.base import (
+    DueDeliveries,
     LogPage,
     SeqLine,
     Versioned,
     VersionedDelivery,
     dump_delivery,
+    due_at,
     dump_record,
     load_delivery,
     load_record,
@@ -122,6 +124,26 @@ def _add_log_positions(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO log_counts SELECT job_id, phase, COUNT(*) FROM logs GROUP BY job_id, phase")
 
 
+_PENDING = DeliveryState.PENDING.value
+_HEADS = ("SELECT job_id, MIN(seq) AS seq, due_at, created_at FROM webhook_deliveries "
+          f"INDEXED BY webhook_deliveries_heads WHERE state = '{_PENDING}' GROUP BY job_id")
+"""Each job's first pending delivery (SQLite takes a bare column from the row holding the MIN), read from the
+partial index of pending deliveries alone: it costs the backlog, never the delivered history. The state is a
+literal, as a partial index needs."""
+
+
+def _add_delivery_due(db: sqlite3.Connection) -> None:
+    """`webhook_deliveries.due_at` (`stores.base.due_at`, UTC text) and the partial index of pending deliveries
+    the worker reads; pending rows stored before the column existed get theirs from their JSON."""
+    if not db.execute("SELECT 1 FROM pragma_table_info('webhook_deliveries') WHERE name = 'due_at'").fetchone():
+        db.execute("ALTER TABLE webhook_deliveries ADD COLUMN due_at TEXT")
+        rows = db.execute("SELECT delivery_id, delivery FROM webhook_deliveries WHERE state = ?", (_PENDING,))
+        db.executemany("UPDATE webhook_deliveries SET due_at = ? WHERE delivery_id = ?",
+                       [(_ts(due_at(load_delivery(raw))), delivery_id) for delivery_id, raw in rows.fetchall()])
+    db.execute("CREATE INDEX IF NOT EXISTS webhook_deliveries_heads ON webhook_deliveries "
+               f"(job_id, seq, due_at, created_at, state) WHERE state = '{_PENDING}'")
+
+
 @contextmanager
 def _mapped(what: str) -> Iterator[None]:
     """The one boundary where SQLite's errors become `StoreError`."""
@@ -158,6 +180,7 @@ class SqliteStore:
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_PAGES * 4096}")
             self._db.executescript(_SCHEMA)
             self._write(_add_log_positions)
+            self._write(_add_delivery_due)
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
         def mapped() -> T:
@@ -310,21 +333,21 @@ class SqliteStore:
         return await self._run("log read", read)
 
     async def put_delivery(self, delivery: WebhookDelivery, expected_version: int) -> int:
-        raw = dump_delivery(delivery)
+        raw, due = dump_delivery(delivery), _ts(due_at(delivery))
 
         def cas(db: sqlite3.Connection) -> int:
             if expected_version == 0:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO webhook_deliveries (delivery_id, job_id, seq, version, state, created_at, "
-                    "delivery) VALUES (?, ?, ?, 1, ?, ?, ?)",
+                    "delivery, due_at) VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
                     (delivery.delivery_id, delivery.job_id, delivery.seq, delivery.state.value,
-                     _ts(delivery.created_at), raw))
+                     _ts(delivery.created_at), raw, due))
             else:
                 cur = db.execute(
-                    "UPDATE webhook_deliveries SET version = ?, state = ?, delivery = ? "
+                    "UPDATE webhook_deliveries SET version = ?, state = ?, delivery = ?, due_at = ? "
                     "WHERE delivery_id = ? AND version = ? AND state = ?",
-                    (expected_version + 1, delivery.state.value, raw, delivery.delivery_id, expected_version,
-                     DeliveryState.PENDING.value))
+                    (expected_version + 1, delivery.state.value, raw, due, delivery.delivery_id, expected_version,
+                     _PENDING))
             return cur.rowcount
 
         if await self._run("delivery write", lambda: self._write(cas)) != 1:
@@ -338,6 +361,22 @@ class SqliteStore:
                 "SELECT delivery, version FROM webhook_deliveries WHERE state = ? "
                 "ORDER BY created_at, job_id, seq LIMIT ?", (DeliveryState.PENDING.value, limit)).fetchall()
             return [VersionedDelivery(load_delivery(r[0]), r[1]) for r in rows]
+        return await self._run("delivery read", read)
+
+    async def due_deliveries(self, now: datetime, limit: int) -> DueDeliveries:
+        """Two reads of the heads' partial index; only the due heads in the answer are read whole and parsed."""
+        cutoff = _ts(now.astimezone(UTC))
+
+        def read() -> DueDeliveries:
+            rows = self._db.execute(
+                f"WITH heads AS ({_HEADS}), due AS (SELECT job_id, seq, created_at FROM heads WHERE due_at <= ? "
+                "ORDER BY created_at, job_id LIMIT ?) SELECT d.delivery, d.version FROM due JOIN webhook_deliveries "
+                "AS d ON d.job_id = due.job_id AND d.seq = due.seq ORDER BY due.created_at, due.job_id",
+                (cutoff, limit)).fetchall()
+            (later,) = self._db.execute(f"WITH heads AS ({_HEADS}) SELECT MIN(due_at) FROM heads WHERE due_at > ?",
+                                        (cutoff,)).fetchone()
+            return DueDeliveries([VersionedDelivery(load_delivery(r[0]), r[1]) for r in rows],
+                                 None if later is None else datetime.fromisoformat(later))
         return await self._run("delivery read", read)
 
     async def job_deliveries(self, job_id: str) -> list[WebhookDelivery]:

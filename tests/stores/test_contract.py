@@ -5,7 +5,7 @@ Versions are opaque (SQLite counts, Consul uses ModifyIndex): tests only compare
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -340,6 +340,40 @@ async def test_pending_deliveries_are_oldest_first_and_per_job_in_event_order(st
     assert [d.event.value for d in await store.job_deliveries("a")] == ["build.started", "build.failed", "job.failed"]
     assert [d.state for d in await store.job_deliveries("c")] == [DeliveryState.FAILED]
     assert await store.job_deliveries("nobody") == []
+
+
+async def test_due_deliveries_are_each_jobs_first_pending_one_once_its_time_has_come(store):
+    """The worker's read: heads only (a job's later events wait), heads in backoff or leased left out (and
+    their earliest due time given instead), oldest first, bounded by `limit`."""
+    plus2 = timezone(timedelta(hours=2))  # a time in another zone compares as the same instant
+    at = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
+    queued = [
+        delivery("a", WebhookEvent.BUILD_STARTED, 0, attempts=1).model_copy(update={"next_attempt_at": at(100)}),
+        delivery("a", WebhookEvent.BUILD_FAILED, 2), delivery("a", WebhookEvent.JOB_FAILED, 2),
+        delivery("b", WebhookEvent.BUILD_STARTED, 1),
+        delivery("c", WebhookEvent.BUILD_STARTED, 3, lease_until=at(50).astimezone(plus2)),  # being sent
+        delivery("d", WebhookEvent.BUILD_STARTED, 4, state=DeliveryState.FAILED),
+        delivery("d", WebhookEvent.BUILD_COMPLETED, 5),
+        delivery("e", WebhookEvent.BUILD_STARTED, -1).model_copy(update={"next_attempt_at": at(9).astimezone(plus2)}),
+    ]
+    for d in queued:
+        await store.put_delivery(d, 0)
+
+    async def due(seconds: float, limit: int = 10) -> tuple[list[tuple[str, str]], datetime | None]:
+        found = await store.due_deliveries(at(seconds), limit)
+        return [(v.delivery.job_id, v.delivery.event.value) for v in found.due], found.next_due
+
+    assert await due(10) == ([("e", "build.started"), ("b", "build.started"), ("d", "build.completed")], at(50))
+    assert await due(10, limit=1) == ([("e", "build.started")], at(50))
+    assert await due(60) == ([("e", "build.started"), ("b", "build.started"), ("c", "build.started"),
+                              ("d", "build.completed")], at(100))
+    assert await due(200) == ([("e", "build.started"), ("a", "build.started"), ("b", "build.started"),
+                               ("c", "build.started"), ("d", "build.completed")], None)
+    [head] = [v for v in (await store.due_deliveries(at(200), 10)).due if v.delivery.job_id == "a"]
+    await store.put_delivery(head.delivery.model_copy(update={"state": DeliveryState.DELIVERED}), head.version)
+    now_due = (await due(10))[0]  # the next event of `a` is its head now, due at once, in created_at order
+    assert now_due == [("e", "build.started"), ("b", "build.started"), ("a", "build.failed"), ("d", "build.completed")]
+    assert await store.due_deliveries(at(10), 0) == ([], at(50))
 
 
 async def test_a_delivery_round_trips_every_field(store):

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from datetime import timedelta
 
 import pytest
 
 from jobforge.errors import StoreError
-from jobforge.models import JobStatus
+from jobforge.models import DeliveryState, JobStatus, WebhookEvent
+from jobforge.stores.base import dump_delivery
 from jobforge.stores.sqlite import MAX_MERGED_OWNERS, SqliteStore
-from tests.stores.test_contract import job, lines
+from tests.stores.test_contract import T0, delivery, job, lines
 
 
 @pytest.fixture
@@ -187,3 +189,44 @@ async def test_history_of_more_owners_than_are_merged_scans_in_order(big_history
     owners = {"owner-1", "owner-2", *(f"nobody-{i}" for i in range(MAX_MERGED_OWNERS))}
     records, total = await big_history.list(3, 1, owners, JobStatus.PENDING)
     assert ([r.job_id for r in records], total) == (["j295", "j287", "j283"], 50)  # after j299
+
+
+# ---------------------------------------------------------------- the webhook worker's read
+
+async def test_due_deliveries_read_the_pending_index_not_the_delivered_history(store):
+    """The worker reads at every round: what it costs grows with the backlog (one covering partial index),
+    not with every delivery ever made, and only the answer's deliveries are read whole."""
+    for i in range(200):
+        for event in (WebhookEvent.BUILD_STARTED, WebhookEvent.BUILD_COMPLETED):
+            state = DeliveryState.DELIVERED if i < 180 else DeliveryState.PENDING
+            await store.put_delivery(delivery(f"j{i:03d}", event, i, state=state), 0)
+    plans = await _plans(store, lambda: store.due_deliveries(T0 + timedelta(days=1), 5))
+    assert len(plans) == 2
+    for sql, plan in plans:
+        reads = [step for step in plan if step.startswith(("SCAN webhook_deliveries", "SEARCH webhook_deliveries"))]
+        assert reads == ["SCAN webhook_deliveries USING COVERING INDEX webhook_deliveries_heads"], (sql, plan)
+    [lookup] = [step for step in plans[0][1] if step.startswith("SEARCH d ")]
+    assert "(job_id=? AND seq=?)" in lookup
+    found = await store.due_deliveries(T0 + timedelta(days=1), 5)
+    assert [v.delivery.job_id for v in found.due] == [f"j{i}" for i in range(180, 185)]
+
+
+async def test_deliveries_queued_before_due_times_were_stored_get_them_on_open(tmp_path):
+    """A database from before `webhook_deliveries.due_at`: opening it computes the column for pending rows
+    from their JSON, so a delivery in backoff stays in backoff and a due one is sent."""
+    old = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    old.executescript("CREATE TABLE webhook_deliveries (delivery_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, "
+                      "seq INTEGER NOT NULL, version INTEGER NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL, "
+                      "delivery TEXT NOT NULL);")
+    waiting = delivery("a", WebhookEvent.BUILD_STARTED, 0, attempts=1).model_copy(
+        update={"next_attempt_at": T0 + timedelta(minutes=5)})
+    for d in (waiting, delivery("b", WebhookEvent.BUILD_STARTED, 1)):
+        old.execute("INSERT INTO webhook_deliveries VALUES (?, ?, ?, 1, ?, ?, ?)",
+                    (d.delivery_id, d.job_id, d.seq, d.state.value, d.created_at.isoformat(), dump_delivery(d)))
+    old.close()
+    store = SqliteStore(tmp_path / "jobs.db")
+    try:
+        found = await store.due_deliveries(T0 + timedelta(minutes=1), 10)
+        assert [v.delivery.job_id for v in found.due] == ["b"] and found.next_due == T0 + timedelta(minutes=5)
+    finally:
+        await store.aclose()

@@ -181,7 +181,8 @@ class NomadBackend:
             try:
                 await self._resume_one(command, record)
             except BackendError as exc:
-                log.warning("cannot resume %s yet (%s); retrying", command.dispatch_key, exc.message)
+                log.warning("cannot resume %s yet (%s); retrying", command.dispatch_key, exc.message,
+                            extra={"job_id": command.job_id})
                 self._spawn(self._resume_later(command, record))
 
     async def _resume_later(self, command: DispatchPhase, record: JobRecord) -> None:
@@ -312,7 +313,8 @@ class NomadBackend:
                 try:
                     await self._reconcile(run)
                 except BackendError as exc:
-                    log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message)
+                    log.warning("cannot reconcile %s with Nomad: %s", run.child, exc.message,
+                                extra={"job_id": run.job_id})
         await asyncio.gather(*(one(run) for run in runs))
 
     async def _reconcile_all(self) -> None:
@@ -426,7 +428,8 @@ class NomadBackend:
                     self._take(run, name, stream, frame)
                     delay = 0.5
             except BackendError as exc:
-                log.info("following %s of %s interrupted: %s", name, run.alloc_id, exc.message)
+                log.info("following %s of %s interrupted: %s", name, run.alloc_id, exc.message,
+                         extra={"job_id": run.job_id})
             await asyncio.sleep(delay)  # reconnect backoff
             delay = min(delay * 2, 10.0)
 
@@ -465,7 +468,7 @@ class NomadBackend:
                                               total=self._log_read_timeout):
                 self._take(run, name, stream, frame)
         except BackendError as exc:  # e.g. no log file (the task never started), or a client gone silent
-            log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message)
+            log.info("no more %s for allocation %s: %s", name, run.alloc_id, exc.message, extra={"job_id": run.job_id})
         if name in run.splitters:
             self._lines(run, stream, run.splitters[name].flush())
 
@@ -503,7 +506,7 @@ class NomadBackend:
         try:
             await self._api.deregister(run.child)
         except BackendError as exc:
-            log.warning("cannot stop nomad job %s: %s", run.child, exc.message)
+            log.warning("cannot stop nomad job %s: %s", run.child, exc.message, extra={"job_id": run.job_id})
 
     def _report(self, run: _Run, event_cls, **kw) -> None:
         event = event_cls(phase=Phase(run.phase), attempt=run.attempt, at=self._clock(), **kw)
