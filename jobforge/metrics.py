@@ -9,7 +9,6 @@ counter's suffix, which `promtool check metrics` rejects: ours is `concurrent_jo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,57 +16,11 @@ from datetime import datetime, timedelta
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jobforge.models import JobRecord, JobStatus, Phase, PhaseStatus
+from jobforge.pipeline import CacheUse, PhaseEnded
 
 _BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
-
-USAGE_PREFIX = "::jobforge-usage "
-"""A task script's last stderr line: its children's resource usage as JSON (templates/tasks/_common.py)."""
-
-
-@dataclass(frozen=True)
-class ResourceUsage:
-    """What one phase's task consumed: CPU seconds (user + system) and peak resident memory in bytes."""
-
-    cpu_seconds: float
-    memory_peak_bytes: int
-
-
-def parse_usage_line(line: str) -> ResourceUsage | None:
-    """The usage report a task script prints, or None for any other line (or a malformed report)."""
-    if not line.startswith(USAGE_PREFIX):
-        return None
-    try:
-        data = json.loads(line[len(USAGE_PREFIX):])
-        return ResourceUsage(cpu_seconds=max(0.0, float(data["cpu_seconds"])),
-                             memory_peak_bytes=max(0, int(data["max_rss_bytes"])))
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-CACHE_PREFIX = "::jobforge-cache "
-"""The build script's stderr line: its cacheable steps taken from the layer cache and built (templates/tasks/_cache.py)."""
-
-
-@dataclass(frozen=True)
-class CacheUse:
-    """One build's layer cache use: steps taken from a cache (local store or the registry cache) and steps built."""
-
-    hits: int
-    misses: int
-
-
-def parse_cache_line(line: str) -> CacheUse | None:
-    """The cache report a build prints, or None for any other line (or a malformed report)."""
-    if not line.startswith(CACHE_PREFIX):
-        return None
-    try:
-        data = json.loads(line[len(CACHE_PREFIX):])
-        return CacheUse(hits=max(0, int(data["hits"])), misses=max(0, int(data["misses"])))
-    except (ValueError, KeyError, TypeError):
-        return None
-
 
 @dataclass(frozen=True)
 class FleetSnapshot:
@@ -110,7 +63,8 @@ class Metrics:
         self.success_rate = Gauge("job_success_rate", "succeeded / finished jobs that finished within the window",
                                   ["window"], registry=self.registry)
         self.resource_usage = Gauge("resource_usage",
-                                    "last finished phase's usage: cpu in seconds, memory as peak resident bytes",
+                                    "last finished phase's usage as its backend measured it: cpu in seconds, "
+                                    "memory as peak bytes",
                                     ["resource_type", "phase"], registry=self.registry)
         self.http_duration = Histogram("http_request_duration_seconds", "API request duration by route template",
                                        ["method", "route", "code"], buckets=_HTTP_BUCKETS, registry=self.registry)
@@ -150,9 +104,14 @@ class Metrics:
             failed = new.failed_phase.value if new.failed_phase else "none"
             self.jobs.labels(status=new.status.value, failed_phase=failed).inc()
 
-    def usage(self, phase: str, usage: ResourceUsage) -> None:
-        self.resource_usage.labels(resource_type="cpu", phase=phase).set(usage.cpu_seconds)
-        self.resource_usage.labels(resource_type="memory", phase=phase).set(usage.memory_peak_bytes)
+    def phase_ended(self, event: PhaseEnded) -> None:
+        """What the backend measured of the phase (`resource_usage`) and its build's cache use."""
+        if event.usage is not None:
+            phase = event.phase.value
+            self.resource_usage.labels(resource_type="cpu", phase=phase).set(event.usage.cpu_seconds)
+            self.resource_usage.labels(resource_type="memory", phase=phase).set(event.usage.memory_peak_bytes)
+        if event.cache is not None:
+            self.cache(event.cache)
 
     def cache(self, use: CacheUse) -> None:
         self.cache_steps.labels(result="hit").inc(use.hits)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobforge.config import JobConfig, Resources, format_duration
 from jobforge.errors import IllegalTransition
@@ -92,11 +92,34 @@ class PhaseStarted(PhaseEvent):
     pass
 
 
-class PhaseSucceeded(PhaseEvent):
+class ResourceUsage(_Frozen):
+    """What one phase's processes consumed, as its backend measured them (not as the task said)."""
+
+    cpu_seconds: float = Field(ge=0)
+    """User + system time."""
+    memory_peak_bytes: int = Field(ge=0)
+
+
+class CacheUse(_Frozen):
+    """One build's layer cache use: cacheable steps taken from a cache (local store or registry cache) and built."""
+
+    hits: int = Field(ge=0)
+    misses: int = Field(ge=0)
+
+
+class PhaseEnded(PhaseEvent):
+    """What a backend reports with a phase's end besides how it ended: the facts for the metrics, when known."""
+
+    usage: ResourceUsage | None = None
+    cache: CacheUse | None = None
+    """From the task's control line (jobforge.control), never from a line its commands could print."""
+
+
+class PhaseSucceeded(PhaseEnded):
     pass
 
 
-class PhaseFailed(PhaseEvent):
+class PhaseFailed(PhaseEnded):
     error: str
     retryable: bool = False
     """True when the failure was the infrastructure's (lost allocation), not the job's."""

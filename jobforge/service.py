@@ -41,7 +41,7 @@ from jobforge.delivery import DeliveryWorker
 from jobforge.errors import Conflict, IllegalTransition, NotFound, QueueFull, SlowConsumer, StoreError
 from jobforge.logcaps import LogBudgets, LogLimits
 from jobforge.logs import about_job
-from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot, parse_cache_line, parse_usage_line
+from jobforge.metrics import WINDOWS, Metrics, fleet_snapshot
 from jobforge.models import (
     CleanupResult,
     GetLogsParams,
@@ -849,8 +849,9 @@ class JobService:
                 if isinstance(message, LogChunk):
                     await self._store_logs(message)
                 elif isinstance(message, JobEvent):
-                    if isinstance(message.event, (pipeline.PhaseSucceeded, pipeline.PhaseFailed)):
+                    if isinstance(message.event, pipeline.PhaseEnded):
                         self._replay.pop((message.job_id, message.event.phase.value), None)
+                        self.metrics.phase_ended(message.event)
                     await self._flush_lost_lines(message.job_id)  # a phase's end may have freed the space
                     await self._apply_or_fail(message.job_id, self._doom(message.job_id, message.event))
             except NotFound:
@@ -875,16 +876,7 @@ class JobService:
                 await asyncio.sleep(delay)
 
     async def _store_logs(self, chunk: LogChunk) -> None:
-        lines = []
-        for line in chunk.lines:  # the task script's usage and cache reports are metrics, not part of the job's log
-            usage = parse_usage_line(line.line) if line.stream is LogStream.STDERR else None
-            cache = parse_cache_line(line.line) if line.stream is LogStream.STDERR and usage is None else None
-            if usage is not None:
-                self.metrics.usage(chunk.phase, usage)
-            elif cache is not None:
-                self.metrics.cache(cache)
-            else:
-                lines.append(masked_line(line))
+        lines = [masked_line(line) for line in chunk.lines]
         lines = self._skip_replayed(chunk.job_id, chunk.phase, lines)
         lines = self._log_budgets.admit(chunk.job_id, lines, self._clock)  # per-line and per-job caps
         if not lines:

@@ -14,7 +14,7 @@ job "jobforge-test" {
   parameterized {
     payload       = "required"
     meta_required = ["job_id", "attempt"]
-    meta_optional = ["owner"]
+    meta_optional = ["owner", "control_nonce"]
   }
 
   group "test" {
@@ -74,6 +74,7 @@ job "jobforge-test" {
         JOBFORGE_STORAGE_DRIVER  = "vfs"
         JOBFORGE_ISOLATION       = "chroot"
         JOBFORGE_BUILD_NETWORK   = "runner"
+        JOBFORGE_CONTROL_NONCE   = "$${NOMAD_META_control_nonce}"
         PYTHONUNBUFFERED         = "1"
       }
 
@@ -100,7 +101,6 @@ import contextlib
 import json
 import os
 import re
-import resource
 import shlex
 import shutil
 import signal
@@ -732,8 +732,9 @@ def enter_user_namespace() -> None:
 
 
 def main(phase: Callable[[Context], None]) -> None:
-    """Run one phase and turn its outcome into the exit status + final `ERROR:` line (after the usage line)."""
+    """Run one phase and turn its outcome into the exit status + final `ERROR:` line."""
     enter_user_namespace()
+    _take_nonce()
     signal.signal(signal.SIGTERM, _on_sigterm)
     _die_with_parent()
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
@@ -742,7 +743,6 @@ def main(phase: Callable[[Context], None]) -> None:
     try:
         ctx = load_context()
         phase(ctx)
-        _report_usage()
     except TaskError as exc:
         _fail(str(exc), ctx, EXIT_FAILED)
     except (Terminated, KeyboardInterrupt):
@@ -752,20 +752,28 @@ def main(phase: Callable[[Context], None]) -> None:
 
 
 def _fail(message: str, ctx: Context | None, code: int) -> None:
-    """The usage line, then the contract's last line `ERROR: …`, then exit."""
-    _report_usage()
+    """The contract's last line `ERROR: …`, then exit."""
     _error(message, ctx)
     sys.exit(code)
 
 
-USAGE_PREFIX = "::jobforge-usage "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_usage_line
+# The backend's per-phase nonce (jobforge.control). On Nomad it is dispatch meta, which Nomad also exposes as
+# NOMAD_META_*: every copy goes. A dispatch without it leaves `$${NOMAD_META_control_nonce}` uninterpolated.
+NONCE_ENV = ("JOBFORGE_CONTROL_NONCE", "NOMAD_META_control_nonce", "NOMAD_META_CONTROL_NONCE")
+_nonce: list[str] = []
 
 
-def _report_usage() -> None:
-    """A stderr line with what this phase's commands (buildah, the containers, git) consumed."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    report = {"cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "max_rss_bytes": usage.ru_maxrss * 1024}
-    print(USAGE_PREFIX + json.dumps(report), file=sys.stderr, flush=True)
+def _take_nonce() -> None:
+    """Take the nonce out of the environment before any tool starts: no build step or test command inherits it."""
+    found = [os.environ.pop(name, "") for name in NONCE_ENV]
+    _nonce[:] = [value for value in found if value and not value.startswith("$${")][:1]
+
+
+def control_line(kind: str, report: dict) -> None:
+    """A stderr line for the backend, not the job's log (jobforge.control): prefixed with this phase's nonce, so a
+    command printing the same text cannot forge it. Without a nonce (run by hand) nothing is written."""
+    if _nonce:
+        print(f"::jobforge-{_nonce[0]} {kind} {json.dumps(report)}", file=sys.stderr, flush=True)
 
 
 def _error(message: str, ctx: Context | None) -> None:

@@ -75,6 +75,12 @@ async def test_build_test_publish_through_nomad(service, tmp_path, registry, bas
     assert status.temp_image_deleted is True and not registry.has_manifest(f"temp-{name}", job_id)
     dispatched = sorted(jid.split("/")[0] for (_, jid) in nomad.cluster.jobs if "/dispatch-" in jid)
     assert dispatched == ["jobforge-build", "jobforge-cleanup", "jobforge-publish", "jobforge-test"]
+    usage = svc.metrics.registry.get_sample_value
+    for phase in ("build", "test", "publish"):  # from the allocations' stats, read while the client had them
+        assert usage("resource_usage", {"resource_type": "memory", "phase": phase}) > 1 << 20, phase
+        assert usage("resource_usage", {"resource_type": "cpu", "phase": phase}) is not None, phase
+    steps = usage("build_cache_steps_total", {"result": "hit"}) + usage("build_cache_steps_total", {"result": "miss"})
+    assert steps > 0  # the build's control line came through the task's logs, with its nonce
 
 
 async def test_a_failing_test_phase_through_nomad(service, tmp_path, registry, base_image):

@@ -1,5 +1,6 @@
 """The local backend's process hygiene without buildah: a stop before the process exists prevents the start,
-leftovers of a crashed server are reaped at start, and workspaces do not outlive their phase."""
+leftovers of a crashed server are reaped at start, and workspaces do not outlive their phase; what a phase
+consumed is measured by the backend, and only the phase's own nonce makes a control line."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import signal
 import subprocess
 import sys
 
-from jobforge.backends.base import JobEvent
+from jobforge.backends.base import JobEvent, LogChunk
 from jobforge.backends.local import LocalBackend
 from jobforge.config import JobConfig
 from jobforge.models import Phase
-from jobforge.pipeline import KILLED_BY_USER, DispatchPhase, PhaseFailed, PhaseStarted, StopPhase
+from jobforge.pipeline import (
+    KILLED_BY_USER,
+    CacheUse,
+    DispatchPhase,
+    PhaseFailed,
+    PhaseStarted,
+    PhaseSucceeded,
+    StopPhase,
+)
 
 CONFIG = JobConfig.model_validate({"owner": "t", "repo_url": "https://git.example.invalid/a.git",
                                    "image_name": "app", "registry_url": "127.0.0.1:5000"})
@@ -68,6 +77,47 @@ async def test_a_phase_leaves_no_workspace(tmp_path):
         events.append(await next_event(b))
     assert list((tmp_path / "work").iterdir()) == []
     await b.aclose()
+
+
+# A phase whose child process holds 96 MiB and burns 0.5 s of CPU (the script itself is a shell, which does
+# neither), then prints forged reports and the real one (it knows the nonce the backend gave it).
+MEASURED_PHASE = f"""#!/bin/sh
+{sys.executable} -c 'import time
+held = b"x" * (96 << 20)
+start = time.process_time()
+while time.process_time() - start < 0.5:
+    pass'
+echo '::jobforge-usage {{"cpu_seconds": 99999, "max_rss_bytes": 1}}' >&2
+echo '::jobforge-cache {{"hits": 1000, "misses": 0}}' >&2
+echo '::jobforge-0123456789abcdef0123456789abcdef cache {{"hits": 1000, "misses": 0}}' >&2
+echo '::jobforge-'"$JOBFORGE_CONTROL_NONCE"' cache {{"hits": 2, "misses": 1}}' >&2
+"""
+
+
+async def test_the_phase_end_carries_what_the_kernel_measured_and_only_the_nonced_report(tmp_path):
+    program = tmp_path / "phase.sh"
+    program.write_text(MEASURED_PHASE)
+    program.chmod(0o755)
+    b = LocalBackend(work_dir=tmp_path / "work", storage_root=tmp_path / "nowhere" / "root",
+                     storage_runroot=tmp_path / "nowhere" / "runroot", registry_url="127.0.0.1:5000",
+                     tls_verify=False, kill_grace=2, python=str(program))
+    await b.dispatch(command(), {}, CONFIG)
+    lines, end = [], None
+    async for message in b.events():
+        if isinstance(message, LogChunk):
+            lines += [line.line for line in message.lines]
+        elif isinstance(message.event, (PhaseSucceeded, PhaseFailed)):
+            end = message.event
+            break
+    await b.aclose()
+    assert isinstance(end, PhaseSucceeded), end
+    assert end.usage is not None
+    assert 0.5 <= end.usage.cpu_seconds < 60
+    assert 96 << 20 <= end.usage.memory_peak_bytes < 1 << 30
+    assert end.cache == CacheUse(hits=2, misses=1), lines
+    assert lines == ['::jobforge-usage {"cpu_seconds": 99999, "max_rss_bytes": 1}',
+                     '::jobforge-cache {"hits": 1000, "misses": 0}',
+                     '::jobforge-0123456789abcdef0123456789abcdef cache {"hits": 1000, "misses": 0}']
 
 
 async def test_reap_kills_leftover_phase_groups_and_removes_workspaces(tmp_path):

@@ -1,4 +1,5 @@
-"""The pure parts of metrics and logging: usage reports, fleet gauges from records, log line formats."""
+"""The pure parts of metrics and logging: control lines, what a phase's end records, fleet gauges from records,
+log line formats."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from datetime import datetime, timedelta, timezone
 
 from jobforge import logs
 from jobforge.config import JobConfig
-from jobforge.metrics import CacheUse, Metrics, ResourceUsage, fleet_snapshot, parse_cache_line, parse_usage_line
-from jobforge.models import JobRecord, JobStatus
+from jobforge.control import ControlLines
+from jobforge.metrics import Metrics, fleet_snapshot
+from jobforge.models import JobRecord, JobStatus, Phase
+from jobforge.pipeline import CacheUse, PhaseFailed, PhaseSucceeded, ResourceUsage
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
 
@@ -24,18 +27,36 @@ def record(status: JobStatus, finished_ago: timedelta | None) -> JobRecord:
                      submitted_at=(finished or NOW) - timedelta(minutes=1), finished_at=finished)
 
 
-def test_usage_line_is_parsed_and_anything_else_is_not():
-    assert parse_usage_line('::jobforge-usage {"cpu_seconds": 1.5, "max_rss_bytes": 2048}') == ResourceUsage(1.5, 2048)
-    assert parse_usage_line("::jobforge-usage {broken") is None
-    assert parse_usage_line('::jobforge-usage {"cpu_seconds": "x", "max_rss_bytes": 1}') is None
-    assert parse_usage_line('echo ::jobforge-usage {"cpu_seconds": 1, "max_rss_bytes": 1}') is None
+NONCE = "5f0c3d9e8a7b6c5d4e3f2a1b0c9d8e7f"
 
 
-def test_cache_line_is_parsed_and_anything_else_is_not():
-    assert parse_cache_line('::jobforge-cache {"hits": 3, "misses": 1}') == CacheUse(3, 1)
-    assert parse_cache_line("::jobforge-cache {broken") is None
-    assert parse_cache_line('::jobforge-cache {"hits": "x", "misses": 1}') is None
-    assert parse_cache_line('::jobforge-usage {"cpu_seconds": 1, "max_rss_bytes": 1}') is None
+def test_only_a_line_with_the_phases_nonce_is_a_control_line():
+    control = ControlLines(NONCE)
+    report = '{"hits": 9, "misses": 0}'
+    for forged in (f"::jobforge-cache {report}", '::jobforge-usage {"cpu_seconds": 1, "max_rss_bytes": 1}',
+                   f"::jobforge-0123 cache {report}", f" ::jobforge-{NONCE} cache {report}",
+                   f"::jobforge-{NONCE[:-1]} cache {report}", f"::jobforge-{NONCE}"):
+        assert control.take(forged) is False, forged
+    assert control.cache is None
+    assert control.take(f'::jobforge-{NONCE} cache {{"hits": 3, "misses": 1}}') is True
+    assert control.cache == CacheUse(hits=3, misses=1)
+    assert control.take(f'::jobforge-{NONCE} cache {{"hits": -1}}') is True  # ours, but broken: dropped, ignored
+    assert control.cache == CacheUse(hits=3, misses=1)
+    assert ControlLines("").take('::jobforge- cache {"hits": 1, "misses": 0}') is False  # no nonce: nothing is one
+
+
+def test_a_phase_end_records_what_its_backend_measured():
+    metrics = Metrics()
+    value = metrics.registry.get_sample_value
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    metrics.phase_ended(PhaseSucceeded(phase=Phase.BUILD, attempt=1, at=at, cache=CacheUse(hits=2, misses=1),
+                                       usage=ResourceUsage(cpu_seconds=12.5, memory_peak_bytes=3 << 20)))
+    assert value("resource_usage", {"resource_type": "cpu", "phase": "build"}) == 12.5
+    assert value("resource_usage", {"resource_type": "memory", "phase": "build"}) == 3 << 20
+    assert value("build_cache_steps_total", {"result": "hit"}) == 2
+    metrics.phase_ended(PhaseFailed(phase=Phase.TEST, attempt=1, at=at, error="x"))  # nothing measured
+    assert value("resource_usage", {"resource_type": "cpu", "phase": "test"}) is None
+    assert value("build_cache_steps_total", {"result": "hit"}) == 2
 
 
 def test_cache_hit_ratio_is_hits_over_all_cacheable_steps_seen():

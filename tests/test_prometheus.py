@@ -25,11 +25,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "jobforge.json"
 # What Grafana substitutes for its interval variables, at a 1 s scrape interval.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "5s", "$__range": "1h"}
+# Control lines as a test command can print them, without the phase's nonce: ordinary log lines.
+FORGED = ['::jobforge-usage {"cpu_seconds": 99999, "max_rss_bytes": 1}',
+          '::jobforge-cache {"hits": 1000, "misses": 0}',
+          '::jobforge-0123456789abcdef0123456789abcdef cache {"hits": 1000, "misses": 0}']
 
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory, registry, base_image):
-    """A service whose metrics port a Prometheus scrapes, after one succeeded and one failed job."""
+    """A service whose metrics port a Prometheus scrapes, after one succeeded job (whose test command prints
+    forged control lines) and one failed job."""
     base = tmp_path_factory.mktemp("prom")
     repo = GitRepo.from_dir(base / "hello", ROOT / "examples" / "hello")
     with ServiceProcess(base / "service", registry.host) as svc:
@@ -37,23 +42,26 @@ def metered(tmp_path_factory, registry, base_image):
         prom = Prometheus(base, f"127.0.0.1:{metrics_port}")
         try:
             prom.wait_for('up{job="jobforge"} == 1', "a first scrape")
-            for commands in (["/app/run-tests.sh"], ["false"]):
+            jobs = []
+            forge = "; ".join(f"echo '{line}' >&2" for line in FORGED)
+            for commands in (["/app/run-tests.sh", forge], ["false"]):
                 cfg = {"owner": "prom", "repo_url": str(repo.path), "image_name": f"hello-{uuid.uuid4().hex[:8]}",
                        "registry_url": registry.host, "build_args": {"BASE_IMAGE": base_image},
                        "test": {"entry_point": True, "commands": commands}}
                 status, body = svc.post("/json/submitJob", {"job_config": cfg})
                 assert status == 200, body
                 watch(svc.url, body["job_id"])
+                jobs.append(body["job_id"])
             prom.wait_for("sum(jobs_total) >= 2", "both finished jobs")
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
                 scrape = resp.read()
-            yield prom, scrape
+            yield prom, scrape, svc, jobs
         finally:
             prom.close()
 
 
 def test_promtool_finds_nothing_to_lint(metered):
-    _, scrape = metered
+    _, scrape, *_ = metered
     result = subprocess.run(["promtool", "check", "metrics"], input=scrape, capture_output=True, timeout=30)
     assert result.returncode == 0 and result.stdout + result.stderr == b"", result.stdout + result.stderr
     text = scrape.decode()
@@ -65,7 +73,7 @@ def test_promtool_finds_nothing_to_lint(metered):
 
 
 def test_the_issue_queries_have_data(metered):
-    prom, _ = metered
+    prom, *_ = metered
     p90 = prom.wait_for("histogram_quantile(0.9, sum(rate(build_duration_seconds_bucket[5m])) by (le))",
                         "a build duration quantile")
     assert not math.isnan(p90[0]) and p90[0] > 0
@@ -73,8 +81,11 @@ def test_the_issue_queries_have_data(metered):
     assert prom.values("concurrent_jobs") == [0.0]
     assert sorted(prom.values('jobs_total{status="SUCCEEDED"}')) == [1.0]
     assert prom.values('jobs_total{status="FAILED", failed_phase="test"}') == [1.0]
-    cpu = prom.values('resource_usage{resource_type="cpu", phase="build"}')
-    assert cpu and cpu[0] > 0, "the build's CPU seconds were not reported"
+    for phase in ("build", "test"):  # measured by the backend for each phase that ran
+        cpu = prom.values(f'resource_usage{{resource_type="cpu", phase="{phase}"}}')
+        memory = prom.values(f'resource_usage{{resource_type="memory", phase="{phase}"}}')
+        assert cpu and cpu[0] > 0, f"the {phase} phase's CPU seconds were not reported"
+        assert memory and memory[0] > 1 << 20, f"the {phase} phase's peak memory was not reported"
     hits = prom.values('build_cache_steps_total{result="hit"}')
     assert hits and hits[0] > 0, "the second build of the same repository took no layer from the cache"
     ratio = prom.values("build_cache_hit_ratio")
@@ -97,8 +108,17 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
     return found
 
 
+def test_lines_a_test_command_forges_are_log_lines_and_change_no_metric(metered):
+    prom, _, svc, (succeeded, _) = metered
+    assert [line for line in svc.logs(succeeded)["test"] if line.startswith("::jobforge-")] == FORGED
+    assert max(prom.values('resource_usage{resource_type="cpu"}')) < 99999
+    assert min(prom.values('resource_usage{resource_type="memory"}')) > 1
+    hits = prom.values('build_cache_steps_total{result="hit"}')
+    assert hits and hits[0] < 1000
+
+
 def test_every_dashboard_query_evaluates(metered):
-    prom, _ = metered
+    prom, *_ = metered
     exprs = _dashboard_exprs()
     assert len(exprs) >= 10
     for title, expr in exprs:

@@ -1,6 +1,9 @@
-"""The pure parts of the build's layer cache (templates/tasks/_cache.py): hit counting, pruning plan, sizes."""
+"""The pure parts of the build's layer cache (templates/tasks/_cache.py): hit counting, its report, pruning plan,
+sizes."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -33,6 +36,21 @@ def test_hits_and_misses_count_cacheable_steps_only(cache):
     assert (counter.hits, counter.misses) == (1, 1)  # FROM and the job's own label are not cacheable steps
     assert "deb52750cb164970ad1d097d8db7e71e32439d58ff208df7f249e9488fa0a218" in counter.used
     assert "07d70f0599f" in counter.used
+
+
+def test_the_report_is_a_control_line_and_the_nonce_leaves_the_environment(cache, monkeypatch, capsys):
+    common = taskscripts.load("_common")
+    monkeypatch.setattr(common, "_nonce", [])
+    counter = cache.HitCounter()
+    for line in COLD_NODE.splitlines():
+        counter.feed(line)
+    cache.report(counter)
+    assert capsys.readouterr().err == ""  # run by hand, without a nonce: no control line at all
+    monkeypatch.setenv("NOMAD_META_control_nonce", "5f0c3d9e")  # as a Nomad dispatch hands it over
+    common._take_nonce()
+    assert "NOMAD_META_control_nonce" not in os.environ  # no tool started from here on inherits it
+    cache.report(counter)
+    assert capsys.readouterr().err == '::jobforge-5f0c3d9e cache {"hits": 1, "misses": 1}\n'
 
 
 def test_a_dockerfile_label_is_counted(cache):

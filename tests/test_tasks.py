@@ -542,6 +542,25 @@ def test_build_steps_and_test_commands_see_nothing_of_the_runners_environment(ma
         assert not [name for name, value in markers.items() if value in outcome.output], outcome.output
 
 
+ENV_DUMP = "env; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'"
+
+
+def test_the_control_nonce_never_reaches_a_build_step_or_a_test_command(make_job, tmp_path):
+    """Whoever reads the nonce can forge the task's control lines: the script takes it out of its environment
+    before any tool starts. The only line carrying it is the build's own cache report."""
+    nonce = uuid.uuid4().hex
+    repo = GitRepo.create(tmp_path / "envdump", {"Dockerfile": (
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex}; {ENV_DUMP}\n")})
+    job = make_job(f"file://{repo.path}", test={"entry_point": False, "env": {}, "secret_env": [],
+                                                 "commands": [ENV_DUMP]})
+    build = ok(job.run("build", JOBFORGE_CONTROL_NONCE=nonce, NOMAD_META_control_nonce=nonce))
+    test = ok(job.run("test", JOBFORGE_CONTROL_NONCE=nonce, NOMAD_META_control_nonce=nonce))
+    assert "PATH=" in build.stdout and "PATH=" in test.stdout  # the environments were dumped
+    assert [line for line in build.output.splitlines() if nonce in line] == [
+        f'::jobforge-{nonce} cache {{"hits": 0, "misses": 1}}']
+    assert nonce not in test.output
+
+
 @pytest.mark.skipif(os.geteuid() != 0 and not os.access("/dev/net/tun", os.R_OK | os.W_OK),
                     reason="slirp4netns needs /dev/net/tun")
 @pytest.mark.parametrize("network, interfaces", [("none", "lo"), ("outbound", "lo tap0")])
@@ -574,18 +593,19 @@ def test_the_cache_repository_receives_layers_and_a_cold_node_builds_from_it(mak
         f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} > /stamp\nRUN echo two > /two\n")})
     name = f"cache/app-{uuid.uuid4().hex[:8]}"
     url, cache = f"file://{repo.path}", f"{registry.host}/{name}"
-    first = ok(make_job(url, cache_repo=cache).run("build"))
+    nonce = uuid.uuid4().hex  # the backend's, for the control line with the cache use
+    first = ok(make_job(url, cache_repo=cache).run("build", JOBFORGE_CONTROL_NONCE=nonce))
     assert "Using cache" not in first.stdout
-    assert '::jobforge-cache {"hits": 0, "misses": 2}' in first.stderr
+    assert f'::jobforge-{nonce} cache {{"hits": 0, "misses": 2}}' in first.stderr.splitlines()
     assert len(registry.tags(name)) == 3  # one cache image per step (two RUN, the job's label), in the temp registry
 
     # A node whose local store is empty: only the base image, pulled as the build does.
     cold_storage = BuildahStorage(root=tmp_path / "cold" / "root", runroot=tmp_path / "cold" / "runroot")
     cold = make_job(url, cache_repo=cache)
     cold.storage = cold_storage
-    rebuilt = ok(cold.run("build"))
+    rebuilt = ok(cold.run("build", NOMAD_META_control_nonce=nonce))  # as a Nomad dispatch hands it over
     assert rebuilt.stdout.count(f"Cache pulled from remote {cache}:") == 2
-    assert '::jobforge-cache {"hits": 2, "misses": 0}' in rebuilt.stderr
+    assert f'::jobforge-{nonce} cache {{"hits": 2, "misses": 0}}' in rebuilt.stderr.splitlines()
     opted_out = make_job(url, cache_repo=cache, clear_cache=True)
     opted_out.storage = cold_storage
     assert "--cache-from" not in ok(opted_out.run("build")).stdout

@@ -12,6 +12,11 @@ taken earlier lines.
 stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
 phase's end event. Nothing is retried or stored here.
 
+Measured, not told: the backend reaps each task script itself (`os.wait4`), whose resource usage covers the
+script and every process it waited for (git, buildah, build steps, test containers); CPU seconds and peak RSS go
+with the phase's end event. What a script reports besides its log (the build's cache use) are control lines
+carrying the phase's nonce (jobforge.control): a job's commands cannot forge them.
+
 No orphans, no litter: a task script gets SIGTERM when the service dies (it sets PR_SET_PDEATHSIG on itself and
 then stops its whole group, see templates/tasks/_common.py), and each phase records its process group id in its workspace,
 so `reap()` at the next start kills whatever is left and removes leftover buildah containers (the storage is
@@ -40,7 +45,9 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,15 +59,18 @@ import aiohttp
 
 from jobforge.backends.base import BackendMessage, JobEvent, LogChunk
 from jobforge.config import JobConfig, format_duration
+from jobforge.control import NONCE_ENV, ControlLines, new_nonce
 from jobforge.errors import ConfigError, SecretReadError
 from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import LogLine, LogStream, utcnow
 from jobforge.pipeline import (
     KILLED_BY_USER,
+    CacheUse,
     DispatchPhase,
     PhaseFailed,
     PhaseStarted,
     PhaseSucceeded,
+    ResourceUsage,
     StopPhase,
 )
 from jobforge.tasks import task_script
@@ -169,9 +179,70 @@ def build_account(name: str | None) -> pwd.struct_passwd | None:
 
 
 
+class _Child:
+    """A task script this backend reaps itself: `os.wait4` hands over the resource usage of the script and of
+    every descendant it waited for (git, buildah, build steps, test containers), which asyncio's subprocess
+    support throws away. That is the phase's usage as the kernel counted it, whatever the job printed."""
+
+    def __init__(self, popen: subprocess.Popen, stdout: asyncio.StreamReader, stderr: asyncio.StreamReader,
+                 stdin: asyncio.WriteTransport) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdout, self.stderr, self.stdin = stdout, stderr, stdin
+        self.returncode: int | None = None
+        self.usage: ResourceUsage | None = None
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # no pidfd (a kernel before 5.3): one thread blocks in wait4 instead
+            threading.Thread(target=lambda: loop.call_soon_threadsafe(self._reaped, *os.wait4(self.pid, 0)[1:]),
+                             daemon=True, name=f"wait4-{self.pid}").start()
+            return
+
+        def readable() -> None:
+            try:
+                pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (nothing here does): its status and usage are lost
+                pid, status, rusage = self.pid, None, None
+            if pid:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                self._reaped(status, rusage)
+        loop.add_reader(pidfd, readable)
+
+    @classmethod
+    async def start(cls, argv: list[str], env: dict[str, str], payload: bytes, **account) -> _Child:
+        """Started in its own session (process group), the payload written to its stdin and stdin closed."""
+        loop = asyncio.get_running_loop()
+        popen = subprocess.Popen(argv, cwd="/", env=env, start_new_session=True, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, **account)
+        readers = []
+        for pipe in (popen.stdout, popen.stderr):
+            reader = asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+            readers.append(reader)
+        stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, popen.stdin)
+        stdin.write(payload)
+        stdin.close()  # after the buffer is written; a script that exits first just loses it
+        return cls(popen, *readers, stdin)
+
+    def _reaped(self, status: int | None, rusage) -> None:
+        self.returncode = self._popen.returncode = -1 if status is None else os.waitstatus_to_exitcode(status)
+        if rusage is not None:
+            self.usage = ResourceUsage(cpu_seconds=rusage.ru_utime + rusage.ru_stime,
+                                       memory_peak_bytes=rusage.ru_maxrss * 1024)  # KiB on Linux
+        self._exited.set_result(None)
+
+    async def wait(self) -> int:
+        await asyncio.shield(self._exited)  # a timed-out wait leaves the child watched
+        assert self.returncode is not None
+        return self.returncode
+
+
 @dataclass
 class _Run:
-    process: asyncio.subprocess.Process | None = None
+    process: _Child | None = None
     stopped: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -185,6 +256,8 @@ class _Outcome:
     """The phase's output reported a full disk: the usual, actionable cause of its failure."""
     disk_full_at: str | None = None
     """Set when the phase was stopped because a disk it writes to filled up (the error, naming the disk)."""
+    usage: ResourceUsage | None = None
+    cache: CacheUse | None = None
 
 
 class LocalBackend:
@@ -393,19 +466,21 @@ class LocalBackend:
             return
         finally:
             self._runs.pop(command.dispatch_key, None)
+        measured = {"usage": outcome.usage, "cache": outcome.cache}  # the phase's end carries them
         if run.stopped:
-            report(PhaseFailed, error=KILLED_BY_USER)
+            report(PhaseFailed, **measured, error=KILLED_BY_USER)
         elif outcome.disk_full_at is not None:
-            report(PhaseFailed, error=f"{phase.value} phase failed: {outcome.disk_full_at}")
+            report(PhaseFailed, **measured, error=f"{phase.value} phase failed: {outcome.disk_full_at}")
         elif outcome.timed_out:
-            report(PhaseFailed, error=f"{phase.value} phase timed out after {format_duration(round(command.timeout_seconds))}")
+            report(PhaseFailed, **measured,
+                   error=f"{phase.value} phase timed out after {format_duration(round(command.timeout_seconds))}")
         elif outcome.returncode == 0:
-            report(PhaseSucceeded)
+            report(PhaseSucceeded, **measured)
         else:
             detail = outcome.last_error or f"task exited with code {outcome.returncode}"
             if outcome.disk_full and "no space left on device" not in detail.lower():
                 detail = f"no space left on device ({detail})"
-            report(PhaseFailed, error=f"{phase.value} phase failed: {detail}")
+            report(PhaseFailed, **measured, error=f"{phase.value} phase failed: {detail}")
 
     async def _execute(self, job_id: str, log_phase: str, script: str, payload: dict, run: _Run,
                        timeout: float, on_start: Callable[[], None] | None = None,
@@ -415,21 +490,18 @@ class LocalBackend:
         masks = sorted({v for v in secrets.values() if len(v) >= _MIN_MASKED_CHARS}, key=len, reverse=True)
         workdir = self._work_dir / job_id / f"{log_phase}-{uuid.uuid4().hex[:8]}"
         last_error: list[str] = []
+        control = ControlLines(new_nonce())
         try:
             if run.stopped:  # stopped between dispatch and now: never start
                 return _Outcome(-1, False, None)
             if self._account is None:
                 workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
             # else the build user's script creates its workdir in its own home: root never writes there.
-            env = {**self._env, **secrets, "JOBFORGE_PAYLOAD": "-", "JOBFORGE_WORKDIR": str(workdir)}
-            proc = await asyncio.create_subprocess_exec(
-                *self._interpreter(), str(task_script(script)), cwd="/", env=env, start_new_session=True,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                **self._as_account())
+            env = {**self._env, **secrets, "JOBFORGE_PAYLOAD": "-", "JOBFORGE_WORKDIR": str(workdir),
+                   NONCE_ENV: control.nonce}
+            proc = await _Child.start([*self._interpreter(), str(task_script(script))], env,
+                                      json.dumps(payload).encode(), **self._as_account())
             run.process = proc
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(payload).encode())
-            proc.stdin.close()
             if self._account is None:  # root never writes into the build user's home
                 try:
                     (workdir / _PGID_FILE).write_text(str(proc.pid))  # for reap() after a crash of this server
@@ -440,9 +512,9 @@ class LocalBackend:
             if on_start:
                 on_start()
             pumps = [asyncio.create_task(self._pump(proc.stdout, LogStream.STDOUT, job_id, log_phase, last_error,
-                                                    masks)),
+                                                    masks, control)),
                      asyncio.create_task(self._pump(proc.stderr, LogStream.STDERR, job_id, log_phase, last_error,
-                                                    masks))]
+                                                    masks, control))]
             timed_out = False
             disk_full: list[str] = []
             watcher = asyncio.create_task(self._watch_disks(proc, job_id, log_phase, disk_full)) if watch_disks \
@@ -467,12 +539,12 @@ class LocalBackend:
             errors = [e for e in last_error if e != _ENOSPC_SEEN]
             return _Outcome(proc.returncode if proc.returncode is not None else -1, timed_out,
                             errors[-1] if errors else None, _ENOSPC_SEEN in last_error or bool(disk_full),
-                            disk_full[0] if disk_full else None)
+                            disk_full[0] if disk_full else None, usage=proc.usage, cache=control.cache)
         finally:
             run.done.set()
             await self._remove(workdir)
 
-    async def _watch_disks(self, proc: asyncio.subprocess.Process, job_id: str, phase: str,
+    async def _watch_disks(self, proc: _Child, job_id: str, phase: str,
                            full: list[str]) -> None:
         """Stop the phase when a disk it writes to is full: its writes are failing, maybe silently (a test
         container's output file), and it would otherwise run on to its timeout."""
@@ -514,21 +586,23 @@ class LocalBackend:
         return {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
 
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, job_id: str, phase: str,
-                    last_error: list[str], masks: list[str]) -> None:
+                    last_error: list[str], masks: list[str], control: ControlLines) -> None:
         splitter = LineSplitter(self._max_line_bytes)
         while chunk := await stream.read(_READ_CHUNK):
             if pieces := splitter.feed(chunk):
-                await self._emit(job_id, phase, kind, pieces, last_error, masks)
+                await self._emit(job_id, phase, kind, pieces, last_error, masks, control)
             await asyncio.sleep(0)  # read() does not suspend while data is buffered: let others run in between
         if pieces := splitter.flush():
-            await self._emit(job_id, phase, kind, pieces, last_error, masks)
+            await self._emit(job_id, phase, kind, pieces, last_error, masks, control)
 
     async def _emit(self, job_id: str, phase: str, kind: LogStream, pieces: list[tuple[bytes, bool]],
-                    last_error: list[str], masks: list[str]) -> None:
+                    last_error: list[str], masks: list[str], control: ControlLines) -> None:
         now = self._clock()
         lines = []
         for raw, split in pieces:
             text = decode_piece(raw, split, self._max_line_bytes)
+            if kind is LogStream.STDERR and not split and control.take(text):
+                continue  # the script's report for the metrics, not part of the job's log
             for secret in masks:  # the phase's own Vault values, should a script or a test print one
                 text = text.replace(secret, _MASK)
             if text.startswith(_ERROR_PREFIX) and not split:
@@ -537,6 +611,8 @@ class LocalBackend:
             elif _ENOSPC_SEEN not in last_error and "no space left on device" in text.lower():
                 last_error.insert(0, _ENOSPC_SEEN)
             lines.append(LogLine(ts=now, stream=kind, line=text))
+        if not lines:
+            return
         await self._inflight.reserve(_chars(lines), len(lines))
         self._queue.put_nowait(LogChunk(job_id, phase, lines))
 
@@ -545,7 +621,7 @@ class LocalBackend:
         self._inflight.add(_chars(lines), len(lines))  # released like any chunk when taken
         self._queue.put_nowait(LogChunk(job_id, phase, lines))
 
-    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+    async def _terminate(self, proc: _Child) -> None:
         """SIGTERM the whole process group, SIGKILL it after the grace period."""
         if proc.returncode is not None:
             return

@@ -21,6 +21,7 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobforge.config import ENV_NAME_PATTERN
+from jobforge.control import NONCE_META
 from jobforge.nomad.escape import (
     Hcl,
     go_string,
@@ -49,7 +50,7 @@ META_REQUIRED: dict[str, tuple[str, ...]] = {
     "build": ("job_id", "attempt"), "test": ("job_id", "attempt"), "publish": ("job_id", "attempt"),
     "cleanup": ("job_id",),
 }
-META_OPTIONAL: tuple[str, ...] = ("owner",)
+META_OPTIONAL: tuple[str, ...] = ("owner", NONCE_META)  # the phase's nonce for its control lines (jobforge.control)
 # Reference client setup: GPU nodes carry `meta.gpu-capable = "true"`; the device block picks the GPUs.
 GPU_CONSTRAINT = {"attribute": "${meta.gpu-capable}", "operator": "=", "value": "true"}
 # A job's own Vault credentials, as (Vault field, env var): the task scripts bind them to the job's repo_url origin
@@ -180,6 +181,8 @@ def _context(phase: str, spec: VariantSpec, params: RenderParams) -> dict[str, A
             # The runner container's own network (Nomad's bridge, no route to the client's loopback) is the
             # build steps' boundary; test commands still get a namespace without network unless `outbound`.
             "JOBFORGE_BUILD_NETWORK": "runner",
+            # The dispatch's nonce for the task's control lines (jobforge.control); the script unsets it at once.
+            "JOBFORGE_CONTROL_NONCE": f"${{NOMAD_META_{NONCE_META}}}",
         },
     }
 

@@ -16,13 +16,11 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
-CACHE_PREFIX = "::jobforge-cache "  # parsed (and kept out of the job's log) by jobforge.metrics.parse_cache_line
 USES_FILE = "jobforge-cache-uses.json"  # in the storage root: image id -> last time a build used it
 MAX_USES = 10_000
 RECENT_SECONDS = 3600  # never pruned: another build on the same store may be about to use it
@@ -66,8 +64,9 @@ class HitCounter:
 
 
 def report(counter: HitCounter) -> None:
-    """One stderr line the service turns into the cache hit metrics (docs/metrics.md)."""
-    print(CACHE_PREFIX + json.dumps({"hits": counter.hits, "misses": counter.misses}), file=sys.stderr, flush=True)
+    """The control line the backend turns into the cache hit metrics (docs/metrics.md)."""
+    from _common import control_line  # noqa: PLC0415 - a sibling script: on sys.path once build.py runs
+    control_line("cache", {"hits": counter.hits, "misses": counter.misses})
 
 
 # --- the local store: least recently used first -----------------------------------------------------------

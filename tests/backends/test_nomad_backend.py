@@ -1,5 +1,6 @@
 """The Nomad backend against the Nomad double (tests/doubles/nomad.py): registration, dispatch, the event
-stream, framed logs, failures, kills, timeouts, cleanup and re-attaching after a restart."""
+stream, framed logs, failures, kills, timeouts, cleanup, re-attaching after a restart, control lines and the
+allocation's resource usage."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from jobforge.errors import BackendError
 from jobforge.models import Phase
 from jobforge.nomad import RenderParams
 from jobforge.pipeline import (
-    KILLED_BY_USER, DispatchPhase, PhaseFailed, PhaseStarted, PhaseSucceeded, StopPhase, new_job,
+    KILLED_BY_USER, CacheUse, DispatchPhase, PhaseFailed, PhaseStarted, PhaseSucceeded, ResourceUsage, StopPhase,
+    new_job,
 )
 from tests.doubles.nomad import FakeNomad
+from tests.doubles.nomad_shapes import SECOND
 
 CONFIG = JobConfig.model_validate({"owner": "team", "repo_url": "https://git.example.invalid/app.git",
                                    "image_name": "app", "registry_url": "127.0.0.1:5000"})
@@ -220,12 +223,82 @@ async def test_a_new_backend_reattaches_to_a_running_phase(nomad):
             update={"attempt": 1, "dispatched_at": datetime.now(UTC)})}})
     await second.resume([(command(), record)])
     nomad.write_log(alloc, b"after the restart\n")
+    nonce = nomad.job(child)["Meta"]["control_nonce"]  # the first backend's: the task still holds it
+    nomad.write_log(alloc, f'::jobforge-{nonce} cache {{"hits": 1, "misses": 0}}\n', "stderr")
     nomad.finish_alloc(alloc, 0)
     await collector.until(lambda c: c.ended() is not None)
     assert isinstance(collector.ended(), PhaseSucceeded)
     assert collector.lines() == ["before the restart", "after the restart"]
+    assert collector.ended().cache == CacheUse(hits=1, misses=0)
     collector.close()
     await second.aclose()
+
+
+def stats_reads(nomad: FakeNomad) -> int:
+    return sum(1 for s in nomad.seen if s.path.startswith("/v1/client/allocation/") and s.path.endswith("/stats"))
+
+
+async def test_the_phase_end_carries_the_usage_sampled_while_the_allocation_ran():
+    """CPU is Nomad's rate held since the previous sample (client clock), memory the highest sample."""
+    now = [1_800_000_000 * SECOND]
+    nomad = FakeNomad(event_heartbeat=0.2, log_heartbeat=0.2, clock=lambda: now[0])
+    await nomad.start()
+    backend = make_backend(nomad, stats_interval=0.02)
+    collector = Collector(backend)
+    try:
+        await backend.dispatch(command(), PAYLOAD, CONFIG)
+        alloc = nomad.alloc_ids(child_of(nomad, "jobforge-build"))[0]
+        started = now[0]
+        nomad.start_alloc(alloc)
+        await collector.until(lambda c: any(isinstance(e, PhaseStarted) for e in c.events()))
+        nomad.report_stats(alloc, rss=100 << 20, percent=50.0, at=started + 4 * SECOND)  # half a core for 4 s
+        seen = stats_reads(nomad)
+        await nomad.wait_until(lambda: stats_reads(nomad) > seen + 1)  # the sampler read it (reads are sequential)
+        nomad.report_stats(alloc, rss=40 << 20, percent=200.0, at=started + 6 * SECOND)  # two cores for 2 s
+        now[0] = started + 7 * SECOND
+        nomad.finish_alloc(alloc)
+        await collector.until(lambda c: c.ended() is not None)
+    finally:
+        collector.close()
+        await backend.aclose()
+        await nomad.stop()
+    assert isinstance(collector.ended(), PhaseSucceeded)
+    assert collector.ended().usage == ResourceUsage(cpu_seconds=6.0, memory_peak_bytes=100 << 20)
+
+
+async def test_a_phase_without_samples_has_no_usage_and_a_collected_allocation_no_stats(nomad):
+    backend = make_backend(nomad, stats_interval=3600)  # no periodic read: only the one when the phase ends
+    collector = Collector(backend)
+    api = NomadAPI(NomadHTTP(nomad.url))
+    try:
+        await backend.dispatch(command(), PAYLOAD, CONFIG)
+        alloc = nomad.alloc_ids(child_of(nomad, "jobforge-build"))[0]
+        nomad.run_alloc(alloc)  # ended before the client took a sample: it has none to give
+        await collector.until(lambda c: c.ended() is not None)
+        assert isinstance(collector.ended(), PhaseSucceeded) and collector.ended().usage is None
+        assert stats_reads(nomad) == 1
+        kept = await api.alloc_stats(alloc, "build")
+        assert kept is not None and kept.tasks == {}  # the client still holds the allocation, without samples
+        nomad.gc()
+        assert await api.alloc_stats(alloc, "build") is None  # 404 Unknown allocation: the client let it go
+    finally:
+        collector.close()
+        await backend.aclose()
+        await api.http.aclose()
+
+
+async def test_only_the_phases_nonce_makes_a_control_line(nomad, backend, collector):
+    await backend.dispatch(command(), PAYLOAD, CONFIG)
+    child = child_of(nomad, "jobforge-build")
+    nonce = nomad.job(child)["Meta"]["control_nonce"]
+    assert len(nonce) == 32
+    forged = ['::jobforge-cache {"hits": 1000, "misses": 0}', '::jobforge-usage {"cpu_seconds": 9, "max_rss_bytes": 1}',
+              '::jobforge-0123456789abcdef0123456789abcdef cache {"hits": 1000, "misses": 0}']
+    stderr = "".join(f"{line}\n" for line in [*forged, f'::jobforge-{nonce} cache {{"hits": 2, "misses": 1}}'])
+    nomad.run_alloc(nomad.alloc_ids(child)[0], stderr=stderr.encode())
+    await collector.until(lambda c: c.ended() is not None)
+    assert collector.ended().cache == CacheUse(hits=2, misses=1)
+    assert collector.lines() == forged
 
 
 async def test_readiness_reflects_the_agent(nomad, backend):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from jobforge.backends.nomad.models import Allocation, Evaluation, EventBatch
+from jobforge.backends.nomad.models import Allocation, AllocResourceUsage, Evaluation, EventBatch, TaskResourceUsage
 from jobforge.backends.nomad.wire import (
-    AllocState, FrameDecoder, NdjsonDecoder, alloc_outcome, frame_data, placement_failure,
+    AllocState, FrameDecoder, NdjsonDecoder, UsageTally, alloc_outcome, frame_data, placement_failure,
 )
+from jobforge.pipeline import ResourceUsage
 from jobforge.logcaps import LineSplitter
 
 SAMPLES = Path(__file__).resolve().parents[1] / "reference" / "nomad-samples"
@@ -195,3 +196,42 @@ def test_placement_failure_reason_and_permanence(evaluation, reason, permanent):
 
 def test_an_evaluation_without_failures_is_no_placement_failure():
     assert placement_failure(Evaluation.model_validate({"ID": "e", "FailedTGAllocs": None})) is None
+
+
+# ---------------------------------------------------------------- allocation stats (client/structs/structs.go)
+
+S = 1_000_000_000
+
+
+def task_sample(at: int, percent: float, rss: int, max_usage: int = 0, measured=("RSS", "Cache", "Swap", "Usage")):
+    """A `TaskResourceUsage` as Nomad writes it (docker driver, cgroup v2 unless "Max Usage" is measured)."""
+    return TaskResourceUsage.model_validate({"ResourceUsage": {
+        "MemoryStats": {"RSS": rss, "Cache": 0, "Swap": 0, "MappedFile": 0, "Usage": rss, "MaxUsage": max_usage,
+                        "KernelUsage": 0, "KernelMaxUsage": 0, "Measured": list(measured)},
+        "CpuStats": {"SystemMode": 0, "UserMode": 0, "TotalTicks": 0, "ThrottledPeriods": 0, "ThrottledTime": 0,
+                     "Percent": percent, "Measured": ["Throttled Periods", "Throttled Time", "Percent"]},
+        "DeviceStats": None}, "Timestamp": at, "Pids": None})
+
+
+def test_cpu_is_the_reported_rate_held_since_the_previous_sample_and_memory_the_peak():
+    tally = UsageTally(since_ns=100 * S)
+    assert tally.usage is None  # nothing sampled: nothing to report
+    tally = tally.add(task_sample(104 * S, 50.0, 300))  # half a core since the start, 4 s
+    tally = tally.add(task_sample(104 * S, 50.0, 300))  # the client had no newer sample: no time counted twice
+    tally = tally.add(task_sample(106 * S, 250.0, 100))  # 2.5 cores for 2 s
+    tally = tally.add(task_sample(105 * S, 0.0, 900))  # an older sample arriving late: its peak counts, not its time
+    assert tally.usage == ResourceUsage(cpu_seconds=7.0, memory_peak_bytes=900)
+
+
+def test_without_a_start_the_first_sample_counts_no_time_and_max_usage_is_the_peak_where_measured():
+    v1 = ("RSS", "Cache", "Swap", "Usage", "Max Usage")
+    tally = UsageTally(since_ns=None).add(task_sample(10 * S, 100.0, 300, max_usage=4096, measured=v1))
+    tally = tally.add(task_sample(11 * S, 100.0, 200, max_usage=2048, measured=v1))
+    assert tally.usage == ResourceUsage(cpu_seconds=1.0, memory_peak_bytes=4096)
+
+
+def test_alloc_stats_with_go_nulls():
+    stats = AllocResourceUsage.model_validate({
+        "ResourceUsage": {"MemoryStats": {"RSS": 0, "Measured": None}, "CpuStats": {"Percent": 0, "Measured": None},
+                          "DeviceStats": []}, "Tasks": None, "Timestamp": 0})
+    assert stats.tasks == {} and stats.resource_usage.memory_stats.measured == ()

@@ -3,7 +3,8 @@
 HTTP subset (reference §1-§11): `PUT|POST /v1/jobs` and `/v1/job/:id` (register), `POST /v1/jobs/parse`,
 `GET /v1/jobs`, `GET /v1/job/:id` (+ `/summary`, `/allocations`, `/evaluations`, `/dispatch`),
 `DELETE /v1/job/:id`, `GET /v1/allocation/:id`, `POST /v1/allocation/:id/stop`, `GET /v1/allocations`,
-`GET /v1/evaluation/:id`, `GET /v1/client/fs/logs/:alloc`, `GET /v1/event/stream`, `GET /v1/status/leader`.
+`GET /v1/evaluation/:id`, `GET /v1/client/fs/logs/:alloc`, `GET /v1/client/allocation/:id/stats`
+(nomad_stats.py), `GET /v1/event/stream`, `GET /v1/status/leader`.
 Job IDs may contain `/` (dispatched children), raw or as `%2F`; sub-resources match by suffix as in the agent.
 Errors are plain text with the agent's status codes and texts; reads carry `X-Nomad-Index`,
 `X-Nomad-KnownLeader` and `X-Nomad-LastContact` and block on `?index=&wait=` (no jitter); writes carry
@@ -20,10 +21,10 @@ placement honours them as Nomad's feasibility checks do, and `node_changed()` re
 edits `fake.node`); `auto_place=False` leaves evaluations pending until `place(job_id)`; `runner=` drives allocations
 automatically (see nomad_client.py; `subprocess_runner()` plays the docker driver on this host), rendering
 templates with the secrets of `vault=` (a FakeVault, read in-process; none: every `secret` is missing); without a
-runner use `receive_alloc` / `start_alloc` / `write_log` / `finish_alloc` or `run_alloc`; `lose_alloc`,
-`fail_to_place`, `allow_placement`, `gc`; outside stops as an operator makes them: `stop_alloc` (`nomad alloc
-stop`: migrate, a replacement is placed), `stop_job` (`nomad job stop [-purge]`), `drain_node` (deadline reached:
-every allocation migrated, the node ineligible); `fail_template` (the template hook's "Template failed: ..."
+runner use `receive_alloc` / `start_alloc` / `write_log` / `report_stats` / `finish_alloc` or `run_alloc`;
+`lose_alloc`, `fail_to_place`, `allow_placement`, `gc`; outside stops as an operator makes them: `stop_alloc`
+(`nomad alloc stop`: migrate, a replacement is placed), `stop_job` (`nomad job stop [-purge]`), `drain_node`
+(deadline reached: every allocation migrated, the node ineligible); `fail_template` (the template hook's "Template failed: ..."
 kill); `event_heartbeat` / `log_heartbeat` shorten the `{}` periods (Nomad: 30 s events, 1 s logs);
 `seen` records requests; `outage = (status, text)` fails every request; `lose_replies = ["/dispatch"]` does the
 next such request and then resets the connection instead of replying; `cut_streams()` makes every open stream
@@ -72,6 +73,7 @@ from tests.doubles.nomad_shapes import (
     parse_duration,
 )
 from tests.doubles.nomad_state import Cluster
+from tests.doubles.nomad_stats import sample
 from tests.doubles.vault import FakeVault
 
 __all__ = ["FakeNomad", "Node", "Seen", "TaskRun", "subprocess_runner"]
@@ -193,6 +195,13 @@ class FakeNomad:
 
     def finish_alloc(self, alloc_id: str, exit_code: int = 0) -> None:
         self.client.finish(alloc_id, exit_code)
+
+    def report_stats(self, alloc_id: str, *, rss: int, percent: float, max_usage: int | None = None,
+                     at: int | None = None, task: str | None = None) -> None:
+        """The task's latest stats sample (docker driver shape; cgroup v1 when `max_usage` is given), stamped now
+        by the client's clock unless `at` (ns) says when."""
+        self.client.record_stats(alloc_id, sample(rss=rss, percent=percent, max_usage=max_usage,
+                                                  at=self.cluster.clock() if at is None else at), task)
 
     def run_alloc(self, alloc_id: str, stdout: bytes = b"", stderr: bytes = b"", exit_code: int = 0) -> None:
         """Received -> Task Setup -> Started -> (logs) -> Terminated [-> Not Restarting]: complete or failed."""
@@ -316,6 +325,8 @@ class FakeNomad:
             return await self._methods(request, GET=self._list_allocs)
         if path.startswith("/v1/evaluation/"):
             return await self._methods(request, GET=lambda r: self._eval(r, path[len("/v1/evaluation/"):]))
+        if path.startswith("/v1/client/allocation/"):
+            return await self._client_alloc(request, path[len("/v1/client/allocation/"):])
         if path.startswith("/v1/client/fs/logs/"):
             return await self._methods(request, GET=lambda r: stream_logs(self._streams, r,
                                                                           path[len("/v1/client/fs/logs/"):]))
@@ -519,6 +530,19 @@ class FakeNomad:
                  for a in sorted(self.cluster.allocs.values(), key=lambda a: a["ID"])
                  if (ns == "*" or a["Namespace"] == ns) and a["ID"].startswith(prefix)]
         return reply(request, stubs, read_headers(index))
+
+    async def _client_alloc(self, request: web.Request, rest: str) -> web.Response:
+        """`/v1/client/allocation/:id/<action>` (command/agent/alloc_endpoint.go): exactly two segments."""
+        tokens = rest.split("/")
+        if len(tokens) != 2:
+            raise Refused(404, "Resource not found")
+        alloc_id, action = tokens
+        if action == "stats":
+            stats = self.client.stats(alloc_id, request.query.get("task", ""))
+            return reply(request, stats.model_dump(mode="json"))
+        if action in ("checks", "exec", "snapshot", "restart", "gc", "signal", "pause"):
+            raise Refused(501, f"fake nomad: /v1/client/allocation/:id/{action} is not implemented")
+        raise Refused(404, "Resource not found")
 
     async def _alloc_stop(self, alloc_id: str) -> web.Response:
         result = self.cluster.stop_alloc(alloc_id)

@@ -7,7 +7,8 @@ automatically: Received + Task Setup, then the task directories are built (NOMAD
 template is rendered to `<task>/<DestPath>` by consul_template.py, reading secrets from the client's FakeVault with
 its root token and `env` from the task environment (`env = true` templates feed the environment),
 then Started, then `await runner(run, payload, env)` whose return value is the exit code. The runner appends
-output with `run.write(data, "stdout"|"stderr")` and should stop when `run.killed` is set (a job stop or an
+output with `run.write(data, "stdout"|"stderr")`, reports resource usage samples with `run.stats(sample)`
+(nomad_stats.py; kept per task as the client's latest) and should stop when `run.killed` is set (a job stop or an
 alloc stop); after the task's kill_timeout (capped by `kill_timeout`) it is cancelled.
 
 Task event sequences (reference §8): Received -> Task Setup -> Started -> Terminated(exit code) [-> Not
@@ -44,6 +45,7 @@ from tests.doubles.nomad_shapes import (
     terminated,
 )
 from tests.doubles.nomad_state import Cluster
+from tests.doubles.nomad_stats import AllocResourceUsage, ProcessSampler, TaskResourceUsage, alloc_stats
 from tests.doubles.vault import FakeVault
 
 _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
@@ -62,6 +64,8 @@ class TaskRun:
     env: dict[str, str]            # the task environment, interpolated
     killed: asyncio.Event = field(default_factory=asyncio.Event)
     write: Callable[..., None] = lambda data, stream="stdout": None
+    stats: Callable[[TaskResourceUsage], None] = lambda sample: None
+    clock: Callable[[], int] = lambda: 0  # the client's clock (ns), for sample timestamps
 
     @property
     def name(self) -> str:
@@ -99,6 +103,7 @@ class Client:
         self.vault = vault if vault is not None else FakeVault()  # no secrets: every `secret` read fails
         self.kill_timeout = kill_timeout
         self.logs: dict[tuple[str, str, str], bytearray] = {}
+        self.samples: dict[str, dict[str, TaskResourceUsage]] = {}  # alloc -> task -> latest stats sample
         self.driving: dict[str, asyncio.Task[None]] = {}
         self.runs: dict[str, TaskRun] = {}
         self.on_log: Callable[[tuple[str, str, str]], None] = lambda key: None  # (alloc, task, stdout|stderr)
@@ -143,6 +148,19 @@ class Client:
         name = task or self._tasks(alloc_id)[0]["Name"]
         self.logs[(alloc_id, name, stream)] += data.encode() if isinstance(data, str) else data
         self.on_log((alloc_id, name, stream))
+
+    def record_stats(self, alloc_id: str, sample: TaskResourceUsage, task: str | None = None) -> None:
+        """A task's latest resource usage sample (what the driver's stats channel delivers)."""
+        self.samples.setdefault(alloc_id, {})[task or self._tasks(alloc_id)[0]["Name"]] = sample
+
+    def stats(self, alloc_id: str, task_filter: str = "") -> AllocResourceUsage:
+        """`/v1/client/allocation/:id/stats` (raises `Refused` as the agent answers)."""
+        alloc = self.cluster.allocs.get(alloc_id)
+        states = (alloc or {}).get("TaskStates")
+        known = alloc is not None and states is not None  # placed but not received: the client has no runner yet
+        tasks = [(name, state["State"] == "running") for name, state in (states or {}).items()]
+        return alloc_stats(alloc_id, known, known and alloc["ClientStatus"] == "lost", tasks,
+                           self.samples.get(alloc_id, {}), task_filter)
 
     def finish(self, alloc_id: str, exit_code: int = 0) -> None:
         def edit(state: dict[str, Any], now: int) -> None:
@@ -271,7 +289,9 @@ class Client:
             runs.append(TaskRun(alloc=alloc, task=task, alloc_dir=alloc_dir, task_dir=dirs["local"],
                                 secrets_dir=dirs["secrets"], env=env,
                                 write=lambda data, stream="stdout", _t=task["Name"]: self.write(alloc_id, data,
-                                                                                                stream, _t)))
+                                                                                                stream, _t),
+                                stats=lambda sample, _t=task["Name"]: self.record_stats(alloc_id, sample, _t),
+                                clock=self.cluster.clock))
         return runs[0], payload
 
     def _environment(self, alloc: dict[str, Any], job: dict[str, Any], task: dict[str, Any], alloc_dir: Path,
@@ -316,10 +336,12 @@ def _exit_code(work: asyncio.Future[int]) -> int:
     return int(work.result())
 
 
-def subprocess_runner(*, python: str | None = sys.executable, extra_env: Mapping[str, str] | None = None) -> Runner:
+def subprocess_runner(*, python: str | None = sys.executable, extra_env: Mapping[str, str] | None = None,
+                      stats_interval: float = 1.0) -> Runner:
     """A runner that plays the docker driver on this host: runs the task's `config.command` + `args` (with
     `python3` replaced by `python`), cwd = the task directory, env = the task environment + PATH, stdout and
-    stderr streamed into the logs; `run.killed` sends SIGTERM to the process group."""
+    stderr streamed into the logs, the process tree's usage sampled every `stats_interval` seconds while it runs
+    (Nomad's default collection interval); `run.killed` sends SIGTERM to the process group."""
 
     async def run(task: TaskRun, payload: bytes, env: dict[str, str]) -> int:
         config = task.config
@@ -335,8 +357,15 @@ def subprocess_runner(*, python: str | None = sys.executable, extra_env: Mapping
             while stream is not None and (chunk := await stream.read(65536)):
                 task.write(chunk, name)
 
+        async def collect(sampler: ProcessSampler) -> None:
+            while (taken := sampler.take()) is not None:
+                task.stats(taken)
+                await asyncio.sleep(stats_interval)  # the collection interval, as the client's stats hook
+
         pumps = asyncio.gather(pump(proc.stdout, "stdout"), pump(proc.stderr, "stderr"))
         waiter, stop = asyncio.ensure_future(proc.wait()), asyncio.ensure_future(task.killed.wait())
+        collector = asyncio.ensure_future(collect(ProcessSampler(proc.pid, task.clock)))
+        waiter.add_done_callback(lambda _: collector.cancel())  # the stats hook stops when the task exits
         try:
             await asyncio.wait({waiter, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not waiter.done():
@@ -350,6 +379,7 @@ def subprocess_runner(*, python: str | None = sys.executable, extra_env: Mapping
             raise
         finally:
             stop.cancel()
+            collector.cancel()
         return code if code >= 0 else 128 - code
 
     return run

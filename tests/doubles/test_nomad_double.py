@@ -593,6 +593,79 @@ async def test_alloc_stop_reschedules(fake, http):
     assert (await call(http, "GET", f"/v1/allocation/{alloc_id}/stop"))[0] == 405
 
 
+# ---------------------------------------------------------------- allocation stats (client/structs/structs.go)
+
+# The fields of Nomad's MemoryStats and CpuStats (client/structs/structs.go), every one written by encoding/json.
+MEMORY_KEYS = {"RSS", "Cache", "Swap", "MappedFile", "Usage", "MaxUsage", "KernelUsage", "KernelMaxUsage", "Measured"}
+CPU_KEYS = {"SystemMode", "UserMode", "TotalTicks", "ThrottledPeriods", "ThrottledTime", "Percent", "Measured"}
+
+
+async def test_alloc_stats_exist_while_the_client_holds_the_allocation(fake, http):
+    _, alloc_id = await dispatched(http)
+    url = f"/v1/client/allocation/{alloc_id}/stats"
+    unknown = (404, f'Unknown allocation "{alloc_id}"'.encode())
+    status, _, body = await call(http, "GET", url)
+    assert (status, body) == unknown  # placed, not received by the client yet
+    fake.start_alloc(alloc_id)
+    fake.report_stats(alloc_id, rss=64 << 20, percent=150.0, at=1_700_000_000_000_000_000)
+    stats, _ = await ok(http, "GET", url)
+    assert set(stats) == {"ResourceUsage", "Tasks", "Timestamp"}
+    task = stats["Tasks"]["worker"]
+    assert set(task) == {"ResourceUsage", "Timestamp", "Pids"}
+    assert set(task["ResourceUsage"]) == {"MemoryStats", "CpuStats", "DeviceStats"}
+    memory, cpu = task["ResourceUsage"]["MemoryStats"], task["ResourceUsage"]["CpuStats"]
+    assert set(memory) == MEMORY_KEYS and set(cpu) == CPU_KEYS
+    assert (memory["RSS"], cpu["Percent"], task["Timestamp"]) == (64 << 20, 150.0, 1_700_000_000_000_000_000)
+    assert "Max Usage" not in memory["Measured"]  # cgroup v2: the driver has no peak to give
+    running = stats["ResourceUsage"]  # the sum over running tasks
+    assert (running["MemoryStats"]["RSS"], running["CpuStats"]["Percent"], stats["Timestamp"]) == (
+        64 << 20, 150.0, 1_700_000_000_000_000_000)
+    other, _ = await ok(http, "GET", f"{url}?task=other")
+    assert other["Tasks"] == {} and other["ResourceUsage"]["MemoryStats"]["RSS"] == 0
+    fake.finish_alloc(alloc_id)
+    done, _ = await ok(http, "GET", url)
+    assert done["Tasks"]["worker"] == task  # the last sample stays with the client
+    assert (done["ResourceUsage"]["MemoryStats"]["RSS"], done["ResourceUsage"]["MemoryStats"]["Measured"],
+            done["Timestamp"]) == (0, None, 0)  # no task runs: nothing adds up
+    assert fake.gc()
+    status, _, body = await call(http, "GET", url)
+    assert (status, body) == unknown  # garbage-collected: gone with the allocation
+
+
+async def test_alloc_stats_refusals(fake, http):
+    _, alloc_id = await dispatched(http)
+    fake.start_alloc(alloc_id)
+    fake.lose_alloc(alloc_id, replace=False)
+    for path, status, text in [(f"/v1/client/allocation/{alloc_id}/stats", 404, b"No path to node"),
+                               (f"/v1/client/allocation/{alloc_id}", 404, b"Resource not found"),
+                               (f"/v1/client/allocation/{alloc_id}/stats/x", 404, b"Resource not found"),
+                               (f"/v1/client/allocation/{alloc_id}/nothing", 404, b"Resource not found")]:
+        assert (await call(http, "GET", path))[::2] == (status, text), path
+
+
+async def test_the_subprocess_runner_samples_the_task_like_the_docker_driver():
+    """A task holding 64 MiB and busy for a second: its last sample, taken while it ran, shows both."""
+    program = "import time\nheld = b'x' * (64 << 20)\nstart = time.process_time()\n" \
+              "while time.process_time() - start < 1.0:\n    pass\n"
+    hcl = (f'job "burn" {{\n  type = "batch"\n  datacenters = ["dc1"]\n  group "g" {{\n    task "burn" {{\n'
+           f'      driver = "docker"\n      config {{\n        command = "python3"\n'
+           f'        args = ["-c", {json.dumps(program)}]\n      }}\n    }}\n  }}\n}}\n')
+    fake = FakeNomad(runner=subprocess_runner(python=sys.executable, stats_interval=0.2))
+    await fake.start()
+    try:
+        async with aiohttp.ClientSession(fake.url) as http:
+            job, _ = await ok(http, "POST", "/v1/jobs/parse", {"JobHCL": hcl})
+            await register(http, job)
+            await fake.settle()
+            (alloc_id,) = fake.alloc_ids("burn")
+            stats, _ = await ok(http, "GET", f"/v1/client/allocation/{alloc_id}/stats")
+    finally:
+        await fake.stop()
+    assert fake.allocations("burn")[0]["ClientStatus"] == "complete"
+    last = stats["Tasks"]["burn"]["ResourceUsage"]
+    assert last["MemoryStats"]["RSS"] >= 64 << 20 and last["CpuStats"]["Percent"] > 0
+
+
 # ---------------------------------------------------------------- task logs (§10)
 
 async def test_log_frames(fake, http):
@@ -837,7 +910,8 @@ async def test_acl_token():
 ENV = {"JOBFORGE_PAYLOAD": "${NOMAD_TASK_DIR}/payload.json", "JOBFORGE_WORKDIR": "${NOMAD_ALLOC_DIR}/work",
        "JOBFORGE_BUILDAH_ROOT": "/var/lib/jobforge/buildah/root",
        "JOBFORGE_BUILDAH_RUNROOT": "/var/lib/jobforge/buildah/runroot", "JOBFORGE_STORAGE_DRIVER": "vfs",
-       "JOBFORGE_ISOLATION": "chroot", "JOBFORGE_BUILD_NETWORK": "runner", "PYTHONUNBUFFERED": "1"}
+       "JOBFORGE_ISOLATION": "chroot", "JOBFORGE_BUILD_NETWORK": "runner",
+       "JOBFORGE_CONTROL_NONCE": "${NOMAD_META_control_nonce}", "PYTHONUNBUFFERED": "1"}
 RESOURCES = {"build": (1000, 2048), "test": (500, 1024), "publish": (500, 1024), "cleanup": (200, 256)}
 
 
@@ -852,7 +926,8 @@ async def test_parse_rendered_job(http, path):
     assert set(job) == set(sample("json-job-example.json")["Job"])
     assert (job["ID"], job["Name"], job["Type"]) == (f"jobforge-{phase}", f"jobforge-{phase}", "batch")
     required = ["job_id"] if phase == "cleanup" else ["job_id", "attempt"]
-    assert job["ParameterizedJob"] == {"Payload": "required", "MetaRequired": required, "MetaOptional": ["owner"]}
+    assert job["ParameterizedJob"] == {"Payload": "required", "MetaRequired": required,
+                                      "MetaOptional": ["owner", "control_nonce"]}
     (group,) = job["TaskGroups"]
     (task,) = group["Tasks"]
     assert set(task) == set(sample("json-job-example.json")["Job"]["TaskGroups"][0]["Tasks"][0])

@@ -9,7 +9,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from jobforge.backends.nomad.http import NomadError, NomadHTTP, segment
-from jobforge.backends.nomad.models import Allocation, DispatchReply, Evaluation, EventBatch, JobStub
+from jobforge.backends.nomad.models import (
+    AllocResourceUsage,
+    Allocation,
+    DispatchReply,
+    Evaluation,
+    EventBatch,
+    JobStub,
+)
 from jobforge.backends.nomad.wire import FrameDecoder, NdjsonDecoder
 from jobforge.errors import BackendError
 
@@ -76,6 +83,19 @@ class NomadAPI:
         evals = await self.http.request("GET", f"/v1/job/{segment(job_id)}/evaluations",
                                         what=f"evaluations of {job_id}") or []
         return [_parse(Evaluation, ev, f"evaluations of {job_id}") for ev in evals]
+
+    async def alloc_stats(self, alloc_id: str, task: str) -> AllocResourceUsage | None:
+        """`GET /v1/client/allocation/:id/stats?task=`: answered by the allocation's client, only while it still
+        holds the allocation. None on Nomad's 404s: `Unknown allocation` (not received yet, or garbage-collected)
+        and `No path to node` / `Unknown node` (its node is gone)."""
+        try:
+            stats = await self.http.request("GET", f"/v1/client/allocation/{segment(alloc_id)}/stats",
+                                            params={"task": task}, what=f"stats of {alloc_id}")
+        except NomadError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _parse(AllocResourceUsage, stats or {}, f"stats of {alloc_id}")
 
     async def leader(self) -> str:
         return await self.http.request("GET", "/v1/status/leader", what="leader")

@@ -16,7 +16,14 @@
 - **Outside stops.** An allocation the server stopped (`alloc stop`, `job stop`, a drain) or whose task was
   killed, that Job Forge did not stop, is a failure "stopped outside Job Forge", not the `complete` Nomad says.
 - **Logs.** Each running allocation's stdout/stderr are followed as frames and reported line by line; when the
-  allocation ends, the rest is read from the last offset, so nothing the task wrote is lost.
+  allocation ends, the rest is read from the last offset, so nothing the task wrote is lost. Control lines with
+  the phase's nonce (dispatch meta `control_nonce`, see jobforge.control) are taken out and reported with the end.
+- **Resource usage.** Nomad's client keeps a running task's stats only while it holds the allocation, and
+  reports CPU as a rate: each running phase's `/v1/client/allocation/:id/stats` is read every `stats_interval`
+  seconds (at most `_STATS_AT_ONCE` reads at a time, each given up after `_STATS_WAIT`) and once more when the
+  allocation ends; the samples add up
+  to the CPU seconds and peak memory reported with the phase's end (`UsageTally`). A 404 (garbage-collected,
+  node gone) only means no more samples.
 - **Timeouts and kills** stop the dispatched child job (deregister), never the parameterized parent.
 """
 
@@ -36,11 +43,13 @@ from jobforge.backends.nomad.http import NomadError
 from jobforge.backends.nomad.models import Allocation, Evaluation
 from jobforge.backends.nomad.wire import (
     AllocState,
+    UsageTally,
     alloc_outcome,
     frame_data,
     placement_failure,
 )
 from jobforge.config import JobConfig, format_duration
+from jobforge.control import NONCE_META, ControlLines, new_nonce
 from jobforge.errors import BackendError
 from jobforge.logcaps import DEFAULT_MAX_LINE_BYTES, LineSplitter, decode_piece
 from jobforge.models import JobRecord, LogLine, LogStream, Phase, utcnow
@@ -48,6 +57,7 @@ from jobforge.nomad import RenderParams, render_job, variant_id, variant_spec
 from jobforge.pipeline import (
     KILLED_BY_USER,
     DispatchPhase,
+    PhaseEnded,
     PhaseFailed,
     PhaseStarted,
     PhaseSucceeded,
@@ -61,6 +71,8 @@ _STREAMS = (("stdout", LogStream.STDOUT), ("stderr", LogStream.STDERR))
 CLEANUP = "cleanup"
 _TOPICS = ["Allocation", "Evaluation"]
 _RECONCILE_AT_ONCE = 16  # runs looked up side by side after a (re)subscription
+_STATS_AT_ONCE = 4  # stats reads in flight at once, whatever the number of running phases
+_STATS_WAIT = 5.0  # seconds a stats read may take, a free slot included: a phase's end never waits longer for it
 # Dispatch answers (HTTP 500, like all of Nomad's RPC errors) that no retry changes, and those that mean the
 # parameterized parent is gone (purged or GC'd) or stopped: registering it again is the fix.
 _PERMANENT = ("Payload", "meta keys", "metadata keys", "not a parameterized job")
@@ -90,6 +102,12 @@ class _Run:
     placement: asyncio.Task | None = None
     done: asyncio.Future | None = None
     deadline: asyncio.Task | None = None
+    control: ControlLines = field(default_factory=lambda: ControlLines(""))
+    """Its nonce travels as dispatch meta; a run without one (a child an older version dispatched) takes none."""
+    tally: UsageTally | None = None
+    """Set once the allocation runs: its stats samples so far."""
+    sampler: asyncio.Task | None = None
+    stop_sampling: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def key(self) -> str:
@@ -104,8 +122,10 @@ class NomadBackend:
                  dispatch_attempts: int = 5, retry_delay: float = 0.5,
                  clock: Callable[[], datetime] = utcnow,
                  on_event_lag: Callable[[float], None] | None = None,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, stats_interval: float = 10.0) -> None:
         self._api = api
+        self._stats_interval = stats_interval
+        self._stats_slots = asyncio.Semaphore(_STATS_AT_ONCE)
         self._max_line_bytes = max_line_bytes
         self._on_event_lag = on_event_lag
         self._render = render
@@ -132,7 +152,7 @@ class NomadBackend:
         if command.dispatch_key in self._by_key:
             return
         parent = await self._ensure_job(command.phase.value, config)
-        run = _Run(command.job_id, command.phase.value, command.attempt, child="")
+        run = _Run(command.job_id, command.phase.value, command.attempt, child="", control=ControlLines(new_nonce()))
         self._by_key[run.key] = run
         try:
             run.child = await self._dispatch(parent, run, payload, command.dispatch_key, config.owner, config)
@@ -163,7 +183,8 @@ class NomadBackend:
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         parent = await self._ensure_job(CLEANUP, config)
-        run = _Run(job_id, CLEANUP, 0, child="", done=asyncio.get_running_loop().create_future())
+        run = _Run(job_id, CLEANUP, 0, child="", done=asyncio.get_running_loop().create_future(),
+                   control=ControlLines(new_nonce()))
         # A fresh token per call: a manual cleanup after the automatic one must run again.
         run.child = await self._dispatch(parent, run, payload, f"{job_id}-cleanup-{uuid.uuid4().hex[:8]}",
                                          config.owner, config)
@@ -213,7 +234,8 @@ class NomadBackend:
             self._report(run, PhaseFailed, retryable=True,
                          error=f"{run.phase} phase: its Nomad job was not found after a restart")
             return
-        run.child = max(mine, key=lambda stub: stub.age).id  # the newest, by index, not list order
+        newest = max(mine, key=lambda stub: stub.age)  # by index, not list order
+        run.child, run.control = newest.id, ControlLines(newest.meta.get(NONCE_META, ""))
         self._by_key[run.key] = run
         run.deadline = self._spawn(self._expire(run, self._time_left(command, record)))
         await self._attach(run)
@@ -262,7 +284,7 @@ class NomadBackend:
         if len(body) > MAX_PAYLOAD:
             raise BackendError(f"the {run.phase} payload is {len(body)} bytes; Nomad dispatches at most "
                                f"{MAX_PAYLOAD}: shorten test commands, test env or build args")
-        meta = {"job_id": run.job_id, "owner": owner}
+        meta = {"job_id": run.job_id, "owner": owner, NONCE_META: run.control.nonce}
         if run.phase != CLEANUP:
             meta["attempt"] = str(run.attempt)
         delay = self._retry_delay
@@ -411,6 +433,8 @@ class NomadBackend:
             run.started = True
             if run.phase != CLEANUP:
                 self._report(run, PhaseStarted)
+                run.tally = UsageTally(since_ns=alloc.started_ns(run.phase))
+                run.sampler = self._spawn(self._sample(run))
             for name, stream in _STREAMS:
                 run.followers.append(self._spawn(self._follow(run, name, stream)))
         if outcome.terminal:
@@ -442,16 +466,52 @@ class NomadBackend:
         self._lines(run, stream, splitter.feed(data))
 
     def _lines(self, run: _Run, stream: LogStream, pieces: list[tuple[bytes, bool]]) -> None:
-        if not pieces:
-            return
         now = self._clock()
         lines = []
         for raw, split in pieces:
             line = decode_piece(raw, split, self._max_line_bytes)
-            if stream is LogStream.STDERR and not split and line.startswith(_ERROR_PREFIX):
-                run.last_error = line[len(_ERROR_PREFIX):]
+            if stream is LogStream.STDERR and not split:
+                if run.control.take(line):
+                    continue  # the script's report for the metrics, not part of the job's log
+                if line.startswith(_ERROR_PREFIX):
+                    run.last_error = line[len(_ERROR_PREFIX):]
             lines.append(LogLine(ts=now, stream=stream, line=line))
-        self._queue.put_nowait(LogChunk(run.job_id, run.phase, lines))
+        if lines:
+            self._queue.put_nowait(LogChunk(run.job_id, run.phase, lines))
+
+    async def _sample(self, run: _Run) -> None:
+        """Read the running task's stats every `stats_interval` until told to stop; a read under way completes
+        (cancelling it could lose the only sample of a peak)."""
+        while True:
+            try:
+                await asyncio.wait_for(run.stop_sampling.wait(), self._stats_interval)  # the sampling period
+                return
+            except TimeoutError:
+                await self._read_stats(run)
+
+    async def _last_stats(self, run: _Run) -> None:
+        """After the allocation ended: the sampler's last read, then one more (the client keeps the task's last
+        sample until it garbage-collects the allocation)."""
+        run.stop_sampling.set()
+        if run.sampler is not None:
+            await run.sampler
+        await self._read_stats(run)
+
+    async def _read_stats(self, run: _Run) -> None:
+        if run.alloc_id is None or run.tally is None:
+            return
+
+        async def read():
+            async with self._stats_slots:
+                return await self._api.alloc_stats(run.alloc_id, run.phase)
+        try:
+            stats = await asyncio.wait_for(read(), _STATS_WAIT)
+        except (BackendError, TimeoutError) as exc:  # a missed sample; the next one (or none) follows
+            log.debug("no stats for allocation %s: %s", run.alloc_id, getattr(exc, "message", "timed out"))
+            return
+        sample = stats.tasks.get(run.phase) if stats is not None else None
+        if sample is not None and run.tally is not None:
+            run.tally = run.tally.add(sample)
 
     async def _drain(self, run: _Run) -> None:
         """Stop following and read what the task wrote after the last frame we saw."""
@@ -476,7 +536,7 @@ class NomadBackend:
         for timer in (run.deadline, run.placement):
             if timer is not None and timer is not asyncio.current_task():
                 timer.cancel()
-        await self._drain(run)
+        await asyncio.gather(self._drain(run), self._last_stats(run))
         if run.done is not None:
             run.done.set_result(state is AllocState.SUCCEEDED)
         elif run.stopped:
@@ -509,6 +569,8 @@ class NomadBackend:
             log.warning("cannot stop nomad job %s: %s", run.child, exc.message, extra={"job_id": run.job_id})
 
     def _report(self, run: _Run, event_cls, **kw) -> None:
+        if issubclass(event_cls, PhaseEnded):
+            kw.update(usage=run.tally.usage if run.tally else None, cache=run.control.cache)
         event = event_cls(phase=Phase(run.phase), attempt=run.attempt, at=self._clock(), **kw)
         self._queue.put_nowait(JobEvent(run.job_id, event))
 

@@ -6,6 +6,7 @@ field's default here, so code never walks raw dicts or checks for None.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,7 +44,16 @@ class TaskEvent(_Wire):
 class TaskState(_Wire):
     state: str = Field("", alias="State")
     failed: bool = Field(False, alias="Failed")
+    started_at: datetime | None = Field(None, alias="StartedAt")
+    """Go's zero time (year 1) until the task started."""
     events: tuple[TaskEvent, ...] = Field((), alias="Events")
+
+    @property
+    def started_ns(self) -> int | None:
+        """When the task started, in the client's nanoseconds since the epoch (as stats `Timestamp`s are)."""
+        if self.started_at is None or self.started_at.year <= 1:
+            return None
+        return round(self.started_at.timestamp() * 1_000_000) * 1000
 
 
 class Allocation(_Wire):
@@ -69,6 +79,51 @@ class Allocation(_Wire):
     def events(self, task: str) -> tuple[TaskEvent, ...]:
         state = self.task_states.get(task)
         return state.events if state else ()
+
+    def started_ns(self, task: str) -> int | None:
+        state = self.task_states.get(task)
+        return state.started_ns if state else None
+
+
+class MemoryStats(_Wire):
+    """Bytes. `Measured` names the fields the driver really sampled ("Max Usage" only under cgroup v1)."""
+
+    rss: int = Field(0, alias="RSS")
+    usage: int = Field(0, alias="Usage")
+    max_usage: int = Field(0, alias="MaxUsage")
+    measured: tuple[str, ...] = Field((), alias="Measured")
+
+
+class CpuStats(_Wire):
+    """Rates over the driver's last sampling period, not totals: `Percent` is 100 per busy core."""
+
+    percent: float = Field(0.0, alias="Percent")
+    user_mode: float = Field(0.0, alias="UserMode")
+    system_mode: float = Field(0.0, alias="SystemMode")
+    total_ticks: float = Field(0.0, alias="TotalTicks")
+    measured: tuple[str, ...] = Field((), alias="Measured")
+
+
+class ResourceUsage(_Wire):
+    memory_stats: MemoryStats = Field(default_factory=MemoryStats, alias="MemoryStats")
+    cpu_stats: CpuStats = Field(default_factory=CpuStats, alias="CpuStats")
+
+
+class TaskResourceUsage(_Wire):
+    """A task's latest sample (the client samples every second by default, and keeps the last one after the
+    task exited until the allocation is garbage-collected)."""
+
+    resource_usage: ResourceUsage = Field(default_factory=ResourceUsage, alias="ResourceUsage")
+    timestamp: int = Field(0, alias="Timestamp")
+    """The client's nanoseconds since the epoch."""
+
+
+class AllocResourceUsage(_Wire):
+    """`/v1/client/allocation/:id/stats`: the sum over *running* tasks, and each task's latest sample."""
+
+    resource_usage: ResourceUsage = Field(default_factory=ResourceUsage, alias="ResourceUsage")
+    tasks: dict[str, TaskResourceUsage] = Field(default_factory=dict, alias="Tasks")
+    timestamp: int = Field(0, alias="Timestamp")
 
 
 class AllocMetric(_Wire):

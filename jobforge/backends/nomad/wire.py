@@ -3,7 +3,8 @@
 - the event stream is newline-delimited JSON, `{}` heartbeats between batches;
 - framed logs are JSON objects written back to back with no separator (decode with `raw_decode`);
 - an allocation's `ClientStatus`, `DesiredStatus` + task events say how a phase ended;
-- an evaluation's `FailedTGAllocs` metrics say why a phase cannot be placed, and whether it ever can be.
+- an evaluation's `FailedTGAllocs` metrics say why a phase cannot be placed, and whether it ever can be;
+- a running task's stats samples add up to its phase's resource usage (`UsageTally`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,18 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
-from jobforge.backends.nomad.models import AllocMetric, Allocation, Evaluation, TaskEvent
+from jobforge.backends.nomad.models import (
+    AllocMetric,
+    Allocation,
+    Evaluation,
+    MemoryStats,
+    TaskEvent,
+    TaskResourceUsage,
+)
+from jobforge.pipeline import ResourceUsage
 
 _DECODER = json.JSONDecoder()
 
@@ -194,3 +203,42 @@ def _metric_reason(metric: AllocMetric) -> tuple[str, bool]:
     never = metric.nodes_filtered >= metric.nodes_evaluated and not metric.nodes_exhausted \
         and not metric.quota_exhausted
     return "; ".join(parts), never
+
+
+def _memory_bytes(stats: MemoryStats) -> int:
+    """The cgroup's own peak where the driver measures it (cgroup v1), else the resident memory of the sample."""
+    if "Max Usage" in stats.measured and stats.max_usage:
+        return stats.max_usage
+    return stats.rss if "RSS" in stats.measured or not stats.measured else stats.usage
+
+
+@dataclass(frozen=True)
+class UsageTally:
+    """A task's stats samples folded into its phase's usage, in the client's clock (no skew with ours).
+
+    Nomad reports CPU as a rate (`Percent` over the driver's last period, 100 per busy core), never a total: the
+    CPU seconds are that rate held over the time since the previous sample folded in (or since the task started),
+    so they are an estimate that is as fine as the sampling. Memory is the highest value seen."""
+
+    since_ns: int | None
+    """The client's time up to which CPU is counted: the task's start, then the last sample's timestamp."""
+    cpu_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+    samples: int = 0
+
+    def add(self, sample: TaskResourceUsage) -> UsageTally:
+        usage = sample.resource_usage
+        memory = max(self.memory_peak_bytes, _memory_bytes(usage.memory_stats))
+        if self.since_ns is not None and sample.timestamp <= self.since_ns:
+            # The same sample again (the client had no newer one) or an older one: its time is counted already.
+            return replace(self, memory_peak_bytes=memory)
+        seconds = 0.0 if self.since_ns is None else (sample.timestamp - self.since_ns) / 1e9
+        busy = usage.cpu_stats.percent / 100 * seconds
+        return replace(self, since_ns=sample.timestamp, cpu_seconds=self.cpu_seconds + max(0.0, busy),
+                       memory_peak_bytes=memory, samples=self.samples + 1)
+
+    @property
+    def usage(self) -> ResourceUsage | None:
+        if not self.samples:
+            return None
+        return ResourceUsage(cpu_seconds=round(self.cpu_seconds, 3), memory_peak_bytes=self.memory_peak_bytes)
