@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -597,6 +598,72 @@ def _slirp(pid: int) -> tuple[subprocess.Popen, int]:
     return proc, exit_w
 
 
+# --- buildah containers -----------------------------------------------------------------------------------
+
+# In the storage root: every step that creates containers there holds it shared while they exist, so whoever
+# gets it exclusively knows that each container in the storage is litter (of a killed buildah: `bud` leaves its
+# working container when SIGTERMed while it sets a RUN step up, whatever --force-rm says).
+CONTAINERS_LOCK = "jobforge-containers.lock"
+
+
+def _containers_lock(ctx: Context, create: bool) -> int | None:
+    """A descriptor of this storage's containers lock; None without a storage of Job Forge's own (buildah's
+    default storage is shared with whatever else runs buildah or podman here: nothing in it is ours to remove),
+    or when the storage does not exist and `create` is false."""
+    if not ctx.root or not (create or os.path.isdir(ctx.root)):
+        return None
+    os.makedirs(ctx.root, mode=0o700, exist_ok=True)
+    return os.open(os.path.join(ctx.root, CONTAINERS_LOCK),
+                   os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _sweep_if_alone(ctx: Context, lock: int) -> None:
+    """Remove every container of the storage when no other step holds the lock; otherwise leave them to the
+    next sweep (one of them may be in use). Returns holding no lock, or the exclusive one."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    listed = subprocess.run(ctx.buildah("containers", "--quiet", "--notruncate"), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, env=tool_env())
+    ids = listed.stdout.split() if listed.returncode == 0 else []
+    if not ids:
+        return
+    result = run(ctx, ctx.buildah("rm", *ids), quiet=True)
+    removed = len(set(ids) & set(result.output.split()))
+    step(f"removed {removed} leftover build container(s)" if result.returncode == 0 else
+         f"removed {removed} of {len(ids)} leftover build containers: {one_line(result.output)[-400:]}")
+
+
+def sweep_containers(ctx: Context) -> None:
+    """Remove the storage's leftover containers unless a step of a running job may be using one."""
+    lock = _containers_lock(ctx, create=False)
+    if lock is not None:
+        try:
+            _sweep_if_alone(ctx, lock)
+        finally:
+            os.close(lock)
+
+
+@contextlib.contextmanager
+def containers_lease(ctx: Context) -> Iterator[None]:
+    """Around a step that creates containers (bud, the test container): sweeps leftovers, holds the lock shared
+    while the step's containers may exist, then sweeps again, when alone, whatever became of the step."""
+    lock = _containers_lock(ctx, create=True)
+    if lock is None:
+        yield
+        return
+    try:
+        _sweep_if_alone(ctx, lock)
+        fcntl.flock(lock, fcntl.LOCK_SH)  # from exclusive (not atomic: nothing of ours exists yet) or blocking
+        yield
+    finally:
+        try:
+            _sweep_if_alone(ctx, lock)
+        finally:
+            os.close(lock)
+
+
 # --- registries -----------------------------------------------------------------------------------------
 
 
@@ -815,9 +882,9 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture, failure,
-    is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env,
-    unauthorized_error,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture,
+    containers_lease, failure, is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child,
+    tls_for, tool_env, unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -1024,26 +1091,27 @@ def test(ctx: Context) -> None:
     if network == NETWORK_OUTBOUND and ctx.build_network == NETWORK_RUNNER:
         network = NETWORK_RUNNER  # where the runner's own network is the boundary, it is the outbound one
     container = f"jobforge-test-{ctx.require('job_id')}"
-    # A container left by a killed earlier attempt would block the name.
-    run(ctx, ctx.buildah("rm", container), quiet=True)
-    create_container(ctx, temp, container)
-    try:
-        if spec.get("entry_point"):
-            argv = entry_argv(ctx, container)
-            step("running the image entry point")
-            code = run_in(ctx, container, env, argv, network)
-            if code != 0:
-                raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
-        for number, command in enumerate(spec.get("commands") or [], start=1):
-            step(f"test command {number}: {command}")
-            code = run_in(ctx, container, env, ["sh", "-c", command], network)
-            if code != 0:
-                raise TaskError(f"test command {number} exited with code {code}: {command}")
-        step("tests passed")
-    finally:
-        step(f"removing container {container}")
-        # The image stays: removing it would also drop its dangling parents, i.e. the layer cache.
-        run(ctx, ctx.buildah("rm", container))
+    with containers_lease(ctx):  # no sweep removes our container while it exists
+        # A container left by a killed earlier attempt would block the name.
+        run(ctx, ctx.buildah("rm", container), quiet=True)
+        create_container(ctx, temp, container)
+        try:
+            if spec.get("entry_point"):
+                argv = entry_argv(ctx, container)
+                step("running the image entry point")
+                code = run_in(ctx, container, env, argv, network)
+                if code != 0:
+                    raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
+            for number, command in enumerate(spec.get("commands") or [], start=1):
+                step(f"test command {number}: {command}")
+                code = run_in(ctx, container, env, ["sh", "-c", command], network)
+                if code != 0:
+                    raise TaskError(f"test command {number} exited with code {code}: {command}")
+            step("tests passed")
+        finally:
+            step(f"removing container {container}")
+            # The image stays: removing it would also drop its dangling parents, i.e. the layer cache.
+            run(ctx, ctx.buildah("rm", container))
 
 
 if __name__ == "__main__":

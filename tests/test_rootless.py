@@ -109,3 +109,29 @@ def test_build_test_publish_as_an_unprivileged_user(build_user, workspace, regis
     assert len(digests) == 1 and None not in digests
     owners = {p.stat().st_uid for p in (workspace / "storage").iterdir()}
     assert owners == {build_user.pw_uid}  # the layer cache belongs to the build user, not root
+
+
+async def test_reap_removes_the_build_users_leftover_containers_as_that_user(build_user, tmp_path):
+    """A SIGKILLed service leaves a killed build's working container in the build user's rootless storage; the
+    next start removes it, and the storage stays the build user's (root never writes into it)."""
+    from jobforge.backends.local import LocalBackend
+
+    if os.geteuid() == 0:  # the build user's own storage, where the service's phases run their buildah
+        storage = Path(build_user.pw_dir) / ".local" / "share" / "jobforge"
+        root, runroot = storage / "buildah", storage / "buildah-run"
+    else:
+        root, runroot = tmp_path / "buildah" / "root", tmp_path / "buildah" / "runroot"
+    buildah = ["buildah", "--storage-driver", "vfs", "--root", str(root), "--runroot", str(runroot)]
+    env = {"PATH": os.environ["PATH"], "HOME": build_user.pw_dir}
+    name = f"killed-bud-{uuid.uuid4().hex[:8]}"
+    subprocess.run([*buildah, "from", "--name", name, "scratch"], env=env, check=True, capture_output=True,
+                   **as_user(build_user))
+    backend = LocalBackend(work_dir=tmp_path / "data" / "work", storage_root=tmp_path / "data" / "buildah" / "root",
+                           storage_runroot=tmp_path / "data" / "buildah" / "runroot", registry_url="127.0.0.1:1",
+                           tls_verify=False, build_user=build_user.pw_name)
+    await backend.reap()
+    left = subprocess.run([*buildah, "containers", "--format", "{{.ContainerName}}"], env=env, check=True,
+                          capture_output=True, text=True, **as_user(build_user)).stdout.split()
+    assert name not in left
+    written = [*root.iterdir(), *(root / "vfs-containers").iterdir()]  # the lock file, containers.json, ...
+    assert {path.lstat().st_uid for path in written} == {build_user.pw_uid}

@@ -8,6 +8,7 @@ the test phase), and the host filesystem.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import re
 import os
@@ -243,6 +244,70 @@ def test_sigterm_during_build_leaves_no_container(make_job, tmp_path):
     assert returncode != 0
     assert stderr.strip().splitlines()[-1] == "ERROR: terminated by signal"
     assert containers(job.storage) == before
+
+
+def test_sigterm_while_bud_sets_a_step_up_leaves_no_container(make_job, tmp_path):
+    """buildah bud leaves its working container when SIGTERMed right after it announces a RUN step (--force-rm
+    or not); the phase removes it on its way out."""
+    repo = GitRepo.create(tmp_path / "slow", {"Dockerfile": (  # a step of its own: never a cache hit
+        f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} && sleep 120\n")})
+    job = make_job(f"file://{repo.path}")
+    returncode, stderr = run_until_then_sigterm(job, "build", "STEP 2/")
+    assert returncode != 0
+    assert stderr.strip().splitlines()[-1] == "ERROR: terminated by signal"
+    assert containers(job.storage) == []
+
+
+def buildah_in(storage, *args: str) -> str:
+    return subprocess.run(["buildah", "--storage-driver", "vfs", "--root", str(storage.root), "--runroot",
+                           str(storage.runroot), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def litter(storage, base_image: str) -> str:
+    """A working container nobody uses any more, as a killed `buildah bud` leaves it; returns its name."""
+    name = f"killed-bud-{uuid.uuid4().hex[:8]}"
+    buildah_in(storage, "from", "--pull=never", "--name", name, base_image)
+    return name
+
+
+def test_a_build_removes_the_containers_killed_builds_left(make_job, hello_repo, base_image):
+    job = make_job(f"file://{hello_repo.path}")
+    left = litter(job.storage, base_image)
+    outcome = ok(job.run("build"))
+    assert "==> removed 1 leftover build container(s)" in outcome.stdout
+    assert containers(job.storage) == []
+
+
+def test_a_container_of_a_running_step_is_never_swept(make_job, hello_repo, base_image):
+    """A step of another job holds the storage's containers lock shared while its containers exist."""
+    job = make_job(f"file://{hello_repo.path}")
+    with open(job.storage.root / "jobforge-containers.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        live = litter(job.storage, base_image)
+        try:
+            outcome = ok(job.run("build"))
+            assert "leftover" not in outcome.stdout
+            assert containers(job.storage) == [live]
+        finally:
+            buildah_in(job.storage, "rm", live)
+
+
+def test_a_running_test_phase_keeps_its_container_through_another_jobs_sweep(built):
+    built.payload["test"]["commands"] = ["echo test-is-running; sleep 120"]
+    env, _ = built.phase_env("test")
+    proc = subprocess.Popen([sys.executable, str(TASKS / "test.py")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "test-is-running" in line:
+                break
+        sweep = ok(built.run("sweep"))  # what each build does before and after its bud
+        assert "leftover" not in sweep.stdout
+        assert containers(built.storage) == [f"jobforge-test-{built.id}"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert containers(built.storage) == []
 
 
 def test_test_command_failure_stops_and_removes_the_container(built):

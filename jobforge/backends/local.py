@@ -20,7 +20,8 @@ carrying the phase's nonce (jobforge.control): a job's commands cannot forge the
 No orphans, no litter: a task script gets SIGTERM when the service dies (it sets PR_SET_PDEATHSIG on itself and
 then stops its whole group, see templates/tasks/_common.py), and each phase records its process group id in its workspace,
 so `reap()` at the next start kills whatever is left and removes leftover buildah containers (the storage is
-this backend's own and nothing runs before `reap()`). A phase's workspace `work/<job_id>/<phase>-*` is removed
+this backend's own and nothing runs before `reap()`; templates/tasks/sweep.py, the sweep the phases also run
+around their containers). A phase's workspace `work/<job_id>/<phase>-*` is removed
 when the phase ends, and `work/<job_id>` with its last phase. A stop that arrives before the process exists
 prevents the start.
 
@@ -283,7 +284,6 @@ class LocalBackend:
         self._queue: asyncio.Queue[BackendMessage] = asyncio.Queue()
         self._runs: dict[str, _Run] = {}
         self._early_stops: OrderedDict[str, None] = OrderedDict()
-        self._buildah_global = ["--root", str(storage_root), "--runroot", str(storage_runroot), "--storage-driver", "vfs"]
         self._tasks: set[asyncio.Task] = set()
         base = {k: os.environ[k] for k in _PASSTHROUGH_ENV if k in os.environ}
         if self._account is not None:
@@ -359,16 +359,27 @@ class LocalBackend:
             if not any(pgid in groups for pgid, _ in _processes().values()):
                 break
             await asyncio.sleep(0.05)  # the kernel reaps SIGKILLed processes asynchronously
-        if shutil.which("buildah", path=self._env.get("PATH")) and (self._work_dir.parent / "buildah").exists():
-            proc = await asyncio.create_subprocess_exec(
-                "buildah", *self._buildah_global, "rm", "--all", stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=self._env)
-            _, err = await proc.communicate()
-            if proc.returncode != 0:
-                log.warning("could not remove leftover buildah containers: %s", err.decode(errors="replace").strip())
+        if shutil.which("buildah", path=self._env.get("PATH")):
+            await self._sweep_containers()
         if self._work_dir.exists():
             for leftover in self._work_dir.iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
+
+    async def _sweep_containers(self) -> None:
+        """The task scripts' own sweep (templates/tasks/sweep.py), run as the phases run: a build user's rootless
+        storage is never written by root."""
+        proc = await asyncio.create_subprocess_exec(
+            *self._interpreter(), str(task_script("sweep")), cwd="/", env={**self._env, "JOBFORGE_PAYLOAD": "-"},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            **self._as_account())
+        out, err = await proc.communicate(b"{}")
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith("==> "):
+                log.warning("%s", line[4:])
+        if proc.returncode != 0:
+            errors = [line for line in err.decode(errors="replace").splitlines() if line.startswith(_ERROR_PREFIX)]
+            log.warning("could not remove leftover buildah containers: %s",
+                        errors[-1][len(_ERROR_PREFIX):] if errors else f"exit code {proc.returncode}")
 
     async def cleanup(self, job_id: str, payload: dict, config: JobConfig) -> bool:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -511,6 +512,72 @@ def _slirp(pid: int) -> tuple[subprocess.Popen, int]:
                           errors.read().decode(errors="replace"))
     errors.close()
     return proc, exit_w
+
+
+# --- buildah containers -----------------------------------------------------------------------------------
+
+# In the storage root: every step that creates containers there holds it shared while they exist, so whoever
+# gets it exclusively knows that each container in the storage is litter (of a killed buildah: `bud` leaves its
+# working container when SIGTERMed while it sets a RUN step up, whatever --force-rm says).
+CONTAINERS_LOCK = "jobforge-containers.lock"
+
+
+def _containers_lock(ctx: Context, create: bool) -> int | None:
+    """A descriptor of this storage's containers lock; None without a storage of Job Forge's own (buildah's
+    default storage is shared with whatever else runs buildah or podman here: nothing in it is ours to remove),
+    or when the storage does not exist and `create` is false."""
+    if not ctx.root or not (create or os.path.isdir(ctx.root)):
+        return None
+    os.makedirs(ctx.root, mode=0o700, exist_ok=True)
+    return os.open(os.path.join(ctx.root, CONTAINERS_LOCK),
+                   os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _sweep_if_alone(ctx: Context, lock: int) -> None:
+    """Remove every container of the storage when no other step holds the lock; otherwise leave them to the
+    next sweep (one of them may be in use). Returns holding no lock, or the exclusive one."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    listed = subprocess.run(ctx.buildah("containers", "--quiet", "--notruncate"), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, env=tool_env())
+    ids = listed.stdout.split() if listed.returncode == 0 else []
+    if not ids:
+        return
+    result = run(ctx, ctx.buildah("rm", *ids), quiet=True)
+    removed = len(set(ids) & set(result.output.split()))
+    step(f"removed {removed} leftover build container(s)" if result.returncode == 0 else
+         f"removed {removed} of {len(ids)} leftover build containers: {one_line(result.output)[-400:]}")
+
+
+def sweep_containers(ctx: Context) -> None:
+    """Remove the storage's leftover containers unless a step of a running job may be using one."""
+    lock = _containers_lock(ctx, create=False)
+    if lock is not None:
+        try:
+            _sweep_if_alone(ctx, lock)
+        finally:
+            os.close(lock)
+
+
+@contextlib.contextmanager
+def containers_lease(ctx: Context) -> Iterator[None]:
+    """Around a step that creates containers (bud, the test container): sweeps leftovers, holds the lock shared
+    while the step's containers may exist, then sweeps again, when alone, whatever became of the step."""
+    lock = _containers_lock(ctx, create=True)
+    if lock is None:
+        yield
+        return
+    try:
+        _sweep_if_alone(ctx, lock)
+        fcntl.flock(lock, fcntl.LOCK_SH)  # from exclusive (not atomic: nothing of ours exists yet) or blocking
+        yield
+    finally:
+        try:
+            _sweep_if_alone(ctx, lock)
+        finally:
+            os.close(lock)
 
 
 # --- registries -----------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _cache  # noqa: E402
 from _common import (  # noqa: E402
-    NETWORK_NONE, NETWORK_RUNNER, CommandFailed, Context, Credential, TaskError, capture, failure,
-    git_credential_for, is_ssh_url, is_unauthorized, main, origin_of, private_file, registry_authfile,
+    NETWORK_NONE, NETWORK_RUNNER, CommandFailed, Context, Credential, TaskError, capture, containers_lease,
+    failure, git_credential_for, is_ssh_url, is_unauthorized, main, origin_of, private_file, registry_authfile,
     registry_host, run, sandbox, ssh_command, step, tls_for, tool_env, unauthorized_error,
 )
 
@@ -401,7 +401,8 @@ def build(ctx: Context) -> None:
         cache, netns_hook = cache_route(ctx)
         step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
         hits = _cache.HitCounter()
-        with sandbox(ctx.build_network, netns_hook) as prefix:
+        # The lease sweeps what killed builds left (bud keeps its working container when killed mid-step).
+        with containers_lease(ctx), sandbox(ctx.build_network, netns_hook) as prefix:
             if netns_hook is not None and netns_hook.failed:
                 step(f"no registry layer cache: cannot relay {registry_host(cache)} into the build's network "
                      f"namespace ({netns_hook.failed})")

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
-    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture, failure,
-    is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child, tls_for, tool_env,
-    unauthorized_error,
+    NETWORK_NONE, NETWORK_OUTBOUND, NETWORK_RUNNER, CommandFailed, Context, TaskError, capture,
+    containers_lease, failure, is_unauthorized, main, redact, registry_authfile, run, sandbox, step, stop_child,
+    tls_for, tool_env, unauthorized_error,
 )
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -235,26 +235,27 @@ def test(ctx: Context) -> None:
     if network == NETWORK_OUTBOUND and ctx.build_network == NETWORK_RUNNER:
         network = NETWORK_RUNNER  # where the runner's own network is the boundary, it is the outbound one
     container = f"jobforge-test-{ctx.require('job_id')}"
-    # A container left by a killed earlier attempt would block the name.
-    run(ctx, ctx.buildah("rm", container), quiet=True)
-    create_container(ctx, temp, container)
-    try:
-        if spec.get("entry_point"):
-            argv = entry_argv(ctx, container)
-            step("running the image entry point")
-            code = run_in(ctx, container, env, argv, network)
-            if code != 0:
-                raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
-        for number, command in enumerate(spec.get("commands") or [], start=1):
-            step(f"test command {number}: {command}")
-            code = run_in(ctx, container, env, ["sh", "-c", command], network)
-            if code != 0:
-                raise TaskError(f"test command {number} exited with code {code}: {command}")
-        step("tests passed")
-    finally:
-        step(f"removing container {container}")
-        # The image stays: removing it would also drop its dangling parents, i.e. the layer cache.
-        run(ctx, ctx.buildah("rm", container))
+    with containers_lease(ctx):  # no sweep removes our container while it exists
+        # A container left by a killed earlier attempt would block the name.
+        run(ctx, ctx.buildah("rm", container), quiet=True)
+        create_container(ctx, temp, container)
+        try:
+            if spec.get("entry_point"):
+                argv = entry_argv(ctx, container)
+                step("running the image entry point")
+                code = run_in(ctx, container, env, argv, network)
+                if code != 0:
+                    raise TaskError(f"entry point exited with code {code}: {' '.join(argv)}")
+            for number, command in enumerate(spec.get("commands") or [], start=1):
+                step(f"test command {number}: {command}")
+                code = run_in(ctx, container, env, ["sh", "-c", command], network)
+                if code != 0:
+                    raise TaskError(f"test command {number} exited with code {code}: {command}")
+            step("tests passed")
+        finally:
+            step(f"removing container {container}")
+            # The image stays: removing it would also drop its dangling parents, i.e. the layer cache.
+            run(ctx, ctx.buildah("rm", container))
 
 
 if __name__ == "__main__":
