@@ -145,6 +145,10 @@ class Registry:
             request.add_header("Authorization", f"Basic {token}")
         return urllib.request.urlopen(request, timeout=10)
 
+    def catalog(self) -> list[str]:
+        with self._request("GET", "/v2/_catalog?n=1000") as resp:
+            return sorted(json.load(resp).get("repositories") or [])
+
     def tags(self, name: str) -> list[str]:
         """Tags of repository `name`; [] when it does not exist."""
         try:

@@ -5,9 +5,11 @@ workspace and a host file; one test command replaces every file in its writable 
 host file. Neither the host file's marker, nor a marker planted in the data dir or in the other job's
 workspace, nor the service's secret values, nor the values of its other variables (settings the phase scripts
 get, like JOBFORGE_GIT_CREDENTIAL_HOST, and a variable of the service's own environment) appear in any log,
-status or history. Both also try to kill a host
-process and to reach the service's API on 127.0.0.1: both fail, the process lives. Each probe prints a word
-built by shell arithmetic (`nokill42`, never in the probe's text) so the test sees that it really ran.
+status or history. Both also try to kill a host process and to reach the service's API on 127.0.0.1: both fail,
+the process lives. Both ask the registry (on 127.0.0.1) for its catalog: the test command cannot reach it, and
+the RUN step, which finds the build's registry relay on that port, is refused by it (the relay serves buildah's
+own layer-cache requests only). Each probe prints a word built by shell arithmetic (`nokill42`, never in the
+probe's text) so the test sees that it ran.
 """
 
 from __future__ import annotations
@@ -50,9 +52,19 @@ for p in $PATHS "$HOST_FILE"; do
 done
 echo "== pids: $(ls /proc | grep -E '^[0-9]+$' | tr '\n' ' ')"
 if kill -9 "$HOST_PID" 2>/dev/null; then echo "kill$((40+2))"; else echo "nokill$((40+2))"; fi
-if wget -q -T 5 -O- "http://127.0.0.1:$API_PORT/health"; then echo; echo "reach$((40+2))"; else echo "noreach$((40+2))"; fi
+get() {  # port path: the status line of a GET of 127.0.0.1:port/path, or why there is none (busybox's wget
+  # segfaults under the build user's namespaces, which would pass for "unreachable"; nc does not)
+  printf 'GET %s HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nConnection: close\r\n\r\n' "$2" "$1" | nc 127.0.0.1 "$1" 2>&1 \
+    | head -n 1 | tr -d '\r'
+}
+health=$(get "$API_PORT" /health); echo "service health: ${health:-no answer}"
+case "$health" in *" 200 "*) echo "reach$((40+2))" ;; *) echo "noreach$((40+2))" ;; esac
+catalog=$(get "$REGISTRY_PORT" /v2/_catalog); echo "registry catalog: ${catalog:-no answer}"
+case "$catalog" in *" 200 "*) echo "catalog$((40+2))" ;; *) echo "nocatalog$((40+2))" ;; esac
 echo "probe-$1-ends"
 """
+
+REFUSED_BY_KERNEL = "nc: can't connect to remote host (127.0.0.1): Connection refused"  # busybox's words
 
 # Replace every file of every writable mount (but the root fs and the kernel's) with a symlink to the host file.
 LINK_MOUNTS = r"""#!/bin/sh
@@ -71,6 +83,7 @@ HOSTILE_DOCKERFILE = """ARG BASE_IMAGE
 FROM ${BASE_IMAGE}
 ARG HOST_PID
 ARG API_PORT
+ARG REGISTRY_PORT
 ARG PATHS
 ARG HOST_FILE
 COPY probe.sh link-mounts.sh /
@@ -156,6 +169,7 @@ def test_a_hostile_job_reaches_nothing_of_the_host(service, shared_dir, host_fil
     home = Path(pwd.getpwnam(BUILD_USER).pw_dir) if user else None
     workspaces = [svc.data_dir / "work" / job_a] + ([home / ".local/share/jobforge/work" / job_a] if home else [])
     probe_env = {"HOST_PID": str(host_process.pid), "API_PORT": str(svc.port), "HOST_FILE": str(host_file),
+                 "REGISTRY_PORT": registry.host.rsplit(":", 1)[1],
                  "PATHS": " ".join(str(p) for p in [svc.data_dir, *workspaces])}
     hostile = repo(shared_dir, {"Dockerfile": HOSTILE_DOCKERFILE, "probe.sh": PROBE, "link-mounts.sh": LINK_MOUNTS}, user)
     job_b = submit(svc, {**base, "repo_url": str(hostile.path), "image_name": f"hostile-{uuid.uuid4().hex[:8]}",
@@ -178,8 +192,14 @@ def test_a_hostile_job_reaches_nothing_of_the_host(service, shared_dir, host_fil
     build, test = "\n".join(logs_b["build"]), "\n".join(logs_b["test"])
     for phase, log in (("build", build), ("test", test)):
         # The probes ran to their end, and every attempt on the host failed.
-        assert f"probe-{phase}-ends" in log and "nokill42" in log and "noreach42" in log, log
-        assert "kill42" not in log.splitlines() and "reach42" not in log.splitlines()
+        assert f"probe-{phase}-ends" in log and "nokill42" in log and "noreach42" in log and "nocatalog42" in log, log
+        assert not {"kill42", "reach42", "catalog42"} & set(log.splitlines())
+        # Nothing listens on the service's port in the step's namespace (nc ran and was refused: no crash).
+        assert f"service health: {REFUSED_BY_KERNEL}" in log.splitlines(), log
+    assert f"registry catalog: {REFUSED_BY_KERNEL}" in test.splitlines(), test
+    # The RUN step reached the relay (the registry's port in its namespace), which refused it.
+    assert "registry catalog: HTTP/1.1 403 Forbidden" in build.splitlines(), build
+    assert "==> registry relay refused GET /v2/_catalog: it comes from a build step" in build, build
     assert "linked /.jobforge-out/output" in test and "links-42" in test, test
     assert host_process.poll() is None, "a build step killed a host process"
 

@@ -95,12 +95,6 @@ def test_uses_are_recorded_by_full_or_short_id_and_forgotten_when_gone(cache, tm
     assert cache.read_uses(str(tmp_path)) == {"abcdef0123": 42, "9876543210": 7}
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("[::1]", True),
-                                            ("127.0.0.2", True), ("10.1.2.3", False), ("registry.example", False)])
-def test_only_loopback_registries_are_relayed(cache, host, loopback):
-    assert cache.is_loopback(host) is loopback
-
-
 @pytest.mark.parametrize("ref, stored", [("alpine", "docker.io/library/alpine:latest"),
                                          ("alpine:3.19", "docker.io/library/alpine:3.19"),
                                          ("org/app", "docker.io/org/app:latest"),
@@ -109,10 +103,3 @@ def test_only_loopback_registries_are_relayed(cache, host, loopback):
 def test_a_dockerfile_reference_finds_its_stored_image(cache, ref, stored):
     images = [image(cache, "want", 1, 1, stored), image(cache, "other", 1, 1, "docker.io/library/other:latest")]
     assert cache.named(images, [ref]) == ["want"]
-
-
-def test_a_relay_that_cannot_be_set_up_says_why_instead_of_failing(cache, tmp_path):
-    hook = cache.Relay("127.0.0.1:5000")
-    with hook(str(tmp_path / "no-such-netns")):
-        pass
-    assert hook.failed == "No such file or directory"

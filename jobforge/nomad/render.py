@@ -151,7 +151,7 @@ def _constraints(spec: VariantSpec) -> list[dict[str, str | None]]:
     return constraints
 
 
-PHASE_HELPERS = {"build": ("_cache",)}  # helper modules a phase script imports besides _common
+PHASE_HELPERS = {"build": ("_cache", "_relay")}  # helper modules a phase script imports besides _common
 
 
 def _context(phase: str, spec: VariantSpec, params: RenderParams) -> dict[str, Any]:

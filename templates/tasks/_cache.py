@@ -1,5 +1,5 @@
-"""The build phase's layer cache (stdlib only): the registry cache's relay into the build's network namespace,
-cache hits counted from buildah's output, and the local store's pruning plan (least recently used first).
+"""The build phase's layer cache (stdlib only): cache hits counted from buildah's output and the local store's
+pruning plan (least recently used first); the registry cache's relay into the build's namespace is _relay.py.
 
 Two caches: buildah's local `--layers` store, and the cache repository in the temp registry
 (`--cache-from`/`--cache-to`), which a node whose local store is empty (another Nomad client, a wiped disk)
@@ -10,22 +10,16 @@ builds from. Both are bounded: `cache_ttl` (buildah ignores older layers; prunin
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ipaddress
 import json
 import os
 import re
-import socket
-import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 USES_FILE = "jobforge-cache-uses.json"  # in the storage root: image id -> last time a build used it
 MAX_USES = 10_000
 RECENT_SECONDS = 3600  # never pruned: another build on the same store may be about to use it
-MAX_RELAY_CONNECTIONS = 64
-_CLONE_NEWNET = 0x40000000
 _STEP = re.compile(r"^STEP \d+/\d+: (\S+)(.*)")
 OWN_LABEL = "jobforge.job-id"  # the build's per-job label: a step of its own, never cached, so never counted
 _USED = re.compile(r"^--> Using cache ([0-9a-f]{64})\b")
@@ -165,137 +159,6 @@ def record_uses(root: str | None, ids: Iterable[str], images: Iterable[StoredIma
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(newest, fh)
         os.replace(tmp, path)
-
-
-# --- the registry relay -----------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """`host` (no port) names this machine's loopback: unreachable from a sandbox's own network namespace."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host_port(host_port: str) -> tuple[str, int]:
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit() or "]" in port:
-        return host_port.strip("[]"), 443
-    return host.strip("[]"), int(port)
-
-
-def _listen_in(netns: str, port: int) -> socket.socket:
-    """A socket listening on 127.0.0.1:`port` inside the network namespace at `netns` (setns is per thread:
-    a short-lived thread enters the namespace, opens the socket there and ends)."""
-    result: dict[str, object] = {}
-
-    def enter() -> None:
-        try:
-            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))
-            sock.listen(16)
-            result["sock"] = sock
-        except OSError as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=enter, name="relay-setns", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["sock"]  # type: ignore[return-value]
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-
-def _serve(listener: socket.socket, target: tuple[str, int], slots: threading.BoundedSemaphore) -> None:
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return  # closed: the build is over
-        if not slots.acquire(blocking=False):
-            conn.close()
-            continue
-        try:
-            upstream = socket.create_connection(target, timeout=30)
-            upstream.settimeout(None)
-        except OSError:
-            conn.close()
-            slots.release()
-            continue
-
-        def both(conn=conn, upstream=upstream) -> None:
-            back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
-            back.start()
-            _pump(conn, upstream)
-            back.join()
-            conn.close()
-            upstream.close()
-            slots.release()
-
-        threading.Thread(target=both, daemon=True).start()
-
-
-class Relay:
-    """The sandbox's `inside` hook for a registry on this machine's loopback; `failed` says why it could not be set
-    up (then the build goes without the registry cache)."""
-
-    def __init__(self, host_port: str) -> None:
-        self.host_port = host_port
-        self.failed: str | None = None
-
-    @contextlib.contextmanager
-    def __call__(self, netns: str) -> Iterator[None]:
-        try:
-            listening = relay(netns, self.host_port)
-            listening.__enter__()
-        except OSError as exc:
-            self.failed = exc.strerror or str(exc)
-            yield
-            return
-        try:
-            yield
-        finally:
-            listening.__exit__(None, None, None)
-
-
-@contextlib.contextmanager
-def relay(netns: str, host_port: str) -> Iterator[None]:
-    """Inside the build's network namespace, 127.0.0.1:<port> of the registry `host_port` (on this machine's
-    loopback) is relayed to it: only that one port, and only while the build runs (docs/security.md)."""
-    host, port = split_host_port(host_port)
-    listener = _listen_in(netns, port)
-    target = ("127.0.0.1" if host == "localhost" else host, port)
-    thread = threading.Thread(target=_serve, args=(listener, target, threading.BoundedSemaphore(MAX_RELAY_CONNECTIONS)),
-                              name="registry-relay", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)
-        listener.close()
 
 
 def now() -> float:

@@ -12,7 +12,8 @@ never pulls (`--pull=never`) nor sees a credential.
 
 Layer cache (templates/tasks/_cache.py): `--layers` in the local store, plus `--cache-from`/`--cache-to` the
 payload's `cache_repo` in the temp registry, with the temp registry's credentials only; a registry on this
-machine's loopback is relayed into the sandbox's namespace (that port only). `clear_cache` opts out of both.
+machine's loopback is relayed into the sandbox's namespace through a filter that forwards only that cache
+repository's requests (templates/tasks/_relay.py). `clear_cache` opts out of both.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import urllib.parse
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _cache  # noqa: E402
+import _relay  # noqa: E402
 from _common import (  # noqa: E402
     NETWORK_NONE, NETWORK_RUNNER, CommandFailed, Context, Credential, TaskError, capture, containers_lease,
     failure, git_credential_for, is_ssh_url, is_unauthorized, main, origin_of, private_file, registry_authfile,
-    registry_host, run, sandbox, ssh_command, step, tls_for, tool_env, unauthorized_error,
+    registry_host, repository, run, sandbox, ssh_command, step, tls_for, tool_env, unauthorized_error,
 )
 
 GIT_ALLOW_PROTOCOL = "file:git:http:https:ssh"
@@ -336,15 +338,23 @@ def bud_argv(ctx: Context, dockerfile: str, context: str, authfile: str | None =
     return argv + ["-t", ctx.payload["temp_image"], context]
 
 
-def cache_route(ctx: Context):
+def cache_route(ctx: Context, bases: list[str]):
     """(cache repository or None, the sandbox's `inside` hook): a registry on this machine's loopback is out of
-    the sandbox's reach, so it is relayed in; without network, a remote one is out of reach: no registry cache."""
+    the sandbox's reach, so it is relayed in, for buildah only and its cache repository's traffic only (and
+    layer mounts from the `bases` it pulled from there); without network, a remote one is out of reach: no
+    registry cache."""
     cache = cache_repo(ctx)
     if not cache or ctx.build_network == NETWORK_RUNNER:
         return cache, None
     host = registry_host(cache)
-    if _cache.is_loopback(_cache.split_host_port(host)[0]):
-        return cache, _cache.Relay(host)
+    if _relay.is_loopback(_relay.split_host_port(host)[0]):
+        if ctx.tls_verify_for(cache):
+            step(f"no registry layer cache: {host} is on this machine's loopback and verified over TLS, which "
+                 "the build's relay cannot filter (a plain-HTTP registry there needs REGISTRY_TLS_VERIFY=false "
+                 "or JOBFORGE_INSECURE_REGISTRIES)")
+            return None, None
+        mount_from = [repository(b).split("/", 1)[1] for b in bases if "/" in b and registry_host(b) == host]
+        return cache, _relay.Relay(host, repository(cache).split("/", 1)[1], mount_from)
     if ctx.build_network == NETWORK_NONE:
         step("no registry layer cache: builds have no network (JOBFORGE_BUILD_NETWORK=none)")
         return None, None
@@ -398,7 +408,7 @@ def build(ctx: Context) -> None:
             if run(ctx, ctx.buildah("rmi", "--prune")).returncode != 0:
                 raise TaskError("could not clear the layer cache (buildah rmi --prune failed)")
         pull_base_images(ctx, bases, authfile)
-        cache, netns_hook = cache_route(ctx)
+        cache, netns_hook = cache_route(ctx, bases)
         step(f"building {temp}" + (f" (layer cache: {cache})" if cache else ""))
         hits = _cache.HitCounter()
         # The lease sweeps what killed builds left (bud keeps its working container when killed mid-step).

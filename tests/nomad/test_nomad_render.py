@@ -94,7 +94,7 @@ def test_the_task_runs_the_embedded_scripts_verbatim(phase):
     assert config["cap_add"] == ["sys_admin"]  # buildah's chroot isolation; reference client allows SYS_ADMIN
     assert [untemplate(a) for a in config["args"]] == [f"${{NOMAD_TASK_DIR}}/{phase}.py"]
     templates = job.templates()
-    scripts = ["_common", phase] + (["_cache"] if phase == "build" else [])  # the build imports _cache too
+    scripts = ["_common", phase] + (["_cache", "_relay"] if phase == "build" else [])  # the build imports both
     assert set(templates) == {f"local/{name}.py" for name in scripts}
     for name in scripts:
         assert script_of(job, f"local/{name}.py") == task_script(name).read_text()
