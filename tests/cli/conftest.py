@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -91,6 +92,12 @@ def cli_command() -> list[str]:
     script = Path(sys.executable).with_name("jobforge")
     assert script.exists(), f"{script} is missing: install the package (make test does) before running the CLI tests"
     return [str(script)]
+
+
+def interruptible() -> None:
+    """preexec_fn for a CLI a test Ctrl-Cs: a shell's background job (`make test &`, CI runners) starts with SIGINT
+    ignored, which every child inherits and Python then keeps; the user at a terminal has it at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

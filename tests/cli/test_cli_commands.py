@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import yaml
 
-from tests.cli.conftest import cli_command, cli_env, run_cli
+from tests.cli.conftest import cli_command, cli_env, interruptible, run_cli
 from tests.cli.fake_service import error_doc, phase_doc, status_doc
 from tests.support.gitrepo import GitRepo
 
@@ -276,7 +276,7 @@ def test_ctrl_c_stops_watching_not_the_job(fake_service, tmp_path):
     fake_service.hold_open.add("j3")
     proc = subprocess.Popen([*cli_command(), "watch", "j3"], cwd=tmp_path,
                             env=cli_env(JOB_SERVICE_URL=fake_service.url), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     first = proc.stdout.readline()  # the watch is live once the first state is printed
     assert first.endswith("job j3 BUILDING\n")
     proc.send_signal(signal.SIGINT)

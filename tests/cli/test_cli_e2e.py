@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.cli.conftest import cli_command, cli_env, run_cli
+from tests.cli.conftest import cli_command, cli_env, interruptible, run_cli
 from tests.support.gitrepo import GitRepo
 from tests.support.invalid_configs import INVALID
 from tests.support.service import ServiceProcess
@@ -260,7 +260,7 @@ def test_ctrl_c_stops_watching_then_kill_job_stops_the_build(service, hello_wc):
     job_id = json.loads(jf(service, "submit-job", "build.yaml", "--no-version", cwd=hello_wc.path).stdout)["job_id"]
     watcher = subprocess.Popen([*cli_command(), "watch", job_id], cwd=hello_wc.path,
                                env=cli_env(JOB_SERVICE_URL=service.url), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     for line in watcher.stdout:  # wait until the CLI reports the running build
         if line.rstrip().endswith("build started"):
             break
