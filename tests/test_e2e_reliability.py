@@ -248,7 +248,8 @@ def test_a_2mib_data_disk_filled_by_a_jobs_log_fails_that_job_only(disks, tmp_pa
         assert svc.logs(earlier) == logs_before
         assert sleeping(600) == "" and job_processes(tmp_path / "scratch", job_id) == []
         filler.unlink()
-        assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"
+        after = watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))
+        assert after["status"] == "SUCCEEDED", after["error"]
 
 
 @pytest.mark.parametrize("max_log_lines", ["1000000", "1000"])
@@ -275,7 +276,8 @@ def test_a_full_workspace_disk_fails_the_phase_even_when_its_output_is_lost_sile
         assert job_processes(scratch, job_id) == [] and containers(scratch) == []
         assert not (scratch / "work" / job_id).exists()
         filler.unlink()
-        assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"
+        after = watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))
+        assert after["status"] == "SUCCEEDED", after["error"]
 
 
 def test_one_full_disk_for_everything_fails_the_job_whichever_write_fails_first(disks, tmp_path, registry,
@@ -296,4 +298,5 @@ def test_one_full_disk_for_everything_fails_the_job_whichever_write_fails_first(
         assert lost_lines_markers(svc, job_id), final["error"]
         assert svc.get(f"/json/job/{earlier}/logs")[1] == logs_before
         filler.unlink()
-        assert watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))["status"] == "SUCCEEDED"
+        after = watch(svc.url, submit(svc, config_for(repo, registry.host, base_image)))
+        assert after["status"] == "SUCCEEDED", after["error"]
