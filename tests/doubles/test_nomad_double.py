@@ -934,7 +934,7 @@ async def test_parse_rendered_job(http, path):
     assert (task["Driver"], task["DispatchPayload"], task["Env"]) == ("docker", {"File": "payload.json"}, ENV)
     assert task["Config"]["args"] == [f"${{NOMAD_TASK_DIR}}/{phase}.py"]
     scripts = ROOT / "templates" / "tasks"
-    modules = ["_common", *(["_cache"] if phase == "build" else []), phase]  # the build ships its cache helper
+    modules = ["_common", *(["_cache", "_relay"] if phase == "build" else []), phase]  # the build's cache helpers
     assert [(t["DestPath"], t["Envvars"], t["ChangeMode"]) for t in task["Templates"]] == [
         (f"local/{name}.py", False, "noop") for name in modules]
     for tmpl, name in zip(task["Templates"], modules, strict=True):
