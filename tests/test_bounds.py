@@ -236,3 +236,21 @@ async def test_the_client_reads_every_page_of_a_long_log(env):
     stored = [line.line for line in (await env.service.store.get_logs(job_id))["build"]]
     assert logs.logs["build"] == stored and sorted(stored) == sorted([*written, *(f"build line {i}" for i in range(3))])
     assert len(logs.entries["build"]) == 25_003 and logs.next_offset is None and logs.total == 25_003
+
+
+@pytest.mark.parametrize("doc", ['[1, 2, {"a": [3, "x"]}]', "[]", " [ ] ", "[1,]", "[1 2]", "[1] x", "[", "[NaN]",
+                                 '{"a": 1}', '["\\ud800"]', "[" * 10000, "[[1]]", '[1, "two"]   ', "[1] [2]"])
+def test_a_large_body_is_decoded_element_by_element_with_the_same_result_and_errors(doc, monkeypatch):
+    """Bodies over 64 KiB that are arrays are decoded one element at a time (so the event loop gets the GIL in
+    between): they must be accepted and refused exactly as the whole-document decoder does."""
+    from jobforge.server import jsonio
+
+    def outcome(body: bytes):
+        try:
+            return "ok", jsonio.loads(body)
+        except jsonio.BadJson as exc:
+            return "bad", str(exc)
+    body = (doc + " " * (70 * 1024)).encode()
+    piecewise = outcome(body)
+    monkeypatch.setattr(jsonio, "_PIECEWISE_BYTES", len(body) + 1)
+    assert piecewise == outcome(body)
