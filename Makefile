@@ -24,7 +24,8 @@ deps: system-deps $(VENV)/.test $(VENV)/.project
 
 # The benchmarks of docs/performance.md, in order, each printing one JSON object (progress goes to stderr).
 # A benchmark not written yet is skipped with a note; any that fails fails the target after the others ran.
-BENCHMARKS := bench/pipeline_overhead.py bench/cache.py bench/nomad_scale.py bench/api_load.py
+BENCHMARKS := bench/pipeline_overhead.py bench/cache.py bench/nomad_scale.py bench/api_load.py \
+	bench/log_latency.py bench/health_under_load.py
 bench: system-deps $(VENV)/.test $(VENV)/.project
 	@failed=""; for b in $(BENCHMARKS); do \
 	  if [ ! -f $$b ]; then echo "==> $$b: not present, skipped" >&2; continue; fi; \
