@@ -9,9 +9,6 @@ a newline never sits in memory whole; and at most `max_inflight_bytes` of log te
 wait in the event queue: a reader stops reading (the task then blocks on its full pipe) until the consumer has
 taken earlier lines.
 
-stderr are read in chunks and split into lines of any length, timestamped on arrival, and reported before the
-phase's end event. Nothing is retried or stored here.
-
 Measured, not told: the backend reaps each task script itself (`os.wait4`), whose resource usage covers the
 script and every process it waited for (git, buildah, build steps, test containers); CPU seconds and peak RSS go
 with the phase's end event. What a script reports besides its log (the build's cache use) are control lines
